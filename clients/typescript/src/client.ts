@@ -1,0 +1,204 @@
+/**
+ * The client: one HTTP/2 connection to a tidewatch server (Connect's gRPC transport for
+ * Node) and its calls: health, analyze, watchAnomalies, ingest sessions.
+ */
+import { create } from "@bufbuild/protobuf";
+import { createClient, type Client, type Transport } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+
+import { DEFAULT_BACKOFF, type Backoff } from "./backoff.js";
+import { toTidewatchError } from "./errors.js";
+import {
+  Health,
+  HealthCheckResponse_ServingStatus,
+} from "./gen/grpc/health/v1/health_pb.js";
+import {
+  TelemetryService,
+  WatchAnomaliesRequestSchema,
+  type AnalyzeResponse,
+  type Sample,
+  type Verdict,
+  type WatchAnomaliesResponse,
+} from "./gen/tidewatch/v1/telemetry_pb.js";
+import { IngestSession, type SampleInit, type SessionOptions } from "./session.js";
+
+/** Options of a client. */
+export interface ClientOptions {
+  /** Default reconnect backoff of ingest sessions. */
+  backoff?: Backoff;
+  /** Deadline of unary calls (health, analyze), in ms (default 10000). */
+  timeoutMs?: number;
+}
+
+/** Filters of the anomaly feed; empty or absent means everything. */
+export interface WatchFilter {
+  /** Only these devices. */
+  deviceIds?: string[];
+  /** Only verdicts where one of these metrics is anomalous. */
+  metrics?: string[];
+}
+
+/** A health status name of grpc.health.v1: "SERVING", "NOT_SERVING", ... */
+export type HealthStatus = keyof typeof HealthCheckResponse_ServingStatus;
+
+/**
+ * A running WatchAnomalies call: iterate it with `for await`; `ready` resolves once the
+ * server has subscribed it (no later anomaly is missed); `cancel` stops it. At server
+ * shutdown the iteration throws `UnavailableError`.
+ */
+export class AnomalyWatch implements AsyncIterable<WatchAnomaliesResponse> {
+  /** Resolves once the server has subscribed this watcher. */
+  readonly ready: Promise<void>;
+  private readonly controller = new AbortController();
+  private readonly events: AsyncIterable<WatchAnomaliesResponse>;
+
+  /** Use `TidewatchClient.watchAnomalies` rather than this constructor. */
+  constructor(rpc: Client<typeof TelemetryService>, filter: WatchFilter) {
+    let subscribed!: () => void;
+    let refused!: (error: unknown) => void;
+    this.ready = new Promise<void>((resolve, reject) => {
+      subscribed = resolve;
+      refused = reject;
+    });
+    // Avoid an unhandled rejection when nobody awaits `ready`.
+    this.ready.catch(() => undefined);
+    const request = create(WatchAnomaliesRequestSchema, {
+      deviceIds: filter.deviceIds ?? [],
+      metrics: filter.metrics ?? [],
+    });
+    this.events = rpc.watchAnomalies(request, {
+      signal: this.controller.signal,
+      onHeader: () => subscribed(),
+    });
+    this.iterator = this.events[Symbol.asyncIterator]();
+    // Pull the first event now, so a refused call rejects `ready` instead of leaving it pending.
+    this.first = this.iterator.next();
+    this.first.catch((error: unknown) => refused(toTidewatchError(error, this.controller.signal.aborted)));
+  }
+
+  private readonly iterator: AsyncIterator<WatchAnomaliesResponse>;
+  private first: Promise<IteratorResult<WatchAnomaliesResponse>> | undefined;
+
+  /** Stop watching; the iteration ends. */
+  cancel(): void {
+    this.controller.abort();
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<WatchAnomaliesResponse> {
+    return {
+      next: async () => {
+        const next = this.first ?? this.iterator.next();
+        this.first = undefined;
+        try {
+          return await next;
+        } catch (error) {
+          if (this.controller.signal.aborted) return { value: undefined, done: true };
+          throw toTidewatchError(error, this.controller.signal.aborted);
+        }
+      },
+      return: async () => {
+        this.cancel();
+        return { value: undefined, done: true };
+      },
+    };
+  }
+}
+
+/** A connection to one tidewatch server. */
+export class TidewatchClient {
+  /** The server's base URL. */
+  readonly baseUrl: string;
+  private readonly sessions: Http2SessionManager;
+  private readonly transport: Transport;
+  private readonly rpc: Client<typeof TelemetryService>;
+  private readonly health: Client<typeof Health>;
+  private readonly backoff: Backoff;
+  private readonly timeoutMs: number;
+
+  /** `address` is `host:port` (plaintext) or a URL (`http://...`, `https://...`). */
+  constructor(address: string, options: ClientOptions = {}) {
+    this.baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
+    this.sessions = new Http2SessionManager(this.baseUrl);
+    this.transport = createGrpcTransport({ baseUrl: this.baseUrl, sessionManager: this.sessions });
+    this.rpc = createClient(TelemetryService, this.transport);
+    this.health = createClient(Health, this.transport);
+    this.backoff = options.backoff ?? DEFAULT_BACKOFF;
+    this.timeoutMs = options.timeoutMs ?? 10_000;
+  }
+
+  /** Close the connection; running calls fail. */
+  close(): void {
+    this.sessions.abort();
+  }
+
+  /** `close`, for `using client = connect(...)` (TypeScript 5.2+). */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  /**
+   * The grpc.health.v1 status of `service` ("" is the whole server, or
+   * "tidewatch.v1.TelemetryService"); `NotFoundError` for a service the server does not know.
+   */
+  async checkHealth(service = "", options: { timeoutMs?: number } = {}): Promise<HealthStatus> {
+    try {
+      const response = await this.health.check({ service }, { timeoutMs: options.timeoutMs ?? this.timeoutMs });
+      return HealthCheckResponse_ServingStatus[response.status] as HealthStatus;
+    } catch (error) {
+      throw toTidewatchError(error);
+    }
+  }
+
+  /** The current window statistics of one device; `NotFoundError` if unknown. */
+  async analyze(deviceId = "", options: { timeoutMs?: number } = {}): Promise<AnalyzeResponse> {
+    try {
+      return await this.rpc.analyze({ deviceId }, { timeoutMs: options.timeoutMs ?? this.timeoutMs });
+    } catch (error) {
+      throw toTidewatchError(error);
+    }
+  }
+
+  /** The live feed of anomalous verdicts, filtered by devices and metrics. */
+  watchAnomalies(filter: WatchFilter = {}): AnomalyWatch {
+    return new AnomalyWatch(this.rpc, filter);
+  }
+
+  /** An ingest session: `send` samples, iterate verdicts, `close` when done. */
+  session(options: SessionOptions = {}): IngestSession {
+    return new IngestSession(this.rpc, { backoff: this.backoff, ...options });
+  }
+
+  /**
+   * Stream `samples` and yield one verdict per sample, in order. Takes the options of
+   * `session`; throws the session's error if it fails.
+   */
+  async *ingest(
+    samples: Iterable<SampleInit | Sample> | AsyncIterable<SampleInit | Sample>,
+    options: SessionOptions = {},
+  ): AsyncGenerator<Verdict, void, undefined> {
+    const session = this.session(options);
+    let feedError: unknown;
+    const feeder = (async () => {
+      try {
+        for await (const sample of samples) await session.send(sample);
+        await session.close();
+      } catch (error) {
+        feedError = error;
+        await session.abort();
+      }
+    })();
+    try {
+      for await (const verdict of session) yield verdict;
+      await feeder;
+      if (feedError !== undefined) throw feedError;
+    } finally {
+      await session.abort();
+      await feeder;
+    }
+  }
+}
+
+/** A client for the server at `address` (`host:port` or a URL). */
+export function connect(address: string, options: ClientOptions = {}): TidewatchClient {
+  return new TidewatchClient(address, options);
+}

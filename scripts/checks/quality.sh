@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Detection quality (issue 8): runs tidewatch-eval on the synthetic data set and on the
+# NAB development subset, and fails when the recommended detector (`robust`) misses a
+# bar: synthetic event recall >= 90 % with <= 1 % false positives over normal samples;
+# NAB `alert` standard score >= 60 and reward_low_FP score > 0. Then replays everything
+# through the real `tidewatch` binary over gRPC and fails if any verdict differs from
+# the in-process replay. The NAB subset lives outside the repository: NAB_DIR, else
+# ../shared/data/nab-dev (relative to the repository root), else /work/shared/data/nab-dev.
+# A missing corpus is a failure, not a skip.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+eval_bin=target/release/tidewatch-eval
+server_bin=target/release/tidewatch
+for b in "$eval_bin" "$server_bin"; do
+  [ -x "$b" ] || { echo "quality: $b is missing (cargo build --release first)" >&2; exit 1; }
+done
+
+nab_dir="${NAB_DIR:-}"
+if [ -z "$nab_dir" ]; then
+  for candidate in ../shared/data/nab-dev /work/shared/data/nab-dev; do
+    if [ -f "$candidate/windows.json" ]; then nab_dir="$candidate"; break; fi
+  done
+fi
+if [ -z "$nab_dir" ] || [ ! -f "$nab_dir/windows.json" ]; then
+  echo "quality: NAB development subset not found (set NAB_DIR, or put it at ../shared/data/nab-dev)" >&2
+  exit 1
+fi
+
+echo "quality: in-process evaluation with the bars (NAB corpus: $nab_dir)"
+"$eval_bin" --nab-dir "$nab_dir" --check-bars
+
+echo "quality: the same replay through the real server over gRPC"
+log=$(mktemp)
+"$server_bin" --grpc-addr 127.0.0.1:0 --listen-addr 127.0.0.1:0 --log-format json >"$log" 2>&1 &
+server_pid=$!
+trap 'kill "$server_pid" 2>/dev/null || true; rm -f "$log"' EXIT
+addr=""
+for _ in $(seq 1 200); do
+  addr=$(grep -o '"grpc_addr":"[^"]*"' "$log" | head -1 | cut -d'"' -f4 || true)
+  [ -n "$addr" ] && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$log" >&2; exit 1; }
+  sleep 0.05
+done
+[ -n "$addr" ] || { echo "quality: server did not report its gRPC address" >&2; cat "$log" >&2; exit 1; }
+"$eval_bin" --nab-dir "$nab_dir" --grpc "http://$addr" --check-bars >/dev/null
+echo "quality: gRPC and in-process verdicts agree; all bars met"

@@ -1,0 +1,273 @@
+//! Snapshot costs against a real `redis-server` (spawned on a free port):
+//!
+//! 1. the time to flush 1,000,000 dirty devices with 2 metrics each (full windows of
+//!    50 values), first into an empty Redis, then overwriting;
+//! 2. gRPC ingest throughput of the real server with snapshots off and on, in the
+//!    same run, alternating, so the machine's noise hits both alike.
+//!
+//! Run: `cargo bench -p tidewatch-server --bench snapshot` (`DEVICES=100000` for a
+//! quicker flush run, `DEVICES=0` for the throughput part only).
+
+#[path = "../tests/common/redis_server.rs"]
+#[allow(dead_code, unreachable_pub, missing_docs)]
+mod redis_server;
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use redis_server::RedisServer;
+use tidewatch_proto::v1::{
+    IngestRequest, Sample, telemetry_service_client::TelemetryServiceClient,
+};
+use tidewatch_server::{
+    Server,
+    config::Config,
+    engine::{DeviceState, Engine, EngineConfig, MetricState, Window},
+    snapshot::{SnapshotConfig, Snapshots},
+    telemetry::Counters,
+};
+use tokio_stream::StreamExt;
+
+/// Builds `devices` dirty devices with two full windows each.
+fn populate(engine: &Engine, devices: usize) {
+    for i in 0..devices {
+        let mut device = DeviceState::new(&format!("device-{i:07}"), 0);
+        device.last_seq = 1000;
+        for (m, name) in ["cpu", "rps"].into_iter().enumerate() {
+            let mut metric = MetricState::new(name);
+            metric.window = Window::from_values((0..50).map(|j| (i + j * 7 + m) as f64 * 0.5), 50);
+            metric.last_value = 1.0;
+            device.metrics.push(metric);
+        }
+        device.dirty = true;
+        engine.insert_if_absent(device);
+    }
+}
+
+async fn flush_benchmark(redis: &RedisServer, devices: usize) {
+    let engine = Arc::new(Engine::new(EngineConfig {
+        max_devices: devices.max(1),
+        ..EngineConfig::default()
+    }));
+    let started = Instant::now();
+    populate(&engine, devices);
+    println!(
+        "populated {devices} devices x 2 metrics in {:.2?}",
+        started.elapsed()
+    );
+    let mut config = Config::defaults();
+    config.redis_url = Some(redis.url());
+    let snapshot_config = SnapshotConfig::from_config(&config).expect("redis url");
+    println!(
+        "flush settings: SNAPSHOT_BATCH={} REDIS_POOL_SIZE={}",
+        snapshot_config.batch, snapshot_config.pool_size
+    );
+    let snapshots = Arc::new(
+        Snapshots::new(
+            snapshot_config,
+            Arc::clone(&engine),
+            Arc::new(Counters::default()),
+        )
+        .expect("snapshots"),
+    );
+    snapshots.check().await.expect("redis answers");
+    for round in ["into an empty redis", "overwriting"] {
+        if round == "overwriting" {
+            engine.for_each_device_mut(|d| d.dirty = true);
+        }
+        let started = Instant::now();
+        let report = snapshots.flush().await;
+        let elapsed = started.elapsed();
+        assert_eq!(report.failed, 0, "flush failed");
+        assert_eq!(report.written, devices as u64);
+        println!(
+            "flush {round}: {} devices in {:.3} s ({:.0} devices/s)",
+            report.written,
+            elapsed.as_secs_f64(),
+            report.written as f64 / elapsed.as_secs_f64()
+        );
+    }
+    let value = redis.raw("device-0000000").await.expect("written");
+    println!("snapshot value size: {} bytes per device", value.len());
+}
+
+/// Requests for one stream: `messages` messages of `batch` samples over `devices`
+/// devices of its own, two metrics each.
+fn workload(stream: usize, messages: usize, batch: usize, devices: usize) -> Vec<IngestRequest> {
+    (0..messages)
+        .map(|m| IngestRequest {
+            samples: (0..batch)
+                .map(|s| {
+                    let n = m * batch + s;
+                    Sample {
+                        device_id: format!("s{stream}-d{}", n % devices),
+                        metrics: [
+                            ("cpu".to_string(), 50.0 + (n % 17) as f64),
+                            ("rps".to_string(), 400.0 + (n % 31) as f64),
+                        ]
+                        .into_iter()
+                        .collect(),
+                        ..Sample::default()
+                    }
+                })
+                .collect(),
+            ..IngestRequest::default()
+        })
+        .collect()
+}
+
+/// Samples per second through `streams` concurrent Ingest streams of a fresh server.
+async fn throughput(
+    redis_url: Option<String>,
+    interval: Duration,
+    requests: &[Vec<IngestRequest>],
+) -> (f64, u64) {
+    let mut config = Config::for_tests();
+    config.redis_url = redis_url;
+    config.snapshot_interval = interval;
+    let server = Server::bind(config).await.expect("bind");
+    let url = format!("http://{}", server.grpc_addr());
+    let state = server.state();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(async move {
+        let _ = rx.await;
+    }));
+    let run = |requests: Vec<Vec<IngestRequest>>| {
+        let url = url.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for requests in requests {
+                let url = url.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut client = TelemetryServiceClient::connect(url).await.expect("connect");
+                    let mut responses = client
+                        .ingest(tokio_stream::iter(requests))
+                        .await
+                        .expect("ingest")
+                        .into_inner();
+                    let mut verdicts = 0usize;
+                    while let Some(r) = responses.next().await {
+                        verdicts += r.expect("response").verdicts.len();
+                    }
+                    verdicts
+                }));
+            }
+            let mut total = 0;
+            for t in tasks {
+                total += t.await.expect("stream");
+            }
+            total
+        }
+    };
+    // Warm-up: every device's first sample (a restore miss with snapshots on).
+    let warmup: Vec<Vec<IngestRequest>> = requests
+        .iter()
+        .map(|r| r[..r.len() / 10].to_vec())
+        .collect();
+    run(warmup).await;
+    let started = Instant::now();
+    let samples = run(requests.to_vec()).await;
+    let rate = samples as f64 / started.elapsed().as_secs_f64();
+    let writes = state
+        .snapshots
+        .as_ref()
+        .map(|_| {
+            state
+                .metrics
+                .counters()
+                .snapshot_writes
+                .load(Ordering::Relaxed)
+        })
+        .unwrap_or(0);
+    let _ = tx.send(());
+    task.await.expect("server").expect("serve");
+    (rate, writes)
+}
+
+#[tokio::main]
+async fn main() {
+    let devices: usize = std::env::var("DEVICES")
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(1_000_000);
+    let redis = RedisServer::start();
+    if devices > 0 {
+        println!(
+            "== flush of {devices} dirty devices (redis-server on port {})",
+            redis.port
+        );
+        flush_benchmark(&redis, devices).await;
+    }
+    let mut conn = redis.connection().await;
+    let () = redis::cmd("FLUSHALL")
+        .arg("ASYNC")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+
+    let streams = 4;
+    let messages = 2_500;
+    let batch = 100;
+    let per_stream_devices = 5_000;
+    println!(
+        "\n== ingest throughput: {streams} streams x {messages} messages x {batch} samples (2 metrics), {} devices, SNAPSHOT_INTERVAL=1s",
+        streams * per_stream_devices
+    );
+    let requests: Vec<Vec<IngestRequest>> = (0..streams)
+        .map(|s| workload(s, messages, batch, per_stream_devices))
+        .collect();
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    let mut no_flush = Vec::new();
+    let second = Duration::from_secs(1);
+    let redis_cpu = || cpu_seconds(redis.pid().expect("redis runs"));
+    for round in 0..3 {
+        let (rate, _) = throughput(None, second, &requests).await;
+        println!("round {round}: snapshots off:                  {rate:>10.0} samples/s");
+        off.push(rate);
+        let cpu = redis_cpu();
+        let (rate, writes) = throughput(Some(redis.url()), second, &requests).await;
+        println!(
+            "round {round}: snapshots on:                   {rate:>10.0} samples/s ({writes} device snapshots written, redis-server cpu {:.2} s)",
+            redis_cpu() - cpu
+        );
+        on.push(rate);
+        let (rate, _) = throughput(Some(redis.url()), Duration::from_secs(3600), &requests).await;
+        println!("round {round}: snapshots on, no flush in run: {rate:>10.0} samples/s");
+        no_flush.push(rate);
+        let () = redis::cmd("FLUSHALL")
+            .arg("ASYNC")
+            .query_async(&mut conn)
+            .await
+            .expect("FLUSHALL");
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off, on, no_flush) = (median(&mut off), median(&mut on), median(&mut no_flush));
+    println!(
+        "median: off {off:.0} samples/s, on {on:.0} samples/s (ratio {:.3}), on without flushes {no_flush:.0} samples/s (ratio {:.3})",
+        on / off,
+        no_flush / off
+    );
+}
+
+/// CPU time (user + system) a process has used, in seconds, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}

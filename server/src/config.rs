@@ -1,0 +1,594 @@
+//! Configuration: every setting is a flag and an environment variable named as the
+//! seed deployments name them (`WINDOW_SIZE`, `Z_THRESHOLD`, `GRPC_ADDR`, ...).
+//!
+//! Bad configuration is reported as one line naming the setting, and the binary exits
+//! with code 64 (`EX_USAGE`), as linkerd's proxy does.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, ValueEnum};
+
+use crate::engine::{
+    DetectorKind, EngineConfig, RobustParams,
+    detector::{self, DETECTOR_NAMES, MAX_WINDOW},
+};
+
+/// Exit code for invalid configuration (`EX_USAGE` of sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Every setting of the service.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "tidewatch",
+    version,
+    about = "Streaming anomaly detection for device metrics"
+)]
+pub struct Config {
+    /// Address of the gRPC server (TelemetryService, health, reflection).
+    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the HTTP/JSON gateway (REST, /metrics, health probes).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Values kept per (device, metric).
+    #[arg(long, env = "WINDOW_SIZE", default_value_t = 50)]
+    pub window_size: usize,
+
+    /// Values in the window before a value can be an anomaly.
+    #[arg(long, env = "MIN_SAMPLES", default_value_t = 5)]
+    pub min_samples: usize,
+
+    /// A value whose |z-score| is strictly above this is an anomaly.
+    #[arg(long, env = "Z_THRESHOLD", default_value_t = 2.0)]
+    pub z_threshold: f64,
+
+    /// Shards of the device table; 0 means 4 × available cores.
+    #[arg(long, env = "SHARDS", default_value_t = 0)]
+    pub shards: usize,
+
+    /// Devices held in memory at most; samples of further new devices are refused.
+    #[arg(long, env = "MAX_DEVICES", default_value_t = 1_000_000)]
+    pub max_devices: usize,
+
+    /// Distinct metrics per device at most.
+    #[arg(long, env = "MAX_METRICS_PER_DEVICE", default_value_t = 32)]
+    pub max_metrics_per_device: usize,
+
+    /// Longest device id in bytes.
+    #[arg(long, env = "MAX_DEVICE_ID_LEN", default_value_t = 128)]
+    pub max_device_id_len: usize,
+
+    /// Longest metric name in bytes.
+    #[arg(long, env = "MAX_METRIC_NAME_LEN", default_value_t = 64)]
+    pub max_metric_name_len: usize,
+
+    /// Devices without samples for this long are evicted from memory (e.g. `1h`).
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Samples per request (Ingest message or HTTP body) at most.
+    #[arg(long, env = "MAX_SAMPLES_PER_REQUEST", default_value_t = 10_000)]
+    pub max_samples_per_request: usize,
+
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Ingest streams open at once at most; further ones get RESOURCE_EXHAUSTED; 0 means
+    /// no limit.
+    #[arg(long, env = "MAX_INGEST_STREAMS", default_value_t = 50_000)]
+    pub max_ingest_streams: usize,
+
+    /// An Ingest stream with no message for this long is ended; 0 disables.
+    #[arg(long, env = "STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
+
+    /// An Ingest stream older than this is ended with UNAVAILABLE after answering what
+    /// it received, so the client reconnects (possibly to another replica); 0 disables.
+    #[arg(long, env = "STREAM_MAX_LIFETIME", default_value = "0s", value_parser = parse_duration)]
+    pub stream_max_lifetime: Duration,
+
+    /// HTTP/2 connections older than this get a GOAWAY so load rebalances; 0 disables.
+    #[arg(long, env = "MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// Time a connection past `MAX_CONNECTION_AGE` gets to finish before it is closed.
+    #[arg(long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+
+    /// Largest HTTP request body accepted, in bytes; larger bodies get `413`.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Time one HTTP request or unary gRPC call may take, body upload included (HTTP
+    /// `504`, gRPC `DEADLINE_EXCEEDED`); streams only count their opening; 0 disables.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// HTTP API requests (`/ingest`, `/metric`, `/analyze`) handled at once at most;
+    /// further ones are shed at once with `503` and `Retry-After`; 0 means no limit.
+    /// Probes and `/metrics` are never shed.
+    #[arg(long, env = "HTTP_CONCURRENCY_LIMIT", default_value_t = 1024)]
+    pub http_concurrency_limit: usize,
+
+    /// `TelemetryService` calls being handled at once at most (unary calls for their
+    /// whole duration, streams while they open); further ones are shed at once with
+    /// `RESOURCE_EXHAUSTED`; 0 means no limit. Health checks are never shed.
+    #[arg(long, env = "GRPC_CONCURRENCY_LIMIT", default_value_t = 1024)]
+    pub grpc_concurrency_limit: usize,
+
+    /// Time between failing readiness (`/readyz` 503, gRPC health NOT_SERVING) and
+    /// closing the listeners at shutdown, so load balancers stop sending first; part
+    /// of `SHUTDOWN_TIMEOUT`.
+    #[arg(long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Anomaly events buffered per watcher before it starts missing events.
+    #[arg(long, env = "WATCH_BUFFER", default_value_t = 1024)]
+    pub watch_buffer: usize,
+
+    /// Time allowed for a graceful shutdown (drain streams, flush snapshots).
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Redis for window snapshots (`redis://[:password@]host:port[/db]`); unset or
+    /// empty runs in memory only.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// How often changed devices are written to Redis; a crash loses at most this much.
+    #[arg(long, env = "SNAPSHOT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub snapshot_interval: Duration,
+
+    /// Expiry of a device snapshot in Redis (whole seconds), renewed at every write.
+    #[arg(long, env = "SNAPSHOT_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub snapshot_ttl: Duration,
+
+    /// Devices per pipelined Redis write.
+    #[arg(long, env = "SNAPSHOT_BATCH", default_value_t = 1000)]
+    pub snapshot_batch: usize,
+
+    /// Redis connections in the pool (flush batches run this many at once).
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 8)]
+    pub redis_pool_size: u32,
+
+    /// Longest wait for a Redis connection (bb8's connection timeout).
+    #[arg(long, env = "REDIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub redis_connect_timeout: Duration,
+
+    /// Longest wait for one Redis operation (restore read, Analyze read, one flush
+    /// batch), connection included: a caller never waits longer on Redis.
+    #[arg(long, env = "REDIS_COMMAND_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub redis_command_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter in `tracing` `EnvFilter` syntax (`RUST_LOG` is honoured too).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Detector choice and per-detector settings.
+    #[command(flatten)]
+    pub detectors: DetectorSettings,
+}
+
+/// The detector settings (shared with `tidewatch-eval`, which takes the same flags).
+#[derive(Debug, Clone, Args)]
+pub struct DetectorSettings {
+    /// Detector of streams that name none: `zscore` (the seed rule, default) or
+    /// `robust` (median/IQR baseline and sustained-surprise likelihood; recommended).
+    #[arg(long, env = "DETECTOR", default_value = "zscore")]
+    pub detector: String,
+
+    /// Quiet samples (score below a third) that end an anomalous episode; the next
+    /// anomaly after that is a new `alert`.
+    #[arg(long, env = "ALERT_COOLDOWN", default_value_t = detector::DEFAULT_COOLDOWN)]
+    pub alert_cooldown: u32,
+
+    /// `robust`: values of the median/IQR baseline window.
+    #[arg(long, env = "ROBUST_WINDOW", default_value_t = RobustParams::default().window)]
+    pub robust_window: usize,
+
+    /// `robust`: a value more than this many robust standard deviations (IQR/1.349)
+    /// from the median is an anomaly.
+    #[arg(long, env = "ROBUST_THRESHOLD", default_value_t = detector::robust::DEFAULT_THRESHOLD)]
+    pub robust_threshold: f64,
+
+    /// `robust`: likelihood z of the short-term surprise above which a sustained
+    /// change is an anomaly.
+    #[arg(long, env = "ROBUST_SUSTAINED_THRESHOLD", default_value_t = RobustParams::default().sustained_threshold)]
+    pub robust_sustained_threshold: f64,
+
+    /// `robust`: span, in samples, of the short-term average of surprise.
+    #[arg(long, env = "ROBUST_SHORT_SPAN", default_value_t = RobustParams::default().short_span)]
+    pub robust_short_span: u32,
+
+    /// `robust`: span, in samples, of the long-run distribution of that average.
+    #[arg(long, env = "ROBUST_LONG_SPAN", default_value_t = RobustParams::default().long_span)]
+    pub robust_long_span: u32,
+
+    /// `robust`: how far beyond the recent range of the metric (as a fraction of that
+    /// range) a value must go to be an instantaneous anomaly.
+    #[arg(long, env = "ROBUST_TOLERANCE", default_value_t = RobustParams::default().tolerance)]
+    pub robust_tolerance: f64,
+
+    /// `robust`: values needed before anything can be an anomaly.
+    #[arg(long, env = "ROBUST_MIN_SAMPLES", default_value_t = detector::robust::DEFAULT_MIN_SAMPLES)]
+    pub robust_min_samples: usize,
+}
+
+impl DetectorSettings {
+    /// Checks the detector settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn fail(setting: &'static str, message: String) -> Result<(), ConfigError> {
+            Err(ConfigError { setting, message })
+        }
+        if DetectorKind::parse(&self.detector).is_none() {
+            return fail(
+                "DETECTOR",
+                format!(
+                    "unknown detector {:?}; known detectors: {}",
+                    self.detector,
+                    DETECTOR_NAMES.join(", ")
+                ),
+            );
+        }
+        if self.robust_window < 4 || self.robust_window > MAX_WINDOW {
+            return fail(
+                "ROBUST_WINDOW",
+                format!(
+                    "must be between 4 and {MAX_WINDOW}, got {}",
+                    self.robust_window
+                ),
+            );
+        }
+        if self.robust_min_samples == 0 || self.robust_min_samples > self.robust_window {
+            return fail(
+                "ROBUST_MIN_SAMPLES",
+                format!(
+                    "must be between 1 and ROBUST_WINDOW ({}), got {}",
+                    self.robust_window, self.robust_min_samples
+                ),
+            );
+        }
+        for (setting, value) in [
+            ("ROBUST_THRESHOLD", self.robust_threshold),
+            (
+                "ROBUST_SUSTAINED_THRESHOLD",
+                self.robust_sustained_threshold,
+            ),
+        ] {
+            if !value.is_finite() || value <= 0.0 {
+                return fail(setting, format!("must be a positive number, got {value}"));
+            }
+        }
+        if !self.robust_tolerance.is_finite() || self.robust_tolerance < 0.0 {
+            return fail(
+                "ROBUST_TOLERANCE",
+                format!("must be 0 or more, got {}", self.robust_tolerance),
+            );
+        }
+        if self.robust_short_span == 0 {
+            return fail("ROBUST_SHORT_SPAN", "must be at least 1".into());
+        }
+        if self.robust_long_span < 2 {
+            return fail("ROBUST_LONG_SPAN", "must be at least 2".into());
+        }
+        Ok(())
+    }
+
+    /// Copies the settings into an engine configuration (after [`Self::validate`]).
+    pub fn apply(&self, engine: &mut EngineConfig) {
+        engine.detector = DetectorKind::parse(&self.detector).unwrap_or(DetectorKind::ZScore);
+        engine.alert_cooldown = self.alert_cooldown;
+        engine.robust = RobustParams {
+            window: self.robust_window,
+            sustained_threshold: self.robust_sustained_threshold,
+            short_span: self.robust_short_span,
+            long_span: self.robust_long_span,
+            tolerance: self.robust_tolerance,
+        };
+        engine.robust_threshold = self.robust_threshold;
+        engine.robust_min_samples = self.robust_min_samples;
+    }
+}
+
+/// A setting with an invalid value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {setting}: {message}")]
+pub struct ConfigError {
+    /// The environment variable name of the setting.
+    pub setting: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 500ms, 30s, 5m, 1h)"))
+}
+
+impl Config {
+    /// The defaults, as if nothing were set (tests start from here). Reads no
+    /// environment variable.
+    pub fn defaults() -> Self {
+        let matches = <Self as clap::CommandFactory>::command()
+            .mut_args(|a| a.env(None::<&str>))
+            .get_matches_from(["tidewatch"]);
+        <Self as clap::FromArgMatches>::from_arg_matches(&matches)
+            .expect("the built-in defaults always parse")
+    }
+
+    /// Defaults for a test: both servers on `127.0.0.1:0`.
+    pub fn for_tests() -> Self {
+        let mut config = Self::defaults();
+        config.grpc_addr = ([127, 0, 0, 1], 0).into();
+        config.listen_addr = ([127, 0, 0, 1], 0).into();
+        config
+    }
+
+    /// Checks what clap's types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn fail(setting: &'static str, message: String) -> Result<(), ConfigError> {
+            Err(ConfigError { setting, message })
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return fail(
+                "LOG_LEVEL",
+                format!("{e} (expected e.g. info, debug, tidewatch_server=debug)"),
+            );
+        }
+        if self.window_size == 0 {
+            return fail("WINDOW_SIZE", "must be at least 1".into());
+        }
+        if self.min_samples == 0 || self.min_samples > self.window_size {
+            return fail(
+                "MIN_SAMPLES",
+                format!(
+                    "must be between 1 and WINDOW_SIZE ({}), got {}",
+                    self.window_size, self.min_samples
+                ),
+            );
+        }
+        if !self.z_threshold.is_finite() || self.z_threshold <= 0.0 {
+            return fail(
+                "Z_THRESHOLD",
+                format!("must be a positive number, got {}", self.z_threshold),
+            );
+        }
+        if self.max_devices == 0 {
+            return fail("MAX_DEVICES", "must be at least 1".into());
+        }
+        if self.max_metrics_per_device == 0 {
+            return fail("MAX_METRICS_PER_DEVICE", "must be at least 1".into());
+        }
+        if self.max_device_id_len == 0 {
+            return fail("MAX_DEVICE_ID_LEN", "must be at least 1".into());
+        }
+        if self.max_metric_name_len == 0 {
+            return fail("MAX_METRIC_NAME_LEN", "must be at least 1".into());
+        }
+        if self.max_samples_per_request == 0 {
+            return fail("MAX_SAMPLES_PER_REQUEST", "must be at least 1".into());
+        }
+        if self.max_message_bytes < 1024 {
+            return fail(
+                "MAX_MESSAGE_BYTES",
+                format!("must be at least 1024, got {}", self.max_message_bytes),
+            );
+        }
+        if self.idle_timeout.is_zero() {
+            return fail("IDLE_TIMEOUT", "must be above 0".into());
+        }
+        if self.watch_buffer == 0 {
+            return fail("WATCH_BUFFER", "must be at least 1".into());
+        }
+        if self.shutdown_timeout.is_zero() {
+            return fail("SHUTDOWN_TIMEOUT", "must be above 0".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return fail(
+                "MAX_BODY_BYTES",
+                format!("must be at least 1024, got {}", self.max_body_bytes),
+            );
+        }
+        if self.shutdown_delay >= self.shutdown_timeout {
+            return fail(
+                "SHUTDOWN_DELAY",
+                format!(
+                    "must be below SHUTDOWN_TIMEOUT ({:?}), got {:?}",
+                    self.shutdown_timeout, self.shutdown_delay
+                ),
+            );
+        }
+        if let Some(url) = self.redis_url()
+            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(url)
+        {
+            return fail("REDIS_URL", format!("{e}"));
+        }
+        if self.snapshot_interval.is_zero() {
+            return fail("SNAPSHOT_INTERVAL", "must be above 0".into());
+        }
+        if self.snapshot_ttl < Duration::from_secs(1) {
+            return fail("SNAPSHOT_TTL", "must be at least 1s".into());
+        }
+        if self.snapshot_batch == 0 {
+            return fail("SNAPSHOT_BATCH", "must be at least 1".into());
+        }
+        if self.redis_pool_size == 0 {
+            return fail("REDIS_POOL_SIZE", "must be at least 1".into());
+        }
+        if self.redis_connect_timeout.is_zero() {
+            return fail("REDIS_CONNECT_TIMEOUT", "must be above 0".into());
+        }
+        if self.redis_command_timeout.is_zero() {
+            return fail("REDIS_COMMAND_TIMEOUT", "must be above 0".into());
+        }
+        self.detectors.validate()?;
+        if self.grpc_addr.port() != 0 && self.grpc_addr == self.listen_addr {
+            return fail(
+                "LISTEN_ADDR",
+                format!("must differ from GRPC_ADDR ({})", self.grpc_addr),
+            );
+        }
+        Ok(())
+    }
+
+    /// `REDIS_URL` when snapshots are on (set and not empty).
+    pub fn redis_url(&self) -> Option<&str> {
+        self.redis_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+    }
+
+    /// The engine's part of the configuration.
+    pub fn engine(&self) -> EngineConfig {
+        let defaults = EngineConfig::default();
+        let mut engine = EngineConfig {
+            window_size: self.window_size,
+            min_samples: self.min_samples,
+            z_threshold: self.z_threshold,
+            shards: if self.shards == 0 {
+                defaults.shards
+            } else {
+                self.shards
+            },
+            max_devices: self.max_devices,
+            max_metrics_per_device: self.max_metrics_per_device,
+            max_device_id_len: self.max_device_id_len,
+            max_metric_name_len: self.max_metric_name_len,
+            idle_timeout: self.idle_timeout,
+            ..defaults
+        };
+        self.detectors.apply(&mut engine);
+        engine
+    }
+}
+
+/// `Some(d)` unless `d` is zero (the "disabled" value of optional durations).
+pub fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_local() {
+        let c = Config::defaults();
+        c.validate().unwrap();
+        assert_eq!(c.grpc_addr, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.listen_addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!((c.window_size, c.min_samples, c.z_threshold), (50, 5, 2.0));
+        assert_eq!(c.redis_url(), None);
+        assert_eq!(c.snapshot_interval, Duration::from_secs(1));
+        assert_eq!(c.snapshot_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c =
+            Config::try_parse_from(["tidewatch", "--window-size", "10", "--idle-timeout", "90s"])
+                .unwrap();
+        assert_eq!(c.window_size, 10);
+        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let mut c = Config::defaults();
+        c.min_samples = 60;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "MIN_SAMPLES");
+        assert!(
+            e.to_string()
+                .starts_with("invalid configuration: MIN_SAMPLES:")
+        );
+        let mut c = Config::defaults();
+        c.z_threshold = f64::NAN;
+        assert_eq!(c.validate().unwrap_err().setting, "Z_THRESHOLD");
+        let mut c = Config::defaults();
+        c.redis_url = Some("http://nope".into());
+        assert_eq!(c.validate().unwrap_err().setting, "REDIS_URL");
+        let mut c = Config::defaults();
+        c.snapshot_ttl = Duration::from_millis(10);
+        assert_eq!(c.validate().unwrap_err().setting, "SNAPSHOT_TTL");
+        let mut c = Config::defaults();
+        c.redis_command_timeout = Duration::ZERO;
+        assert_eq!(c.validate().unwrap_err().setting, "REDIS_COMMAND_TIMEOUT");
+    }
+
+    #[test]
+    fn overload_settings() {
+        let c = Config::try_parse_from([
+            "tidewatch",
+            "--max-body-bytes",
+            "2048",
+            "--request-timeout",
+            "0",
+            "--http-concurrency-limit",
+            "1",
+            "--grpc-concurrency-limit",
+            "0",
+            "--shutdown-delay",
+            "5s",
+        ])
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.max_body_bytes, 2048);
+        assert_eq!(c.request_timeout, Duration::ZERO);
+        assert_eq!((c.http_concurrency_limit, c.grpc_concurrency_limit), (1, 0));
+        let mut c = Config::defaults();
+        c.shutdown_delay = c.shutdown_timeout;
+        assert_eq!(c.validate().unwrap_err().setting, "SHUTDOWN_DELAY");
+        let mut c = Config::defaults();
+        c.max_body_bytes = 10;
+        assert_eq!(c.validate().unwrap_err().setting, "MAX_BODY_BYTES");
+    }
+
+    #[test]
+    fn unknown_detector_names_the_setting() {
+        let mut c = Config::defaults();
+        c.detectors.detector = "magic".into();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "DETECTOR");
+        assert!(e.to_string().contains("zscore, robust"), "{e}");
+    }
+
+    #[test]
+    fn detector_flags_reach_the_engine() {
+        let c = Config::try_parse_from([
+            "tidewatch",
+            "--detector",
+            "robust",
+            "--robust-window",
+            "64",
+            "--alert-cooldown",
+            "5",
+        ])
+        .unwrap();
+        c.validate().unwrap();
+        let e = c.engine();
+        assert_eq!(e.detector, DetectorKind::Robust);
+        assert_eq!((e.robust.window, e.alert_cooldown), (64, 5));
+        assert_eq!(Config::defaults().engine().detector, DetectorKind::ZScore);
+    }
+}

@@ -1,0 +1,785 @@
+//! The detection engine: per (device, metric) rolling windows, sharded by device id.
+//!
+//! Every transport (gRPC `Ingest`, the HTTP gateway, snapshot restore) goes through
+//! [`Engine`]. It is synchronous on purpose: each call locks one shard for the time
+//! it takes to judge one sample (well under a microsecond) and never awaits.
+
+pub mod detector;
+mod device;
+mod shard;
+mod window;
+
+use std::{
+    hash::BuildHasher,
+    sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tidewatch_proto::{
+    pbjson_types::Timestamp,
+    v1::{AnalyzeResponse, DetectorConfig, Sample, Source, Verdict},
+};
+
+pub use detector::{DetectorDefaults, DetectorKind, DetectorSpec, DetectorState, RobustParams};
+pub use device::{DeviceState, MetricState};
+use shard::Shard;
+pub use window::Window;
+
+use crate::error::{ApiError, SampleError};
+
+/// The device id a sample without one belongs to (the seed clients send none).
+pub const DEFAULT_DEVICE: &str = "default";
+
+/// Engine settings (DESIGN §3); each is a flag and an environment variable.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Values kept per (device, metric).
+    pub window_size: usize,
+    /// Values needed before a value can be an anomaly.
+    pub min_samples: usize,
+    /// |z| strictly above this is an anomaly.
+    pub z_threshold: f64,
+    /// Number of shards of the device table.
+    pub shards: usize,
+    /// Devices held in memory at most; a new device beyond it is refused per sample.
+    pub max_devices: usize,
+    /// Distinct metrics per device at most.
+    pub max_metrics_per_device: usize,
+    /// Longest device id, in bytes.
+    pub max_device_id_len: usize,
+    /// Longest metric name, in bytes.
+    pub max_metric_name_len: usize,
+    /// A device without samples for this long is evicted from memory.
+    pub idle_timeout: Duration,
+    /// Detector of streams that name none (`DETECTOR`).
+    pub detector: DetectorKind,
+    /// Quiet samples that end an anomalous episode (`ALERT_COOLDOWN`).
+    pub alert_cooldown: u32,
+    /// Settings of the `robust` detector (`ROBUST_*`).
+    pub robust: RobustParams,
+    /// Instantaneous robust-z threshold of the `robust` detector (`ROBUST_THRESHOLD`).
+    pub robust_threshold: f64,
+    /// Warm-up of the `robust` detector (`ROBUST_MIN_SAMPLES`).
+    pub robust_min_samples: usize,
+}
+
+impl EngineConfig {
+    /// The detector settings streams are resolved against.
+    pub fn detector_defaults(&self) -> DetectorDefaults {
+        DetectorDefaults {
+            kind: self.detector,
+            window_size: self.window_size.max(1),
+            min_samples: self.min_samples,
+            z_threshold: self.z_threshold,
+            cooldown: self.alert_cooldown,
+            robust: self.robust,
+            robust_threshold: self.robust_threshold,
+            robust_min_samples: self.robust_min_samples,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            window_size: 50,
+            min_samples: 5,
+            z_threshold: 2.0,
+            shards: 4 * std::thread::available_parallelism().map_or(1, usize::from),
+            max_devices: 1_000_000,
+            max_metrics_per_device: 32,
+            max_device_id_len: 128,
+            max_metric_name_len: 64,
+            idle_timeout: Duration::from_secs(3600),
+            detector: DetectorKind::ZScore,
+            alert_cooldown: detector::DEFAULT_COOLDOWN,
+            robust: RobustParams::default(),
+            robust_threshold: detector::robust::DEFAULT_THRESHOLD,
+            robust_min_samples: detector::robust::DEFAULT_MIN_SAMPLES,
+        }
+    }
+}
+
+/// Counts of one `ingest_batch` call, for metrics (recorded once per message).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Samples applied to a window.
+    pub applied: u64,
+    /// Samples whose verdict is an anomaly.
+    pub anomalies: u64,
+    /// Samples recognized as duplicates.
+    pub duplicates: u64,
+    /// Samples rejected with an error.
+    pub rejected: u64,
+}
+
+/// The sharded device table and the detector settings.
+#[derive(Debug)]
+pub struct Engine {
+    /// The settings this engine was built with.
+    config: EngineConfig,
+    /// Detector settings that stream specs are resolved against.
+    detectors: DetectorDefaults,
+    /// The shards; a device lives in `shards[hash % len]`.
+    shards: Box<[Shard]>,
+    /// Devices in memory, for `MAX_DEVICES` and the devices gauge.
+    devices: AtomicUsize,
+    /// Hasher for device ids (fixed seed: shard placement is stable within a process).
+    hasher: foldhash::fast::FixedState,
+    /// Start of the engine clock that idle eviction counts in.
+    epoch: Instant,
+    /// Unix time of `epoch` in nanoseconds, as of the last re-anchoring: receive times
+    /// are this plus the monotonic time since `epoch`, so a message reads the clock
+    /// once (see [`Engine::clock`]).
+    wall_at_epoch: AtomicI64,
+    /// The tick (second of the engine clock) `wall_at_epoch` was last taken in;
+    /// `u32::MAX` before the first message.
+    wall_tick: AtomicU32,
+}
+
+impl Engine {
+    /// An empty engine.
+    pub fn new(config: EngineConfig) -> Self {
+        let shards = (0..config.shards.max(1))
+            .map(|_| Shard::default())
+            .collect();
+        Self {
+            detectors: config.detector_defaults(),
+            config,
+            shards,
+            devices: AtomicUsize::new(0),
+            hasher: foldhash::fast::FixedState::with_seed(0x7469_6465_7761_7463),
+            epoch: Instant::now(),
+            wall_at_epoch: AtomicI64::new(0),
+            wall_tick: AtomicU32::new(u32::MAX),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The server's default detector (what a stream without a `detector` section gets).
+    pub fn default_detector(&self) -> DetectorSpec {
+        self.detectors.default_spec()
+    }
+
+    /// Resolves a stream's or request's detector section against the server's
+    /// settings: `None` is the default; an unknown name is `InvalidArgument`.
+    pub fn detector(&self, config: Option<&DetectorConfig>) -> Result<DetectorSpec, ApiError> {
+        self.detectors.resolve(config)
+    }
+
+    /// Devices currently in memory.
+    pub fn device_count(&self) -> usize {
+        self.devices.load(Ordering::Relaxed)
+    }
+
+    /// Whether the device is in memory.
+    pub fn contains(&self, device_id: &str) -> bool {
+        let id = normalize_device_id(device_id);
+        let hash = self.hasher.hash_one(id);
+        self.shard(hash)
+            .lock()
+            .find(hash, |d| &*d.id == id)
+            .is_some()
+    }
+
+    fn shard(&self, hash: u64) -> &Shard {
+        // The high bits pick the shard; hashbrown uses the low bits and the top 7.
+        let index = ((hash >> 32) as usize) % self.shards.len();
+        &self.shards[index]
+    }
+
+    fn tick(&self) -> u32 {
+        self.epoch.elapsed().as_secs().min(u64::from(u32::MAX - 1)) as u32
+    }
+
+    /// The engine tick (for idle eviction) and the wall-clock receive time of a
+    /// message received at `now`, from that one monotonic clock read. The wall clock
+    /// itself is read once per second of the engine clock (to follow adjustments of
+    /// the system time); in between, the receive time is the last reading plus the
+    /// monotonic time since, which differs from a fresh reading only by the clock's
+    /// slew within that second.
+    fn clock(&self, now: Instant) -> (Timestamp, u32) {
+        let since = now.saturating_duration_since(self.epoch);
+        let tick = since.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+        let since_nanos = i64::try_from(since.as_nanos()).unwrap_or(i64::MAX);
+        let wall_at_epoch = if self.wall_tick.load(Ordering::Relaxed) == tick {
+            self.wall_at_epoch.load(Ordering::Relaxed)
+        } else {
+            let wall = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let at_epoch = i64::try_from(wall)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(since_nanos);
+            self.wall_at_epoch.store(at_epoch, Ordering::Relaxed);
+            self.wall_tick.store(tick, Ordering::Relaxed);
+            at_epoch
+        };
+        let wall = wall_at_epoch.saturating_add(since_nanos);
+        let received = Timestamp {
+            seconds: wall.div_euclid(1_000_000_000),
+            nanos: wall.rem_euclid(1_000_000_000) as i32,
+        };
+        (received, tick)
+    }
+
+    /// Judges every sample of a request, appending one verdict per sample to `out`, in
+    /// order, with `detector` (see [`Engine::detector`]). Samples that fail validation
+    /// get an error verdict and change nothing.
+    pub fn ingest_batch(
+        &self,
+        samples: &[Sample],
+        detector: &DetectorSpec,
+        out: &mut Vec<Verdict>,
+    ) -> BatchOutcome {
+        self.ingest_batch_at(samples, detector, out, Instant::now())
+    }
+
+    /// [`Engine::ingest_batch`] for a request received at `received` (the caller's one
+    /// clock read of the message; it gives the idle tick and the receive time).
+    pub fn ingest_batch_at(
+        &self,
+        samples: &[Sample],
+        detector: &DetectorSpec,
+        out: &mut Vec<Verdict>,
+        received: Instant,
+    ) -> BatchOutcome {
+        let (now, tick) = self.clock(received);
+        let mut outcome = BatchOutcome::default();
+        out.reserve(samples.len());
+        for sample in samples {
+            let verdict = match self.ingest_one(sample, detector, &now, tick) {
+                Ok(verdict) => {
+                    if verdict.duplicate {
+                        outcome.duplicates += 1;
+                    } else {
+                        outcome.applied += 1;
+                        outcome.anomalies += u64::from(verdict.anomaly);
+                    }
+                    verdict
+                }
+                Err(error) => {
+                    outcome.rejected += 1;
+                    Verdict {
+                        device_id: normalize_device_id(&sample.device_id).to_owned(),
+                        seq: sample.seq,
+                        error: error.to_string(),
+                        ..Verdict::default()
+                    }
+                }
+            };
+            out.push(verdict);
+        }
+        outcome
+    }
+
+    /// Judges one sample (DESIGN §3). Validation happens before anything is changed.
+    pub fn ingest_one(
+        &self,
+        sample: &Sample,
+        detector: &DetectorSpec,
+        received: &Timestamp,
+        tick: u32,
+    ) -> Result<Verdict, SampleError> {
+        let id = normalize_device_id(&sample.device_id);
+        self.validate(id, sample)?;
+        let hash = self.hasher.hash_one(id);
+        let mut table = self.shard(hash).lock();
+        let device = match table.find_mut(hash, |d| &*d.id == id) {
+            Some(device) => device,
+            None => {
+                if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
+                    return Err(SampleError::DeviceLimit {
+                        limit: self.config.max_devices,
+                    });
+                }
+                self.devices.fetch_add(1, Ordering::Relaxed);
+                table
+                    .insert_unique(hash, DeviceState::new(id, hash), |d| d.hash)
+                    .into_mut()
+            }
+        };
+        device.last_seen = tick;
+        if sample.seq > 0 && sample.seq <= device.last_seq {
+            return Ok(Verdict {
+                device_id: id.to_owned(),
+                seq: sample.seq,
+                duplicate: true,
+                ..Verdict::default()
+            });
+        }
+        let new_metrics = sample
+            .metrics
+            .keys()
+            .filter(|name| device.metric_index(name).is_none())
+            .count();
+        if new_metrics > 0
+            && device.metrics.len() + new_metrics > self.config.max_metrics_per_device
+        {
+            return Err(SampleError::TooManyMetrics {
+                device: id.to_owned(),
+                count: device.metrics.len() + new_metrics,
+                limit: self.config.max_metrics_per_device,
+            });
+        }
+        let mut verdict = Verdict {
+            device_id: id.to_owned(),
+            seq: sample.seq,
+            metrics: Vec::with_capacity(sample.metrics.len()),
+            ..Verdict::default()
+        };
+        let time = sample.time.unwrap_or(*received);
+        for (name, &value) in &sample.metrics {
+            let index = match device.metric_index(name) {
+                Some(index) => index,
+                None => {
+                    // Room for exactly the new metrics, once per device and sample.
+                    if device.metrics.len() == device.metrics.capacity() {
+                        device.metrics.reserve_exact(new_metrics);
+                    }
+                    device.metrics.push(MetricState::new(name));
+                    device.metrics.len() - 1
+                }
+            };
+            let metric = device.metrics[index].observe(value, time.seconds, detector);
+            verdict.anomaly |= metric.anomaly;
+            verdict.alert |= metric.alert;
+            verdict.score = verdict.score.max(metric.score);
+            verdict.metrics.push(metric);
+        }
+        if sample.seq > 0 {
+            device.last_seq = sample.seq;
+        }
+        device.updated_at = time;
+        device.dirty = true;
+        Ok(verdict)
+    }
+
+    fn validate(&self, id: &str, sample: &Sample) -> Result<(), SampleError> {
+        if id.len() > self.config.max_device_id_len {
+            return Err(SampleError::DeviceIdTooLong {
+                len: id.len(),
+                limit: self.config.max_device_id_len,
+            });
+        }
+        if sample.metrics.is_empty() {
+            return Err(SampleError::NoMetrics);
+        }
+        if sample.metrics.len() > self.config.max_metrics_per_device {
+            return Err(SampleError::TooManyMetrics {
+                device: id.to_owned(),
+                count: sample.metrics.len(),
+                limit: self.config.max_metrics_per_device,
+            });
+        }
+        for (name, value) in &sample.metrics {
+            validate_metric_name(name, self.config.max_metric_name_len)?;
+            if !value.is_finite() {
+                return Err(SampleError::InvalidValue {
+                    metric: name.clone(),
+                    value: *value,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Current statistics of a device in memory, or `None`.
+    pub fn analyze(&self, device_id: &str) -> Option<AnalyzeResponse> {
+        let id = normalize_device_id(device_id);
+        let hash = self.hasher.hash_one(id);
+        let table = self.shard(hash).lock();
+        let device = table.find(hash, |d| &*d.id == id)?;
+        Some(analyze_response(device, Source::Memory))
+    }
+
+    /// Inserts a device's state unless the device is already in memory (a restore
+    /// racing with a first sample loses to the sample). Returns whether it was inserted.
+    pub fn insert_if_absent(&self, mut state: DeviceState) -> bool {
+        let hash = self.hasher.hash_one(&*state.id);
+        let mut table = self.shard(hash).lock();
+        if table.find(hash, |d| d.id == state.id).is_some() {
+            return false;
+        }
+        if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
+            return false;
+        }
+        state.hash = hash;
+        state.last_seen = self.tick();
+        self.devices.fetch_add(1, Ordering::Relaxed);
+        table.insert_unique(hash, state, |d| d.hash);
+        true
+    }
+
+    /// Visits every device of every shard, one shard lock at a time. `f` runs under
+    /// the shard lock, so it must be quick (a copy, not I/O).
+    pub fn for_each_device_mut(&self, mut f: impl FnMut(&mut DeviceState)) {
+        for shard in &self.shards {
+            let mut table = shard.lock();
+            for device in table.iter_mut() {
+                f(device);
+            }
+        }
+    }
+
+    /// Removes devices idle for longer than `IDLE_TIMEOUT` (as of `now`, an instant
+    /// of the engine clock) and returns them so that the caller can write their
+    /// final snapshot.
+    pub fn evict_idle(&self, now: Instant) -> Vec<DeviceState> {
+        self.evict_idle_if(now, |_| true)
+    }
+
+    /// Like [`Engine::evict_idle`], but keeps devices whose latest state is not in a
+    /// snapshot yet (dirty). With snapshots on, the flusher writes first and evicts
+    /// after, so an evicted device's newest state is in Redis before it leaves memory
+    /// and a restore can never read an older one.
+    pub fn evict_idle_flushed(&self, now: Instant) -> Vec<DeviceState> {
+        self.evict_idle_if(now, |device| !device.dirty)
+    }
+
+    fn evict_idle_if(
+        &self,
+        now: Instant,
+        may_evict: impl Fn(&DeviceState) -> bool,
+    ) -> Vec<DeviceState> {
+        let now_tick = now.saturating_duration_since(self.epoch).as_secs();
+        let idle = self.config.idle_timeout.as_secs();
+        let mut evicted = Vec::new();
+        for shard in &self.shards {
+            let mut table = shard.lock();
+            table.retain(|device| {
+                let keep = now_tick.saturating_sub(u64::from(device.last_seen)) < idle
+                    || !may_evict(device);
+                if !keep {
+                    evicted.push(device.clone());
+                }
+                keep
+            });
+        }
+        self.devices.fetch_sub(evicted.len(), Ordering::Relaxed);
+        evicted
+    }
+
+    /// Number of shards (the snapshot flusher walks them one at a time).
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Appends the keys of the dirty devices of shard `shard` to `out`. The lock is
+    /// held for one pass over the shard reading a flag per device, no copying.
+    pub fn dirty_keys(&self, shard: usize, out: &mut Vec<DeviceKey>) {
+        if let Some(shard) = self.shards.get(shard) {
+            out.extend(
+                shard
+                    .lock()
+                    .iter()
+                    .filter(|d| d.dirty)
+                    .map(|d| DeviceKey(d.hash)),
+            );
+        }
+    }
+
+    /// Runs `f` on each device of `keys` (all of shard `shard`, from
+    /// [`Engine::dirty_keys`]) that is still dirty, under one lock of that shard. `f`
+    /// must be quick (an encode into a buffer), and usually clears `dirty`.
+    pub fn visit_dirty(
+        &self,
+        shard: usize,
+        keys: &[DeviceKey],
+        mut f: impl FnMut(&mut DeviceState),
+    ) {
+        let Some(shard) = self.shards.get(shard) else {
+            return;
+        };
+        let mut table = shard.lock();
+        for &DeviceKey(hash) in keys {
+            for device in table.iter_hash_mut(hash) {
+                if device.hash == hash && device.dirty {
+                    f(device);
+                }
+            }
+        }
+    }
+
+    /// Marks devices dirty again (their snapshot write failed, so the next flush
+    /// retries them). Devices that left memory meanwhile are skipped.
+    pub fn mark_dirty(&self, keys: &[DeviceKey]) {
+        for &DeviceKey(hash) in keys {
+            let mut table = self.shard(hash).lock();
+            for device in table.iter_hash_mut(hash) {
+                if device.hash == hash {
+                    device.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// The key of a device (its shard and slot), for [`Engine::mark_dirty`].
+    pub fn key_of(&self, device: &DeviceState) -> DeviceKey {
+        DeviceKey(device.hash)
+    }
+}
+
+/// Names a device in memory by the hash of its id: cheap to collect for a million
+/// devices. Two ids with one hash are both visited, which is harmless (an extra
+/// snapshot write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceKey(u64);
+
+/// The `AnalyzeResponse` of a device state.
+pub fn analyze_response(device: &DeviceState, source: Source) -> AnalyzeResponse {
+    let mut metrics: Vec<_> = device.metrics.iter().map(MetricState::stats).collect();
+    metrics.sort_by(|a, b| a.metric.cmp(&b.metric));
+    AnalyzeResponse {
+        device_id: device.id.to_string(),
+        metrics,
+        updated_at: Some(device.updated_at),
+        source: source as i32,
+        last_seq: device.last_seq,
+    }
+}
+
+/// `""` is the default device.
+pub fn normalize_device_id(id: &str) -> &str {
+    if id.is_empty() { DEFAULT_DEVICE } else { id }
+}
+
+/// Metric names are 1..=`limit` bytes of `[A-Za-z0-9_.:-]`.
+pub fn validate_metric_name(name: &str, limit: usize) -> Result<(), SampleError> {
+    if name.is_empty() || name.len() > limit {
+        return Err(SampleError::InvalidMetricName {
+            name: name.to_owned(),
+            reason: format!("must be 1 to {limit} bytes"),
+        });
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+    {
+        return Err(SampleError::InvalidMetricName {
+            name: name.to_owned(),
+            reason: format!("character {bad:?} is not one of [A-Za-z0-9_.:-]"),
+        });
+    }
+    Ok(())
+}
+
+/// The current wall-clock time as a protobuf timestamp.
+pub fn now_timestamp() -> Timestamp {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(device: &str, seq: u64, metrics: &[(&str, f64)]) -> Sample {
+        Sample {
+            device_id: device.into(),
+            time: None,
+            metrics: metrics.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
+            seq,
+        }
+    }
+
+    fn ingest(engine: &Engine, s: Sample) -> Verdict {
+        let mut out = Vec::new();
+        engine.ingest_batch(&[s], &engine.default_detector(), &mut out);
+        out.pop().unwrap()
+    }
+
+    #[test]
+    fn one_clock_read_gives_wall_receive_time_and_tick() {
+        let engine = Engine::new(EngineConfig::default());
+        let before = now_timestamp();
+        let now = Instant::now();
+        let (received, tick) = engine.clock(now);
+        let after = now_timestamp();
+        let nanos = |t: &Timestamp| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+        // Anchored in this very call: between two wall-clock readings around it.
+        assert!(nanos(&before) <= nanos(&received) && nanos(&received) <= nanos(&after));
+        assert_eq!(tick, engine.tick());
+        // Later reads in the same second follow the monotonic clock from that anchor.
+        let later = now + Duration::from_millis(300);
+        let (again, later_tick) = engine.clock(later);
+        if later_tick == tick {
+            assert_eq!(nanos(&again) - nanos(&received), 300_000_000);
+        }
+        assert!((0..1_000_000_000).contains(&again.nanos));
+    }
+
+    #[test]
+    fn seed_check() {
+        let engine = Engine::new(EngineConfig::default());
+        for v in [420.0, 430.0, 410.0, 440.0, 425.0] {
+            let verdict = ingest(&engine, sample("", 0, &[("rps", v)]));
+            assert!(!verdict.anomaly);
+            assert_eq!(verdict.device_id, "default");
+        }
+        let v = ingest(&engine, sample("", 0, &[("rps", 900.0)]));
+        assert!(v.anomaly);
+        let m = &v.metrics[0];
+        assert_eq!((m.mean, m.window_count), (425.0, 5));
+        assert!((m.stddev - 10.0).abs() < 1e-12);
+        assert!((m.z_score - 47.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn warm_up_and_flat_window() {
+        let engine = Engine::new(EngineConfig::default());
+        for i in 0..5 {
+            let v = ingest(&engine, sample("d", 0, &[("x", 1.0)]));
+            assert_eq!(v.metrics[0].window_count, i);
+            assert!(!v.anomaly);
+        }
+        let same = ingest(&engine, sample("d", 0, &[("x", 1.0)]));
+        assert_eq!((same.metrics[0].z_score, same.anomaly), (0.0, false));
+        let below = ingest(&engine, sample("d", 0, &[("x", 0.5)]));
+        assert_eq!(below.metrics[0].z_score, f64::NEG_INFINITY);
+        assert!(below.anomaly);
+    }
+
+    #[test]
+    fn threshold_is_strict() {
+        let engine = Engine::new(EngineConfig {
+            min_samples: 2,
+            ..EngineConfig::default()
+        });
+        ingest(&engine, sample("d", 0, &[("x", 1.0)]));
+        ingest(&engine, sample("d", 0, &[("x", 3.0)]));
+        // mean 2, stddev 1: 4 has z exactly 2, not above the threshold.
+        let v = ingest(&engine, sample("d", 0, &[("x", 4.0)]));
+        assert_eq!(v.metrics[0].z_score, 2.0);
+        assert!(!v.anomaly);
+    }
+
+    #[test]
+    fn duplicates_leave_the_window_alone() {
+        let engine = Engine::new(EngineConfig::default());
+        ingest(&engine, sample("d", 5, &[("x", 1.0)]));
+        for seq in [5, 3] {
+            let v = ingest(&engine, sample("d", seq, &[("x", 100.0)]));
+            assert!(v.duplicate);
+            assert!(v.metrics.is_empty());
+        }
+        let stats = engine.analyze("d").unwrap();
+        assert_eq!(stats.metrics[0].window_count, 1);
+        assert_eq!(stats.last_seq, 5);
+        // seq 0 is "none": never a duplicate.
+        assert!(!ingest(&engine, sample("d", 0, &[("x", 1.0)])).duplicate);
+        assert!(!ingest(&engine, sample("d", 6, &[("x", 1.0)])).duplicate);
+    }
+
+    #[test]
+    fn invalid_samples_are_rejected_without_side_effects() {
+        let engine = Engine::new(EngineConfig::default());
+        let cases: Vec<(Sample, &str)> = vec![
+            (
+                sample("d", 1, &[("cpu", f64::NAN)]),
+                "invalid_value: metric \"cpu\" is NaN",
+            ),
+            (sample("d", 1, &[("cpu", f64::INFINITY)]), "invalid_value"),
+            (sample("d", 1, &[]), "no_metrics"),
+            (
+                sample(&"x".repeat(200), 1, &[("cpu", 1.0)]),
+                "invalid_device_id",
+            ),
+            (sample("d", 1, &[("cpu load", 1.0)]), "invalid_metric_name"),
+            (sample("d", 1, &[("", 1.0)]), "invalid_metric_name"),
+        ];
+        for (s, want) in cases {
+            let v = ingest(&engine, s);
+            assert!(
+                v.error.starts_with(want),
+                "{} does not start with {want}",
+                v.error
+            );
+            assert!(v.metrics.is_empty());
+        }
+        let many: Vec<(String, f64)> = (0..33).map(|i| (format!("m{i}"), 1.0)).collect();
+        let s = Sample {
+            device_id: "d".into(),
+            metrics: many.into_iter().collect(),
+            ..Sample::default()
+        };
+        assert!(ingest(&engine, s).error.starts_with("too_many_metrics"));
+        // Nothing was created by any of the rejected samples, and seq 1 is still new.
+        assert_eq!(engine.device_count(), 0);
+        assert!(!ingest(&engine, sample("d", 1, &[("cpu", 1.0)])).duplicate);
+    }
+
+    #[test]
+    fn metric_limit_counts_across_samples() {
+        let engine = Engine::new(EngineConfig {
+            max_metrics_per_device: 2,
+            ..EngineConfig::default()
+        });
+        ingest(&engine, sample("d", 0, &[("a", 1.0), ("b", 1.0)]));
+        assert!(
+            ingest(&engine, sample("d", 0, &[("a", 1.0)]))
+                .error
+                .is_empty()
+        );
+        let v = ingest(&engine, sample("d", 0, &[("a", 2.0), ("c", 1.0)]));
+        assert!(v.error.starts_with("too_many_metrics"), "{}", v.error);
+        assert_eq!(engine.analyze("d").unwrap().metrics[0].window_count, 2);
+    }
+
+    #[test]
+    fn device_limit_refuses_new_devices_only() {
+        let engine = Engine::new(EngineConfig {
+            max_devices: 2,
+            ..EngineConfig::default()
+        });
+        ingest(&engine, sample("a", 0, &[("x", 1.0)]));
+        ingest(&engine, sample("b", 0, &[("x", 1.0)]));
+        assert!(
+            ingest(&engine, sample("c", 0, &[("x", 1.0)]))
+                .error
+                .starts_with("device_limit")
+        );
+        assert!(
+            ingest(&engine, sample("a", 0, &[("x", 1.0)]))
+                .error
+                .is_empty()
+        );
+        assert_eq!(engine.device_count(), 2);
+    }
+
+    #[test]
+    fn idle_devices_are_evicted() {
+        let engine = Engine::new(EngineConfig {
+            idle_timeout: Duration::from_secs(10),
+            ..EngineConfig::default()
+        });
+        ingest(&engine, sample("a", 0, &[("x", 1.0)]));
+        assert!(engine.evict_idle(Instant::now()).is_empty());
+        let evicted = engine.evict_idle(Instant::now() + Duration::from_secs(11));
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(&*evicted[0].id, "a");
+        assert_eq!(engine.device_count(), 0);
+        assert!(engine.analyze("a").is_none());
+    }
+
+    #[test]
+    fn metrics_in_verdict_are_sorted_by_name() {
+        let engine = Engine::new(EngineConfig::default());
+        let v = ingest(
+            &engine,
+            sample("d", 0, &[("rps", 1.0), ("cpu", 2.0), ("mem", 3.0)]),
+        );
+        let names: Vec<_> = v.metrics.iter().map(|m| m.metric.as_str()).collect();
+        assert_eq!(names, ["cpu", "mem", "rps"]);
+    }
+}

@@ -1,0 +1,443 @@
+//! Detectors: which rule turns a metric's values into `anomaly`, `score` and `alert`.
+//!
+//! - `zscore` is the seed rule of DESIGN §3, unchanged: `anomaly` is `|z| > threshold`
+//!   over the last `window_size` values. Its `score` is `|z| / (|z| + threshold)`
+//!   (0.5 exactly at the threshold, towards 1 far beyond it).
+//! - `robust` ([`robust`]) judges a value against the median and interquartile range of
+//!   a longer window (outliers do not drag the baseline along), and adds a sustained
+//!   signal in the spirit of Numenta's anomaly likelihood: a short average of the
+//!   surprise compared with its own long-run distribution, so one global setting adapts
+//!   to quiet and to noisy metrics alike.
+//!
+//! Every detector shares the episode logic of [`Episode`]: `alert` is the first
+//! anomalous sample of an episode; the episode lasts while the score stays above half
+//! the anomaly level (hysteresis) and ends only after `cooldown` quiet samples. One
+//! page per incident, not one per sample.
+//!
+//! Per-metric state beyond the rolling window lives in one [`DetectorState`], with its
+//! own binary encoding for snapshots.
+
+pub mod robust;
+
+use tidewatch_proto::v1::DetectorConfig;
+
+use crate::{
+    error::{ApiError, ErrorKind},
+    snapshot::codec::{DecodeError, get_u8, get_u32, put_u8, put_u32},
+};
+
+pub use robust::{RobustParams, RobustState};
+
+/// Names accepted in `DetectorConfig.name` and `DETECTOR`.
+pub const DETECTOR_NAMES: [&str; 2] = ["zscore", "robust"];
+
+/// A detector family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectorKind {
+    /// The seed z-score of DESIGN §3 (the default).
+    ZScore,
+    /// Median/IQR baseline plus a sustained-surprise likelihood (recommended).
+    Robust,
+}
+
+impl DetectorKind {
+    /// Parses a detector name; the empty name is the default `zscore`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim() {
+            "" | "zscore" => Some(Self::ZScore),
+            "robust" => Some(Self::Robust),
+            _ => None,
+        }
+    }
+
+    /// The name as configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ZScore => "zscore",
+            Self::Robust => "robust",
+        }
+    }
+}
+
+/// Everything one judgement needs: the detector and its settings, resolved from the
+/// server's defaults and a stream's overrides. Small and `Copy`: it rides along with
+/// every batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectorSpec {
+    /// Which rule decides `anomaly`.
+    pub kind: DetectorKind,
+    /// Values of the rolling window behind `mean`/`stddev`/`z_score` (and the
+    /// z-score rule itself).
+    pub window_size: usize,
+    /// Values needed before anything can be an anomaly.
+    pub min_samples: usize,
+    /// For `zscore`: |z| strictly above it is an anomaly. For `robust`: the robust
+    /// z (|x − median| / (IQR/1.349)) above it is an anomaly.
+    pub threshold: f64,
+    /// Quiet samples (score below half the anomaly level) that end an episode.
+    pub cooldown: u32,
+    /// Settings of the `robust` detector.
+    pub robust: RobustParams,
+}
+
+/// The server's settings for every detector, from which a stream's [`DetectorSpec`]
+/// is resolved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectorDefaults {
+    /// The detector of streams that name none (`DETECTOR`).
+    pub kind: DetectorKind,
+    /// `WINDOW_SIZE`.
+    pub window_size: usize,
+    /// `MIN_SAMPLES`.
+    pub min_samples: usize,
+    /// `Z_THRESHOLD`.
+    pub z_threshold: f64,
+    /// `ALERT_COOLDOWN`.
+    pub cooldown: u32,
+    /// `ROBUST_*` settings; `robust.window` and `robust_threshold` are overridable per stream.
+    pub robust: RobustParams,
+    /// `ROBUST_THRESHOLD`.
+    pub robust_threshold: f64,
+    /// `ROBUST_MIN_SAMPLES`.
+    pub robust_min_samples: usize,
+}
+
+impl Default for DetectorDefaults {
+    fn default() -> Self {
+        Self {
+            kind: DetectorKind::ZScore,
+            window_size: 50,
+            min_samples: 5,
+            z_threshold: 2.0,
+            cooldown: DEFAULT_COOLDOWN,
+            robust: RobustParams::default(),
+            robust_threshold: robust::DEFAULT_THRESHOLD,
+            robust_min_samples: robust::DEFAULT_MIN_SAMPLES,
+        }
+    }
+}
+
+/// Default `ALERT_COOLDOWN`: quiet samples that end an episode.
+pub const DEFAULT_COOLDOWN: u32 = 60;
+
+/// Largest window a stream may ask for (bounded memory per metric).
+pub const MAX_WINDOW: usize = 4096;
+
+impl DetectorDefaults {
+    /// The spec of a named detector with the server's settings.
+    pub fn spec(&self, kind: DetectorKind) -> DetectorSpec {
+        match kind {
+            DetectorKind::ZScore => DetectorSpec {
+                kind,
+                window_size: self.window_size,
+                min_samples: self.min_samples,
+                threshold: self.z_threshold,
+                cooldown: self.cooldown,
+                robust: self.robust,
+            },
+            DetectorKind::Robust => DetectorSpec {
+                kind,
+                window_size: self.window_size,
+                min_samples: self.robust_min_samples,
+                threshold: self.robust_threshold,
+                cooldown: self.cooldown,
+                robust: self.robust,
+            },
+        }
+    }
+
+    /// The server's default detector.
+    pub fn default_spec(&self) -> DetectorSpec {
+        self.spec(self.kind)
+    }
+
+    /// Resolves a stream's (or a REST request's) detector section. `None` is the
+    /// server's default. Unknown names and out-of-range overrides are
+    /// `InvalidArgument` naming what is wrong; both transports call this.
+    pub fn resolve(&self, config: Option<&DetectorConfig>) -> Result<DetectorSpec, ApiError> {
+        let Some(config) = config else {
+            return Ok(self.default_spec());
+        };
+        let kind = if config.name.trim().is_empty() {
+            self.kind
+        } else {
+            DetectorKind::parse(&config.name).ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "unknown detector {:?}; known detectors: {}",
+                        config.name,
+                        DETECTOR_NAMES.join(", ")
+                    ),
+                )
+            })?
+        };
+        let mut spec = self.spec(kind);
+        let invalid = |message: String| ApiError::new(ErrorKind::InvalidArgument, message);
+        if config.window_size > 0 {
+            let w = config.window_size as usize;
+            if w > MAX_WINDOW {
+                return Err(invalid(format!(
+                    "detector {}: window_size {w} is above the limit {MAX_WINDOW}",
+                    kind.as_str()
+                )));
+            }
+            match kind {
+                DetectorKind::ZScore => spec.window_size = w,
+                DetectorKind::Robust => spec.robust.window = w,
+            }
+        }
+        if config.threshold != 0.0 {
+            if !config.threshold.is_finite() || config.threshold < 0.0 {
+                return Err(invalid(format!(
+                    "detector {}: threshold must be a positive number, got {}",
+                    kind.as_str(),
+                    config.threshold
+                )));
+            }
+            spec.threshold = config.threshold;
+        }
+        if config.min_samples > 0 {
+            spec.min_samples = config.min_samples as usize;
+        }
+        let window = match kind {
+            DetectorKind::ZScore => spec.window_size,
+            DetectorKind::Robust => spec.robust.window,
+        };
+        if spec.min_samples > window {
+            return Err(invalid(format!(
+                "detector {}: min_samples {} is above the window size {window}",
+                kind.as_str(),
+                spec.min_samples
+            )));
+        }
+        Ok(spec)
+    }
+}
+
+/// `|z| / (|z| + threshold)`: 0 for a perfectly ordinary value, 0.5 at the
+/// threshold, towards 1 far beyond it.
+#[inline]
+pub fn squash(ratio: f64) -> f64 {
+    if ratio.is_nan() || ratio <= 0.0 {
+        0.0
+    } else if ratio.is_infinite() {
+        1.0
+    } else {
+        ratio / (1.0 + ratio)
+    }
+}
+
+/// A score at or above this keeps an episode going (half the anomaly level: the
+/// hysteresis that stops a value hovering around the threshold from paging again
+/// and again).
+pub const SUSTAIN_SCORE: f64 = 1.0 / 3.0;
+
+/// The anomalous-episode tracker behind `alert`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Episode {
+    /// Inside an episode (an alert was raised and it has not cooled down).
+    pub active: bool,
+    /// Consecutive quiet samples inside the current episode.
+    pub quiet: u32,
+}
+
+impl Episode {
+    /// Feeds one judgement; returns whether it is an alert (the episode's first anomaly).
+    #[inline]
+    pub fn step(&mut self, anomaly: bool, score: f64, cooldown: u32) -> bool {
+        if anomaly {
+            self.quiet = 0;
+            let alert = !self.active;
+            self.active = true;
+            return alert;
+        }
+        if self.active {
+            if score >= SUSTAIN_SCORE {
+                self.quiet = 0;
+            } else {
+                self.quiet += 1;
+                if self.quiet >= cooldown {
+                    self.active = false;
+                    self.quiet = 0;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Per-metric detector state besides the rolling window: the episode, and the state
+/// of the `robust` detector once a stream used it (boxed: z-score-only metrics pay
+/// one pointer).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DetectorState {
+    /// The episode tracker behind `alert`.
+    pub episode: Episode,
+    /// The robust detector's baseline and likelihood state.
+    pub robust: Option<Box<RobustState>>,
+}
+
+/// Version byte of [`DetectorState::encode`].
+const ENCODING_VERSION: u8 = 1;
+
+impl DetectorState {
+    /// Appends the binary encoding (versioned, little-endian) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u8(out, ENCODING_VERSION);
+        let flags = u8::from(self.episode.active) | (u8::from(self.robust.is_some()) << 1);
+        put_u8(out, flags);
+        put_u32(out, self.episode.quiet);
+        if let Some(robust) = &self.robust {
+            robust.encode(out);
+        }
+    }
+
+    /// Reads what [`DetectorState::encode`] wrote, advancing `buf`.
+    pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let version = get_u8(buf, "detector encoding version")?;
+        if version != ENCODING_VERSION {
+            return Err(invalid("detector encoding version", version));
+        }
+        let flags = get_u8(buf, "detector flags")?;
+        if flags & !0b11 != 0 {
+            return Err(invalid("detector flags", flags));
+        }
+        let quiet = get_u32(buf, "alert episode")?;
+        let robust = if flags & 0b10 != 0 {
+            Some(Box::new(RobustState::decode(buf)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            episode: Episode {
+                active: flags & 1 != 0,
+                quiet,
+            },
+            robust,
+        })
+    }
+}
+
+/// A field of the detector encoding holding a value the detector cannot have written.
+pub(crate) fn invalid(field: &'static str, value: impl std::fmt::Display) -> DecodeError {
+    DecodeError::Invalid {
+        field,
+        reason: format!("unexpected value {value}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_and_unknown_is_invalid_argument() {
+        let d = DetectorDefaults::default();
+        assert_eq!(d.resolve(None).unwrap().kind, DetectorKind::ZScore);
+        let robust = DetectorConfig {
+            name: "robust".into(),
+            ..DetectorConfig::default()
+        };
+        assert_eq!(d.resolve(Some(&robust)).unwrap().kind, DetectorKind::Robust);
+        let bad = DetectorConfig {
+            name: "magic".into(),
+            ..DetectorConfig::default()
+        };
+        let e = d.resolve(Some(&bad)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.message.contains("\"magic\""), "{}", e.message);
+        assert!(e.message.contains("zscore, robust"), "{}", e.message);
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let d = DetectorDefaults::default();
+        let cfg = DetectorConfig {
+            name: "zscore".into(),
+            window_size: 10,
+            threshold: 3.0,
+            min_samples: 2,
+        };
+        let spec = d.resolve(Some(&cfg)).unwrap();
+        assert_eq!(
+            (spec.window_size, spec.threshold, spec.min_samples),
+            (10, 3.0, 2)
+        );
+        let too_big = DetectorConfig {
+            window_size: 100_000,
+            ..cfg.clone()
+        };
+        assert!(d.resolve(Some(&too_big)).is_err());
+        let neg = DetectorConfig {
+            threshold: -1.0,
+            ..cfg.clone()
+        };
+        assert!(d.resolve(Some(&neg)).is_err());
+        let warm = DetectorConfig {
+            min_samples: 11,
+            ..cfg
+        };
+        assert!(d.resolve(Some(&warm)).is_err());
+    }
+
+    #[test]
+    fn episode_alerts_once_then_cools_down() {
+        let mut e = Episode::default();
+        assert!(e.step(true, 0.9, 3));
+        assert!(!e.step(true, 0.9, 3));
+        // Hovering above the sustain level keeps the episode alive.
+        assert!(!e.step(false, 0.4, 3));
+        assert!(!e.step(false, 0.1, 3));
+        assert!(!e.step(false, 0.1, 3));
+        assert!(
+            !e.step(true, 0.9, 3),
+            "two quiet samples are not a cool-down"
+        );
+        for _ in 0..3 {
+            assert!(!e.step(false, 0.0, 3));
+        }
+        assert!(!e.active);
+        assert!(e.step(true, 0.9, 3), "a new episode alerts again");
+    }
+
+    #[test]
+    fn squash_is_half_at_threshold() {
+        assert_eq!(squash(1.0), 0.5);
+        assert_eq!(squash(0.0), 0.0);
+        assert_eq!(squash(f64::INFINITY), 1.0);
+        assert_eq!(squash(f64::NAN), 0.0);
+        assert!(squash(10.0) > 0.9 && squash(10.0) < 1.0);
+    }
+
+    #[test]
+    fn state_round_trips_and_rejects_garbage() {
+        let mut state = DetectorState {
+            episode: Episode {
+                active: true,
+                quiet: 7,
+            },
+            robust: None,
+        };
+        let params = RobustParams::default();
+        let mut robust = RobustState::new(params.window);
+        for i in 0..300 {
+            robust.observe(f64::from(i % 17), i64::from(i) * 600, &params, 4.0, 16);
+        }
+        state.robust = Some(Box::new(robust));
+        let mut bytes = Vec::new();
+        state.encode(&mut bytes);
+        bytes.extend_from_slice(b"tail");
+        let mut buf = &bytes[..];
+        let back = DetectorState::decode(&mut buf).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(buf, b"tail");
+        for cut in [0, 1, 5, bytes.len() - 10] {
+            assert!(
+                DetectorState::decode(&mut &bytes[..cut]).is_err(),
+                "cut {cut}"
+            );
+        }
+        assert!(DetectorState::decode(&mut &[9u8, 0, 0, 0, 0, 0][..]).is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! Errors, and the one place that maps each kind of error to a gRPC code and an HTTP
+//! status (quickwit's `ServiceErrorCode`): the gRPC service and the HTTP gateway both
+//! go through [`ErrorKind`], nobody picks a status code at a call site.
+
+use tonic::{Code, Status};
+
+/// Why a single sample was refused. Its `Display` is the verdict's `error` field: a
+/// stable machine-readable reason, a colon, and a human explanation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SampleError {
+    /// The device id is longer than `MAX_DEVICE_ID_LEN`.
+    #[error("invalid_device_id: device id is {len} bytes; limit is {limit}")]
+    DeviceIdTooLong {
+        /// Length of the offending id.
+        len: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The sample has no metric.
+    #[error("no_metrics: sample has no metrics")]
+    NoMetrics,
+    /// A metric name is empty, too long, or has a character outside `[A-Za-z0-9_.:-]`.
+    #[error("invalid_metric_name: metric {name:?} {reason}")]
+    InvalidMetricName {
+        /// The offending name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A value is NaN or infinite.
+    #[error("invalid_value: metric {metric:?} is {}", describe(*value))]
+    InvalidValue {
+        /// The metric carrying it.
+        metric: String,
+        /// The value.
+        value: f64,
+    },
+    /// The device would have more than `MAX_METRICS_PER_DEVICE` metrics.
+    #[error("too_many_metrics: device {device:?} would have {count} metrics; limit is {limit}")]
+    TooManyMetrics {
+        /// The device.
+        device: String,
+        /// Metrics it would have.
+        count: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// `MAX_DEVICES` devices are in memory already.
+    #[error("device_limit: {limit} devices are in memory; no room for a new one")]
+    DeviceLimit {
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+fn describe(value: f64) -> &'static str {
+    if value.is_nan() {
+        "NaN"
+    } else if value > 0.0 {
+        "+Infinity"
+    } else {
+        "-Infinity"
+    }
+}
+
+impl SampleError {
+    /// The stable reason, used as the `reason` label of the rejected-samples counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::DeviceIdTooLong { .. } => "invalid_device_id",
+            Self::NoMetrics => "no_metrics",
+            Self::InvalidMetricName { .. } => "invalid_metric_name",
+            Self::InvalidValue { .. } => "invalid_value",
+            Self::TooManyMetrics { .. } => "too_many_metrics",
+            Self::DeviceLimit { .. } => "device_limit",
+        }
+    }
+}
+
+/// Kinds of request-level errors, each with one gRPC code and one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or breaks a limit on its shape.
+    InvalidArgument,
+    /// The request is too large (message or body size).
+    TooLarge,
+    /// The thing asked about does not exist.
+    NotFound,
+    /// The server is at a configured capacity limit (streams, concurrency).
+    Overloaded,
+    /// The server is shutting down or not ready.
+    Unavailable,
+    /// A stream or request ran out of its time.
+    Timeout,
+    /// A bug or an unexpected failure; never carries internal detail to the client.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The gRPC status code.
+    pub fn grpc_code(self) -> Code {
+        match self {
+            Self::InvalidArgument => Code::InvalidArgument,
+            Self::TooLarge => Code::ResourceExhausted,
+            Self::NotFound => Code::NotFound,
+            Self::Overloaded => Code::ResourceExhausted,
+            Self::Unavailable => Code::Unavailable,
+            Self::Timeout => Code::DeadlineExceeded,
+            Self::Internal => Code::Internal,
+        }
+    }
+
+    /// The HTTP status code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidArgument => 400,
+            Self::TooLarge => 413,
+            Self::NotFound => 404,
+            Self::Overloaded => 503,
+            Self::Unavailable => 503,
+            Self::Timeout => 504,
+            Self::Internal => 500,
+        }
+    }
+
+    /// The machine-readable code of the HTTP error body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "invalid_argument",
+            Self::TooLarge => "too_large",
+            Self::NotFound => "not_found",
+            Self::Overloaded => "overloaded",
+            Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// A request-level error: a kind and a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// Decides the gRPC code and HTTP status.
+    pub kind: ErrorKind,
+    /// Safe to show to the client.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        Status::new(e.kind.grpc_code(), e.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_stable_reasons() {
+        let e = SampleError::InvalidValue {
+            metric: "cpu".into(),
+            value: f64::NAN,
+        };
+        assert_eq!(e.to_string(), "invalid_value: metric \"cpu\" is NaN");
+        assert_eq!(e.reason(), "invalid_value");
+        assert!(e.to_string().starts_with(e.reason()));
+        let e = SampleError::DeviceLimit { limit: 3 };
+        assert!(e.to_string().starts_with(e.reason()));
+    }
+
+    #[test]
+    fn one_mapping_for_both_transports() {
+        let s: Status = ApiError::new(ErrorKind::TooLarge, "too big").into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(ErrorKind::TooLarge.http_status(), 413);
+        assert_eq!(ErrorKind::NotFound.grpc_code(), Code::NotFound);
+        assert_eq!(ErrorKind::NotFound.http_status(), 404);
+    }
+}

@@ -1,0 +1,475 @@
+//! The HTTP/JSON gateway (axum on tower, its own port, the same runtime as gRPC).
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /ingest`, `POST /metric` | samples in (JSON or NDJSON, see [`body`]), `{"verdicts":[...]}` out |
+//! | `GET /analyze?device_id=X` | `AnalyzeResponse` JSON plus the seed's flat `anomaly` and `<metric>_avg` |
+//! | `GET /health`, `GET /healthz` | liveness: `200` while the process serves |
+//! | `GET /readyz` | readiness: `503` while starting and while draining |
+//! | `GET /metrics` | Prometheus text exposition |
+//!
+//! The JSON is the proto3 JSON mapping of the gRPC messages (the generated pbjson
+//! impls), so grpcurl and REST clients read the same documents. Every error is
+//! `{"error":{"code","message"}}` with the status of its [`ErrorKind`]. Ingestion goes
+//! through [`AppState::answer`] like every transport; a body is parsed and checked as a
+//! whole first, so nothing of a refused request is ingested.
+
+pub(crate) mod body;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    error_handling::HandleErrorLayer,
+    extract::{MatchedPath, Query, Request, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use serde::Serialize;
+use tidewatch_proto::{
+    json::ProtoDouble,
+    v1::{AnalyzeRequest, AnalyzeResponse, DetectorConfig, IngestResponse},
+};
+use tower::{
+    BoxError, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
+    timeout::TimeoutLayer,
+};
+
+use crate::{
+    AppState,
+    config::nonzero,
+    error::{ApiError, ErrorKind},
+    grpc::analyze::analyze as analyze_device,
+    overload::{self, RETRY_AFTER_SECONDS},
+    telemetry::Transport,
+};
+
+/// The gateway's routes with their middleware, ready to serve.
+pub fn router(state: Arc<AppState>) -> Router {
+    let config = &state.config;
+    let shed_state = Arc::clone(&state);
+    // Shedding and the timeout apply to the API only; probes and scrapes always answer.
+    let api = Router::new()
+        .route("/ingest", post(ingest))
+        .route("/metric", post(ingest))
+        .route("/analyze", get(analyze))
+        .route_layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(move |e: BoxError| {
+                    let state = Arc::clone(&shed_state);
+                    async move { error_response(overload::refusal(&state, &e, Transport::Http)) }
+                }))
+                .layer(LoadShedLayer::new())
+                .option_layer(
+                    overload::semaphore(config.http_concurrency_limit)
+                        .map(GlobalConcurrencyLimitLayer::with_semaphore),
+                )
+                .option_layer(nonzero(config.request_timeout).map(TimeoutLayer::new))
+                .map_err(BoxError::from),
+        );
+    Router::new()
+        .merge(api)
+        .route("/health", get(live))
+        .route("/healthz", get(live))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+        .with_state(state)
+}
+
+/// Records every request's latency by route and status (outermost, so shed and
+/// refused requests are counted with the status they got).
+async fn track(
+    State(state): State<Arc<AppState>>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(matched.as_ref().map(MatchedPath::as_str));
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .record_http(route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// A fixed label per route: paths of unknown routes never become label values.
+fn route_label(path: Option<&str>) -> &'static str {
+    match path {
+        Some("/ingest") => "/ingest",
+        Some("/metric") => "/metric",
+        Some("/analyze") => "/analyze",
+        Some("/health") => "/health",
+        Some("/healthz") => "/healthz",
+        Some("/readyz") => "/readyz",
+        Some("/metrics") => "/metrics",
+        _ => "unmatched",
+    }
+}
+
+/// The HTTP form of every error: `{"error":{"code","message"}}` with the status of its
+/// kind, and `Retry-After` when retrying later helps.
+pub(crate) fn error_response(error: ApiError) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(Serialize)]
+    struct Detail<'a> {
+        code: &'static str,
+        message: &'a str,
+    }
+    let status =
+        StatusCode::from_u16(error.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = json_response(
+        status,
+        &Body {
+            error: Detail {
+                code: error.kind.as_str(),
+                message: &error.message,
+            },
+        },
+    );
+    if matches!(error.kind, ErrorKind::Overloaded | ErrorKind::Unavailable) {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+    }
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self)
+    }
+}
+
+/// A JSON response.
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "response serialization failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                r#"{"error":{"code":"internal","message":"internal error"}}"#,
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Query of `POST /ingest`: the detector for this request's samples, as the
+/// `detector` section of an Ingest stream's first message does over gRPC.
+#[derive(Debug, Default, serde::Deserialize)]
+struct IngestQuery {
+    /// Detector name (`zscore`, `robust`); absent means the server's `DETECTOR`.
+    detector: Option<String>,
+    /// Window size override.
+    #[serde(default)]
+    window_size: u32,
+    /// Threshold override.
+    #[serde(default)]
+    threshold: f64,
+    /// Warm-up override.
+    #[serde(default)]
+    min_samples: u32,
+}
+
+impl IngestQuery {
+    /// The detector section, or `None` when the query names no detector setting.
+    fn detector(self) -> Option<DetectorConfig> {
+        let overrides = self.window_size != 0 || self.threshold != 0.0 || self.min_samples != 0;
+        (self.detector.is_some() || overrides).then(|| DetectorConfig {
+            name: self.detector.unwrap_or_default(),
+            window_size: self.window_size,
+            threshold: self.threshold,
+            min_samples: self.min_samples,
+        })
+    }
+}
+
+/// `POST /ingest` and `POST /metric`.
+async fn ingest(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<IngestQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let detector = match query {
+        Ok(Query(query)) => state.engine.detector(query.detector().as_ref()),
+        Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, e.body_text())),
+    };
+    let detector = match detector {
+        Ok(detector) => detector,
+        Err(e) => return e.into_response(),
+    };
+    let bytes = match read_body(&headers, body, state.config.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(e) => return e.into_response(),
+    };
+    let framing = body::Framing::from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let samples = match body::parse(&bytes, framing, state.config.max_samples_per_request) {
+        Ok(samples) => samples,
+        Err(e) => {
+            if let Some((reason, samples)) = e.rejected_samples() {
+                state
+                    .metrics
+                    .record_rejected_request(Transport::Http, reason, samples);
+            }
+            return ApiError::from(e).into_response();
+        }
+    };
+    drop(bytes);
+    let verdicts = match state.try_answer_now(&samples, &detector, Transport::Http) {
+        Some(verdicts) => verdicts,
+        None => {
+            Arc::clone(&state)
+                .answer(samples, detector, Transport::Http)
+                .await
+        }
+    };
+    json_response(StatusCode::OK, &IngestResponse { verdicts })
+}
+
+/// A refused body at most this large is read and discarded after the `413` (see
+/// [`linger`]); a larger one gets the connection closed.
+const LINGER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Longest time spent discarding a refused body.
+const LINGER_TIME: Duration = Duration::from_secs(10);
+
+/// Reads the whole body, refusing it with `413` past `MAX_BODY_BYTES`: from the
+/// `Content-Length` before reading anything when there is one, else as soon as the
+/// bytes read pass the limit.
+async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::TooLarge,
+            format!("request body is larger than {limit} bytes (MAX_BODY_BYTES)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared
+        && declared > limit as u64
+    {
+        linger(headers, body, declared);
+        return Err(too_large());
+    }
+    let mut bytes = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > limit {
+                linger(headers, body, 0);
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes.freeze())
+}
+
+/// Reads and discards the rest of a refused body in the background, within
+/// [`LINGER_BYTES`] and [`LINGER_TIME`], as nginx's lingering close does: a client that
+/// is still uploading when the `413` comes would otherwise get a broken pipe instead
+/// of the answer. A client that sent `Expect: 100-continue` (curl does for large
+/// bodies) never sends the body, and an announced body past the bound is not worth
+/// reading: both just get the answer and a closed connection.
+fn linger(headers: &HeaderMap, mut body: Body, declared: u64) {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue || declared > LINGER_BYTES {
+        return;
+    }
+    tokio::spawn(async move {
+        let discard = async {
+            let mut discarded = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                discarded += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if discarded > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, discard).await;
+    });
+}
+
+/// Query of `GET /analyze`.
+#[derive(Debug, serde::Deserialize)]
+struct AnalyzeQuery {
+    /// The device; absent or empty means `default`.
+    #[serde(default, alias = "deviceId")]
+    device_id: String,
+}
+
+/// `GET /analyze?device_id=X`: the `AnalyzeResponse` JSON plus the seed's flat fields.
+async fn analyze(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<AnalyzeQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(e) => {
+            return ApiError::new(ErrorKind::InvalidArgument, e.body_text()).into_response();
+        }
+    };
+    let request = AnalyzeRequest {
+        device_id: query.device_id,
+    };
+    let found = match analyze_device(&state, &request).await {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
+    };
+    json_response(StatusCode::OK, &AnalyzeDocument::new(&found))
+}
+
+/// The `AnalyzeResponse` JSON followed by the seed's flat fields: `anomaly` (the last
+/// value of some metric was anomalous) and `<metric>_avg` (its rolling average).
+#[derive(Serialize)]
+struct AnalyzeDocument<'a> {
+    /// The canonical document, field for field.
+    #[serde(flatten)]
+    response: &'a AnalyzeResponse,
+    /// Whether the device's last sample was an anomaly.
+    anomaly: bool,
+    /// `<metric>_avg` per metric.
+    #[serde(flatten)]
+    averages: BTreeMap<String, ProtoDouble>,
+}
+
+impl<'a> AnalyzeDocument<'a> {
+    fn new(response: &'a AnalyzeResponse) -> Self {
+        Self {
+            response,
+            anomaly: response.metrics.iter().any(|m| m.last_anomaly),
+            averages: response
+                .metrics
+                .iter()
+                .map(|m| (format!("{}_avg", m.metric), ProtoDouble(m.rolling_average)))
+                .collect(),
+        }
+    }
+}
+
+/// `GET /health` and `GET /healthz`: the process is alive and serving.
+async fn live() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: `200` when serving, `503` while starting or draining.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+    } else {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            "not ready: starting up or shutting down",
+        )
+        .into_response()
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Any other path.
+async fn not_found(request: Request) -> Response {
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!(
+            "no route for {} {}; see the REST API in the README",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidewatch_proto::v1::MetricStats;
+
+    #[test]
+    fn seed_fields() {
+        let found = AnalyzeResponse {
+            device_id: "d".into(),
+            metrics: vec![
+                MetricStats {
+                    metric: "cpu".into(),
+                    rolling_average: 0.5,
+                    ..MetricStats::default()
+                },
+                MetricStats {
+                    metric: "rps".into(),
+                    rolling_average: 425.0,
+                    last_anomaly: true,
+                    ..MetricStats::default()
+                },
+            ],
+            ..AnalyzeResponse::default()
+        };
+        let json = serde_json::to_string(&AnalyzeDocument::new(&found)).unwrap();
+        assert!(
+            json.starts_with(r#"{"deviceId":"d","metrics":["#),
+            "canonical fields first: {json}"
+        );
+        assert!(
+            json.ends_with(r#","anomaly":true,"cpu_avg":0.5,"rps_avg":425.0}"#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn unknown_paths_share_one_label() {
+        assert_eq!(route_label(Some("/ingest")), "/ingest");
+        assert_eq!(route_label(None), "unmatched");
+    }
+}

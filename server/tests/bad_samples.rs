@@ -1,0 +1,160 @@
+//! Bad samples over the real gRPC server: each gets an error verdict with its stable
+//! reason prefix, changes nothing, and the stream goes on.
+
+mod common;
+
+use common::{TestServer, drain, one, run_ingest, sample};
+use tidewatch_proto::v1::{IngestRequest, Sample};
+
+fn many_metrics(count: usize) -> Sample {
+    Sample {
+        device_id: "bad".into(),
+        metrics: (0..count).map(|i| (format!("m{i}"), 1.0)).collect(),
+        seq: 0,
+        time: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_sample_gets_its_error_and_the_stream_goes_on() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let long_id = "d".repeat(200);
+    // (request, expected error prefix or "" for a good sample)
+    let cases: Vec<(IngestRequest, &str)> = vec![
+        (one("bad", 1, &[("cpu", 1.0)]), ""),
+        (
+            one("bad", 2, &[("cpu", f64::NAN)]),
+            "invalid_value: metric \"cpu\" is NaN",
+        ),
+        (
+            one("bad", 3, &[("cpu", f64::INFINITY)]),
+            "invalid_value: metric \"cpu\" is +Infinity",
+        ),
+        (
+            one("bad", 4, &[("cpu", f64::NEG_INFINITY)]),
+            "invalid_value: metric \"cpu\" is -Infinity",
+        ),
+        (one("bad", 5, &[]), "no_metrics"),
+        (one(&long_id, 1, &[("cpu", 1.0)]), "invalid_device_id"),
+        (one("bad", 6, &[("cpu load", 1.0)]), "invalid_metric_name"),
+        (one("bad", 7, &[("", 1.0)]), "invalid_metric_name"),
+        (
+            one("bad", 8, &[(&"m".repeat(65), 1.0)]),
+            "invalid_metric_name",
+        ),
+        (
+            IngestRequest {
+                samples: vec![many_metrics(33)],
+                ..IngestRequest::default()
+            },
+            "too_many_metrics",
+        ),
+        // A bad metric among good ones refuses the whole sample.
+        (
+            one("bad", 9, &[("cpu", 2.0), ("rps", f64::NAN)]),
+            "invalid_value: metric \"rps\"",
+        ),
+        // The stream is still alive, and none of the refused samples used up a seq.
+        (one("bad", 2, &[("cpu", 3.0)]), ""),
+    ];
+    let requests: Vec<IngestRequest> = cases.iter().map(|(r, _)| r.clone()).collect();
+    let (responses, status) = run_ingest(&mut client, requests).await;
+    assert!(status.is_none(), "the stream ended with {status:?}");
+    assert_eq!(responses.len(), cases.len());
+    for ((request, want), response) in cases.iter().zip(&responses) {
+        assert_eq!(response.verdicts.len(), 1);
+        let v = &response.verdicts[0];
+        let s = &request.samples[0];
+        assert_eq!((v.device_id.as_str(), v.seq), (s.device_id.as_str(), s.seq));
+        if want.is_empty() {
+            assert!(v.error.is_empty(), "unexpected error {}", v.error);
+            assert!(!v.duplicate);
+            assert_eq!(v.metrics.len(), s.metrics.len());
+        } else {
+            assert!(
+                v.error.starts_with(want),
+                "error {:?} does not start with {want:?}",
+                v.error
+            );
+            assert!(v.metrics.is_empty() && !v.anomaly && !v.duplicate);
+        }
+    }
+    // Only the two good samples reached the window; the long id created no device.
+    let stats = server.state.engine.analyze("bad").expect("device bad");
+    assert_eq!(stats.metrics.len(), 1, "{:?}", stats.metrics);
+    assert_eq!(stats.metrics[0].window_count, 2);
+    assert_eq!(stats.metrics[0].rolling_average, 2.0);
+    assert_eq!(stats.last_seq, 2);
+    assert_eq!(server.state.engine.device_count(), 1);
+    server.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_mixes_good_and_bad_samples() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let batch = IngestRequest {
+        samples: vec![
+            sample("mix", 1, &[("cpu", 1.0)]),
+            sample("mix", 2, &[("cpu", f64::NAN)]),
+            sample("mix", 3, &[("cpu", 3.0)]),
+            many_metrics(33),
+            sample("", 0, &[("rps", 5.0)]),
+        ],
+        ..IngestRequest::default()
+    };
+    let mut stream = client
+        .ingest(tokio_stream::iter(vec![
+            batch,
+            one("mix", 4, &[("cpu", 4.0)]),
+        ]))
+        .await
+        .expect("ingest")
+        .into_inner();
+    let (responses, status) = drain(&mut stream).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(responses.len(), 2);
+    let errors: Vec<&str> = responses[0]
+        .verdicts
+        .iter()
+        .map(|v| v.error.split(':').next().unwrap_or_default())
+        .collect();
+    assert_eq!(errors, ["", "invalid_value", "", "too_many_metrics", ""]);
+    // No device id means "default".
+    assert_eq!(responses[0].verdicts[4].device_id, "default");
+    let last = &responses[1].verdicts[0];
+    assert!(last.error.is_empty());
+    assert_eq!(last.metrics[0].window_count, 2);
+    assert_eq!(last.metrics[0].mean, 2.0);
+    server.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_and_device_limits_count_across_samples() {
+    let server = TestServer::start_with(|c| {
+        c.max_metrics_per_device = 2;
+        c.max_devices = 2;
+    })
+    .await;
+    let mut client = server.client().await;
+    let requests = vec![
+        one("a", 0, &[("m1", 1.0), ("m2", 1.0)]),
+        // A third metric on a device that has two.
+        one("a", 0, &[("m3", 1.0)]),
+        // Known metrics are fine.
+        one("a", 0, &[("m2", 2.0)]),
+        one("b", 0, &[("m1", 1.0)]),
+        // A third device when two are in memory.
+        one("c", 0, &[("m1", 1.0)]),
+        one("b", 0, &[("m1", 2.0)]),
+    ];
+    let (responses, status) = run_ingest(&mut client, requests).await;
+    assert!(status.is_none(), "{status:?}");
+    let errors: Vec<&str> = responses
+        .iter()
+        .map(|r| r.verdicts[0].error.split(':').next().unwrap_or_default())
+        .collect();
+    assert_eq!(errors, ["", "too_many_metrics", "", "", "device_limit", ""]);
+    server.stop().await.expect("clean shutdown");
+}
