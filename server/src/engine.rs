@@ -6,6 +6,7 @@
 
 pub mod detector;
 mod device;
+mod io;
 mod shard;
 mod window;
 
@@ -22,6 +23,7 @@ use tidewatch_proto::{
 
 pub use detector::{DetectorDefaults, DetectorKind, DetectorSpec, DetectorState, RobustParams};
 pub use device::{DeviceState, MetricState};
+pub use io::{MetricOutcome, SampleLike, Tee, VerdictSink};
 use shard::Shard;
 pub use window::Window;
 
@@ -111,6 +113,8 @@ pub struct BatchOutcome {
     pub duplicates: u64,
     /// Samples rejected with an error.
     pub rejected: u64,
+    /// Rejected samples by reason (index into [`SampleError::REASONS`]).
+    pub rejected_by_reason: [u64; SampleError::REASONS.len()],
 }
 
 /// The sharded device table and the detector settings.
@@ -240,53 +244,47 @@ impl Engine {
         self.ingest_batch_at(samples, detector, out, Instant::now())
     }
 
-    /// [`Engine::ingest_batch`] for a request received at `received` (the caller's one
-    /// clock read of the message; it gives the idle tick and the receive time).
-    pub fn ingest_batch_at(
+    /// [`Engine::ingest_batch`] for any samples and any verdict sink, for a request
+    /// received at `received` (the caller's one clock read of the message; it gives
+    /// the idle tick and the receive time).
+    pub fn ingest_batch_at<S: SampleLike>(
         &self,
-        samples: &[Sample],
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
         detector: &DetectorSpec,
-        out: &mut Vec<Verdict>,
+        out: &mut impl VerdictSink,
         received: Instant,
     ) -> BatchOutcome {
         let (now, tick) = self.clock(received);
         let mut outcome = BatchOutcome::default();
+        let samples = samples.into_iter();
         out.reserve(samples.len());
         for sample in samples {
-            let verdict = match self.ingest_one(sample, detector, &now, tick) {
-                Ok(verdict) => {
-                    if verdict.duplicate {
-                        outcome.duplicates += 1;
-                    } else {
-                        outcome.applied += 1;
-                        outcome.anomalies += u64::from(verdict.anomaly);
-                    }
-                    verdict
-                }
-                Err(error) => {
-                    outcome.rejected += 1;
-                    Verdict {
-                        device_id: normalize_device_id(&sample.device_id).to_owned(),
-                        seq: sample.seq,
-                        error: error.to_string(),
-                        ..Verdict::default()
-                    }
-                }
-            };
-            out.push(verdict);
+            if let Err(error) = self.ingest_one(&sample, detector, &now, tick, out, &mut outcome) {
+                outcome.rejected += 1;
+                outcome.rejected_by_reason[error.index()] += 1;
+                out.error(
+                    normalize_device_id(sample.device_id()),
+                    sample.seq(),
+                    &error,
+                );
+            }
         }
         outcome
     }
 
-    /// Judges one sample (DESIGN §3). Validation happens before anything is changed.
-    pub fn ingest_one(
+    /// Judges one sample (DESIGN §3) into `out` and counts it in `outcome`, or refuses
+    /// it (the caller writes the error verdict). Validation happens before anything is
+    /// changed.
+    fn ingest_one(
         &self,
-        sample: &Sample,
+        sample: &impl SampleLike,
         detector: &DetectorSpec,
         received: &Timestamp,
         tick: u32,
-    ) -> Result<Verdict, SampleError> {
-        let id = normalize_device_id(&sample.device_id);
+        out: &mut impl VerdictSink,
+        outcome: &mut BatchOutcome,
+    ) -> Result<(), SampleError> {
+        let id = normalize_device_id(sample.device_id());
         self.validate(id, sample)?;
         let hash = self.hasher.hash_one(id);
         let mut table = self.shard(hash).lock();
@@ -305,18 +303,15 @@ impl Engine {
             }
         };
         device.last_seen = tick;
-        if sample.seq > 0 && sample.seq <= device.last_seq {
-            return Ok(Verdict {
-                device_id: id.to_owned(),
-                seq: sample.seq,
-                duplicate: true,
-                ..Verdict::default()
-            });
+        let seq = sample.seq();
+        if seq > 0 && seq <= device.last_seq {
+            outcome.duplicates += 1;
+            out.duplicate(id, seq);
+            return Ok(());
         }
         let new_metrics = sample
-            .metrics
-            .keys()
-            .filter(|name| device.metric_index(name).is_none())
+            .metrics()
+            .filter(|(name, _)| device.metric_index(name).is_none())
             .count();
         if new_metrics > 0
             && device.metrics.len() + new_metrics > self.config.max_metrics_per_device
@@ -327,14 +322,10 @@ impl Engine {
                 limit: self.config.max_metrics_per_device,
             });
         }
-        let mut verdict = Verdict {
-            device_id: id.to_owned(),
-            seq: sample.seq,
-            metrics: Vec::with_capacity(sample.metrics.len()),
-            ..Verdict::default()
-        };
-        let time = sample.time.unwrap_or(*received);
-        for (name, &value) in &sample.metrics {
+        out.begin(id, seq, sample.metric_count());
+        let (mut anomaly, mut alert, mut score) = (false, false, 0.0f64);
+        let time = sample.time().unwrap_or(*received);
+        for (name, value) in sample.metrics() {
             let index = match device.metric_index(name) {
                 Some(index) => index,
                 None => {
@@ -346,43 +337,48 @@ impl Engine {
                     device.metrics.len() - 1
                 }
             };
-            let metric = device.metrics[index].observe(value, time.seconds, detector);
-            verdict.anomaly |= metric.anomaly;
-            verdict.alert |= metric.alert;
-            verdict.score = verdict.score.max(metric.score);
-            verdict.metrics.push(metric);
+            let state = &mut device.metrics[index];
+            let metric = state.observe(value, time.seconds, detector);
+            anomaly |= metric.anomaly;
+            alert |= metric.alert;
+            score = score.max(metric.score);
+            out.metric(&state.name, &metric);
         }
-        if sample.seq > 0 {
-            device.last_seq = sample.seq;
+        out.end(anomaly, alert, score);
+        outcome.applied += 1;
+        outcome.anomalies += u64::from(anomaly);
+        if seq > 0 {
+            device.last_seq = seq;
         }
         device.updated_at = time;
         device.dirty = true;
-        Ok(verdict)
+        Ok(())
     }
 
-    fn validate(&self, id: &str, sample: &Sample) -> Result<(), SampleError> {
+    fn validate(&self, id: &str, sample: &impl SampleLike) -> Result<(), SampleError> {
         if id.len() > self.config.max_device_id_len {
             return Err(SampleError::DeviceIdTooLong {
                 len: id.len(),
                 limit: self.config.max_device_id_len,
             });
         }
-        if sample.metrics.is_empty() {
+        let count = sample.metric_count();
+        if count == 0 {
             return Err(SampleError::NoMetrics);
         }
-        if sample.metrics.len() > self.config.max_metrics_per_device {
+        if count > self.config.max_metrics_per_device {
             return Err(SampleError::TooManyMetrics {
                 device: id.to_owned(),
-                count: sample.metrics.len(),
+                count,
                 limit: self.config.max_metrics_per_device,
             });
         }
-        for (name, value) in &sample.metrics {
+        for (name, value) in sample.metrics() {
             validate_metric_name(name, self.config.max_metric_name_len)?;
             if !value.is_finite() {
                 return Err(SampleError::InvalidValue {
-                    metric: name.clone(),
-                    value: *value,
+                    metric: name.to_owned(),
+                    value,
                 });
             }
         }

@@ -64,16 +64,31 @@ fn describe(value: f64) -> &'static str {
 }
 
 impl SampleError {
+    /// Every stable reason, in the order of [`SampleError::index`].
+    pub const REASONS: [&'static str; 6] = [
+        "invalid_device_id",
+        "no_metrics",
+        "invalid_metric_name",
+        "invalid_value",
+        "too_many_metrics",
+        "device_limit",
+    ];
+
+    /// Position of this error's reason in [`SampleError::REASONS`].
+    pub fn index(&self) -> usize {
+        match self {
+            Self::DeviceIdTooLong { .. } => 0,
+            Self::NoMetrics => 1,
+            Self::InvalidMetricName { .. } => 2,
+            Self::InvalidValue { .. } => 3,
+            Self::TooManyMetrics { .. } => 4,
+            Self::DeviceLimit { .. } => 5,
+        }
+    }
+
     /// The stable reason, used as the `reason` label of the rejected-samples counter.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Self::DeviceIdTooLong { .. } => "invalid_device_id",
-            Self::NoMetrics => "no_metrics",
-            Self::InvalidMetricName { .. } => "invalid_metric_name",
-            Self::InvalidValue { .. } => "invalid_value",
-            Self::TooManyMetrics { .. } => "too_many_metrics",
-            Self::DeviceLimit { .. } => "device_limit",
-        }
+        Self::REASONS[self.index()]
     }
 }
 

@@ -5,18 +5,37 @@ pub(crate) mod analyze;
 mod incoming;
 mod ingest;
 mod watch;
+pub mod wire;
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    convert::Infallible,
+    future::{Ready, ready},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
-use futures::Stream;
+use bytes::Bytes;
+use futures::{Stream, StreamExt as _};
+use prost::Message as _;
 use tidewatch_proto::v1::{
-    AnalyzeRequest, AnalyzeResponse, IngestRequest, WatchAnomaliesRequest, WatchAnomaliesResponse,
+    AnalyzeRequest, AnalyzeResponse, IngestRequest, IngestResponse, WatchAnomaliesRequest,
+    WatchAnomaliesResponse,
     telemetry_service_server::{TelemetryService, TelemetryServiceServer},
 };
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Request, Response, Status, Streaming,
+    body::Body,
+    codegen::{BoxFuture, Service},
+    server::{NamedService, StreamingService},
+};
 
 use crate::AppState;
 pub(crate) use incoming::incoming;
+use wire::{WireCodec, WireRequest};
+
+/// The path of the `Ingest` method, which [`TelemetryRouter`] serves with [`WireCodec`].
+const INGEST_PATH: &str = "/tidewatch.v1.TelemetryService/Ingest";
 
 /// The name under which health reports the service.
 pub const SERVICE_NAME: &str = "tidewatch.v1.TelemetryService";
@@ -34,12 +53,16 @@ impl TelemetryApi {
         Self { state }
     }
 
-    /// The tonic server for this service, with message size limits applied.
-    pub fn into_server(self) -> TelemetryServiceServer<Self> {
+    /// The tonic service: `Ingest` through [`WireCodec`], the other methods through
+    /// the generated server, with message size limits applied.
+    pub fn into_server(self) -> TelemetryRouter {
         let max = self.state.config.max_message_bytes;
-        TelemetryServiceServer::new(self)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(usize::MAX)
+        TelemetryRouter {
+            state: Arc::clone(&self.state),
+            generated: TelemetryServiceServer::new(self)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(usize::MAX),
+        }
     }
 }
 
@@ -47,13 +70,30 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl TelemetryService for TelemetryApi {
-    type IngestStream = ingest::IngestStream;
+    type IngestStream = BoxStream<IngestResponse>;
 
+    /// `Ingest` through prost types, for a host that mounts the generated server
+    /// itself: the same stream as [`TelemetryRouter`] serves, with each message
+    /// re-encoded on the way in and decoded on the way out.
     async fn ingest(
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
-        ingest::start(&self.state, request).map(Response::new)
+        let (metadata, extensions, inbound) = request.into_parts();
+        let inbound = inbound.map(|request| {
+            request.and_then(|r| {
+                WireRequest::decode(Bytes::from(r.encode_to_vec())).map_err(Status::from)
+            })
+        });
+        let stream = ingest::start(
+            &self.state,
+            Request::from_parts(metadata, extensions, inbound),
+        )?;
+        Ok(Response::new(Box::pin(stream.map(|response| {
+            response.and_then(|bytes| {
+                IngestResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))
+            })
+        }))))
     }
 
     async fn analyze(
@@ -76,5 +116,59 @@ impl TelemetryService for TelemetryApi {
             &self.state,
             request.into_inner(),
         )))
+    }
+}
+
+/// `tidewatch.v1.TelemetryService` as tonic serves it: `Ingest` is decoded and encoded
+/// by [`WireCodec`] (no allocation per sample or verdict), `Analyze` and
+/// `WatchAnomalies` by the generated prost server. Health, reflection and every client
+/// see one ordinary service.
+#[derive(Debug, Clone)]
+pub struct TelemetryRouter {
+    state: Arc<AppState>,
+    generated: TelemetryServiceServer<TelemetryApi>,
+}
+
+impl NamedService for TelemetryRouter {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for TelemetryRouter
+where
+    B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != INGEST_PATH {
+            return self.generated.call(request);
+        }
+        let state = Arc::clone(&self.state);
+        Box::pin(async move {
+            let max = state.config.max_message_bytes;
+            let mut grpc = tonic::server::Grpc::new(WireCodec)
+                .apply_max_message_size_config(Some(max), Some(usize::MAX));
+            Ok(grpc.streaming(IngestMethod(state), request).await)
+        })
+    }
+}
+
+/// The `Ingest` handler of [`TelemetryRouter`].
+struct IngestMethod(Arc<AppState>);
+
+impl StreamingService<WireRequest> for IngestMethod {
+    type Response = Bytes;
+    type ResponseStream = ingest::IngestStream<Streaming<WireRequest>>;
+    type Future = Ready<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<WireRequest>>) -> Self::Future {
+        ready(ingest::start(&self.0, request).map(Response::new))
     }
 }

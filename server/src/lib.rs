@@ -68,7 +68,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     config::{Config, nonzero},
-    engine::{DetectorSpec, Engine, now_timestamp},
+    engine::{DetectorSpec, Engine, SampleLike, Tee, VerdictSink, now_timestamp},
     snapshot::{SnapshotConfig, Snapshots},
     telemetry::{Metrics, Transport},
 };
@@ -159,15 +159,37 @@ impl AppState {
         transport: Transport,
         received: Instant,
     ) -> Option<Vec<Verdict>> {
-        if samples.len() >= BLOCKING_BATCH {
-            return None;
+        let mut verdicts = Vec::new();
+        self.try_answer_into(samples, detector, transport, received, &mut verdicts)
+            .then_some(verdicts)
+    }
+
+    /// [`AppState::try_answer_now_at`] for any samples, writing the verdicts to `out`
+    /// (the gRPC `Ingest` path encodes them straight into its response). Returns false,
+    /// having written nothing, when the request must go through [`AppState::answer`].
+    pub fn try_answer_into<I, S>(
+        &self,
+        samples: I,
+        detector: &DetectorSpec,
+        transport: Transport,
+        received: Instant,
+        out: &mut impl VerdictSink,
+    ) -> bool
+    where
+        I: IntoIterator<Item = S, IntoIter: ExactSizeIterator> + Clone,
+        S: SampleLike,
+    {
+        let iter = samples.clone().into_iter();
+        if iter.len() >= BLOCKING_BATCH {
+            return false;
         }
         if let Some(snapshots) = &self.snapshots
-            && snapshots.needs_restore(samples)
+            && snapshots.needs_restore(iter)
         {
-            return None;
+            return false;
         }
-        Some(self.judge(samples, detector, transport, received))
+        self.judge_into(samples, detector, transport, received, out);
+        true
     }
 
     /// Judges a request, waiting where needed: the path for what
@@ -214,13 +236,38 @@ impl AppState {
         started: Instant,
     ) -> Vec<Verdict> {
         let mut verdicts = Vec::with_capacity(samples.len());
-        let outcome = self
-            .engine
-            .ingest_batch_at(samples, detector, &mut verdicts, started);
-        self.publish_anomalies(&verdicts, outcome.anomalies);
-        self.metrics
-            .record_batch(transport, &outcome, &verdicts, started.elapsed());
+        self.judge_into(samples, detector, transport, started, &mut verdicts);
         verdicts
+    }
+
+    /// [`AppState::judge`] into any sink. While anomaly watchers are subscribed, the
+    /// verdicts are also kept as prost messages for them (unless `out` keeps them
+    /// already).
+    fn judge_into<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        transport: Transport,
+        started: Instant,
+        out: &mut impl VerdictSink,
+    ) {
+        let outcome = if self.anomalies.receiver_count() == 0 {
+            self.engine.ingest_batch_at(samples, detector, out, started)
+        } else if let Some(before) = out.verdicts().map(<[Verdict]>::len) {
+            let outcome = self.engine.ingest_batch_at(samples, detector, out, started);
+            let verdicts = out.verdicts().unwrap_or_default();
+            self.publish_anomalies(&verdicts[before.min(verdicts.len())..], outcome.anomalies);
+            outcome
+        } else {
+            let mut kept: Vec<Verdict> = Vec::new();
+            let outcome =
+                self.engine
+                    .ingest_batch_at(samples, detector, &mut Tee(out, &mut kept), started);
+            self.publish_anomalies(&kept, outcome.anomalies);
+            outcome
+        };
+        self.metrics
+            .record_batch(transport, &outcome, started.elapsed());
     }
 
     /// Sends the anomalous verdicts of a batch to watchers, if there are any.

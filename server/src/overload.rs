@@ -30,7 +30,6 @@ use std::{
 };
 
 use http::HeaderValue;
-use tidewatch_proto::v1::telemetry_service_server::TelemetryServiceServer;
 use tokio::sync::Semaphore;
 use tonic::{body::Body, server::NamedService};
 use tower::{
@@ -42,7 +41,7 @@ use crate::{
     AppState,
     config::nonzero,
     error::{ApiError, ErrorKind},
-    grpc::TelemetryApi,
+    grpc::TelemetryRouter,
     telemetry::Transport,
 };
 
@@ -98,7 +97,7 @@ impl std::fmt::Debug for GuardedTelemetry {
 }
 
 impl NamedService for GuardedTelemetry {
-    const NAME: &'static str = <TelemetryServiceServer<TelemetryApi> as NamedService>::NAME;
+    const NAME: &'static str = <TelemetryRouter as NamedService>::NAME;
 }
 
 impl Service<http::Request<Body>> for GuardedTelemetry {
@@ -155,10 +154,7 @@ fn unary_method(path: &str) -> Option<&'static str> {
 }
 
 /// Wraps the tonic service in `GRPC_CONCURRENCY_LIMIT` shedding and `REQUEST_TIMEOUT`.
-pub(crate) fn guard_grpc(
-    state: &Arc<AppState>,
-    service: TelemetryServiceServer<TelemetryApi>,
-) -> GuardedTelemetry {
+pub(crate) fn guard_grpc(state: &Arc<AppState>, service: TelemetryRouter) -> GuardedTelemetry {
     let config = &state.config;
     let stack = ServiceBuilder::new()
         .layer(LoadShedLayer::new())

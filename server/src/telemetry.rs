@@ -20,11 +20,11 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
-use tidewatch_proto::v1::Verdict;
 
 use crate::{
     config::{Config, LogFormat},
     engine::{BatchOutcome, Engine},
+    error::SampleError,
 };
 
 /// Installs the global `tracing` subscriber: human-readable or JSON lines on stdout.
@@ -72,14 +72,7 @@ impl Transport {
 }
 
 /// Reasons a sample is rejected, as labels (the prefixes of `SampleError`).
-const REJECT_REASONS: [&str; 6] = [
-    "invalid_device_id",
-    "no_metrics",
-    "invalid_metric_name",
-    "invalid_value",
-    "too_many_metrics",
-    "device_limit",
-];
+const REJECT_REASONS: [&str; 6] = SampleError::REASONS;
 
 /// Per-transport counters.
 #[derive(Debug, Default)]
@@ -207,13 +200,7 @@ impl Metrics {
     }
 
     /// Records one judged message: counters once, latency once.
-    pub fn record_batch(
-        &self,
-        transport: Transport,
-        outcome: &BatchOutcome,
-        verdicts: &[Verdict],
-        elapsed: Duration,
-    ) {
+    pub fn record_batch(&self, transport: Transport, outcome: &BatchOutcome, elapsed: Duration) {
         let c = &self.counters.transports[transport.index()];
         c.samples.fetch_add(outcome.applied, Ordering::Relaxed);
         if outcome.anomalies > 0 {
@@ -224,10 +211,9 @@ impl Metrics {
                 .fetch_add(outcome.duplicates, Ordering::Relaxed);
         }
         if outcome.rejected > 0 {
-            for verdict in verdicts.iter().filter(|v| !v.error.is_empty()) {
-                let reason = verdict.error.split(':').next().unwrap_or_default();
-                if let Some(i) = REJECT_REASONS.iter().position(|r| *r == reason) {
-                    c.rejected[i].fetch_add(1, Ordering::Relaxed);
+            for (counter, &n) in c.rejected.iter().zip(&outcome.rejected_by_reason) {
+                if n > 0 {
+                    counter.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! What the engine keeps per device and per metric, and how one sample is judged.
 
 use tidewatch_proto::pbjson_types::Timestamp;
-use tidewatch_proto::v1::{MetricStats, MetricVerdict};
+use tidewatch_proto::v1::MetricStats;
 
+use super::MetricOutcome;
 use super::detector::{DetectorKind, DetectorSpec, DetectorState, RobustState, squash};
 use super::window::Window;
 use crate::snapshot::codec::{
@@ -48,7 +49,7 @@ impl MetricState {
     /// For `zscore` this is exactly DESIGN §3; every detector also keeps the rolling
     /// window behind `mean`, `stddev` and `z_score`.
     #[inline]
-    pub(crate) fn observe(&mut self, x: f64, time: i64, spec: &DetectorSpec) -> MetricVerdict {
+    pub(crate) fn observe(&mut self, x: f64, time: i64, spec: &DetectorSpec) -> MetricOutcome {
         let n = self.window.len();
         let mean = self.window.mean();
         let stddev = self.window.stddev();
@@ -85,8 +86,7 @@ impl MetricState {
         self.last_z = z;
         self.last_anomaly = anomaly;
         self.anomalies_total += u64::from(anomaly);
-        MetricVerdict {
-            metric: String::from(&*self.name),
+        MetricOutcome {
             value: x,
             mean,
             stddev,

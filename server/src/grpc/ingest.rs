@@ -14,11 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use futures::Stream;
-use tidewatch_proto::v1::{IngestRequest, IngestResponse};
+use tidewatch_proto::v1::IngestResponse;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Code, Request, Status};
+
+use super::wire::{WireRequest, WireSink};
 
 use crate::{
     AppState,
@@ -38,10 +41,12 @@ enum Drain {
     Lifetime,
 }
 
-/// The response stream of one `Ingest` call.
-pub struct IngestStream {
+/// The response stream of one `Ingest` call: encoded `IngestResponse`s.
+pub(crate) struct IngestStream<In> {
     /// Requests from the client.
-    inbound: Streaming<IngestRequest>,
+    inbound: In,
+    /// Encodes the verdicts of each response; its buffer is reused.
+    sink: WireSink,
     /// Engine, limits, metrics.
     state: Arc<AppState>,
     /// Resolves when the server starts shutting down.
@@ -64,7 +69,7 @@ pub struct IngestStream {
     _active: ActiveGauge,
 }
 
-impl std::fmt::Debug for IngestStream {
+impl<In> std::fmt::Debug for IngestStream<In> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IngestStream")
             .field("draining", &self.draining)
@@ -74,10 +79,10 @@ impl std::fmt::Debug for IngestStream {
 }
 
 /// Starts an Ingest stream, or refuses it when `MAX_INGEST_STREAMS` are open.
-pub(crate) fn start(
+pub(crate) fn start<In>(
     state: &Arc<AppState>,
-    request: Request<Streaming<IngestRequest>>,
-) -> Result<IngestStream, Status> {
+    request: Request<In>,
+) -> Result<IngestStream<In>, Status> {
     let active = state
         .metrics
         .try_open_stream(state.config.max_ingest_streams)
@@ -94,6 +99,7 @@ pub(crate) fn start(
     let idle_timeout = nonzero(state.config.stream_idle_timeout);
     Ok(IngestStream {
         inbound: request.into_inner(),
+        sink: WireSink::new(),
         shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
         idle: idle_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
         idle_timeout,
@@ -108,13 +114,13 @@ pub(crate) fn start(
     })
 }
 
-impl IngestStream {
+impl<In> IngestStream<In> {
     /// Handles one request; `Err` ends the stream.
     fn handle(
         &mut self,
-        request: IngestRequest,
+        request: WireRequest,
         received: Instant,
-    ) -> Poll<Option<Result<IngestResponse, Status>>> {
+    ) -> Poll<Option<Result<Bytes, Status>>> {
         let detector = match self.detector {
             Some(detector) => detector,
             None => match self.state.engine.detector(request.detector.as_ref()) {
@@ -123,33 +129,36 @@ impl IngestStream {
             },
         };
         let limit = self.state.config.max_samples_per_request;
-        if request.samples.len() > limit {
+        if request.len() > limit {
             self.done = true;
             return Poll::Ready(Some(Err(ApiError::new(
                 ErrorKind::InvalidArgument,
                 format!(
                     "request has {} samples; limit is {limit} (MAX_SAMPLES_PER_REQUEST)",
-                    request.samples.len()
+                    request.len()
                 ),
             )
             .into())));
         }
-        if let Some(verdicts) =
-            self.state
-                .try_answer_now_at(&request.samples, &detector, Transport::Grpc, received)
-        {
-            return Poll::Ready(Some(Ok(IngestResponse { verdicts })));
+        if self.state.try_answer_into(
+            request.samples(),
+            &detector,
+            Transport::Grpc,
+            received,
+            &mut self.sink,
+        ) {
+            return Poll::Ready(Some(Ok(self.sink.take())));
         }
         let state = Arc::clone(&self.state);
         self.pending = Some(Box::pin(state.answer(
-            request.samples,
+            request.to_samples(),
             detector,
             Transport::Grpc,
         )));
         Poll::Pending
     }
 
-    fn finish(&mut self, status: Status) -> Poll<Option<Result<IngestResponse, Status>>> {
+    fn finish(&mut self, status: Status) -> Poll<Option<Result<Bytes, Status>>> {
         self.done = true;
         Poll::Ready(Some(Err(status)))
     }
@@ -168,8 +177,11 @@ fn receive_error(status: Status) -> Status {
     status
 }
 
-impl Stream for IngestStream {
-    type Item = Result<IngestResponse, Status>;
+impl<In> Stream for IngestStream<In>
+where
+    In: Stream<Item = Result<WireRequest, Status>> + Unpin,
+{
+    type Item = Result<Bytes, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -179,7 +191,8 @@ impl Stream for IngestStream {
         if let Some(pending) = this.pending.as_mut() {
             let verdicts = ready!(pending.as_mut().poll(cx));
             this.pending = None;
-            return Poll::Ready(Some(Ok(IngestResponse { verdicts })));
+            this.sink.put_encoded(&IngestResponse { verdicts });
+            return Poll::Ready(Some(Ok(this.sink.take())));
         }
         if this.draining.is_none() {
             if this.shutdown.as_mut().poll(cx).is_ready() {

@@ -1,0 +1,233 @@
+//! What the engine reads and writes, independent of a message type: samples come in as
+//! anything that implements [`SampleLike`] (the prost `Sample` of the gateway and the
+//! SDKs, or the zero-copy view the gRPC `Ingest` path decodes), and verdicts go out to
+//! a [`VerdictSink`] (a `Vec` of prost `Verdict`s, or protobuf bytes written straight
+//! into a response buffer). One engine, no second copy of the semantics.
+
+use tidewatch_proto::pbjson_types::Timestamp;
+use tidewatch_proto::v1::{MetricVerdict, Sample, Verdict};
+
+use crate::error::SampleError;
+
+/// One sample, whatever it was decoded into.
+pub trait SampleLike {
+    /// The metrics of the sample: `(name, value)` in ascending name order, each name
+    /// once (protobuf map semantics: a repeated key keeps its last value).
+    type Metrics<'a>: Iterator<Item = (&'a str, f64)>
+    where
+        Self: 'a;
+
+    /// The device id as sent ("" is the default device).
+    fn device_id(&self) -> &str;
+    /// The sample's `seq` (0: none).
+    fn seq(&self) -> u64;
+    /// The sample's own time, if it has one.
+    fn time(&self) -> Option<Timestamp>;
+    /// Number of distinct metrics.
+    fn metric_count(&self) -> usize;
+    /// The metrics.
+    fn metrics(&self) -> Self::Metrics<'_>;
+}
+
+impl SampleLike for Sample {
+    type Metrics<'a> = std::iter::Map<
+        std::collections::btree_map::Iter<'a, String, f64>,
+        fn((&'a String, &'a f64)) -> (&'a str, f64),
+    >;
+
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn time(&self) -> Option<Timestamp> {
+        self.time
+    }
+
+    fn metric_count(&self) -> usize {
+        self.metrics.len()
+    }
+
+    fn metrics(&self) -> Self::Metrics<'_> {
+        self.metrics.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+}
+
+impl<T: SampleLike> SampleLike for &T {
+    type Metrics<'a>
+        = T::Metrics<'a>
+    where
+        Self: 'a;
+
+    fn device_id(&self) -> &str {
+        (**self).device_id()
+    }
+
+    fn seq(&self) -> u64 {
+        (**self).seq()
+    }
+
+    fn time(&self) -> Option<Timestamp> {
+        (**self).time()
+    }
+
+    fn metric_count(&self) -> usize {
+        (**self).metric_count()
+    }
+
+    fn metrics(&self) -> Self::Metrics<'_> {
+        (**self).metrics()
+    }
+}
+
+/// The judgement of one value of one metric (a `MetricVerdict` without its name).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricOutcome {
+    /// The value judged.
+    pub value: f64,
+    /// Mean of the window before the value.
+    pub mean: f64,
+    /// Population standard deviation of the window before the value.
+    pub stddev: f64,
+    /// The z-score (0 during warm-up).
+    pub z_score: f64,
+    /// Whether the detector calls it an anomaly.
+    pub anomaly: bool,
+    /// Values in the window before this one.
+    pub window_count: u32,
+    /// Continuous anomaly score in [0, 1].
+    pub score: f64,
+    /// First anomaly of an episode.
+    pub alert: bool,
+}
+
+impl MetricOutcome {
+    /// The prost message, with the metric's name.
+    pub fn to_proto(&self, metric: &str) -> MetricVerdict {
+        MetricVerdict {
+            metric: metric.to_owned(),
+            value: self.value,
+            mean: self.mean,
+            stddev: self.stddev,
+            z_score: self.z_score,
+            anomaly: self.anomaly,
+            window_count: self.window_count,
+            score: self.score,
+            alert: self.alert,
+        }
+    }
+}
+
+/// Where the engine writes verdicts, one per sample, in order. A judged sample is
+/// `begin`, one `metric` per metric, `end`; a duplicate or a refused sample is one call.
+pub trait VerdictSink {
+    /// Room for `n` more verdicts.
+    fn reserve(&mut self, n: usize) {
+        let _ = n;
+    }
+    /// A judged sample starts; `metrics` of them follow.
+    fn begin(&mut self, device_id: &str, seq: u64, metrics: usize);
+    /// One metric of the current sample.
+    fn metric(&mut self, name: &str, outcome: &MetricOutcome);
+    /// The current sample is complete.
+    fn end(&mut self, anomaly: bool, alert: bool, score: f64);
+    /// A sample whose `seq` was applied before.
+    fn duplicate(&mut self, device_id: &str, seq: u64);
+    /// A sample refused with `error`; nothing changed.
+    fn error(&mut self, device_id: &str, seq: u64, error: &SampleError);
+    /// The verdicts written so far, when this sink keeps them as prost messages.
+    fn verdicts(&self) -> Option<&[Verdict]> {
+        None
+    }
+}
+
+impl VerdictSink for Vec<Verdict> {
+    fn reserve(&mut self, n: usize) {
+        Vec::reserve(self, n);
+    }
+
+    fn begin(&mut self, device_id: &str, seq: u64, metrics: usize) {
+        self.push(Verdict {
+            device_id: device_id.to_owned(),
+            seq,
+            metrics: Vec::with_capacity(metrics),
+            ..Verdict::default()
+        });
+    }
+
+    fn metric(&mut self, name: &str, outcome: &MetricOutcome) {
+        if let Some(verdict) = self.last_mut() {
+            verdict.metrics.push(outcome.to_proto(name));
+        }
+    }
+
+    fn end(&mut self, anomaly: bool, alert: bool, score: f64) {
+        if let Some(verdict) = self.last_mut() {
+            verdict.anomaly = anomaly;
+            verdict.alert = alert;
+            verdict.score = score;
+        }
+    }
+
+    fn duplicate(&mut self, device_id: &str, seq: u64) {
+        self.push(Verdict {
+            device_id: device_id.to_owned(),
+            seq,
+            duplicate: true,
+            ..Verdict::default()
+        });
+    }
+
+    fn error(&mut self, device_id: &str, seq: u64, error: &SampleError) {
+        self.push(Verdict {
+            device_id: device_id.to_owned(),
+            seq,
+            error: error.to_string(),
+            ..Verdict::default()
+        });
+    }
+
+    fn verdicts(&self) -> Option<&[Verdict]> {
+        Some(self)
+    }
+}
+
+/// Two sinks fed the same verdicts (the wire encoder plus, while anomaly watchers are
+/// subscribed, the prost verdicts they are sent).
+#[derive(Debug)]
+pub struct Tee<'a, A, B>(pub &'a mut A, pub &'a mut B);
+
+impl<A: VerdictSink, B: VerdictSink> VerdictSink for Tee<'_, A, B> {
+    fn reserve(&mut self, n: usize) {
+        self.0.reserve(n);
+        self.1.reserve(n);
+    }
+
+    fn begin(&mut self, device_id: &str, seq: u64, metrics: usize) {
+        self.0.begin(device_id, seq, metrics);
+        self.1.begin(device_id, seq, metrics);
+    }
+
+    fn metric(&mut self, name: &str, outcome: &MetricOutcome) {
+        self.0.metric(name, outcome);
+        self.1.metric(name, outcome);
+    }
+
+    fn end(&mut self, anomaly: bool, alert: bool, score: f64) {
+        self.0.end(anomaly, alert, score);
+        self.1.end(anomaly, alert, score);
+    }
+
+    fn duplicate(&mut self, device_id: &str, seq: u64) {
+        self.0.duplicate(device_id, seq);
+        self.1.duplicate(device_id, seq);
+    }
+
+    fn error(&mut self, device_id: &str, seq: u64, error: &SampleError) {
+        self.0.error(device_id, seq, error);
+        self.1.error(device_id, seq, error);
+    }
+}

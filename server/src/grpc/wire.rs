@@ -1,0 +1,958 @@
+//! The `Ingest` hot path's own protobuf codec. prost decodes each `Sample` into a heap
+//! `String` device id and a `BTreeMap<String, f64>` (three allocations and a tree
+//! insert per two-metric sample) and the engine's verdicts into `String`s again; at a
+//! million samples per second that is most of the time. This codec reads an
+//! `IngestRequest` as views into the received buffer (no allocation for the usual
+//! request of up to 4 samples × 1 metric, or 1 sample × 4 metrics) and writes
+//! `IngestResponse`s straight from the engine into the response buffer.
+//!
+//! It speaks exactly the wire format of `proto/tidewatch/v1/telemetry.proto`: fields in
+//! any order, unknown fields skipped, repeated scalars last-wins, repeated map keys
+//! last-wins, strings checked for UTF-8 (as prost does), proto3 defaults omitted on
+//! output. The tests decode its output with prost and compare field by field.
+
+use std::ops::Range;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use smallvec::SmallVec;
+use tidewatch_proto::{
+    pbjson_types::Timestamp,
+    v1::{DetectorConfig, Sample},
+};
+use tonic::{
+    Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+};
+
+use crate::{
+    engine::{MetricOutcome, SampleLike, VerdictSink},
+    error::SampleError,
+};
+
+/// Why a request is not a valid `IngestRequest`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The buffer ends inside a field.
+    #[error("buffer ends inside a field")]
+    Truncated,
+    /// A varint longer than 10 bytes.
+    #[error("invalid varint")]
+    Varint,
+    /// A wire type this message cannot have (or a group).
+    #[error("unsupported wire type {0}")]
+    WireType(u64),
+    /// Field number 0.
+    #[error("invalid field number 0")]
+    FieldZero,
+    /// A string field is not UTF-8.
+    #[error("{0}: invalid string value: data is not UTF-8 encoded")]
+    Utf8(&'static str),
+    /// A known field with the wrong wire type.
+    #[error("{field}: invalid wire type {found}")]
+    FieldType {
+        /// Which field.
+        field: &'static str,
+        /// The wire type found.
+        found: u64,
+    },
+    /// The `detector` section does not decode.
+    #[error("IngestRequest.detector: {0}")]
+    Detector(String),
+}
+
+impl From<WireError> for Status {
+    fn from(e: WireError) -> Self {
+        // As tonic reports a prost decode error.
+        Status::internal(format!("failed to decode Protobuf message: {e}"))
+    }
+}
+
+const VARINT: u64 = 0;
+const I64: u64 = 1;
+const LEN: u64 = 2;
+const I32: u64 = 5;
+
+/// A cursor over a protobuf message.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    fn done(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    #[inline]
+    fn varint(&mut self) -> Result<u64, WireError> {
+        let mut value = 0u64;
+        for shift in 0..10 {
+            let byte = *self.buf.get(self.pos).ok_or(WireError::Truncated)?;
+            self.pos += 1;
+            value |= u64::from(byte & 0x7f) << (7 * shift);
+            if byte < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(WireError::Varint)
+    }
+
+    /// The next key as (field number, wire type).
+    #[inline]
+    fn key(&mut self) -> Result<(u64, u64), WireError> {
+        let key = self.varint()?;
+        let field = key >> 3;
+        if field == 0 {
+            return Err(WireError::FieldZero);
+        }
+        Ok((field, key & 7))
+    }
+
+    /// A length-delimited field's range in the buffer.
+    #[inline]
+    fn len_delimited(&mut self) -> Result<Range<usize>, WireError> {
+        let len = usize::try_from(self.varint()?).map_err(|_| WireError::Truncated)?;
+        let start = self.pos;
+        let end = start.checked_add(len).ok_or(WireError::Truncated)?;
+        if end > self.buf.len() {
+            return Err(WireError::Truncated);
+        }
+        self.pos = end;
+        Ok(start..end)
+    }
+
+    #[inline]
+    fn fixed64(&mut self) -> Result<u64, WireError> {
+        let bytes = self
+            .buf
+            .get(self.pos..self.pos + 8)
+            .ok_or(WireError::Truncated)?;
+        self.pos += 8;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+    }
+
+    /// Skips a field of an unknown number.
+    fn skip(&mut self, wire_type: u64) -> Result<(), WireError> {
+        match wire_type {
+            VARINT => self.varint().map(drop),
+            I64 => self.fixed64().map(drop),
+            LEN => self.len_delimited().map(drop),
+            I32 => {
+                if self.pos + 4 > self.buf.len() {
+                    return Err(WireError::Truncated);
+                }
+                self.pos += 4;
+                Ok(())
+            }
+            other => Err(WireError::WireType(other)),
+        }
+    }
+
+    /// A sub-reader over `range` of the same buffer, with positions in it.
+    fn sub(&self, range: Range<usize>) -> Reader<'a> {
+        Reader {
+            buf: &self.buf[..range.end],
+            pos: range.start,
+        }
+    }
+}
+
+fn expect(field: &'static str, found: u64, wanted: u64) -> Result<(), WireError> {
+    if found == wanted {
+        Ok(())
+    } else {
+        Err(WireError::FieldType { field, found })
+    }
+}
+
+/// A sample's place in the request buffer.
+#[derive(Debug, Clone)]
+struct RawSample {
+    device_id: Range<u32>,
+    seq: u64,
+    time: Option<Timestamp>,
+    /// Range of `WireRequest::metrics`: sorted by name, one entry per name.
+    metrics: Range<u32>,
+}
+
+/// One metric: the name's range in the buffer and the value.
+#[derive(Debug, Clone)]
+struct RawMetric {
+    name: Range<u32>,
+    value: f64,
+}
+
+/// A decoded `IngestRequest` that borrows every string from the received bytes.
+#[derive(Debug, Clone, Default)]
+pub struct WireRequest {
+    buf: Bytes,
+    samples: SmallVec<[RawSample; 4]>,
+    metrics: SmallVec<[RawMetric; 4]>,
+    /// The `detector` section, when the request has one.
+    pub detector: Option<DetectorConfig>,
+}
+
+impl WireRequest {
+    /// Decodes an `IngestRequest`.
+    pub fn decode(buf: Bytes) -> Result<Self, WireError> {
+        if buf.len() > u32::MAX as usize {
+            return Err(WireError::Truncated);
+        }
+        let mut request = Self {
+            buf,
+            ..Self::default()
+        };
+        let bytes = request.buf.clone();
+        let mut reader = Reader::new(&bytes);
+        while !reader.done() {
+            let (field, wire_type) = reader.key()?;
+            match field {
+                1 => {
+                    expect("IngestRequest.samples", wire_type, LEN)?;
+                    let range = reader.len_delimited()?;
+                    request.decode_sample(reader.sub(range))?;
+                }
+                2 => {
+                    expect("IngestRequest.detector", wire_type, LEN)?;
+                    let range = reader.len_delimited()?;
+                    request
+                        .detector
+                        .get_or_insert_with(DetectorConfig::default)
+                        .merge(&bytes[range])
+                        .map_err(|e| WireError::Detector(e.to_string()))?;
+                }
+                _ => reader.skip(wire_type)?,
+            }
+        }
+        Ok(request)
+    }
+
+    fn decode_sample(&mut self, mut reader: Reader<'_>) -> Result<(), WireError> {
+        let first_metric = self.metrics.len();
+        let mut sample = RawSample {
+            device_id: 0..0,
+            seq: 0,
+            time: None,
+            metrics: 0..0,
+        };
+        while !reader.done() {
+            let (field, wire_type) = reader.key()?;
+            match field {
+                1 => {
+                    expect("Sample.device_id", wire_type, LEN)?;
+                    let range = reader.len_delimited()?;
+                    utf8(&reader.buf[range.clone()], "Sample.device_id")?;
+                    sample.device_id = range.start as u32..range.end as u32;
+                }
+                2 => {
+                    expect("Sample.time", wire_type, LEN)?;
+                    let range = reader.len_delimited()?;
+                    let time = sample.time.get_or_insert_with(Timestamp::default);
+                    merge_timestamp(time, reader.sub(range))?;
+                }
+                3 => {
+                    expect("Sample.metrics", wire_type, LEN)?;
+                    let range = reader.len_delimited()?;
+                    let metric = decode_entry(reader.sub(range))?;
+                    self.metrics.push(metric);
+                }
+                4 => {
+                    expect("Sample.seq", wire_type, VARINT)?;
+                    sample.seq = reader.varint()?;
+                }
+                _ => reader.skip(wire_type)?,
+            }
+        }
+        // Map semantics: ascending names (as the BTreeMap prost decodes into), and a
+        // repeated key keeps its last value. Samples carry a handful of metrics, so an
+        // insertion sort (stable: equal names stay in arrival order) is the fastest.
+        let buf = &self.buf;
+        let metrics = &mut self.metrics[first_metric..];
+        let name = |m: &RawMetric| &buf[m.name.start as usize..m.name.end as usize];
+        for i in 1..metrics.len() {
+            let mut j = i;
+            while j > 0 && name(&metrics[j - 1]) > name(&metrics[j]) {
+                metrics.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        let mut kept = first_metric;
+        for i in first_metric..self.metrics.len() {
+            let next_same =
+                i + 1 < self.metrics.len() && name(&self.metrics[i]) == name(&self.metrics[i + 1]);
+            if !next_same {
+                self.metrics.swap(kept, i);
+                kept += 1;
+            }
+        }
+        self.metrics.truncate(kept);
+        sample.metrics = first_metric as u32..kept as u32;
+        self.samples.push(sample);
+        Ok(())
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether the request has no sample.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The samples, in order.
+    pub fn samples(&self) -> Samples<'_> {
+        Samples {
+            request: self,
+            next: 0,
+        }
+    }
+
+    /// The samples as prost messages (for the path that must own them: restores and
+    /// batches judged on the blocking pool).
+    pub fn to_samples(&self) -> Vec<Sample> {
+        self.samples()
+            .map(|s| Sample {
+                device_id: s.device_id().to_owned(),
+                time: s.time(),
+                metrics: s.metrics().map(|(k, v)| (k.to_owned(), v)).collect(),
+                seq: s.seq(),
+            })
+            .collect()
+    }
+
+    fn str(&self, range: &Range<u32>) -> &str {
+        let bytes = &self.buf[range.start as usize..range.end as usize];
+        // Checked when decoded.
+        std::str::from_utf8(bytes).unwrap_or_default()
+    }
+}
+
+fn utf8(bytes: &[u8], field: &'static str) -> Result<(), WireError> {
+    if bytes.is_ascii() || std::str::from_utf8(bytes).is_ok() {
+        Ok(())
+    } else {
+        Err(WireError::Utf8(field))
+    }
+}
+
+fn merge_timestamp(time: &mut Timestamp, mut reader: Reader<'_>) -> Result<(), WireError> {
+    while !reader.done() {
+        let (field, wire_type) = reader.key()?;
+        match field {
+            1 => {
+                expect("Timestamp.seconds", wire_type, VARINT)?;
+                time.seconds = reader.varint()? as i64;
+            }
+            2 => {
+                expect("Timestamp.nanos", wire_type, VARINT)?;
+                time.nanos = reader.varint()? as i32;
+            }
+            _ => reader.skip(wire_type)?,
+        }
+    }
+    Ok(())
+}
+
+/// One `map<string, double>` entry; a missing key or value is the default.
+fn decode_entry(mut reader: Reader<'_>) -> Result<RawMetric, WireError> {
+    let mut metric = RawMetric {
+        name: 0..0,
+        value: 0.0,
+    };
+    while !reader.done() {
+        let (field, wire_type) = reader.key()?;
+        match field {
+            1 => {
+                expect("Sample.metrics key", wire_type, LEN)?;
+                let range = reader.len_delimited()?;
+                utf8(&reader.buf[range.clone()], "Sample.metrics key")?;
+                metric.name = range.start as u32..range.end as u32;
+            }
+            2 => {
+                expect("Sample.metrics value", wire_type, I64)?;
+                metric.value = f64::from_bits(reader.fixed64()?);
+            }
+            _ => reader.skip(wire_type)?,
+        }
+    }
+    Ok(metric)
+}
+
+/// The samples of a [`WireRequest`].
+#[derive(Debug, Clone)]
+pub struct Samples<'a> {
+    request: &'a WireRequest,
+    next: usize,
+}
+
+impl<'a> Iterator for Samples<'a> {
+    type Item = WireSample<'a>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let raw = self.request.samples.get(self.next)?;
+        self.next += 1;
+        Some(WireSample {
+            request: self.request,
+            raw,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.request.samples.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Samples<'_> {}
+
+/// One sample of a [`WireRequest`].
+#[derive(Debug, Clone, Copy)]
+pub struct WireSample<'a> {
+    request: &'a WireRequest,
+    raw: &'a RawSample,
+}
+
+/// The metrics of a [`WireSample`].
+#[derive(Debug, Clone)]
+pub struct WireMetrics<'a> {
+    request: &'a WireRequest,
+    metrics: std::slice::Iter<'a, RawMetric>,
+}
+
+impl<'a> Iterator for WireMetrics<'a> {
+    type Item = (&'a str, f64);
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let metric = self.metrics.next()?;
+        Some((self.request.str(&metric.name), metric.value))
+    }
+}
+
+impl SampleLike for WireSample<'_> {
+    type Metrics<'b>
+        = WireMetrics<'b>
+    where
+        Self: 'b;
+
+    fn device_id(&self) -> &str {
+        self.request.str(&self.raw.device_id)
+    }
+
+    fn seq(&self) -> u64 {
+        self.raw.seq
+    }
+
+    fn time(&self) -> Option<Timestamp> {
+        self.raw.time
+    }
+
+    fn metric_count(&self) -> usize {
+        self.raw.metrics.len()
+    }
+
+    fn metrics(&self) -> Self::Metrics<'_> {
+        let range = self.raw.metrics.start as usize..self.raw.metrics.end as usize;
+        WireMetrics {
+            request: self.request,
+            metrics: self.request.metrics[range].iter(),
+        }
+    }
+}
+
+#[inline]
+fn put_varint(out: &mut impl BufMut, mut v: u64) {
+    while v >= 0x80 {
+        out.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.put_u8(v as u8);
+}
+
+#[inline]
+fn varint_len(v: u64) -> usize {
+    // 1 byte per 7 bits, at least 1.
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+#[inline]
+fn put_key(out: &mut impl BufMut, field: u64, wire_type: u64) {
+    put_varint(out, (field << 3) | wire_type);
+}
+
+#[inline]
+fn put_string(out: &mut impl BufMut, field: u64, s: &str) {
+    if !s.is_empty() {
+        put_key(out, field, LEN);
+        put_varint(out, s.len() as u64);
+        out.put_slice(s.as_bytes());
+    }
+}
+
+#[inline]
+fn put_double(out: &mut impl BufMut, field: u64, v: f64) {
+    // proto3: 0.0 (and -0.0, as prost compares with `!=`) is not written.
+    if v != 0.0 {
+        put_key(out, field, I64);
+        out.put_u64_le(v.to_bits());
+    }
+}
+
+#[inline]
+fn put_bool(out: &mut impl BufMut, field: u64, v: bool) {
+    if v {
+        put_key(out, field, VARINT);
+        out.put_u8(1);
+    }
+}
+
+#[inline]
+fn put_uint(out: &mut impl BufMut, field: u64, v: u64) {
+    if v != 0 {
+        put_key(out, field, VARINT);
+        put_varint(out, v);
+    }
+}
+
+/// Writes the verdicts of one request as an encoded `IngestResponse` (each verdict is
+/// field 1 of the response; a response is the concatenation of its verdicts).
+#[derive(Debug, Default)]
+pub struct WireSink {
+    /// The encoded response so far.
+    out: BytesMut,
+    /// The verdict being written (its fields after the device id and `seq`).
+    verdict: Vec<u8>,
+    /// Device id of the verdict being written.
+    device_id: String,
+    /// `seq` of the verdict being written.
+    seq: u64,
+}
+
+impl WireSink {
+    /// An empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the encoded response written so far, leaving the sink empty (its buffer
+    /// is reused once the response has been sent).
+    pub fn take(&mut self) -> Bytes {
+        self.out.split().freeze()
+    }
+
+    /// Appends a response encoded elsewhere (the slow path's prost verdicts).
+    pub fn put_encoded(&mut self, response: &impl prost::Message) {
+        self.out.reserve(response.encoded_len());
+        response
+            .encode(&mut self.out)
+            .expect("reserved the encoded length");
+    }
+
+    fn put_verdict(&mut self, device_id: &str, seq: u64) {
+        let mut head_len = 0;
+        if !device_id.is_empty() {
+            head_len += 1 + varint_len(device_id.len() as u64) + device_id.len();
+        }
+        if seq != 0 {
+            head_len += 1 + varint_len(seq);
+        }
+        let len = head_len + self.verdict.len();
+        self.out.reserve(1 + varint_len(len as u64) + len);
+        put_key(&mut self.out, 1, LEN);
+        put_varint(&mut self.out, len as u64);
+        put_string(&mut self.out, 1, device_id);
+        put_uint(&mut self.out, 2, seq);
+        self.out.put_slice(&self.verdict);
+        self.verdict.clear();
+    }
+}
+
+impl VerdictSink for WireSink {
+    fn reserve(&mut self, n: usize) {
+        self.out.reserve(n * 64);
+    }
+
+    fn begin(&mut self, device_id: &str, seq: u64, _metrics: usize) {
+        self.verdict.clear();
+        self.device_id.clear();
+        self.device_id.push_str(device_id);
+        self.seq = seq;
+    }
+
+    fn metric(&mut self, name: &str, m: &MetricOutcome) {
+        let mut len = 0;
+        if !name.is_empty() {
+            len += 1 + varint_len(name.len() as u64) + name.len();
+        }
+        for v in [m.value, m.mean, m.stddev, m.z_score, m.score] {
+            if v != 0.0 {
+                len += 9;
+            }
+        }
+        len += 2 * usize::from(m.anomaly) + 2 * usize::from(m.alert);
+        if m.window_count != 0 {
+            len += 1 + varint_len(u64::from(m.window_count));
+        }
+        let out = &mut self.verdict;
+        // Verdict.metrics = 4
+        put_key(out, 4, LEN);
+        put_varint(out, len as u64);
+        put_string(out, 1, name);
+        put_double(out, 2, m.value);
+        put_double(out, 3, m.mean);
+        put_double(out, 4, m.stddev);
+        put_double(out, 5, m.z_score);
+        put_bool(out, 6, m.anomaly);
+        put_uint(out, 7, u64::from(m.window_count));
+        put_double(out, 8, m.score);
+        put_bool(out, 9, m.alert);
+    }
+
+    fn end(&mut self, anomaly: bool, alert: bool, score: f64) {
+        // Fields 3 (anomaly) and 7, 8 go after the metrics (field 4): any order is
+        // valid protobuf, and prost decodes it to the same message.
+        put_bool(&mut self.verdict, 3, anomaly);
+        put_bool(&mut self.verdict, 7, alert);
+        put_double(&mut self.verdict, 8, score);
+        let device_id = std::mem::take(&mut self.device_id);
+        self.put_verdict(&device_id, self.seq);
+        self.device_id = device_id;
+    }
+
+    fn duplicate(&mut self, device_id: &str, seq: u64) {
+        self.verdict.clear();
+        put_bool(&mut self.verdict, 5, true);
+        self.put_verdict(device_id, seq);
+    }
+
+    fn error(&mut self, device_id: &str, seq: u64, error: &SampleError) {
+        self.verdict.clear();
+        put_string(&mut self.verdict, 6, &error.to_string());
+        self.put_verdict(device_id, seq);
+    }
+}
+
+/// The codec of the `Ingest` method: [`WireRequest`]s in, encoded `IngestResponse`s
+/// (from a [`WireSink`]) out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WireCodec;
+
+/// Decoder half of [`WireCodec`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WireDecoder;
+
+/// Encoder half of [`WireCodec`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WireEncoder;
+
+impl Codec for WireCodec {
+    type Encode = Bytes;
+    type Decode = WireRequest;
+    type Encoder = WireEncoder;
+    type Decoder = WireDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WireEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WireDecoder
+    }
+}
+
+impl Encoder for WireEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for WireDecoder {
+    type Item = WireRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<WireRequest>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        Ok(Some(WireRequest::decode(bytes)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use tidewatch_proto::v1::{IngestRequest, IngestResponse, Verdict};
+
+    use super::*;
+    use crate::engine::{Engine, EngineConfig};
+
+    fn sample(device: &str, seq: u64, metrics: &[(&str, f64)]) -> Sample {
+        Sample {
+            device_id: device.into(),
+            time: None,
+            metrics: metrics.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
+            seq,
+        }
+    }
+
+    fn decode(bytes: Vec<u8>) -> Result<WireRequest, WireError> {
+        WireRequest::decode(Bytes::from(bytes))
+    }
+
+    /// Appends a raw field to `out`.
+    fn raw_len(out: &mut Vec<u8>, field: u64, payload: &[u8]) {
+        put_key(out, field, LEN);
+        put_varint(out, payload.len() as u64);
+        out.extend_from_slice(payload);
+    }
+
+    fn entry(key: &str, value: f64) -> Vec<u8> {
+        let mut e = Vec::new();
+        raw_len(&mut e, 1, key.as_bytes());
+        put_key(&mut e, 2, I64);
+        e.put_u64_le(value.to_bits());
+        e
+    }
+
+    #[test]
+    fn decodes_what_prost_encodes() {
+        let request = IngestRequest {
+            samples: vec![
+                sample("dev-1", 7, &[("rps", 420.0), ("cpu", 55.5)]),
+                Sample {
+                    time: Some(Timestamp {
+                        seconds: 1_710_000_000,
+                        nanos: 123_456_789,
+                    }),
+                    ..sample("", 0, &[("b", -1.0), ("a", 0.0), ("c", f64::NAN)])
+                },
+            ],
+            detector: Some(DetectorConfig {
+                name: "robust".into(),
+                window_size: 64,
+                threshold: 3.5,
+                min_samples: 10,
+            }),
+        };
+        let wire = decode(request.encode_to_vec()).expect("decode");
+        let samples = wire.to_samples();
+        assert_eq!(samples.len(), 2);
+        assert_eq!(samples[0], request.samples[0]);
+        assert_eq!(samples[1].time, request.samples[1].time);
+        assert_eq!(
+            samples[1].metrics.keys().collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert!(samples[1].metrics["c"].is_nan());
+        assert_eq!(wire.detector, request.detector);
+        let first = wire.samples().next().expect("a sample");
+        assert_eq!(
+            first.metrics().collect::<Vec<_>>(),
+            [("cpu", 55.5), ("rps", 420.0)],
+            "ascending names, as the BTreeMap prost decodes into"
+        );
+    }
+
+    #[test]
+    fn repeated_keys_keep_the_last_value_and_unknown_fields_are_skipped() {
+        let mut s = Vec::new();
+        raw_len(&mut s, 3, &entry("rps", 1.0));
+        put_key(&mut s, 4, VARINT);
+        put_varint(&mut s, 5);
+        raw_len(&mut s, 1, b"first");
+        raw_len(&mut s, 3, &entry("cpu", 2.0));
+        raw_len(&mut s, 3, &entry("rps", 3.0));
+        // Unknown fields of every wire type.
+        put_key(&mut s, 99, VARINT);
+        put_varint(&mut s, u64::MAX);
+        put_key(&mut s, 98, I64);
+        s.put_u64_le(1);
+        put_key(&mut s, 97, I32);
+        s.put_u32_le(1);
+        raw_len(&mut s, 96, b"whatever");
+        raw_len(&mut s, 1, b"dev");
+        put_key(&mut s, 4, VARINT);
+        put_varint(&mut s, 9);
+        let mut r = Vec::new();
+        raw_len(&mut r, 1, &s);
+        put_key(&mut r, 15, VARINT);
+        put_varint(&mut r, 1);
+
+        let prost = IngestRequest::decode(r.as_slice()).expect("prost decodes it");
+        let wire = decode(r).expect("decode");
+        assert_eq!(wire.to_samples(), prost.samples);
+        assert_eq!(
+            wire.to_samples()[0],
+            sample("dev", 9, &[("cpu", 2.0), ("rps", 3.0)])
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_errors_not_panics() {
+        let good = IngestRequest {
+            samples: vec![sample("d", 1, &[("m", 1.0)])],
+            detector: None,
+        }
+        .encode_to_vec();
+        for cut in 1..good.len() {
+            assert!(
+                decode(good[..cut].to_vec()).is_err(),
+                "a request cut at byte {cut} decoded"
+            );
+        }
+        // Device id that is not UTF-8.
+        let mut s = Vec::new();
+        raw_len(&mut s, 1, &[0xff, 0xfe]);
+        let mut r = Vec::new();
+        raw_len(&mut r, 1, &s);
+        assert_eq!(
+            decode(r.clone()).unwrap_err(),
+            WireError::Utf8("Sample.device_id")
+        );
+        assert!(IngestRequest::decode(r.as_slice()).is_err(), "prost agrees");
+        // A known field with the wrong wire type.
+        let mut r = Vec::new();
+        put_key(&mut r, 1, VARINT);
+        put_varint(&mut r, 3);
+        assert!(matches!(
+            decode(r).unwrap_err(),
+            WireError::FieldType { found: 0, .. }
+        ));
+        // An overlong varint.
+        assert_eq!(
+            decode(vec![0x78; 1].into_iter().chain([0xff; 11]).collect()).unwrap_err(),
+            WireError::Varint
+        );
+        let status = Status::from(WireError::Truncated);
+        assert_eq!(status.code(), tonic::Code::Internal);
+    }
+
+    /// Judges `requests` on two engines, one writing prost verdicts and one writing
+    /// wire bytes, and checks that prost decodes the bytes to the same verdicts.
+    fn same_verdicts(requests: &[Vec<Sample>], spec: &str) {
+        let config = EngineConfig {
+            max_metrics_per_device: 3,
+            max_devices: 5,
+            ..EngineConfig::default()
+        };
+        let (a, b) = (Engine::new(config.clone()), Engine::new(config));
+        let detector = a
+            .detector(Some(&DetectorConfig {
+                name: spec.into(),
+                ..DetectorConfig::default()
+            }))
+            .expect("detector");
+        let now = std::time::Instant::now();
+        let mut sink = WireSink::new();
+        for samples in requests {
+            let mut expected: Vec<Verdict> = Vec::new();
+            a.ingest_batch_at(samples, &detector, &mut expected, now);
+            let wire = decode(
+                IngestRequest {
+                    samples: samples.clone(),
+                    detector: None,
+                }
+                .encode_to_vec(),
+            )
+            .expect("decode");
+            b.ingest_batch_at(wire.samples(), &detector, &mut sink, now);
+            let got = IngestResponse::decode(sink.take()).expect("prost decodes the response");
+            assert_eq!(got.verdicts.len(), samples.len());
+            for (g, e) in got.verdicts.iter().zip(&expected) {
+                // NaN != NaN: compare the encodings instead.
+                assert_eq!(g.encode_to_vec(), e.encode_to_vec(), "{g:?} vs {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn wire_verdicts_equal_prost_verdicts() {
+        let mut requests = Vec::new();
+        for i in 0..120u64 {
+            let v = 400.0 + (i % 7) as f64 * 3.0 + if i % 40 == 39 { 500.0 } else { 0.0 };
+            requests.push(vec![
+                sample(
+                    &format!("dev-{}", i % 3),
+                    i + 1,
+                    &[("rps", v), ("cpu", v / 10.0)],
+                ),
+                sample("", 0, &[("x", -v)]),
+            ]);
+        }
+        // Duplicates, per-sample errors of every kind, a new device over the limit.
+        requests.push(vec![
+            sample("dev-0", 1, &[("rps", 1.0)]),
+            sample("dev-1", 0, &[]),
+            sample("dev-1", 0, &[("bad name", 1.0)]),
+            sample("dev-1", 0, &[("rps", f64::INFINITY)]),
+            sample("dev-1", 0, &[("a", 1.0), ("b", 1.0), ("c", 1.0)]),
+            sample(&"x".repeat(200), 0, &[("rps", 1.0)]),
+            sample("new-1", 0, &[("rps", 1.0)]),
+            sample("new-2", 0, &[("rps", 1.0)]),
+            sample("new-3", 0, &[("rps", 1.0)]),
+        ]);
+        same_verdicts(&requests, "zscore");
+        same_verdicts(&requests, "robust");
+    }
+
+    /// A generated sample: device id, seq, time, metrics.
+    type RawParts = (String, u64, Option<(i64, i32)>, BTreeMap<String, f64>);
+
+    proptest! {
+        #[test]
+        fn any_request_decodes_as_prost_decodes_it(
+            samples in prop::collection::vec(
+                (
+                    "[a-z]{0,12}",
+                    any::<u64>(),
+                    prop::option::of((any::<i64>(), any::<i32>())),
+                    prop::collection::btree_map("[a-z_]{0,6}", any::<f64>(), 0..5),
+                ),
+                0..6,
+            )
+        ) {
+            let request = IngestRequest {
+                samples: samples
+                    .into_iter()
+                    .map(|(device_id, seq, time, metrics): RawParts| Sample {
+                        device_id,
+                        seq,
+                        time: time.map(|(seconds, nanos)| Timestamp { seconds, nanos }),
+                        metrics,
+                    })
+                    .collect(),
+                detector: None,
+            };
+            let wire = decode(request.encode_to_vec()).expect("decode");
+            prop_assert_eq!(
+                IngestRequest { samples: wire.to_samples(), detector: None }.encode_to_vec(),
+                request.encode_to_vec()
+            );
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let ours = decode(bytes.clone());
+            let prost = IngestRequest::decode(bytes.as_slice());
+            // Whatever prost accepts we accept with the same samples; groups and
+            // other wire types prost skips we may refuse.
+            if let (Ok(ours), Ok(prost)) = (&ours, &prost) {
+                prop_assert_eq!(ours.to_samples(), prost.samples.clone());
+            }
+            if let Ok(ours) = &ours {
+                prop_assert!(prost.is_ok(), "we accepted what prost refuses: {:?}", ours);
+            }
+        }
+    }
+}
