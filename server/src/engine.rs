@@ -25,6 +25,7 @@ pub use detector::{DetectorDefaults, DetectorKind, DetectorSpec, DetectorState, 
 pub use device::{DeviceState, MetricState};
 pub use io::{MetricOutcome, SampleLike, Tee, VerdictSink};
 use shard::Shard;
+use smallvec::SmallVec;
 pub use window::Window;
 
 use crate::error::{ApiError, SampleError};
@@ -274,7 +275,8 @@ impl Engine {
 
     /// Judges one sample (DESIGN §3) into `out` and counts it in `outcome`, or refuses
     /// it (the caller writes the error verdict). Validation happens before anything is
-    /// changed.
+    /// changed, in the order of the sample's metrics (name, then value), and a sample
+    /// that is refused never creates its device.
     fn ingest_one(
         &self,
         sample: &impl SampleLike,
@@ -285,10 +287,48 @@ impl Engine {
         outcome: &mut BatchOutcome,
     ) -> Result<(), SampleError> {
         let id = normalize_device_id(sample.device_id());
-        self.validate(id, sample)?;
+        if id.len() > self.config.max_device_id_len {
+            return Err(SampleError::DeviceIdTooLong {
+                len: id.len(),
+                limit: self.config.max_device_id_len,
+            });
+        }
+        let count = sample.metric_count();
+        if count == 0 {
+            return Err(SampleError::NoMetrics);
+        }
+        if count > self.config.max_metrics_per_device {
+            return Err(SampleError::TooManyMetrics {
+                device: id.to_owned(),
+                count,
+                limit: self.config.max_metrics_per_device,
+            });
+        }
+        // The sample's metrics, read once, each with its index in the device's
+        // metrics once known.
+        let mut metrics: SmallVec<[(&str, f64, Option<usize>); 8]> = sample
+            .metrics()
+            .map(|(name, value)| (name, value, None))
+            .collect();
         let hash = self.hasher.hash_one(id);
         let mut table = self.shard(hash).lock();
-        let device = match table.find_mut(hash, |d| &*d.id == id) {
+        let mut device = table.find_mut(hash, |d| &*d.id == id);
+        let mut new_metrics = 0;
+        for (i, (name, value, index)) in metrics.iter_mut().enumerate() {
+            // A name the device already has was validated when it was added.
+            *index = device.as_ref().and_then(|d| d.metric_index_from(name, i));
+            if index.is_none() {
+                validate_metric_name(name, self.config.max_metric_name_len)?;
+                new_metrics += 1;
+            }
+            if !value.is_finite() {
+                return Err(SampleError::InvalidValue {
+                    metric: (*name).to_owned(),
+                    value: *value,
+                });
+            }
+        }
+        let device = match device.take() {
             Some(device) => device,
             None => {
                 if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
@@ -309,10 +349,6 @@ impl Engine {
             out.duplicate(id, seq);
             return Ok(());
         }
-        let new_metrics = sample
-            .metrics()
-            .filter(|(name, _)| device.metric_index(name).is_none())
-            .count();
         if new_metrics > 0
             && device.metrics.len() + new_metrics > self.config.max_metrics_per_device
         {
@@ -322,11 +358,11 @@ impl Engine {
                 limit: self.config.max_metrics_per_device,
             });
         }
-        out.begin(id, seq, sample.metric_count());
+        out.begin(id, seq, count);
         let (mut anomaly, mut alert, mut score) = (false, false, 0.0f64);
         let time = sample.time().unwrap_or(*received);
-        for (name, value) in sample.metrics() {
-            let index = match device.metric_index(name) {
+        for (name, value, index) in metrics {
+            let index = match index {
                 Some(index) => index,
                 None => {
                     // Room for exactly the new metrics, once per device and sample.
@@ -352,36 +388,6 @@ impl Engine {
         }
         device.updated_at = time;
         device.dirty = true;
-        Ok(())
-    }
-
-    fn validate(&self, id: &str, sample: &impl SampleLike) -> Result<(), SampleError> {
-        if id.len() > self.config.max_device_id_len {
-            return Err(SampleError::DeviceIdTooLong {
-                len: id.len(),
-                limit: self.config.max_device_id_len,
-            });
-        }
-        let count = sample.metric_count();
-        if count == 0 {
-            return Err(SampleError::NoMetrics);
-        }
-        if count > self.config.max_metrics_per_device {
-            return Err(SampleError::TooManyMetrics {
-                device: id.to_owned(),
-                count,
-                limit: self.config.max_metrics_per_device,
-            });
-        }
-        for (name, value) in sample.metrics() {
-            validate_metric_name(name, self.config.max_metric_name_len)?;
-            if !value.is_finite() {
-                return Err(SampleError::InvalidValue {
-                    metric: name.to_owned(),
-                    value,
-                });
-            }
-        }
         Ok(())
     }
 

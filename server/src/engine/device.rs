@@ -240,4 +240,15 @@ impl DeviceState {
     pub(crate) fn metric_index(&self, name: &str) -> Option<usize> {
         self.metrics.iter().position(|m| &*m.name == name)
     }
+
+    /// [`DeviceState::metric_index`], trying `hint` first: a device's samples usually
+    /// carry the same metrics in the same (ascending) order, so the `i`-th metric of a
+    /// sample is usually the device's `i`-th.
+    #[inline]
+    pub(crate) fn metric_index_from(&self, name: &str, hint: usize) -> Option<usize> {
+        match self.metrics.get(hint) {
+            Some(m) if &*m.name == name => Some(hint),
+            _ => self.metric_index(name),
+        }
+    }
 }

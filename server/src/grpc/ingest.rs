@@ -52,9 +52,14 @@ pub(crate) struct IngestStream<In> {
     /// Resolves when the server starts shutting down.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Ends the stream when the client sends nothing for `STREAM_IDLE_TIMEOUT`.
+    /// It is not reset per message (a timer-wheel update per message is measurable):
+    /// when it fires, it is re-armed for `last_received + STREAM_IDLE_TIMEOUT` if a
+    /// message came meanwhile.
     idle: Option<Pin<Box<Sleep>>>,
     /// `STREAM_IDLE_TIMEOUT`, to re-arm `idle`.
     idle_timeout: Option<Duration>,
+    /// When the last message arrived.
+    last_received: Instant,
     /// Ends the stream at `STREAM_MAX_LIFETIME`.
     lifetime: Option<Pin<Box<Sleep>>>,
     /// Set once shutdown or the lifetime limit is reached.
@@ -103,6 +108,7 @@ pub(crate) fn start<In>(
         shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
         idle: idle_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
         idle_timeout,
+        last_received: Instant::now(),
         lifetime: nonzero(state.config.stream_max_lifetime)
             .map(|d| Box::pin(tokio::time::sleep(d))),
         draining: None,
@@ -123,7 +129,7 @@ impl<In> IngestStream<In> {
     ) -> Poll<Option<Result<Bytes, Status>>> {
         let detector = match self.detector {
             Some(detector) => detector,
-            None => match self.state.engine.detector(request.detector.as_ref()) {
+            None => match self.state.engine.detector(request.detector.as_deref()) {
                 Ok(detector) => *self.detector.insert(detector),
                 Err(e) => return self.finish(e.into()),
             },
@@ -208,10 +214,7 @@ where
                 // The message's one clock read: idle timer, engine tick, receive time
                 // and latency start.
                 let received = Instant::now();
-                if let (Some(idle), Some(timeout)) = (this.idle.as_mut(), this.idle_timeout) {
-                    idle.as_mut()
-                        .reset(tokio::time::Instant::from_std(received) + timeout);
-                }
+                this.last_received = received;
                 let poll = this.handle(request, received);
                 if poll.is_pending() {
                     // Judging asynchronously: poll the future now so it registers
@@ -241,9 +244,18 @@ where
                     .into(),
                 ),
                 None => {
-                    if let Some(idle) = this.idle.as_mut()
+                    if let (Some(idle), Some(timeout)) = (this.idle.as_mut(), this.idle_timeout)
                         && idle.as_mut().poll(cx).is_ready()
                     {
+                        let deadline = this.last_received + timeout;
+                        if deadline > Instant::now() {
+                            // Messages came since the timer was set: wait for the rest.
+                            idle.as_mut()
+                                .reset(tokio::time::Instant::from_std(deadline));
+                            if idle.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                        }
                         return this.finish(
                             ApiError::new(
                                 ErrorKind::Timeout,

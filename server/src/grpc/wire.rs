@@ -3,7 +3,7 @@
 //! insert per two-metric sample) and the engine's verdicts into `String`s again; at a
 //! million samples per second that is most of the time. This codec reads an
 //! `IngestRequest` as views into the received buffer (no allocation for the usual
-//! request of up to 4 samples × 1 metric, or 1 sample × 4 metrics) and writes
+//! request of one sample with up to 4 metrics) and writes
 //! `IngestResponse`s straight from the engine into the response buffer.
 //!
 //! It speaks exactly the wire format of `proto/tidewatch/v1/telemetry.proto`: fields in
@@ -90,6 +90,13 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn varint(&mut self) -> Result<u64, WireError> {
+        // Keys, lengths and most `seq`s fit in one byte.
+        if let Some(&byte) = self.buf.get(self.pos)
+            && byte < 0x80
+        {
+            self.pos += 1;
+            return Ok(u64::from(byte));
+        }
         let mut value = 0u64;
         for shift in 0..10 {
             let byte = *self.buf.get(self.pos).ok_or(WireError::Truncated)?;
@@ -191,10 +198,11 @@ struct RawMetric {
 #[derive(Debug, Clone, Default)]
 pub struct WireRequest {
     buf: Bytes,
-    samples: SmallVec<[RawSample; 4]>,
+    samples: SmallVec<[RawSample; 1]>,
     metrics: SmallVec<[RawMetric; 4]>,
-    /// The `detector` section, when the request has one.
-    pub detector: Option<DetectorConfig>,
+    /// The `detector` section, when the request has one (boxed: the request is moved
+    /// through tonic's stream by value, and usually has none).
+    pub detector: Option<Box<DetectorConfig>>,
 }
 
 impl WireRequest {
@@ -222,7 +230,7 @@ impl WireRequest {
                     let range = reader.len_delimited()?;
                     request
                         .detector
-                        .get_or_insert_with(DetectorConfig::default)
+                        .get_or_insert_default()
                         .merge(&bytes[range])
                         .map_err(|e| WireError::Detector(e.to_string()))?;
                 }
@@ -755,7 +763,7 @@ mod tests {
             ["a", "b", "c"]
         );
         assert!(samples[1].metrics["c"].is_nan());
-        assert_eq!(wire.detector, request.detector);
+        assert_eq!(wire.detector.as_deref(), request.detector.as_ref());
         let first = wire.samples().next().expect("a sample");
         assert_eq!(
             first.metrics().collect::<Vec<_>>(),
