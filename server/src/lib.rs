@@ -251,7 +251,7 @@ impl AppState {
         started: Instant,
         out: &mut impl VerdictSink,
     ) {
-        let outcome = if self.anomalies.receiver_count() == 0 {
+        let outcome = if !self.metrics.watching() {
             self.engine.ingest_batch_at(samples, detector, out, started)
         } else if let Some(before) = out.verdicts().map(<[Verdict]>::len) {
             let outcome = self.engine.ingest_batch_at(samples, detector, out, started);

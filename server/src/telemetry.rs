@@ -290,6 +290,12 @@ impl Metrics {
         })
     }
 
+    /// Whether any anomaly watcher is open (an atomic load: the ingest path asks once
+    /// per message, where the broadcast channel's `receiver_count` takes a lock).
+    pub fn watching(&self) -> bool {
+        self.counters.watchers.load(Ordering::Relaxed) > 0
+    }
+
     /// Opens a watcher.
     pub fn open_watcher(&self) -> ActiveGauge {
         self.counters.watchers.fetch_add(1, Ordering::Relaxed);

@@ -32,7 +32,7 @@ use hdrhistogram::Histogram;
 use prost::Message;
 use serde_json::{Value, json};
 use tidewatch_proto::v1::{IngestRequest, Sample};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Code, Status,
@@ -90,6 +90,11 @@ struct Args {
     /// How long to hold idle streams (with --idle-streams).
     #[arg(long, default_value = "30s", value_parser = humantime_parse)]
     hold: Duration,
+    /// Tokio worker threads (0: one per core the process may run on). With one core
+    /// (`taskset -c 1`), 1 runs everything on a single-threaded runtime: no second
+    /// thread competes for the core, which otherwise shows as millisecond latency tails.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Write an h2load request body (--body-messages length-prefixed IngestRequests of
     /// --batch samples) to this file and exit.
     #[arg(long)]
@@ -282,6 +287,30 @@ struct Plan {
     max_messages: u64,
     /// Outstanding messages in closed-loop mode.
     window: usize,
+    /// Wakes paced senders every [`TICK`] (open loop only).
+    ticker: Option<Arc<Notify>>,
+}
+
+/// Period of the pacing ticker. tokio's timer has a 1 ms resolution, which would add up
+/// to 1 ms to every latency measured from the intended send time; spinning on
+/// `yield_now` until the send time instead burns the load generator's core (each
+/// yield polls the I/O driver) and shows as millisecond tails. A thread that sleeps
+/// `TICK` and wakes the senders gives ≈ 0.1 ms precision (nanosleep's slack included)
+/// for almost no CPU; each wake sends every message that is due, so at high rates
+/// several messages share one write.
+const TICK: Duration = Duration::from_micros(50);
+
+/// Starts the pacing ticker thread; it stops when `stop` is set.
+fn start_ticker(stop: Arc<AtomicBool>) -> Arc<Notify> {
+    let notify = Arc::new(Notify::new());
+    let ticks = Arc::clone(&notify);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(TICK);
+            ticks.notify_waiters();
+        }
+    });
+    notify
 }
 
 /// Runs one Ingest stream to the end of the plan and until every answer is in.
@@ -325,7 +354,7 @@ async fn run_stream(
                     if at >= plan.deadline {
                         break;
                     }
-                    wait_until(at).await;
+                    wait_until(at, plan.ticker.as_deref()).await;
                     at
                 }
                 None => {
@@ -390,16 +419,24 @@ async fn run_stream(
     result
 }
 
-/// Waits until `at`: the timer for the coarse part, then yielding for the last
-/// millisecond (tokio's timer has 1 ms resolution, which would add up to 1 ms to every
-/// measured latency).
-async fn wait_until(at: Instant) {
+/// Waits until `at`: the timer for the coarse part, then the pacing ticker (see
+/// [`TICK`]) for the last millisecond.
+async fn wait_until(at: Instant, ticker: Option<&Notify>) {
     let now = Instant::now();
     if at > now + Duration::from_millis(2) {
         tokio::time::sleep_until((at - Duration::from_millis(1)).into()).await;
     }
-    while Instant::now() < at {
-        tokio::task::yield_now().await;
+    loop {
+        // Created before the check, so a tick between the check and the await is
+        // not lost (`notify_waiters` wakes every `Notified` created before it).
+        let tick = ticker.map(Notify::notified);
+        if Instant::now() >= at {
+            return;
+        }
+        match tick {
+            Some(tick) => tick.await,
+            None => tokio::task::yield_now().await,
+        }
     }
 }
 
@@ -465,8 +502,13 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         deadline,
         max_messages: per_stream,
         window: args.window,
+        ticker: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let mut plan = plan;
+    if interval.is_some() {
+        plan.ticker = Some(start_ticker(Arc::clone(&stop)));
+    }
     let date = SystemTime::now();
     let mut tasks = Vec::with_capacity(streams);
     for (c, channel) in channels.iter().enumerate() {
@@ -492,8 +534,13 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut counts = Counts::default();
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut results = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let result = task.await?;
+        results.push(task.await?);
+    }
+    // Every stream is done: the ticker thread may end.
+    stop.store(true, Ordering::Relaxed);
+    for result in results {
         histogram.add(&result.histogram)?;
         answered += result.answered;
         unanswered += result.unanswered;
@@ -748,10 +795,19 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
