@@ -17,8 +17,9 @@
 # Settings (environment): DURATION (seconds per h2load run, default 10),
 # SERVER_CPU (0), LOAD_CPU (1), H2_CONNECTIONS (4), H2_STREAMS (16 per connection),
 # MEM_ROUNDS (samples per device in (d), default 50 = a full window), LAT_CONNECTIONS
-# and LAT_STREAMS (streams of (c), default 2 x 4: the paced senders spin on the load
-# core between sends, so fewer streams measure more precisely), PROFILE=1 to
+# and LAT_STREAMS (streams of (c), default 2 x 4), LOAD_THREADS (tokio worker threads
+# of tidewatch-bench in (c), default 1: a single-threaded runtime on the load core),
+# PROFILE=1 to
 # record `perf` profiles of the server during (a) and (b), PARTS ("a b c d", a subset
 # runs only those parts).
 set -euo pipefail
@@ -32,6 +33,7 @@ H2_STREAMS=${H2_STREAMS:-16}
 MEM_ROUNDS=${MEM_ROUNDS:-50}
 LAT_CONNECTIONS=${LAT_CONNECTIONS:-2}
 LAT_STREAMS=${LAT_STREAMS:-4}
+LOAD_THREADS=${LOAD_THREADS:-1}
 PROFILE=${PROFILE:-0}
 PARTS=${PARTS:-"a b c d"}
 OUT=${OUT:-target/bench}
@@ -198,7 +200,7 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 for key in a.bare_msgs a.tw_msgs a.ratio a.tw_samples a.bare_samples a.answered b.bare_msgs b.tw_msgs b.ratio b.tw_samples b.bare_samples b.answered; do
   RESULT[$key]="-"
 done
-RATE="-" PEAK_C="-" P50_US="-" P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
+RATE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
 want a && run_pair a "$OUT/single.body" 1
 want b && run_pair b "$OUT/batch100.body" 100
 
@@ -208,14 +210,26 @@ start_tidewatch
 # The peak of this traffic shape (each message sent on its own, as devices do); h2load's
 # peak in (a) packs 100 messages per call and is higher. 50 % of the lower of the two.
 taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate 0 \
-  --window 64 --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/peak.json" | tee "$OUT/peak.txt"
+  --threads "$LOAD_THREADS" --window 64 --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/peak.json" | tee "$OUT/peak.txt"
 PEAK_C=$(python3 -c "import json; print(round(json.load(open('$OUT/peak.json'))['rps']))")
 RATE=$(python3 -c "a='${RESULT[a.tw_msgs]}'; p=$PEAK_C; print(round(min(p, int(a)) / 2 if a.isdigit() else p / 2))")
 taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
-  --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency.json" | tee "$OUT/latency.txt"
+  --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency.json" | tee "$OUT/latency.txt"
 stop_server
-P99_US=$(python3 -c "import json; r=json.load(open('$OUT/latency.json')); print(next(d['latency'] for d in r['latencyDistribution'] if d['percentage']==99)/1000)")
-P50_US=$(python3 -c "import json; r=json.load(open('$OUT/latency.json')); print(next(d['latency'] for d in r['latencyDistribution'] if d['percentage']==50)/1000)")
+# Baseline in the same run: the same paced load against bare tonic, so the load
+# generator's and the machine's own tail shows beside tidewatch's.
+step "(c) baseline: the same paced load against bare-tonic"
+start_bare
+taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$BARE_PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
+  --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency-bare.json" | tee "$OUT/latency-bare.txt"
+stop_server
+percentile() { # report percentage
+  python3 -c "import json; r=json.load(open('$1')); print(next(d['latency'] for d in r['latencyDistribution'] if d['percentage']==$2)/1000)"
+}
+P99_US=$(percentile "$OUT/latency.json" 99)
+P50_US=$(percentile "$OUT/latency.json" 50)
+BARE_P99_US=$(percentile "$OUT/latency-bare.json" 99)
+BARE_P50_US=$(percentile "$OUT/latency-bare.json" 50)
 fi
 
 if want d; then
@@ -256,7 +270,7 @@ cat >"$OUT/summary.md" <<EOF
 | (a) 1 sample/message, messages/s | ${RESULT[a.bare_msgs]} | ${RESULT[a.tw_msgs]} (${RESULT[a.ratio]} x bare) | >= 0.8 x bare |
 | (b) 100 samples/message, samples/s | ${RESULT[b.bare_samples]} | ${RESULT[b.tw_samples]} (${RESULT[b.ratio]} x bare) | >= 5,000,000 |
 | server-counted samples in (a) / (b) | | ${RESULT[a.answered]} / ${RESULT[b.answered]} | >= h2load's successes x 100 x samples |
-| (c) latency at ${RATE} msg/s (50 % of peak): p50 / p99 | | ${P50_US} µs / ${P99_US} µs | p99 < 1 ms |
+| (c) latency at ${RATE} msg/s (50 % of peak): p50 / p99 | ${BARE_P50_US} µs / ${BARE_P99_US} µs | ${P50_US} µs / ${P99_US} µs | p99 < 1 ms |
 | (d) RSS, 1M devices x 2 metrics x ${MEM_ROUNDS} values | | ${DEV_MIB} MiB (empty server: $((RSS_EMPTY / 1024)) MiB) | <= 1 GiB |
 | (d) RSS per idle Ingest stream (10,000 streams) | | ${PER_STREAM} bytes ($((RSS_BASE / 1024)) -> $((RSS_IDLE / 1024)) MiB) | measured |
 EOF

@@ -22,7 +22,7 @@ use tidewatch_proto::{
 };
 use tonic::{
     Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
 };
 
 use crate::{
@@ -693,6 +693,15 @@ impl Codec for WireCodec {
     }
 }
 
+/// Initial size of each stream's encode and decode buffers (tonic's default is 8 KiB
+/// each). Devices hold streams open for days and send small messages: an idle stream
+/// should cost little, and a buffer grows when a large message needs it. Outgoing
+/// frames are still cut at tonic's 32 KiB yield threshold.
+const STREAM_BUFFER: usize = 1024;
+
+/// tonic's default: encoded responses are handed to HTTP/2 once this much is ready.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
 impl Encoder for WireEncoder {
     type Item = Bytes;
     type Error = Status;
@@ -700,6 +709,10 @@ impl Encoder for WireEncoder {
     fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         dst.put_slice(&item);
         Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD)
     }
 }
 
@@ -710,6 +723,10 @@ impl Decoder for WireDecoder {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<WireRequest>, Status> {
         let bytes = src.copy_to_bytes(src.remaining());
         Ok(Some(WireRequest::decode(bytes)?))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD)
     }
 }
 
