@@ -3,8 +3,11 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::{TestServer, drain, one, run_ingest, sample};
-use tidewatch_proto::v1::{IngestRequest, Sample};
+use prost::Message as _;
+use tidewatch_proto::v1::{IngestRequest, IngestResponse, Sample};
+use tidewatch_server::grpc::wire::WireEncoder;
 
 fn many_metrics(count: usize) -> Sample {
     Sample {
@@ -157,4 +160,142 @@ async fn metric_and_device_limits_count_across_samples() {
         .collect();
     assert_eq!(errors, ["", "too_many_metrics", "", "", "device_limit", ""]);
     server.stop().await.expect("clean shutdown");
+}
+
+/// Sends pre-encoded bytes as `Ingest` messages and decodes the responses with prost:
+/// what a client with its own (or a broken) protobuf encoder puts on the wire.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawIngest;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ProstResponses;
+
+impl tonic::codec::Decoder for ProstResponses {
+    type Item = IngestResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<IngestResponse>, tonic::Status> {
+        IngestResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawIngest {
+    type Encode = Bytes;
+    type Decode = IngestResponse;
+    type Encoder = WireEncoder;
+    type Decoder = ProstResponses;
+
+    fn encoder(&mut self) -> WireEncoder {
+        WireEncoder
+    }
+
+    fn decoder(&mut self) -> ProstResponses {
+        ProstResponses
+    }
+}
+
+/// Opens an `Ingest` stream that sends `messages` as they are.
+async fn raw_ingest(
+    server: &TestServer,
+    messages: Vec<Bytes>,
+) -> Result<tonic::Streaming<IngestResponse>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    grpc.streaming(
+        tonic::Request::new(tokio_stream::iter(messages)),
+        tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/tidewatch.v1.TelemetryService/Ingest",
+        ),
+        RawIngest,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// A length-delimited field.
+fn field(out: &mut Vec<u8>, number: u8, payload: &[u8]) {
+    out.push((number << 3) | 2);
+    out.push(u8::try_from(payload.len()).expect("short payload"));
+    out.extend_from_slice(payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusual_but_valid_protobuf_is_read_as_prost_reads_it() {
+    let server = TestServer::start().await;
+    // A sample whose map repeats the key "cpu" (the last value counts), with an
+    // unknown field, and its fields out of order: seq before device_id.
+    let mut entry_old = Vec::new();
+    field(&mut entry_old, 1, b"cpu");
+    entry_old.push(0x11); // field 2, 64-bit
+    entry_old.extend_from_slice(&1.0f64.to_le_bytes());
+    let mut entry_new = Vec::new();
+    field(&mut entry_new, 1, b"cpu");
+    entry_new.push(0x11);
+    entry_new.extend_from_slice(&42.5f64.to_le_bytes());
+    let mut sample = vec![0x20, 0x07]; // seq = 7
+    field(&mut sample, 3, &entry_old);
+    field(&mut sample, 15, b"from a newer client");
+    field(&mut sample, 1, b"raw-device");
+    field(&mut sample, 3, &entry_new);
+    let mut request = Vec::new();
+    field(&mut request, 1, &sample);
+    let expected = IngestRequest::decode(request.as_slice()).expect("prost reads it");
+    assert_eq!(expected.samples[0].metrics["cpu"], 42.5);
+
+    let mut responses = raw_ingest(&server, vec![Bytes::from(request)])
+        .await
+        .expect("stream");
+    let response = responses.message().await.expect("ok").expect("a response");
+    let verdict = &response.verdicts[0];
+    assert_eq!((verdict.device_id.as_str(), verdict.seq), ("raw-device", 7));
+    assert_eq!(verdict.metrics.len(), 1);
+    assert_eq!(
+        (verdict.metrics[0].metric.as_str(), verdict.metrics[0].value),
+        ("cpu", 42.5)
+    );
+    assert!(verdict.error.is_empty(), "{verdict:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_protobuf_ends_the_stream_with_internal_and_the_server_goes_on() {
+    let server = TestServer::start().await;
+    let good = Bytes::from(one("raw", 1, &[("cpu", 1.0)]).encode_to_vec());
+    // A sample field that claims 5 bytes and has 1; a device id that is not UTF-8.
+    let truncated = Bytes::from_static(&[0x0a, 0x05, 0x0a]);
+    let mut not_utf8 = Vec::new();
+    let mut sample = Vec::new();
+    field(&mut sample, 1, &[0xff, 0xfe]);
+    field(&mut not_utf8, 1, &sample);
+    for bad in [truncated, Bytes::from(not_utf8)] {
+        let mut responses = raw_ingest(&server, vec![good.clone(), bad.clone(), good.clone()])
+            .await
+            .expect("stream");
+        let first = responses.message().await.expect("first answered");
+        assert_eq!(first.map(|r| r.verdicts.len()), Some(1));
+        let status = responses
+            .message()
+            .await
+            .expect_err("the malformed message ends the stream");
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("failed to decode Protobuf message"),
+            "{status:?}"
+        );
+    }
+    // The server is fine: a normal stream is answered.
+    let mut client = server.client().await;
+    let (answered, status) = run_ingest(&mut client, vec![one("raw", 2, &[("cpu", 2.0)])]).await;
+    assert_eq!((answered.len(), status.map(|s| s.code())), (1, None));
 }
