@@ -45,6 +45,9 @@ pub enum WireError {
     /// Field number 0.
     #[error("invalid field number 0")]
     FieldZero,
+    /// A key beyond 32 bits.
+    #[error("invalid key value: {0}")]
+    Key(u64),
     /// A string field is not UTF-8.
     #[error("{0}: invalid string value: data is not UTF-8 encoded")]
     Utf8(&'static str),
@@ -76,6 +79,9 @@ const I32: u64 = 5;
 /// Samples reserved up front at most (a guess from the first sample's size must not
 /// let a small first sample in a large request allocate far more than the request).
 const RESERVE_SAMPLES: usize = 4096;
+
+/// Metrics of one sample up to which an insertion sort orders them.
+const INSERTION_SORT_MAX: usize = 16;
 
 /// A cursor over a protobuf message.
 struct Reader<'a> {
@@ -117,6 +123,10 @@ impl<'a> Reader<'a> {
     #[inline]
     fn key(&mut self) -> Result<(u64, u64), WireError> {
         let key = self.varint()?;
+        if key > u64::from(u32::MAX) {
+            // Field numbers have 29 bits.
+            return Err(WireError::Key(key));
+        }
         let field = key >> 3;
         if field == 0 {
             return Err(WireError::FieldZero);
@@ -294,17 +304,23 @@ impl WireRequest {
             }
         }
         // Map semantics: ascending names (as the BTreeMap prost decodes into), and a
-        // repeated key keeps its last value. Samples carry a handful of metrics, so an
-        // insertion sort (stable: equal names stay in arrival order) is the fastest.
+        // repeated key keeps its last value. Both sorts are stable (equal names stay in
+        // arrival order). Samples usually carry a handful of metrics, for which an
+        // insertion sort is the fastest; a message with thousands (refused later as
+        // `too_many_metrics`, but decoded first) must not cost quadratic time.
         let buf = &self.buf;
         let metrics = &mut self.metrics[first_metric..];
         let name = |m: &RawMetric| &buf[m.name.start as usize..m.name.end as usize];
-        for i in 1..metrics.len() {
-            let mut j = i;
-            while j > 0 && name(&metrics[j - 1]) > name(&metrics[j]) {
-                metrics.swap(j - 1, j);
-                j -= 1;
+        if metrics.len() <= INSERTION_SORT_MAX {
+            for i in 1..metrics.len() {
+                let mut j = i;
+                while j > 0 && name(&metrics[j - 1]) > name(&metrics[j]) {
+                    metrics.swap(j - 1, j);
+                    j -= 1;
+                }
             }
+        } else {
+            metrics.sort_by(|a, b| name(a).cmp(name(b)));
         }
         let mut kept = first_metric;
         for i in first_metric..self.metrics.len() {
@@ -842,6 +858,30 @@ mod tests {
     }
 
     #[test]
+    fn many_metrics_are_sorted_and_deduplicated_like_a_map() {
+        // More than the insertion sort handles: names in descending order, each
+        // sent twice (the second value counts).
+        let mut s = Vec::new();
+        for round in 0..2 {
+            for i in (0..500).rev() {
+                raw_len(
+                    &mut s,
+                    3,
+                    &entry(&format!("m{i:03}"), f64::from(i + round * 1000)),
+                );
+            }
+        }
+        let mut r = Vec::new();
+        raw_len(&mut r, 1, &s);
+        let prost = IngestRequest::decode(r.as_slice()).expect("prost");
+        let wire = decode(r).expect("decode");
+        assert_eq!(wire.to_samples(), prost.samples);
+        let first = wire.samples().next().expect("sample");
+        assert_eq!(first.metric_count(), 500);
+        assert_eq!(first.metrics().next(), Some(("m000", 1000.0)));
+    }
+
+    #[test]
     fn malformed_requests_are_errors_not_panics() {
         let good = IngestRequest {
             samples: vec![sample("d", 1, &[("m", 1.0)])],
@@ -982,6 +1022,64 @@ mod tests {
                 IngestRequest { samples: wire.to_samples(), detector: None }.encode_to_vec(),
                 request.encode_to_vec()
             );
+        }
+
+        #[test]
+        fn mutated_requests_decode_as_prost_decodes_them(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6)
+        ) {
+            // A real request with a few bytes replaced, inserted or removed: mostly
+            // still well-framed, so the nested decoders get exercised, not just the
+            // first key.
+            let mut bytes = IngestRequest {
+                samples: vec![
+                    sample("dev-1", 7, &[("rps", 420.0), ("cpu", 55.5)]),
+                    Sample {
+                        time: Some(Timestamp { seconds: 1_710_000_000, nanos: 5 }),
+                        ..sample("dev-2", 300, &[("temp", -1.0)])
+                    },
+                ],
+                detector: Some(DetectorConfig { name: "zscore".into(), ..DetectorConfig::default() }),
+            }
+            .encode_to_vec();
+            for (at, byte, op) in edits {
+                let i = at.index(bytes.len());
+                match op {
+                    0 => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ => {
+                        bytes.remove(i);
+                    }
+                }
+                if bytes.is_empty() {
+                    break;
+                }
+            }
+            let ours = decode(bytes.clone());
+            let prost = IngestRequest::decode(bytes.as_slice());
+            match (&ours, &prost) {
+                (Ok(ours), Ok(prost)) => {
+                    prop_assert_eq!(
+                        IngestRequest { samples: ours.to_samples(), detector: None }.encode_to_vec(),
+                        IngestRequest { samples: prost.samples.clone(), detector: None }.encode_to_vec()
+                    );
+                    prop_assert_eq!(ours.detector.as_deref(), prost.detector.as_ref());
+                }
+                (Ok(ours), Err(e)) => prop_assert!(false, "we accepted what prost refuses ({}): {:?}", e, ours),
+                // We refuse groups (wire types 3 and 4), which prost skips, and a map
+                // entry without the length-delimited wire type, which prost reads
+                // anyway (its map decoder does not check the field's wire type and
+                // takes whatever varint follows as the entry's length).
+                (Err(e), Ok(_)) => prop_assert!(
+                    matches!(
+                        e,
+                        WireError::WireType(3 | 4)
+                            | WireError::FieldType { field: "Sample.metrics", .. }
+                    ),
+                    "we refused what prost accepts: {}", e
+                ),
+                (Err(_), Err(_)) => {}
+            }
         }
 
         #[test]
