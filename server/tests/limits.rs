@@ -188,6 +188,35 @@ async fn a_silent_stream_ends_after_stream_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_keeps_talking_outlives_stream_idle_timeout() {
+    // The idle timer is re-armed lazily (when it fires, from the last message), not
+    // per message: a stream that sends every 100 ms must survive many 250 ms timeouts,
+    // and still end once it goes quiet.
+    let server =
+        TestServer::start_with(|c| c.stream_idle_timeout = Duration::from_millis(250)).await;
+    let (tx, mut stream) = open_stream(&server, "chatty").await;
+    for i in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(one("chatty", 0, &[("v", f64::from(i))]))
+            .await
+            .expect("the stream is still open");
+        let answer = stream.message().await.expect("answered, not timed out");
+        assert_eq!(answer.map(|r| r.verdicts.len()), Some(1), "message {i}");
+    }
+    let quiet = std::time::Instant::now();
+    let (rest, status) = drain(&mut stream).await;
+    assert!(rest.is_empty());
+    assert_eq!(status.map(|s| s.code()), Some(Code::DeadlineExceeded));
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+        "ended {waited:?} after the last message"
+    );
+    drop(tx);
+    server.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_past_stream_max_lifetime_ends_with_unavailable() {
     let server =
         TestServer::start_with(|c| c.stream_max_lifetime = Duration::from_millis(300)).await;
