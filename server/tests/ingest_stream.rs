@@ -345,3 +345,53 @@ async fn duplicate_seq_is_flagged_and_leaves_the_window_alone() {
     assert_eq!(x.last_value, 70.0);
     server.stop().await.expect("clean shutdown");
 }
+
+/// A host that mounts the generated `TelemetryServiceServer` itself (instead of
+/// `TelemetryApi::into_server`, which routes `Ingest` through the server's own codec)
+/// gets the same answers through the prost types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_server_answers_ingest_the_same() {
+    use std::sync::Arc;
+
+    use tidewatch_proto::v1::{
+        telemetry_service_client::TelemetryServiceClient,
+        telemetry_service_server::TelemetryServiceServer,
+    };
+    use tidewatch_server::{AppState, config::Config, grpc::TelemetryApi};
+
+    let state = Arc::new(AppState::new(Config::defaults()).expect("state"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TelemetryServiceServer::new(TelemetryApi::new(state)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut generated = TelemetryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let reference = TestServer::start().await;
+    let mut routed = reference.client().await;
+    let requests: Vec<IngestRequest> = [420.0, 430.0, 410.0, 440.0, 425.0, 900.0]
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| one("seed", i as u64 + 1, &[("rps", v), ("cpu", v / 10.0)]))
+        .chain([one("seed", 3, &[("rps", 1.0)]), one("seed", 0, &[])])
+        .collect();
+    let (a, status_a) = run_ingest(&mut generated, requests.clone()).await;
+    let (b, status_b) = run_ingest(&mut routed, requests).await;
+    assert_eq!(
+        (status_a.map(|s| s.code()), status_b.map(|s| s.code())),
+        (None, None)
+    );
+    assert_eq!(a, b, "the same verdicts through either path");
+    assert!(
+        a[5].verdicts[0].anomaly,
+        "the seed check: 900 is an anomaly"
+    );
+    assert!(a[6].verdicts[0].duplicate);
+    assert!(a[7].verdicts[0].error.starts_with("no_metrics"));
+    server.abort();
+}
