@@ -564,17 +564,21 @@ fn put_uint(out: &mut impl BufMut, field: u64, v: u64) {
 
 /// Writes the verdicts of one request as an encoded `IngestResponse` (each verdict is
 /// field 1 of the response; a response is the concatenation of its verdicts).
+///
+/// Each verdict is written once, in place: its length is not known until its last
+/// metric is judged, so `begin` leaves two bytes for it (the canonical varint of any
+/// length from 128 to 16,383, which covers a verdict with two or more metrics) and
+/// `end` fills them in, moving the verdict by a byte in the rarer other cases.
 #[derive(Debug, Default)]
 pub struct WireSink {
     /// The encoded response so far.
     out: BytesMut,
-    /// The verdict being written (its fields after the device id and `seq`).
-    verdict: Vec<u8>,
-    /// Device id of the verdict being written.
-    device_id: String,
-    /// `seq` of the verdict being written.
-    seq: u64,
+    /// Where the current verdict's key is in `out`.
+    start: usize,
 }
+
+/// Bytes `begin` leaves for a verdict's length.
+const LEN_SLOT: usize = 2;
 
 impl WireSink {
     /// An empty sink.
@@ -596,22 +600,43 @@ impl WireSink {
             .expect("reserved the encoded length");
     }
 
-    fn put_verdict(&mut self, device_id: &str, seq: u64) {
-        let mut head_len = 0;
-        if !device_id.is_empty() {
-            head_len += 1 + varint_len(device_id.len() as u64) + device_id.len();
-        }
-        if seq != 0 {
-            head_len += 1 + varint_len(seq);
-        }
-        let len = head_len + self.verdict.len();
-        self.out.reserve(1 + varint_len(len as u64) + len);
+    /// Starts a verdict: key, length slot, device id, `seq`.
+    fn open(&mut self, device_id: &str, seq: u64) {
+        self.out
+            .reserve(1 + LEN_SLOT + 2 + device_id.len() + 11 + 96);
+        self.start = self.out.len();
         put_key(&mut self.out, 1, LEN);
-        put_varint(&mut self.out, len as u64);
+        self.out.put_bytes(0, LEN_SLOT);
         put_string(&mut self.out, 1, device_id);
         put_uint(&mut self.out, 2, seq);
-        self.out.put_slice(&self.verdict);
-        self.verdict.clear();
+    }
+
+    /// Completes the verdict started by `open`: writes its length into the slot.
+    fn close(&mut self) {
+        let slot = self.start + 1;
+        let body = slot + LEN_SLOT;
+        let len = self.out.len() - body;
+        match varint_len(len as u64) {
+            2 => {
+                self.out[slot] = (len as u8) | 0x80;
+                self.out[slot + 1] = (len >> 7) as u8;
+            }
+            1 => {
+                self.out[slot] = len as u8;
+                self.out.copy_within(body.., slot + 1);
+                self.out.truncate(self.out.len() - 1);
+            }
+            n => {
+                // Over 16 KiB (a verdict of many metrics with long names): make room.
+                let extra = n - LEN_SLOT;
+                let end = self.out.len();
+                self.out.put_bytes(0, extra);
+                self.out.copy_within(body..end, body + extra);
+                let mut varint = Vec::with_capacity(n);
+                put_varint(&mut varint, len as u64);
+                self.out[slot..slot + n].copy_from_slice(&varint);
+            }
+        }
     }
 }
 
@@ -621,11 +646,9 @@ impl VerdictSink for WireSink {
         self.out.reserve(n * 192);
     }
 
-    fn begin(&mut self, device_id: &str, seq: u64, _metrics: usize) {
-        self.verdict.clear();
-        self.device_id.clear();
-        self.device_id.push_str(device_id);
-        self.seq = seq;
+    fn begin(&mut self, device_id: &str, seq: u64, metrics: usize) {
+        self.out.reserve(metrics * 96);
+        self.open(device_id, seq);
     }
 
     fn metric(&mut self, name: &str, m: &MetricOutcome) {
@@ -642,7 +665,8 @@ impl VerdictSink for WireSink {
         if m.window_count != 0 {
             len += 1 + varint_len(u64::from(m.window_count));
         }
-        let out = &mut self.verdict;
+        let out = &mut self.out;
+        out.reserve(1 + 2 + len);
         // Verdict.metrics = 4
         put_key(out, 4, LEN);
         put_varint(out, len as u64);
@@ -659,25 +683,25 @@ impl VerdictSink for WireSink {
 
     fn end(&mut self, anomaly: bool, alert: bool, score: f64) {
         // Fields 3 (anomaly) and 7, 8 go after the metrics (field 4): any order is
-        // valid protobuf, and prost decodes it to the same message.
-        put_bool(&mut self.verdict, 3, anomaly);
-        put_bool(&mut self.verdict, 7, alert);
-        put_double(&mut self.verdict, 8, score);
-        let device_id = std::mem::take(&mut self.device_id);
-        self.put_verdict(&device_id, self.seq);
-        self.device_id = device_id;
+        // valid protobuf, and every decoder reads it as the same message.
+        put_bool(&mut self.out, 3, anomaly);
+        put_bool(&mut self.out, 7, alert);
+        put_double(&mut self.out, 8, score);
+        self.close();
     }
 
     fn duplicate(&mut self, device_id: &str, seq: u64) {
-        self.verdict.clear();
-        put_bool(&mut self.verdict, 5, true);
-        self.put_verdict(device_id, seq);
+        self.open(device_id, seq);
+        put_bool(&mut self.out, 5, true);
+        self.close();
     }
 
     fn error(&mut self, device_id: &str, seq: u64, error: &SampleError) {
-        self.verdict.clear();
-        put_string(&mut self.verdict, 6, &error.to_string());
-        self.put_verdict(device_id, seq);
+        let error = error.to_string();
+        self.out.reserve(error.len() + 4);
+        self.open(device_id, seq);
+        put_string(&mut self.out, 6, &error);
+        self.close();
     }
 }
 
@@ -991,6 +1015,56 @@ mod tests {
 
     /// A generated sample: device id, seq, time, metrics.
     type RawParts = (String, u64, Option<(i64, i32)>, BTreeMap<String, f64>);
+
+    #[test]
+    fn verdicts_of_every_length_class_decode() {
+        // 1-byte, 2-byte and 3-byte verdict lengths, each between other verdicts.
+        let mut sink = WireSink::new();
+        let outcome = MetricOutcome {
+            value: 1.5,
+            mean: 2.5,
+            stddev: 0.5,
+            z_score: -2.0,
+            anomaly: true,
+            window_count: 300,
+            score: 0.75,
+            alert: true,
+        };
+        let long = "m".repeat(120);
+        let cases: [(&str, usize); 4] = [("a", 1), ("b", 3), (&long, 200), ("c", 0)];
+        for (i, (name, metrics)) in cases.iter().enumerate() {
+            sink.begin(&format!("dev-{i}"), i as u64 + 1, *metrics);
+            for k in 0..*metrics {
+                sink.metric(&format!("{name}{k}"), &outcome);
+            }
+            sink.end(true, false, 0.75);
+        }
+        sink.duplicate("", 9);
+        sink.error("x", 0, &SampleError::NoMetrics);
+        let response = IngestResponse::decode(sink.take()).expect("decodes");
+        let v = &response.verdicts;
+        assert_eq!(v.len(), 6);
+        for (i, (name, metrics)) in cases.iter().enumerate() {
+            assert_eq!(v[i].device_id, format!("dev-{i}"));
+            assert_eq!(v[i].seq, i as u64 + 1);
+            assert_eq!(v[i].metrics.len(), *metrics);
+            assert!(v[i].anomaly && !v[i].alert && v[i].score == 0.75);
+            for (k, m) in v[i].metrics.iter().enumerate() {
+                assert_eq!(*m, outcome.to_proto(&format!("{name}{k}")));
+            }
+        }
+        assert!(
+            v[2].encoded_len() > 16_384,
+            "the 3-byte length case is covered"
+        );
+        assert!(
+            v[0].encoded_len() < 128,
+            "the 1-byte length case is covered"
+        );
+        assert!((v[4].duplicate, v[4].seq, v[4].device_id.as_str()) == (true, 9, ""));
+        assert!(v[5].error.starts_with("no_metrics"));
+        assert!(sink.take().is_empty());
+    }
 
     proptest! {
         #[test]
