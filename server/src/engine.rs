@@ -583,10 +583,11 @@ pub fn now_timestamp() -> Timestamp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample(device: &str, seq: u64, metrics: &[(&str, f64)]) -> Sample {
+    /// A prost sample (also used by the wire codec's tests).
+    pub(crate) fn sample(device: &str, seq: u64, metrics: &[(&str, f64)]) -> Sample {
         Sample {
             device_id: device.into(),
             time: None,

@@ -778,16 +778,7 @@ mod tests {
     use tidewatch_proto::v1::{IngestRequest, IngestResponse, Verdict};
 
     use super::*;
-    use crate::engine::{Engine, EngineConfig};
-
-    fn sample(device: &str, seq: u64, metrics: &[(&str, f64)]) -> Sample {
-        Sample {
-            device_id: device.into(),
-            time: None,
-            metrics: metrics.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
-            seq,
-        }
-    }
+    use crate::engine::{Engine, EngineConfig, tests::sample};
 
     fn decode(bytes: Vec<u8>) -> Result<WireRequest, WireError> {
         WireRequest::decode(Bytes::from(bytes))
