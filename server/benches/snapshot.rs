@@ -11,7 +11,7 @@
 //!
 //! Run: `cargo bench -p tidewatch-server --bench snapshot` (`DEVICES=100000` for a
 //! quicker flush run, `DEVICES=0` for the throughput part only, `ROUNDS=9` for more
-//! throughput rounds than the default 3).
+//! throughput rounds than the default 3, `ROUNDS=0` for the flush part only).
 
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
@@ -293,8 +293,10 @@ async fn main() {
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+        .unwrap_or(3);
+    if rounds == 0 {
+        return;
+    }
 
     let streams = 4;
     let messages = 2_500;
