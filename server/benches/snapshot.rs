@@ -11,7 +11,9 @@
 //!
 //! Run: `cargo bench -p tidewatch-server --bench snapshot` (`DEVICES=100000` for a
 //! quicker flush run, `DEVICES=0` for the throughput part only, `ROUNDS=9` for more
-//! throughput rounds than the default 3, `ROUNDS=0` for the flush part only).
+//! throughput rounds than the default 3, `ROUNDS=0` for the flush part only,
+//! `MESSAGES=10000` for runs four times as long as the default 2,500 messages per
+//! stream).
 
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
@@ -123,7 +125,13 @@ async fn redis_benchmark(redis: &RedisServer, devices: usize, value_size: usize)
             .args(["-n", &devices.to_string(), "-r", &range.to_string()])
             .args(["-P", &batch.to_string()])
             .args(["-c", &pool.to_string()])
-            .args(["SET", "tidewatch:v1:device:__rand_int__", &value, "EX", "3600"])
+            .args([
+                "SET",
+                "tidewatch:v1:device:__rand_int__",
+                &value,
+                "EX",
+                "3600",
+            ])
             .output();
         match output {
             Ok(output) if output.status.success() => {
@@ -212,7 +220,7 @@ async fn throughput(
     redis_url: Option<String>,
     interval: Duration,
     requests: &[Vec<IngestRequest>],
-) -> (f64, u64) {
+) -> Run {
     let mut config = Config::for_tests();
     config.redis_url = redis_url;
     config.snapshot_interval = interval;
@@ -256,9 +264,11 @@ async fn throughput(
         .map(|r| r[..r.len() / 10].to_vec())
         .collect();
     run(warmup).await;
+    let cpu = own_cpu_seconds();
     let started = Instant::now();
     let samples = run(requests.to_vec()).await;
     let rate = samples as f64 / started.elapsed().as_secs_f64();
+    let cpu = own_cpu_seconds() - cpu;
     let writes = state
         .snapshots
         .as_ref()
@@ -272,7 +282,21 @@ async fn throughput(
         .unwrap_or(0);
     let _ = tx.send(());
     task.await.expect("server").expect("serve");
-    (rate, writes)
+    Run {
+        rate,
+        writes,
+        cpu_per_sample: cpu / samples as f64,
+    }
+}
+
+/// What one throughput run measured.
+struct Run {
+    /// Samples per second.
+    rate: f64,
+    /// Device snapshots written during the run (0 without snapshots).
+    writes: u64,
+    /// CPU time of this process (server, flusher and load generator) per sample.
+    cpu_per_sample: f64,
 }
 
 #[tokio::main]
@@ -299,7 +323,10 @@ async fn main() {
     }
 
     let streams = 4;
-    let messages = 2_500;
+    let messages: usize = std::env::var("MESSAGES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(2_500);
     let batch = 100;
     let per_stream_devices = 5_000;
     println!(
@@ -315,19 +342,30 @@ async fn main() {
     let second = Duration::from_secs(1);
     let redis_cpu = || cpu_seconds(redis.pid().expect("redis runs"));
     for round in 0..rounds {
-        let (rate, _) = throughput(None, second, &requests).await;
-        println!("round {round}: snapshots off:                  {rate:>10.0} samples/s");
-        off.push(rate);
-        let cpu = redis_cpu();
-        let (rate, writes) = throughput(Some(redis.url()), second, &requests).await;
+        let run = throughput(None, second, &requests).await;
         println!(
-            "round {round}: snapshots on:                   {rate:>10.0} samples/s ({writes} device snapshots written, redis-server cpu {:.2} s)",
+            "round {round}: snapshots off:                  {:>10.0} samples/s ({:.2} us cpu/sample)",
+            run.rate,
+            run.cpu_per_sample * 1e6
+        );
+        off.push(run.rate);
+        let cpu = redis_cpu();
+        let run = throughput(Some(redis.url()), second, &requests).await;
+        println!(
+            "round {round}: snapshots on:                   {:>10.0} samples/s ({:.2} us cpu/sample; {} device snapshots written, redis-server cpu {:.2} s)",
+            run.rate,
+            run.cpu_per_sample * 1e6,
+            run.writes,
             redis_cpu() - cpu
         );
-        on.push(rate);
-        let (rate, _) = throughput(Some(redis.url()), Duration::from_secs(3600), &requests).await;
-        println!("round {round}: snapshots on, no flush in run: {rate:>10.0} samples/s");
-        no_flush.push(rate);
+        on.push(run.rate);
+        let run = throughput(Some(redis.url()), Duration::from_secs(3600), &requests).await;
+        println!(
+            "round {round}: snapshots on, no flush in run: {:>10.0} samples/s ({:.2} us cpu/sample)",
+            run.rate,
+            run.cpu_per_sample * 1e6
+        );
+        no_flush.push(run.rate);
         flushall(&redis).await;
     }
     let median = |v: &mut Vec<f64>| {

@@ -278,8 +278,7 @@ impl Snapshots {
                     batch.keys.push(engine.key_of(device));
                     device.dirty = false;
                 });
-                if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch, recycled)
-                {
+                if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch, recycled) {
                     return;
                 }
             }

@@ -183,13 +183,12 @@ mod tests {
 
     #[test]
     fn a_set_is_packed_as_redis_rs_packs_it() {
-        let commands = vec![(
-            b"tidewatch:v1:device:sensor-1".to_vec(),
-            vec![7u8; 1005],
-        )];
+        let commands = vec![(b"tidewatch:v1:device:sensor-1".to_vec(), vec![7u8; 1005])];
         assert_eq!(packed(&commands, 3600, 20), redis_rs(&commands, 3600));
         let text = String::from_utf8_lossy(&packed(&commands, 3600, 20)).into_owned();
-        assert!(text.starts_with("*5\r\n$3\r\nSET\r\n$28\r\ntidewatch:v1:device:sensor-1\r\n$1005\r\n"));
+        assert!(
+            text.starts_with("*5\r\n$3\r\nSET\r\n$28\r\ntidewatch:v1:device:sensor-1\r\n$1005\r\n")
+        );
         assert!(text.ends_with("\r\n$2\r\nEX\r\n$4\r\n3600\r\n"));
     }
 
@@ -228,7 +227,13 @@ mod tests {
 
     #[test]
     fn other_replies_are_protocol_errors() {
-        for reply in [&b"$3\r\nabc\r\n"[..], b":1\r\n", b"*0\r\n", b"+QUEUED\r\n", b"$-1"] {
+        for reply in [
+            &b"$3\r\nabc\r\n"[..],
+            b":1\r\n",
+            b"*0\r\n",
+            b"+QUEUED\r\n",
+            b"$-1",
+        ] {
             assert!(parse_reply(reply).is_err(), "{reply:?}");
         }
         assert!(parse_reply(&vec![b'-'; MAX_LINE + 1]).is_err());

@@ -271,7 +271,9 @@ impl WriteConnection {
                 Stream::Tcp(stream)
             }
             #[cfg(unix)]
-            ConnectionAddr::Unix(path) => Stream::Unix(tokio::net::UnixStream::connect(path).await?),
+            ConnectionAddr::Unix(path) => {
+                Stream::Unix(tokio::net::UnixStream::connect(path).await?)
+            }
             other => {
                 return Err(StoreError::Connect(format!(
                     "snapshot writes cannot connect to {other}: use redis:// or redis+unix://"
