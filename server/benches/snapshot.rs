@@ -5,8 +5,15 @@
 //! 2. gRPC ingest throughput of the real server with snapshots off and on, in the
 //!    same run, alternating, so the machine's noise hits both alike.
 //!
+//! Beside each flush, the CPU time of `redis-server` and of this process (the flusher)
+//! during it, and `redis-benchmark` against the same `redis-server` with the same value
+//! size, TTL and pipeline depth (when it is installed): Redis' own ceiling in this run.
+//!
 //! Run: `cargo bench -p tidewatch-server --bench snapshot` (`DEVICES=100000` for a
-//! quicker flush run, `DEVICES=0` for the throughput part only).
+//! quicker flush run, `DEVICES=0` for the throughput part only, `ROUNDS=9` for more
+//! throughput rounds than the default 3, `ROUNDS=0` for the flush part only,
+//! `MESSAGES=10000` for runs four times as long as the default 2,500 messages per
+//! stream).
 
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
@@ -73,24 +80,114 @@ async fn flush_benchmark(redis: &RedisServer, devices: usize) {
         .expect("snapshots"),
     );
     snapshots.check().await.expect("redis answers");
+    let redis_pid = redis.pid().expect("redis runs");
     for round in ["into an empty redis", "overwriting"] {
         if round == "overwriting" {
             engine.for_each_device_mut(|d| d.dirty = true);
         }
+        let (redis_cpu, own_cpu) = (cpu_split(redis_pid), own_cpu_seconds());
         let started = Instant::now();
         let report = snapshots.flush().await;
         let elapsed = started.elapsed();
         assert_eq!(report.failed, 0, "flush failed");
         assert_eq!(report.written, devices as u64);
+        let redis_after = cpu_split(redis_pid);
         println!(
-            "flush {round}: {} devices in {:.3} s ({:.0} devices/s)",
+            "flush {round}: {} devices in {:.3} s ({:.0} devices/s); cpu: redis-server {:.2} s (user {:.2}, sys {:.2}), flusher process {:.2} s",
             report.written,
             elapsed.as_secs_f64(),
-            report.written as f64 / elapsed.as_secs_f64()
+            report.written as f64 / elapsed.as_secs_f64(),
+            redis_after.0 + redis_after.1 - redis_cpu.0 - redis_cpu.1,
+            redis_after.0 - redis_cpu.0,
+            redis_after.1 - redis_cpu.1,
+            own_cpu_seconds() - own_cpu,
         );
     }
     let value = redis.raw("device-0000000").await.expect("written");
     println!("snapshot value size: {} bytes per device", value.len());
+    redis_benchmark(redis, devices, value.len()).await;
+}
+
+/// Redis' own pipelined client against the same `redis-server`: `SET key value EX 3600`
+/// with the snapshot's value size, `SNAPSHOT_BATCH` commands per pipeline over
+/// `REDIS_POOL_SIZE` connections. Keys are random: `-r 100000000` into an empty
+/// Redis makes nearly every key new; `-r DEVICES` twice, the second run timed,
+/// rewrites mostly existing keys (1 - 1/e² ≈ 86 % of them).
+async fn redis_benchmark(redis: &RedisServer, devices: usize, value_size: usize) {
+    let config = Config::defaults();
+    let (batch, pool) = (config.snapshot_batch, config.redis_pool_size);
+    let value = "x".repeat(value_size);
+    let run = |range: usize| {
+        let started = Instant::now();
+        let redis_cpu = cpu_seconds(redis.pid().expect("redis runs"));
+        let output = std::process::Command::new("redis-benchmark")
+            .args(["-p", &redis.port.to_string(), "-q"])
+            .args(["-n", &devices.to_string(), "-r", &range.to_string()])
+            .args(["-P", &batch.to_string()])
+            .args(["-c", &pool.to_string()])
+            .args([
+                "SET",
+                "tidewatch:v1:device:__rand_int__",
+                &value,
+                "EX",
+                "3600",
+            ])
+            .output();
+        match output {
+            Ok(output) if output.status.success() => {
+                let elapsed = started.elapsed().as_secs_f64();
+                Some((
+                    elapsed,
+                    cpu_seconds(redis.pid().expect("redis runs")) - redis_cpu,
+                ))
+            }
+            Ok(output) => {
+                println!(
+                    "redis-benchmark failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                None
+            }
+            Err(e) => {
+                println!("redis-benchmark not run ({e}): no same-run redis baseline");
+                None
+            }
+        }
+    };
+    flushall(redis).await;
+    let p = redis.port;
+    println!(
+        "baseline: redis-benchmark -p {p} -q -n {devices} -r R -P {batch} -c {pool} SET tidewatch:v1:device:__rand_int__ <{value_size} bytes> EX 3600"
+    );
+    if let Some((elapsed, cpu)) = run(100_000_000) {
+        println!(
+            "  R=100000000 into an empty redis (nearly all keys new): {elapsed:.3} s ({:.0} SET/s); cpu: redis-server {cpu:.2} s",
+            devices as f64 / elapsed
+        );
+    } else {
+        return;
+    }
+    flushall(redis).await;
+    run(devices);
+    if let Some((elapsed, cpu)) = run(devices) {
+        println!(
+            "  R={devices}, second run (mostly overwriting): {elapsed:.3} s ({:.0} SET/s); cpu: redis-server {cpu:.2} s",
+            devices as f64 / elapsed
+        );
+    }
+    flushall(redis).await;
+}
+
+/// Empties Redis in the foreground (a background free would run during the next
+/// measurement and count as redis-server CPU there).
+async fn flushall(redis: &RedisServer) {
+    let mut conn = redis.connection().await;
+    conn.set_response_timeout(Duration::from_secs(120));
+    let () = redis::cmd("FLUSHALL")
+        .arg("SYNC")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
 }
 
 /// Requests for one stream: `messages` messages of `batch` samples over `devices`
@@ -123,7 +220,7 @@ async fn throughput(
     redis_url: Option<String>,
     interval: Duration,
     requests: &[Vec<IngestRequest>],
-) -> (f64, u64) {
+) -> Run {
     let mut config = Config::for_tests();
     config.redis_url = redis_url;
     config.snapshot_interval = interval;
@@ -167,9 +264,11 @@ async fn throughput(
         .map(|r| r[..r.len() / 10].to_vec())
         .collect();
     run(warmup).await;
+    let cpu = own_cpu_seconds();
     let started = Instant::now();
     let samples = run(requests.to_vec()).await;
     let rate = samples as f64 / started.elapsed().as_secs_f64();
+    let cpu = own_cpu_seconds() - cpu;
     let writes = state
         .snapshots
         .as_ref()
@@ -183,7 +282,21 @@ async fn throughput(
         .unwrap_or(0);
     let _ = tx.send(());
     task.await.expect("server").expect("serve");
-    (rate, writes)
+    Run {
+        rate,
+        writes,
+        cpu_per_sample: cpu / samples as f64,
+    }
+}
+
+/// What one throughput run measured.
+struct Run {
+    /// Samples per second.
+    rate: f64,
+    /// Device snapshots written during the run (0 without snapshots).
+    writes: u64,
+    /// CPU time of this process (server, flusher and load generator) per sample.
+    cpu_per_sample: f64,
 }
 
 #[tokio::main]
@@ -200,15 +313,20 @@ async fn main() {
         );
         flush_benchmark(&redis, devices).await;
     }
-    let mut conn = redis.connection().await;
-    let () = redis::cmd("FLUSHALL")
-        .arg("ASYNC")
-        .query_async(&mut conn)
-        .await
-        .expect("FLUSHALL");
+    flushall(&redis).await;
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    if rounds == 0 {
+        return;
+    }
 
     let streams = 4;
-    let messages = 2_500;
+    let messages: usize = std::env::var("MESSAGES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(2_500);
     let batch = 100;
     let per_stream_devices = 5_000;
     println!(
@@ -223,25 +341,32 @@ async fn main() {
     let mut no_flush = Vec::new();
     let second = Duration::from_secs(1);
     let redis_cpu = || cpu_seconds(redis.pid().expect("redis runs"));
-    for round in 0..3 {
-        let (rate, _) = throughput(None, second, &requests).await;
-        println!("round {round}: snapshots off:                  {rate:>10.0} samples/s");
-        off.push(rate);
-        let cpu = redis_cpu();
-        let (rate, writes) = throughput(Some(redis.url()), second, &requests).await;
+    for round in 0..rounds {
+        let run = throughput(None, second, &requests).await;
         println!(
-            "round {round}: snapshots on:                   {rate:>10.0} samples/s ({writes} device snapshots written, redis-server cpu {:.2} s)",
+            "round {round}: snapshots off:                  {:>10.0} samples/s ({:.2} us cpu/sample)",
+            run.rate,
+            run.cpu_per_sample * 1e6
+        );
+        off.push(run.rate);
+        let cpu = redis_cpu();
+        let run = throughput(Some(redis.url()), second, &requests).await;
+        println!(
+            "round {round}: snapshots on:                   {:>10.0} samples/s ({:.2} us cpu/sample; {} device snapshots written, redis-server cpu {:.2} s)",
+            run.rate,
+            run.cpu_per_sample * 1e6,
+            run.writes,
             redis_cpu() - cpu
         );
-        on.push(rate);
-        let (rate, _) = throughput(Some(redis.url()), Duration::from_secs(3600), &requests).await;
-        println!("round {round}: snapshots on, no flush in run: {rate:>10.0} samples/s");
-        no_flush.push(rate);
-        let () = redis::cmd("FLUSHALL")
-            .arg("ASYNC")
-            .query_async(&mut conn)
-            .await
-            .expect("FLUSHALL");
+        on.push(run.rate);
+        let run = throughput(Some(redis.url()), Duration::from_secs(3600), &requests).await;
+        println!(
+            "round {round}: snapshots on, no flush in run: {:>10.0} samples/s ({:.2} us cpu/sample)",
+            run.rate,
+            run.cpu_per_sample * 1e6
+        );
+        no_flush.push(run.rate);
+        flushall(&redis).await;
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -249,7 +374,7 @@ async fn main() {
     };
     let (off, on, no_flush) = (median(&mut off), median(&mut on), median(&mut no_flush));
     println!(
-        "median: off {off:.0} samples/s, on {on:.0} samples/s (ratio {:.3}), on without flushes {no_flush:.0} samples/s (ratio {:.3})",
+        "median of {rounds} rounds: off {off:.0} samples/s, on {on:.0} samples/s (ratio {:.3}), on without flushes {no_flush:.0} samples/s (ratio {:.3})",
         on / off,
         no_flush / off
     );
@@ -257,6 +382,12 @@ async fn main() {
 
 /// CPU time (user + system) a process has used, in seconds, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// User and system CPU time of a process, in seconds, from /proc.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -269,5 +400,10 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     // utime and stime are fields 14 and 15 of stat; 11 and 12 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
+}
+
+/// CPU time (user + system) this process has used, in seconds.
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds(std::process::id())
 }

@@ -5,10 +5,12 @@
 //!   beside ingestion, never inside a request): on the blocking pool, the dirty
 //!   devices of each shard are encoded under the shard lock a few hundred at a time
 //!   (so ingestion on that shard waits at most that long) and their `dirty` flag is
-//!   cleared; the encoded batches go to Redis as pipelines of `SET key value EX ttl`,
-//!   `REDIS_POOL_SIZE` at a time. A batch that fails marks its devices dirty again,
-//!   so the next flush retries them: a Redis outage delays snapshots, it never loses
-//!   what is in memory.
+//!   cleared; each device is encoded straight into a batch of packed
+//!   `SET key value EX ttl` commands ([`resp`]), and the batches go to Redis as
+//!   pipelines, `REDIS_POOL_SIZE` at a time, their buffers reused. A device whose
+//!   `SET` fails (the batch broke, or Redis refused that command) is marked dirty
+//!   again, so the next flush retries it: a Redis outage delays snapshots, it never
+//!   loses what is in memory.
 //! - **Restore** ([`Snapshots::restore_missing`]): the first sample of a device that
 //!   is not in memory waits for its snapshot to be read and inserted before it is
 //!   judged. Concurrent first samples of one device share one read.
@@ -22,10 +24,12 @@
 //! is logged once when it starts and once when it ends, and counted.
 
 pub mod codec;
+pub mod resp;
 pub mod store;
 
 use std::{
     collections::{HashMap, HashSet},
+    mem,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -33,7 +37,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bb8_redis::redis;
 use futures::{
     FutureExt, StreamExt,
     future::{BoxFuture, Shared},
@@ -51,8 +54,12 @@ use crate::{
 pub use store::{Store, StoreError};
 
 /// Devices encoded per shard-lock hold: bounds how long a flush can make an ingest
-/// request on that shard wait (a few hundred microseconds).
-const LOCK_CHUNK: usize = 256;
+/// request on that shard wait. A message of many samples touches every shard, so
+/// during a flush nearly every message meets the shard being encoded: with 256
+/// devices per hold (~0.5 ms) ingestion crawled while a flush ran; 32 (~70 µs, about
+/// what the message itself takes) keeps the wait small, and taking an uncontended
+/// lock costs nothing next to encoding 32 KB.
+const LOCK_CHUNK: usize = 32;
 
 /// Restores of at least this many devices decode on the blocking pool.
 const BLOCKING_DECODE: usize = 64;
@@ -136,21 +143,17 @@ impl Link {
 type Restore = Shared<BoxFuture<'static, ()>>;
 
 /// One pipeline of encoded devices on its way to Redis.
+#[derive(Default)]
 struct Batch {
-    /// `SET key value EX ttl` per device, replies ignored.
-    pipeline: redis::Pipeline,
-    /// The devices in it, to mark dirty again if the write fails.
+    /// `SET key value EX ttl` per device, packed ([`resp::SetCommands`]).
+    commands: Vec<u8>,
+    /// The devices in it, in command order, to mark dirty again if a write fails.
     keys: Vec<DeviceKey>,
 }
 
-impl Batch {
-    fn new() -> Self {
-        Self {
-            pipeline: redis::pipe(),
-            keys: Vec::new(),
-        }
-    }
-}
+/// Emptied batches, back from the writers for the encoder to fill again: a batch of
+/// 1,000 devices is a megabyte, and a fresh one per batch cost a page fault per 4 KiB.
+type Recycled = Mutex<Vec<Batch>>;
 
 /// Snapshots of one server: the store, and what connects it to the engine.
 #[derive(Debug)]
@@ -228,11 +231,15 @@ impl Snapshots {
     pub async fn flush(self: &Arc<Self>) -> FlushReport {
         let concurrency = self.config.pool_size as usize;
         let (tx, rx) = mpsc::channel::<Batch>(concurrency);
+        let recycled = Arc::new(Recycled::default());
         let this = Arc::clone(self);
-        let producer = tokio::task::spawn_blocking(move || this.collect_dirty(&tx));
+        let producer = tokio::task::spawn_blocking({
+            let recycled = Arc::clone(&recycled);
+            move || this.collect_dirty(&tx, &recycled)
+        });
         let mut report = FlushReport::default();
         let mut writes = tokio_stream::wrappers::ReceiverStream::new(rx)
-            .map(|batch| self.write_batch(batch))
+            .map(|batch| self.write_batch(batch, &recycled))
             .buffer_unordered(concurrency);
         while let Some((written, failed)) = writes.next().await {
             report.written += written;
@@ -250,13 +257,12 @@ impl Snapshots {
     }
 
     /// Encodes the dirty devices shard by shard into batches (blocking pool).
-    fn collect_dirty(&self, tx: &mpsc::Sender<Batch>) {
+    fn collect_dirty(&self, tx: &mpsc::Sender<Batch>, recycled: &Recycled) {
         let engine = &*self.engine;
-        let ttl = self.config.ttl_secs;
+        let mut sets = resp::SetCommands::new(self.config.ttl_secs);
+        let prefix = store::KEY_PREFIX.as_bytes();
         let mut keys = Vec::new();
-        let mut value = Vec::new();
-        let mut key = Vec::new();
-        let mut batch = Batch::new();
+        let mut batch = Batch::default();
         for shard in 0..engine.shard_count() {
             keys.clear();
             engine.dirty_keys(shard, &mut keys);
@@ -266,34 +272,32 @@ impl Snapshots {
                 let (chunk, tail) = rest.split_at(room.min(rest.len()));
                 rest = tail;
                 engine.visit_dirty(shard, chunk, |device| {
-                    value.clear();
-                    codec::encode_value(device, &mut value);
-                    store::write_key(&mut key, &device.id);
-                    batch
-                        .pipeline
-                        .cmd("SET")
-                        .arg(&key[..])
-                        .arg(&value[..])
-                        .arg("EX")
-                        .arg(ttl)
-                        .ignore();
+                    sets.push(&mut batch.commands, prefix, device.id.as_bytes(), |out| {
+                        codec::encode_value(device, out);
+                    });
                     batch.keys.push(engine.key_of(device));
                     device.dirty = false;
                 });
-                if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch) {
+                if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch, recycled) {
                     return;
                 }
             }
         }
         if !batch.keys.is_empty() {
-            self.send(tx, &mut batch);
+            self.send(tx, &mut batch, recycled);
         }
     }
 
-    /// Hands a full batch to the writers; false when they are gone (the flush was
-    /// abandoned), in which case the batch's devices are dirty again.
-    fn send(&self, tx: &mpsc::Sender<Batch>, batch: &mut Batch) -> bool {
-        let full = std::mem::replace(batch, Batch::new());
+    /// Hands a full batch to the writers and takes an emptied one to fill next; false
+    /// when the writers are gone (the flush was abandoned), in which case the batch's
+    /// devices are dirty again.
+    fn send(&self, tx: &mpsc::Sender<Batch>, batch: &mut Batch, recycled: &Recycled) -> bool {
+        let next = recycled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        let full = mem::replace(batch, next);
         match tx.blocking_send(full) {
             Ok(()) => true,
             Err(mpsc::error::SendError(lost)) => {
@@ -303,23 +307,46 @@ impl Snapshots {
         }
     }
 
-    /// Writes one batch; returns (written, failed) device counts.
-    async fn write_batch(&self, batch: Batch) -> (u64, u64) {
+    /// Writes one batch and hands its emptied buffers back; returns (written, failed)
+    /// device counts.
+    async fn write_batch(&self, mut batch: Batch, recycled: &Recycled) -> (u64, u64) {
         let devices = batch.keys.len() as u64;
-        match self.store.write(&batch.pipeline).await {
-            Ok(()) => {
+        let mut refused = Vec::new();
+        let result = self
+            .store
+            .write_sets(&batch.commands, batch.keys.len(), &mut refused)
+            .await;
+        let counts = match result {
+            Ok(()) if refused.is_empty() => {
                 self.link.succeeded();
-                self.counters
-                    .snapshot_writes
-                    .fetch_add(devices, Ordering::Relaxed);
                 (devices, 0)
+            }
+            Ok(()) => {
+                // Redis refused some commands (out of memory, say): those devices stay
+                // dirty, the rest are written.
+                let keys: Vec<DeviceKey> = refused.iter().map(|&(i, _)| batch.keys[i]).collect();
+                self.engine.mark_dirty(&keys);
+                let (_, first) = refused.swap_remove(0);
+                self.link.failed("flush", &StoreError::Refused(first));
+                let failed = keys.len() as u64;
+                (devices - failed, failed)
             }
             Err(e) => {
                 self.link.failed("flush", &e);
                 self.engine.mark_dirty(&batch.keys);
                 (0, devices)
             }
-        }
+        };
+        self.counters
+            .snapshot_writes
+            .fetch_add(counts.0, Ordering::Relaxed);
+        batch.commands.clear();
+        batch.keys.clear();
+        recycled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(batch);
+        counts
     }
 
     /// Whether some device of `samples` must be restored before they are judged

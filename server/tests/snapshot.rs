@@ -536,3 +536,75 @@ async fn startup_says_which_mode_and_hides_the_password() {
     );
     assert!(with.startup_log.iter().all(|l| !l.contains("hunter2")));
 }
+
+/// The flusher packs its own `SET`s on connections of its own: the URL's database is
+/// selected on them, and every reply is checked, so a `SET` Redis refuses (here: out
+/// of memory) leaves its device dirty and counted as failed until a later flush
+/// writes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_stay_dirty_and_the_url_database_is_used() {
+    use tidewatch_server::{
+        engine::{DeviceState, Engine, EngineConfig, MetricState, Window},
+        snapshot::{SnapshotConfig, Snapshots, store},
+        telemetry::Counters,
+    };
+    let redis = RedisServer::start();
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    for i in 0..25 {
+        let mut device = DeviceState::new(&format!("d{i}"), 0);
+        let mut metric = MetricState::new("cpu");
+        metric.window = Window::from_values((0..50).map(f64::from), 50);
+        device.metrics.push(metric);
+        device.dirty = true;
+        assert!(engine.insert_if_absent(device));
+    }
+    let mut config = Config::defaults();
+    config.redis_url = Some(format!("{}/3", redis.url()));
+    config.snapshot_batch = 10;
+    let snapshots = Arc::new(
+        Snapshots::new(
+            SnapshotConfig::from_config(&config).unwrap(),
+            Arc::clone(&engine),
+            Arc::new(Counters::default()),
+        )
+        .unwrap(),
+    );
+    let mut admin = redis.connection().await;
+    let set_maxmemory = |limit: &'static str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(limit)
+            .clone()
+    };
+    let () = set_maxmemory("1").query_async(&mut admin).await.unwrap();
+    let report = snapshots.flush().await;
+    assert_eq!(
+        (report.written, report.failed),
+        (0, 25),
+        "every SET refused"
+    );
+    let () = set_maxmemory("0").query_async(&mut admin).await.unwrap();
+    let report = snapshots.flush().await;
+    assert_eq!(
+        (report.written, report.failed),
+        (25, 0),
+        "retried and written"
+    );
+    assert_eq!(snapshots.flush().await.written, 0, "nothing dirty any more");
+    // Written to database 3, not 0.
+    assert!(redis.raw("d7").await.is_none());
+    let mut db3 = redis::Client::open(format!("{}/3", redis.url()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let value: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(store::key("d7"))
+        .query_async(&mut db3)
+        .await
+        .unwrap();
+    let restored =
+        tidewatch_server::snapshot::codec::decode_value(&value.expect("in db 3"), "d7").unwrap();
+    assert_eq!(restored.metrics[0].window.len(), 50);
+}

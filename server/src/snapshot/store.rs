@@ -1,13 +1,22 @@
-//! The Redis side of snapshots: a bb8 pool of multiplexed connections, one key per
-//! device, every operation bounded by `REDIS_COMMAND_TIMEOUT`.
+//! The Redis side of snapshots, one key per device, every operation bounded by
+//! `REDIS_COMMAND_TIMEOUT`: a bb8 pool of redis-rs multiplexed connections for reads
+//! (restores, `Analyze`, `PING`), and a bb8 pool of plain connections for the flush,
+//! which sends batches of `SET`s it packed itself (see [`super::resp`]): redis-rs
+//! cannot send bytes that are already packed on an async connection.
 
-use std::time::Duration;
+use std::{fmt, io, time::Duration};
 
 use bb8_redis::{
     RedisConnectionManager,
     bb8::{self, Pool, RunError},
-    redis::{self, RedisError},
+    redis::{self, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError},
 };
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::resp::{self, ProtocolError, Reply};
 
 /// Prefix of every device key; the device id follows as is.
 pub const KEY_PREFIX: &str = "tidewatch:v1:device:";
@@ -36,22 +45,48 @@ pub enum StoreError {
     /// The whole operation took longer than `REDIS_COMMAND_TIMEOUT`.
     #[error("redis did not answer within {0:?} (REDIS_COMMAND_TIMEOUT)")]
     Timeout(Duration),
+    /// A snapshot write connection broke.
+    #[error("redis connection failed: {0}")]
+    Io(#[from] io::Error),
+    /// Redis refused a command (out of memory, read-only replica, wrong password, ...).
+    #[error("redis refused the command: {0}")]
+    Refused(String),
+    /// Redis answered something the command cannot answer.
+    #[error("redis protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
 }
 
 impl From<RunError<RedisError>> for StoreError {
     fn from(e: RunError<RedisError>) -> Self {
         match e {
             RunError::User(e) => Self::Connect(e.to_string()),
-            RunError::TimedOut => Self::Connect("timed out (REDIS_CONNECT_TIMEOUT)".into()),
+            RunError::TimedOut => Self::connect_timed_out(),
         }
+    }
+}
+
+impl From<RunError<StoreError>> for StoreError {
+    fn from(e: RunError<StoreError>) -> Self {
+        match e {
+            RunError::User(e) => Self::Connect(e.to_string()),
+            RunError::TimedOut => Self::connect_timed_out(),
+        }
+    }
+}
+
+impl StoreError {
+    fn connect_timed_out() -> Self {
+        Self::Connect("timed out (REDIS_CONNECT_TIMEOUT)".into())
     }
 }
 
 /// Where snapshots are written and read.
 #[derive(Debug, Clone)]
 pub struct Store {
-    /// Connections; each is multiplexed, so a pipeline and a restore read can share one.
+    /// Connections for reads; each is multiplexed, so concurrent restores share one.
     pool: Pool<RedisConnectionManager>,
+    /// Connections for the flush's batches of `SET`s, one batch on a connection at a time.
+    writers: Pool<WriteManager>,
     /// Bound on one operation, connection wait included.
     command_timeout: Duration,
 }
@@ -75,8 +110,18 @@ impl Store {
             // on checkout finds that out and bb8 replaces it.
             .test_on_check_out(true)
             .build_unchecked(manager);
+        let writers = bb8::Pool::builder()
+            .max_size(pool_size)
+            .connection_timeout(connect_timeout)
+            // The check costs no round trip here: it only looks whether the server
+            // closed the socket (see `WriteConnection::check_open`).
+            .test_on_check_out(true)
+            .build_unchecked(WriteManager {
+                info: url.into_connection_info()?,
+            });
         Ok(Self {
             pool,
+            writers,
             command_timeout,
         })
     }
@@ -95,9 +140,27 @@ impl Store {
             .map_err(|_| StoreError::Timeout(self.command_timeout))?
     }
 
-    /// Sends a pipeline whose replies are all ignored (a batch of `SET ... EX`).
-    pub async fn write(&self, pipeline: &redis::Pipeline) -> Result<(), StoreError> {
-        self.run(async |conn| pipeline.exec_async(conn).await).await
+    /// Sends `count` `SET` commands packed by [`resp::SetCommands`] and reads every
+    /// reply. `refused` gets the index and Redis' error of each `SET` that Redis
+    /// refused; an `Err` means none of them is known to be written.
+    pub async fn write_sets(
+        &self,
+        commands: &[u8],
+        count: usize,
+        refused: &mut Vec<(usize, String)>,
+    ) -> Result<(), StoreError> {
+        let work = async {
+            let mut conn = self.writers.get().await?;
+            conn.request(commands, count, |i, reply| {
+                if let Reply::Error(e) = reply {
+                    refused.push((i, e));
+                }
+            })
+            .await
+        };
+        tokio::time::timeout(self.command_timeout, work)
+            .await
+            .map_err(|_| StoreError::Timeout(self.command_timeout))?
     }
 
     /// Reads the values of `ids` in one `MGET`, in order; `None` where there is none.
@@ -117,6 +180,195 @@ impl Store {
         self.run(async |conn| redis::cmd("PING").query_async::<String>(conn).await)
             .await
             .map(drop)
+    }
+}
+
+/// Opens [`WriteConnection`]s for the pool.
+struct WriteManager {
+    /// Where Redis is and how to log in (from `REDIS_URL`).
+    info: ConnectionInfo,
+}
+
+impl fmt::Debug for WriteManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the connection info: it holds the password.
+        f.debug_struct("WriteManager").finish_non_exhaustive()
+    }
+}
+
+impl bb8::ManageConnection for WriteManager {
+    type Connection = WriteConnection;
+    type Error = StoreError;
+
+    async fn connect(&self) -> Result<WriteConnection, StoreError> {
+        WriteConnection::connect(&self.info).await
+    }
+
+    async fn is_valid(&self, conn: &mut WriteConnection) -> Result<(), StoreError> {
+        conn.check_open()
+    }
+
+    fn has_broken(&self, conn: &mut WriteConnection) -> bool {
+        conn.busy
+    }
+}
+
+/// The socket under a [`WriteConnection`].
+enum Stream {
+    /// `redis://host:port`.
+    Tcp(TcpStream),
+    /// `redis+unix:///path` (or `unix:///path`).
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+impl Stream {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.write_all(bytes).await,
+            #[cfg(unix)]
+            Self::Unix(s) => s.write_all(bytes).await,
+        }
+    }
+
+    async fn read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read_buf(buf).await,
+            #[cfg(unix)]
+            Self::Unix(s) => s.read_buf(buf).await,
+        }
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.try_read(buf),
+            #[cfg(unix)]
+            Self::Unix(s) => s.try_read(buf),
+        }
+    }
+}
+
+/// A plain RESP2 connection that sends packed requests and reads their replies, one
+/// request at a time.
+pub struct WriteConnection {
+    /// The socket.
+    stream: Stream,
+    /// Replies read but not parsed yet (reused from request to request).
+    replies: Vec<u8>,
+    /// A request is on the wire: set before writing, cleared once every reply is read.
+    /// A request cut short (timeout, error) leaves replies unread, so the pool drops
+    /// the connection instead of reusing it out of step.
+    busy: bool,
+}
+
+impl WriteConnection {
+    /// Connects and logs in (`AUTH`, `SELECT`) as the URL says.
+    async fn connect(info: &ConnectionInfo) -> Result<Self, StoreError> {
+        let stream = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                Stream::Tcp(stream)
+            }
+            #[cfg(unix)]
+            ConnectionAddr::Unix(path) => {
+                Stream::Unix(tokio::net::UnixStream::connect(path).await?)
+            }
+            other => {
+                return Err(StoreError::Connect(format!(
+                    "snapshot writes cannot connect to {other}: use redis:// or redis+unix://"
+                )));
+            }
+        };
+        let mut conn = Self {
+            stream,
+            replies: Vec::with_capacity(16 * 1024),
+            busy: false,
+        };
+        let settings = info.redis_settings();
+        let mut login = Vec::new();
+        let mut count = 0;
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(username) = settings.username() {
+                auth.arg(username);
+            }
+            login.extend_from_slice(&auth.arg(password).get_packed_command());
+            count += 1;
+        }
+        if settings.db() != 0 {
+            login.extend_from_slice(&redis::cmd("SELECT").arg(settings.db()).get_packed_command());
+            count += 1;
+        }
+        if count > 0 {
+            let mut refused = None;
+            conn.request(&login, count, |_, reply| {
+                if let Reply::Error(e) = reply {
+                    refused.get_or_insert(e);
+                }
+            })
+            .await?;
+            if let Some(e) = refused {
+                return Err(StoreError::Refused(e));
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Whether the connection can take a request, without a round trip: the server
+    /// has not closed it (a restarted or killed Redis has) and nothing unasked-for
+    /// is waiting to be read.
+    fn check_open(&mut self) -> Result<(), StoreError> {
+        if self.busy {
+            return Err(ProtocolError::Unfinished.into());
+        }
+        let mut probe = [0u8; 64];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => Err(ProtocolError::unexpected(&probe[..n]).into()),
+        }
+    }
+
+    /// Sends `request` (`count` commands) and hands each reply to `on_reply` with the
+    /// index of its command.
+    async fn request(
+        &mut self,
+        request: &[u8],
+        count: usize,
+        mut on_reply: impl FnMut(usize, Reply),
+    ) -> Result<(), StoreError> {
+        self.busy = true;
+        self.stream.write_all(request).await?;
+        self.replies.clear();
+        let (mut answered, mut at) = (0, 0);
+        while answered < count {
+            match resp::parse_reply(&self.replies[at..])? {
+                Some((reply, used)) => {
+                    at += used;
+                    on_reply(answered, reply);
+                    answered += 1;
+                }
+                None => {
+                    self.replies.drain(..at);
+                    at = 0;
+                    self.replies.reserve(16 * 1024);
+                    if self.stream.read_buf(&mut self.replies).await? == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "redis closed the connection",
+                        )
+                        .into());
+                    }
+                }
+            }
+        }
+        if at != self.replies.len() {
+            return Err(ProtocolError::unexpected(&self.replies[at..]).into());
+        }
+        self.busy = false;
+        Ok(())
     }
 }
 
