@@ -118,6 +118,14 @@ pub struct BatchOutcome {
     pub rejected_by_reason: [u64; SampleError::REASONS.len()],
 }
 
+/// What [`Engine::ingest_one`] did with a sample it did not refuse.
+enum Judged {
+    /// Judged (a verdict or a duplicate was written).
+    Yes,
+    /// Not judged: its device is not in memory and the caller asked to stop there.
+    UnknownDevice,
+}
+
 /// The sharded device table and the detector settings.
 #[derive(Debug)]
 pub struct Engine {
@@ -255,28 +263,72 @@ impl Engine {
         out: &mut impl VerdictSink,
         received: Instant,
     ) -> BatchOutcome {
+        self.ingest_batch_with(samples, detector, out, received, false)
+            .0
+    }
+
+    /// [`Engine::ingest_batch_at`] that stops at the first sample of a device that is
+    /// not in memory (and could be: the device limit is not reached), before judging
+    /// it, and returns how many samples it judged. With snapshots, such a device must
+    /// be restored first; the caller restores it and judges the rest. One pass: the
+    /// lookup that finds a device is the one that judges its sample.
+    pub fn ingest_batch_until_unknown<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        out: &mut impl VerdictSink,
+        received: Instant,
+    ) -> (BatchOutcome, usize) {
+        self.ingest_batch_with(samples, detector, out, received, true)
+    }
+
+    /// [`Engine::ingest_batch_at`] or, with `stop_at_unknown`,
+    /// [`Engine::ingest_batch_until_unknown`].
+    pub fn ingest_batch_with<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        out: &mut impl VerdictSink,
+        received: Instant,
+        stop_at_unknown: bool,
+    ) -> (BatchOutcome, usize) {
         let (now, tick) = self.clock(received);
         let mut outcome = BatchOutcome::default();
         let samples = samples.into_iter();
         out.reserve(samples.len());
+        let mut judged = 0;
         for sample in samples {
-            if let Err(error) = self.ingest_one(&sample, detector, &now, tick, out, &mut outcome) {
-                outcome.rejected += 1;
-                outcome.rejected_by_reason[error.index()] += 1;
-                out.error(
-                    normalize_device_id(sample.device_id()),
-                    sample.seq(),
-                    &error,
-                );
+            match self.ingest_one(
+                &sample,
+                detector,
+                &now,
+                tick,
+                out,
+                &mut outcome,
+                stop_at_unknown,
+            ) {
+                Ok(Judged::Yes) => {}
+                Ok(Judged::UnknownDevice) => break,
+                Err(error) => {
+                    outcome.rejected += 1;
+                    outcome.rejected_by_reason[error.index()] += 1;
+                    out.error(
+                        normalize_device_id(sample.device_id()),
+                        sample.seq(),
+                        &error,
+                    );
+                }
             }
+            judged += 1;
         }
-        outcome
+        (outcome, judged)
     }
 
     /// Judges one sample (DESIGN §3) into `out` and counts it in `outcome`, or refuses
     /// it (the caller writes the error verdict). Validation happens before anything is
     /// changed, in the order of the sample's metrics (name, then value), and a sample
     /// that is refused never creates its device.
+    #[allow(clippy::too_many_arguments)]
     fn ingest_one(
         &self,
         sample: &impl SampleLike,
@@ -285,7 +337,8 @@ impl Engine {
         tick: u32,
         out: &mut impl VerdictSink,
         outcome: &mut BatchOutcome,
-    ) -> Result<(), SampleError> {
+        stop_at_unknown: bool,
+    ) -> Result<Judged, SampleError> {
         let id = normalize_device_id(sample.device_id());
         if id.len() > self.config.max_device_id_len {
             return Err(SampleError::DeviceIdTooLong {
@@ -336,6 +389,9 @@ impl Engine {
                         limit: self.config.max_devices,
                     });
                 }
+                if stop_at_unknown {
+                    return Ok(Judged::UnknownDevice);
+                }
                 self.devices.fetch_add(1, Ordering::Relaxed);
                 table
                     .insert_unique(hash, DeviceState::new(id, hash), |d| d.hash)
@@ -347,7 +403,7 @@ impl Engine {
         if seq > 0 && seq <= device.last_seq {
             outcome.duplicates += 1;
             out.duplicate(id, seq);
-            return Ok(());
+            return Ok(Judged::Yes);
         }
         if new_metrics > 0
             && device.metrics.len() + new_metrics > self.config.max_metrics_per_device
@@ -388,7 +444,7 @@ impl Engine {
         }
         device.updated_at = time;
         device.dirty = true;
-        Ok(())
+        Ok(Judged::Yes)
     }
 
     /// Current statistics of a device in memory, or `None`.

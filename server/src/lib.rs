@@ -188,8 +188,30 @@ impl AppState {
         {
             return false;
         }
-        self.judge_into(samples, detector, transport, received, out);
+        self.judge_into(samples, detector, transport, received, out, false);
         true
+    }
+
+    /// The gRPC `Ingest` path: judges the samples into `out` in one pass and returns
+    /// how many it judged. Fewer than all means the rest must go through
+    /// [`AppState::answer`] (and their verdicts after the ones in `out`): with
+    /// snapshots, the first sample of a device that is not in memory stops the pass so
+    /// that the device is restored before it is judged; a batch of `BLOCKING_BATCH`
+    /// samples or more is judged on the blocking pool from the start.
+    pub fn try_answer_prefix<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        transport: Transport,
+        received: Instant,
+        out: &mut impl VerdictSink,
+    ) -> usize {
+        let samples = samples.into_iter();
+        if samples.len() >= BLOCKING_BATCH {
+            return 0;
+        }
+        let restore = self.snapshots.is_some();
+        self.judge_into(samples, detector, transport, received, out, restore)
     }
 
     /// Judges a request, waiting where needed: the path for what
@@ -236,13 +258,15 @@ impl AppState {
         started: Instant,
     ) -> Vec<Verdict> {
         let mut verdicts = Vec::with_capacity(samples.len());
-        self.judge_into(samples, detector, transport, started, &mut verdicts);
+        self.judge_into(samples, detector, transport, started, &mut verdicts, false);
         verdicts
     }
 
-    /// [`AppState::judge`] into any sink. While anomaly watchers are subscribed, the
-    /// verdicts are also kept as prost messages for them (unless `out` keeps them
-    /// already).
+    /// [`AppState::judge`] into any sink; returns how many samples were judged (all,
+    /// unless `stop_at_unknown`: see [`Engine::ingest_batch_until_unknown`]). While
+    /// anomaly watchers are subscribed, the verdicts are also kept as prost messages
+    /// for them (unless `out` keeps them already). The message's latency is recorded
+    /// when it is answered whole here.
     fn judge_into<S: SampleLike>(
         &self,
         samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
@@ -250,24 +274,33 @@ impl AppState {
         transport: Transport,
         started: Instant,
         out: &mut impl VerdictSink,
-    ) {
-        let outcome = if !self.metrics.watching() {
-            self.engine.ingest_batch_at(samples, detector, out, started)
+        stop_at_unknown: bool,
+    ) -> usize {
+        let samples = samples.into_iter();
+        let total = samples.len();
+        let engine = &self.engine;
+        let (outcome, judged) = if !self.metrics.watching() {
+            engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown)
         } else if let Some(before) = out.verdicts().map(<[Verdict]>::len) {
-            let outcome = self.engine.ingest_batch_at(samples, detector, out, started);
+            let result = engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown);
             let verdicts = out.verdicts().unwrap_or_default();
-            self.publish_anomalies(&verdicts[before.min(verdicts.len())..], outcome.anomalies);
-            outcome
+            self.publish_anomalies(&verdicts[before.min(verdicts.len())..], result.0.anomalies);
+            result
         } else {
             let mut kept: Vec<Verdict> = Vec::new();
-            let outcome =
-                self.engine
-                    .ingest_batch_at(samples, detector, &mut Tee(out, &mut kept), started);
-            self.publish_anomalies(&kept, outcome.anomalies);
-            outcome
+            let result = engine.ingest_batch_with(
+                samples,
+                detector,
+                &mut Tee(out, &mut kept),
+                started,
+                stop_at_unknown,
+            );
+            self.publish_anomalies(&kept, result.0.anomalies);
+            result
         };
-        self.metrics
-            .record_batch(transport, &outcome, started.elapsed());
+        let latency = (judged == total).then(|| started.elapsed());
+        self.metrics.record_batch(transport, &outcome, latency);
+        judged
     }
 
     /// Sends the anomalous verdicts of a batch to watchers, if there are any.

@@ -199,8 +199,15 @@ impl Metrics {
         Arc::clone(&self.counters)
     }
 
-    /// Records one judged message: counters once, latency once.
-    pub fn record_batch(&self, transport: Transport, outcome: &BatchOutcome, elapsed: Duration) {
+    /// Records one judged message (or the part of it judged in one go): counters once,
+    /// and the latency once, when given (a message split between the fast path and a
+    /// restore is timed where it is finished).
+    pub fn record_batch(
+        &self,
+        transport: Transport,
+        outcome: &BatchOutcome,
+        elapsed: Option<Duration>,
+    ) {
         let c = &self.counters.transports[transport.index()];
         c.samples.fetch_add(outcome.applied, Ordering::Relaxed);
         if outcome.anomalies > 0 {
@@ -217,7 +224,9 @@ impl Metrics {
                 }
             }
         }
-        if transport == Transport::Grpc {
+        if transport == Transport::Grpc
+            && let Some(elapsed) = elapsed
+        {
             self.grpc_latency
                 .record(elapsed.as_secs_f64(), &[KeyValue::new("method", "Ingest")]);
         }

@@ -608,3 +608,82 @@ async fn refused_writes_stay_dirty_and_the_url_database_is_used() {
         tidewatch_server::snapshot::codec::decode_value(&value.expect("in db 3"), "d7").unwrap();
     assert_eq!(restored.metrics[0].window.len(), 50);
 }
+
+/// One message mixing devices in memory, a device with a snapshot and a new device:
+/// the server judges up to the device that needs its snapshot, restores it, judges the
+/// rest, and answers all in one response, in order, exactly as one server would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_in_the_middle_of_a_message_keeps_order_and_continuity() {
+    let redis = RedisServer::start();
+    let restored = samples(DEVICE, 120);
+    let known = samples("in-memory", 120);
+    let fresh = samples("brand-new", 3);
+    // The message on B: a sample of a device B already has, the restored device's
+    // next sample, a new device's, the restored device's next, the known device's.
+    let mixed = vec![
+        known[60].clone(),
+        restored[100].clone(),
+        fresh[0].clone(),
+        restored[101].clone(),
+        known[61].clone(),
+    ];
+    // What one uninterrupted server answers for the same history and message.
+    let one = TestServer::start().await;
+    let mut client = one.client().await;
+    stream(&mut client, &restored[..100]).await;
+    stream(&mut client, &known[..60]).await;
+    let want = client
+        .ingest(tokio_stream::iter([IngestRequest {
+            samples: mixed.clone(),
+            ..IngestRequest::default()
+        }]))
+        .await
+        .expect("ingest")
+        .into_inner()
+        .next()
+        .await
+        .expect("a response")
+        .expect("ok")
+        .verdicts;
+    one.stop().await.expect("stop");
+
+    let a = with_redis(&redis, |c| c.snapshot_interval = Duration::from_secs(3600)).await;
+    stream(&mut a.client().await, &restored[..100]).await;
+    a.stop()
+        .await
+        .expect("stop A: the final flush writes the snapshot");
+
+    let b = with_redis(&redis, |_| {}).await;
+    let mut client = b.client().await;
+    stream(&mut client, &known[..60]).await;
+    let mut responses = client
+        .ingest(tokio_stream::iter([IngestRequest {
+            samples: mixed,
+            ..IngestRequest::default()
+        }]))
+        .await
+        .expect("ingest")
+        .into_inner();
+    let got = responses
+        .next()
+        .await
+        .expect("a response")
+        .expect("ok")
+        .verdicts;
+    assert!(responses.next().await.is_none(), "one response per request");
+    assert_eq!(got, want, "same verdicts, same order, as one server");
+    assert_eq!(
+        got[1].metrics[0].window_count, 50,
+        "continued from the snapshot"
+    );
+    assert_eq!(
+        got[2].metrics[0].window_count, 0,
+        "the new device starts fresh"
+    );
+    assert_eq!(
+        counter(&b, |c| c.snapshot_restores.load(Ordering::Relaxed)),
+        1,
+        "one restore: the device that had a snapshot"
+    );
+    b.stop().await.expect("stop B");
+}

@@ -146,18 +146,21 @@ impl<In> IngestStream<In> {
             )
             .into())));
         }
-        if self.state.try_answer_into(
+        let answered = self.state.try_answer_prefix(
             request.samples(),
             &detector,
             Transport::Grpc,
             received,
             &mut self.sink,
-        ) {
+        );
+        if answered == request.len() {
             return Poll::Ready(Some(Ok(self.sink.take())));
         }
+        // The rest waits for a restore (or is a large batch for the blocking pool);
+        // the sink keeps the verdicts so far, and theirs follow in the same response.
         let state = Arc::clone(&self.state);
         self.pending = Some(Box::pin(state.answer(
-            request.to_samples(),
+            request.to_samples_from(answered),
             detector,
             Transport::Grpc,
         )));

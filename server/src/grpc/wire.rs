@@ -358,7 +358,13 @@ impl WireRequest {
     /// The samples as prost messages (for the path that must own them: restores and
     /// batches judged on the blocking pool).
     pub fn to_samples(&self) -> Vec<Sample> {
+        self.to_samples_from(0)
+    }
+
+    /// [`WireRequest::to_samples`] from the `first`-th sample on.
+    pub fn to_samples_from(&self, first: usize) -> Vec<Sample> {
         self.samples()
+            .skip(first)
             .map(|s| Sample {
                 device_id: s.device_id().to_owned(),
                 time: s.time(),
