@@ -111,6 +111,10 @@ impl<'a> Reader<'a> {
         for shift in 0..10 {
             let byte = *self.buf.get(self.pos).ok_or(WireError::Truncated)?;
             self.pos += 1;
+            if shift == 9 && byte > 1 {
+                // The tenth byte holds bit 63 only: more would overflow 64 bits.
+                return Err(WireError::Varint);
+            }
             value |= u64::from(byte & 0x7f) << (7 * shift);
             if byte < 0x80 {
                 return Ok(value);
@@ -933,6 +937,27 @@ mod tests {
             decode(r).unwrap_err(),
             WireError::FieldType { found: 0, .. }
         ));
+        // A ten-byte varint whose last byte overflows 64 bits (prost refuses it too).
+        let mut overflow = vec![0x20];
+        overflow.extend([0x80; 9]);
+        overflow.push(0x02);
+        let mut r = Vec::new();
+        raw_len(&mut r, 1, &overflow);
+        assert!(IngestRequest::decode(r.as_slice()).is_err());
+        assert_eq!(decode(r).unwrap_err(), WireError::Varint);
+        // u64::MAX itself is fine.
+        let mut max = vec![0x20];
+        put_varint(&mut max, u64::MAX);
+        let mut r = Vec::new();
+        raw_len(&mut r, 1, &max);
+        assert_eq!(
+            decode(r)
+                .expect("u64::MAX")
+                .samples()
+                .next()
+                .map(|s| s.seq()),
+            Some(u64::MAX)
+        );
         // An overlong varint.
         assert_eq!(
             decode(vec![0x78; 1].into_iter().chain([0xff; 11]).collect()).unwrap_err(),
