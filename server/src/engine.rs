@@ -267,23 +267,12 @@ impl Engine {
             .0
     }
 
-    /// [`Engine::ingest_batch_at`] that stops at the first sample of a device that is
-    /// not in memory (and could be: the device limit is not reached), before judging
-    /// it, and returns how many samples it judged. With snapshots, such a device must
-    /// be restored first; the caller restores it and judges the rest. One pass: the
-    /// lookup that finds a device is the one that judges its sample.
-    pub fn ingest_batch_until_unknown<S: SampleLike>(
-        &self,
-        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
-        detector: &DetectorSpec,
-        out: &mut impl VerdictSink,
-        received: Instant,
-    ) -> (BatchOutcome, usize) {
-        self.ingest_batch_with(samples, detector, out, received, true)
-    }
-
-    /// [`Engine::ingest_batch_at`] or, with `stop_at_unknown`,
-    /// [`Engine::ingest_batch_until_unknown`].
+    /// [`Engine::ingest_batch_at`], returning also how many samples were judged. With
+    /// `stop_at_unknown`, it stops at the first sample of a device that is not in
+    /// memory (and could be: the device limit is not reached), before judging it. With
+    /// snapshots, such a device must be restored first; the caller restores it and
+    /// judges the rest. One pass: the lookup that finds a device is the one that
+    /// judges its sample.
     pub fn ingest_batch_with<S: SampleLike>(
         &self,
         samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,

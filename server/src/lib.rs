@@ -159,37 +159,15 @@ impl AppState {
         transport: Transport,
         received: Instant,
     ) -> Option<Vec<Verdict>> {
-        let mut verdicts = Vec::new();
-        self.try_answer_into(samples, detector, transport, received, &mut verdicts)
-            .then_some(verdicts)
-    }
-
-    /// [`AppState::try_answer_now_at`] for any samples, writing the verdicts to `out`
-    /// (the gRPC `Ingest` path encodes them straight into its response). Returns false,
-    /// having written nothing, when the request must go through [`AppState::answer`].
-    pub fn try_answer_into<I, S>(
-        &self,
-        samples: I,
-        detector: &DetectorSpec,
-        transport: Transport,
-        received: Instant,
-        out: &mut impl VerdictSink,
-    ) -> bool
-    where
-        I: IntoIterator<Item = S, IntoIter: ExactSizeIterator> + Clone,
-        S: SampleLike,
-    {
-        let iter = samples.clone().into_iter();
-        if iter.len() >= BLOCKING_BATCH {
-            return false;
+        if samples.len() >= BLOCKING_BATCH {
+            return None;
         }
         if let Some(snapshots) = &self.snapshots
-            && snapshots.needs_restore(iter)
+            && snapshots.needs_restore(samples)
         {
-            return false;
+            return None;
         }
-        self.judge_into(samples, detector, transport, received, out, false);
-        true
+        Some(self.judge(samples, detector, transport, received))
     }
 
     /// The gRPC `Ingest` path: judges the samples into `out` in one pass and returns
@@ -263,7 +241,7 @@ impl AppState {
     }
 
     /// [`AppState::judge`] into any sink; returns how many samples were judged (all,
-    /// unless `stop_at_unknown`: see [`Engine::ingest_batch_until_unknown`]). While
+    /// unless `stop_at_unknown`: see [`Engine::ingest_batch_with`]). While
     /// anomaly watchers are subscribed, the verdicts are also kept as prost messages
     /// for them (unless `out` keeps them already). The message's latency is recorded
     /// when it is answered whole here.

@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     AppState,
     config::Config,
-    engine::{DeviceKey, DeviceState, Engine, SampleLike, normalize_device_id},
+    engine::{DeviceKey, DeviceState, Engine, normalize_device_id},
     telemetry::Counters,
 };
 pub use store::{Store, StoreError};
@@ -351,24 +351,21 @@ impl Snapshots {
 
     /// Whether some device of `samples` must be restored before they are judged
     /// (it is not in memory). One shard lookup per run of samples of one device.
-    pub fn needs_restore<S: SampleLike>(&self, samples: impl IntoIterator<Item = S>) -> bool {
+    pub fn needs_restore(&self, samples: &[Sample]) -> bool {
         if self.engine.device_count() >= self.engine.config().max_devices {
             // No room for a restored device: new devices are refused anyway.
             return false;
         }
-        let mut previous: Option<S> = None;
+        let mut previous: Option<&str> = None;
         for sample in samples {
-            let id = normalize_device_id(sample.device_id());
-            if previous
-                .as_ref()
-                .is_some_and(|p| normalize_device_id(p.device_id()) == id)
-            {
+            let id = normalize_device_id(&sample.device_id);
+            if previous == Some(id) {
                 continue;
             }
+            previous = Some(id);
             if id.len() <= self.max_device_id_len && !self.engine.contains(id) {
                 return true;
             }
-            previous = Some(sample);
         }
         false
     }
