@@ -48,9 +48,13 @@ RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
 FROM gcr.io/distroless/static-debian12:nonroot AS runtime
 COPY --from=builder /tidewatch /usr/local/bin/tidewatch
 # Inside a container the service listens on every interface (the defaults bind
-# 127.0.0.1); Kubernetes sets the same through its ConfigMap.
+# 127.0.0.1); Kubernetes sets the same through its ConfigMap. MIMALLOC_ALLOW_THP=0
+# keeps the allocator off transparent huge pages even on nodes where THP is
+# "always": 2 MiB pages rounded the engine's memory up by ≈100 MiB at 1M devices
+# (BENCHMARKS.md, memory), and a memory limit wants RSS to follow the devices.
 ENV GRPC_ADDR=0.0.0.0:50051 \
-    LISTEN_ADDR=0.0.0.0:8080
+    LISTEN_ADDR=0.0.0.0:8080 \
+    MIMALLOC_ALLOW_THP=0
 EXPOSE 50051 8080
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/tidewatch"]

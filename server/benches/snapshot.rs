@@ -40,7 +40,7 @@ use tokio_stream::StreamExt;
 /// Builds `devices` dirty devices with two full windows each.
 fn populate(engine: &Engine, devices: usize) {
     for i in 0..devices {
-        let mut device = DeviceState::new(&format!("device-{i:07}"), 0);
+        let mut device = DeviceState::new(&format!("device-{i:07}"));
         device.last_seq = 1000;
         for (m, name) in ["cpu", "rps"].into_iter().enumerate() {
             let mut metric = MetricState::new(name);
@@ -83,7 +83,7 @@ async fn flush_benchmark(redis: &RedisServer, devices: usize) {
     let redis_pid = redis.pid().expect("redis runs");
     for round in ["into an empty redis", "overwriting"] {
         if round == "overwriting" {
-            engine.for_each_device_mut(|d| d.dirty = true);
+            engine.mark_all_dirty();
         }
         let (redis_cpu, own_cpu) = (cpu_split(redis_pid), own_cpu_seconds());
         let started = Instant::now();

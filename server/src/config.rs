@@ -354,8 +354,15 @@ impl Config {
                 format!("{e} (expected e.g. info, debug, tidewatch_server=debug)"),
             );
         }
-        if self.window_size == 0 {
-            return fail("WINDOW_SIZE", "must be at least 1".into());
+        if self.window_size == 0 || self.window_size > crate::engine::MAX_WINDOW_SIZE {
+            return fail(
+                "WINDOW_SIZE",
+                format!(
+                    "must be between 1 and {}, got {}",
+                    crate::engine::MAX_WINDOW_SIZE,
+                    self.window_size
+                ),
+            );
         }
         if self.min_samples == 0 || self.min_samples > self.window_size {
             return fail(
@@ -534,6 +541,13 @@ mod tests {
         let mut c = Config::defaults();
         c.redis_command_timeout = Duration::ZERO;
         assert_eq!(c.validate().unwrap_err().setting, "REDIS_COMMAND_TIMEOUT");
+        let mut c = Config::defaults();
+        c.window_size = 65_536;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "WINDOW_SIZE");
+        assert!(e.to_string().contains("between 1 and 65535"), "{e}");
+        c.window_size = 65_535;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -7,6 +7,9 @@
 pub mod detector;
 mod device;
 mod io;
+mod names;
+mod pool;
+mod resident;
 mod shard;
 mod window;
 
@@ -24,9 +27,10 @@ use tidewatch_proto::{
 pub use detector::{DetectorDefaults, DetectorKind, DetectorSpec, DetectorState, RobustParams};
 pub use device::{DeviceState, MetricState};
 pub use io::{MetricOutcome, SampleLike, Tee, VerdictSink};
+use resident::{Device, Metric};
 use shard::Shard;
 use smallvec::SmallVec;
-pub use window::Window;
+pub use window::{MAX_WINDOW_SIZE, Window};
 
 use crate::error::{ApiError, SampleError};
 
@@ -153,15 +157,16 @@ pub struct Engine {
 impl Engine {
     /// An empty engine.
     pub fn new(config: EngineConfig) -> Self {
+        let hasher = foldhash::fast::FixedState::with_seed(0x7469_6465_7761_7463);
         let shards = (0..config.shards.max(1))
-            .map(|_| Shard::default())
+            .map(|_| Shard::new(hasher.clone()))
             .collect();
         Self {
             detectors: config.detector_defaults(),
             config,
             shards,
             devices: AtomicUsize::new(0),
-            hasher: foldhash::fast::FixedState::with_seed(0x7469_6465_7761_7463),
+            hasher,
             epoch: Instant::now(),
             wall_at_epoch: AtomicI64::new(0),
             wall_tick: AtomicU32::new(u32::MAX),
@@ -192,11 +197,14 @@ impl Engine {
     /// Whether the device is in memory.
     pub fn contains(&self, device_id: &str) -> bool {
         let id = normalize_device_id(device_id);
-        let hash = self.hasher.hash_one(id);
-        self.shard(hash)
-            .lock()
-            .find(hash, |d| &*d.id == id)
-            .is_some()
+        let hash = self.hash_id(id);
+        self.shard(hash).lock().find(hash, id).is_some()
+    }
+
+    /// The hash of a device id (the shard's index hashes the same bytes).
+    #[inline]
+    fn hash_id(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id.as_bytes())
     }
 
     fn shard(&self, hash: u64) -> &Shard {
@@ -352,13 +360,13 @@ impl Engine {
             .metrics()
             .map(|(name, value)| (name, value, None))
             .collect();
-        let hash = self.hasher.hash_one(id);
+        let hash = self.hash_id(id);
         let mut table = self.shard(hash).lock();
-        let mut device = table.find_mut(hash, |d| &*d.id == id);
+        let found = table.find(hash, id);
         let mut new_metrics = 0;
         for (i, (name, value, index)) in metrics.iter_mut().enumerate() {
             // A name the device already has was validated when it was added.
-            *index = device.as_ref().and_then(|d| d.metric_index_from(name, i));
+            *index = found.and_then(|p| table.device(p).metric_index_from(name, i, &table.names));
             if index.is_none() {
                 validate_metric_name(name, self.config.max_metric_name_len)?;
                 new_metrics += 1;
@@ -370,8 +378,8 @@ impl Engine {
                 });
             }
         }
-        let device = match device.take() {
-            Some(device) => device,
+        let pos = match found {
+            Some(pos) => pos,
             None => {
                 if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
                     return Err(SampleError::DeviceLimit {
@@ -382,11 +390,10 @@ impl Engine {
                     return Ok(Judged::UnknownDevice);
                 }
                 self.devices.fetch_add(1, Ordering::Relaxed);
-                table
-                    .insert_unique(hash, DeviceState::new(id, hash), |d| d.hash)
-                    .into_mut()
+                table.insert(hash, Device::new(id))
             }
         };
+        let (device, pool, names) = table.entry(pos);
         device.last_seen = tick;
         let seq = sample.seq();
         if seq > 0 && seq <= device.last_seq {
@@ -414,16 +421,15 @@ impl Engine {
                     if device.metrics.len() == device.metrics.capacity() {
                         device.metrics.reserve_exact(new_metrics);
                     }
-                    device.metrics.push(MetricState::new(name));
+                    device.metrics.push(Metric::new(names.intern(name)));
                     device.metrics.len() - 1
                 }
             };
-            let state = &mut device.metrics[index];
-            let metric = state.observe(value, time.seconds, detector);
+            let metric = device.metrics[index].observe(value, time.seconds, detector, pool);
             anomaly |= metric.anomaly;
             alert |= metric.alert;
             score = score.max(metric.score);
-            out.metric(&state.name, &metric);
+            out.metric(name, &metric);
         }
         out.end(anomaly, alert, score);
         outcome.applied += 1;
@@ -431,7 +437,7 @@ impl Engine {
         if seq > 0 {
             device.last_seq = seq;
         }
-        device.updated_at = time;
+        device.set_updated_at(time);
         device.dirty = true;
         Ok(Judged::Yes)
     }
@@ -439,37 +445,49 @@ impl Engine {
     /// Current statistics of a device in memory, or `None`.
     pub fn analyze(&self, device_id: &str) -> Option<AnalyzeResponse> {
         let id = normalize_device_id(device_id);
-        let hash = self.hasher.hash_one(id);
+        let hash = self.hash_id(id);
         let table = self.shard(hash).lock();
-        let device = table.find(hash, |d| &*d.id == id)?;
-        Some(analyze_response(device, Source::Memory))
+        let pos = table.find(hash, id)?;
+        Some(
+            table
+                .device(pos)
+                .analyze(&table.pool, &table.names, Source::Memory),
+        )
+    }
+
+    /// A copy of a device's state in memory, as a snapshot would hold it.
+    pub fn device_state(&self, device_id: &str) -> Option<DeviceState> {
+        let id = normalize_device_id(device_id);
+        let hash = self.hash_id(id);
+        let table = self.shard(hash).lock();
+        let pos = table.find(hash, id)?;
+        Some(table.device(pos).to_state(&table.pool, &table.names))
     }
 
     /// Inserts a device's state unless the device is already in memory (a restore
     /// racing with a first sample loses to the sample). Returns whether it was inserted.
-    pub fn insert_if_absent(&self, mut state: DeviceState) -> bool {
-        let hash = self.hasher.hash_one(&*state.id);
+    pub fn insert_if_absent(&self, state: DeviceState) -> bool {
+        let hash = self.hash_id(&state.id);
         let mut table = self.shard(hash).lock();
-        if table.find(hash, |d| d.id == state.id).is_some() {
+        if table.find(hash, &state.id).is_some() {
             return false;
         }
         if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
             return false;
         }
-        state.hash = hash;
-        state.last_seen = self.tick();
+        let table = &mut *table;
+        let mut device = Device::from_state(state, &mut table.pool, &mut table.names);
+        device.last_seen = self.tick();
         self.devices.fetch_add(1, Ordering::Relaxed);
-        table.insert_unique(hash, state, |d| d.hash);
+        table.insert(hash, device);
         true
     }
 
-    /// Visits every device of every shard, one shard lock at a time. `f` runs under
-    /// the shard lock, so it must be quick (a copy, not I/O).
-    pub fn for_each_device_mut(&self, mut f: impl FnMut(&mut DeviceState)) {
+    /// Marks every device in memory dirty (the next flush writes them all).
+    pub fn mark_all_dirty(&self) {
         for shard in &self.shards {
-            let mut table = shard.lock();
-            for device in table.iter_mut() {
-                f(device);
+            for device in shard.lock().iter_mut() {
+                device.dirty = true;
             }
         }
     }
@@ -478,7 +496,7 @@ impl Engine {
     /// of the engine clock) and returns them so that the caller can write their
     /// final snapshot.
     pub fn evict_idle(&self, now: Instant) -> Vec<DeviceState> {
-        self.evict_idle_if(now, |_| true)
+        self.evict_idle_if(now, true)
     }
 
     /// Like [`Engine::evict_idle`], but keeps devices whose latest state is not in a
@@ -486,27 +504,30 @@ impl Engine {
     /// after, so an evicted device's newest state is in Redis before it leaves memory
     /// and a restore can never read an older one.
     pub fn evict_idle_flushed(&self, now: Instant) -> Vec<DeviceState> {
-        self.evict_idle_if(now, |device| !device.dirty)
+        self.evict_idle_if(now, false)
     }
 
-    fn evict_idle_if(
-        &self,
-        now: Instant,
-        may_evict: impl Fn(&DeviceState) -> bool,
-    ) -> Vec<DeviceState> {
+    fn evict_idle_if(&self, now: Instant, evict_dirty: bool) -> Vec<DeviceState> {
         let now_tick = now.saturating_duration_since(self.epoch).as_secs();
         let idle = self.config.idle_timeout.as_secs();
         let mut evicted = Vec::new();
         for shard in &self.shards {
             let mut table = shard.lock();
-            table.retain(|device| {
-                let keep = now_tick.saturating_sub(u64::from(device.last_seen)) < idle
-                    || !may_evict(device);
-                if !keep {
-                    evicted.push(device.clone());
+            let mut pos = 0;
+            while pos < table.len() {
+                let device = table.device(pos);
+                if now_tick.saturating_sub(u64::from(device.last_seen)) < idle
+                    || (device.dirty && !evict_dirty)
+                {
+                    pos += 1;
+                    continue;
                 }
-                keep
-            });
+                // The last device moves into `pos`: look at `pos` again.
+                let device = table.remove(pos);
+                evicted.push(device.to_state(&table.pool, &table.names));
+                let table = &mut *table;
+                device.release(&mut table.pool, &mut table.names);
+            }
         }
         self.devices.fetch_sub(evicted.len(), Ordering::Relaxed);
         evicted
@@ -521,33 +542,46 @@ impl Engine {
     /// held for one pass over the shard reading a flag per device, no copying.
     pub fn dirty_keys(&self, shard: usize, out: &mut Vec<DeviceKey>) {
         if let Some(shard) = self.shards.get(shard) {
+            let table = shard.lock();
             out.extend(
-                shard
-                    .lock()
+                table
                     .iter()
                     .filter(|d| d.dirty)
-                    .map(|d| DeviceKey(d.hash)),
+                    .map(|d| DeviceKey(self.hash_id_bytes(d.id.as_bytes()))),
             );
         }
     }
 
+    fn hash_id_bytes(&self, id: &[u8]) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
     /// Runs `f` on each device of `keys` (all of shard `shard`, from
     /// [`Engine::dirty_keys`]) that is still dirty, under one lock of that shard. `f`
-    /// must be quick (an encode into a buffer), and usually clears `dirty`.
+    /// must be quick (an encode into a buffer), and usually marks it clean.
     pub fn visit_dirty(
         &self,
         shard: usize,
         keys: &[DeviceKey],
-        mut f: impl FnMut(&mut DeviceState),
+        mut f: impl FnMut(DirtyDevice<'_>),
     ) {
         let Some(shard) = self.shards.get(shard) else {
             return;
         };
         let mut table = shard.lock();
+        let mut positions: SmallVec<[usize; 2]> = SmallVec::new();
         for &DeviceKey(hash) in keys {
-            for device in table.iter_hash_mut(hash) {
-                if device.hash == hash && device.dirty {
-                    f(device);
+            positions.clear();
+            positions.extend(table.find_hash(hash));
+            for &pos in &positions {
+                let (device, pool, names) = table.entry(pos);
+                if device.dirty {
+                    f(DirtyDevice {
+                        device,
+                        pool,
+                        names,
+                        key: DeviceKey(hash),
+                    });
                 }
             }
         }
@@ -556,19 +590,46 @@ impl Engine {
     /// Marks devices dirty again (their snapshot write failed, so the next flush
     /// retries them). Devices that left memory meanwhile are skipped.
     pub fn mark_dirty(&self, keys: &[DeviceKey]) {
+        let mut positions: SmallVec<[usize; 2]> = SmallVec::new();
         for &DeviceKey(hash) in keys {
             let mut table = self.shard(hash).lock();
-            for device in table.iter_hash_mut(hash) {
-                if device.hash == hash {
-                    device.dirty = true;
-                }
+            positions.clear();
+            positions.extend(table.find_hash(hash));
+            for &pos in &positions {
+                table.entry(pos).0.dirty = true;
             }
         }
     }
+}
 
-    /// The key of a device (its shard and slot), for [`Engine::mark_dirty`].
-    pub fn key_of(&self, device: &DeviceState) -> DeviceKey {
-        DeviceKey(device.hash)
+/// A dirty device the snapshot flusher visits (see [`Engine::visit_dirty`]).
+#[derive(Debug)]
+pub struct DirtyDevice<'a> {
+    device: &'a mut Device,
+    pool: &'a pool::ValuePool,
+    names: &'a names::Names,
+    key: DeviceKey,
+}
+
+impl DirtyDevice<'_> {
+    /// The device id.
+    pub fn id(&self) -> &str {
+        self.device.id.as_str()
+    }
+
+    /// Appends the device as [`DeviceState::encode`] would.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        self.device.encode(self.pool, self.names, out);
+    }
+
+    /// The device's key, for [`Engine::mark_dirty`].
+    pub fn key(&self) -> DeviceKey {
+        self.key
+    }
+
+    /// Marks the device clean (its state is on its way to a snapshot).
+    pub fn mark_clean(&mut self) {
+        self.device.dirty = false;
     }
 }
 
@@ -818,6 +879,137 @@ pub(crate) mod tests {
         assert_eq!(&*evicted[0].id, "a");
         assert_eq!(engine.device_count(), 0);
         assert!(engine.analyze("a").is_none());
+    }
+
+    /// Ingests a mix: three devices, windows of 3 (shrinking later), 50 and 100
+    /// values, a robust stream, a device with a long id, duplicates and errors.
+    fn busy_engine() -> Engine {
+        let engine = Engine::new(EngineConfig::default());
+        let small = engine
+            .detector(Some(&DetectorConfig {
+                window_size: 3,
+                min_samples: 2,
+                ..DetectorConfig::default()
+            }))
+            .unwrap();
+        let large = engine
+            .detector(Some(&DetectorConfig {
+                window_size: 100,
+                ..DetectorConfig::default()
+            }))
+            .unwrap();
+        let robust = engine
+            .detector(Some(&DetectorConfig {
+                name: "robust".into(),
+                ..DetectorConfig::default()
+            }))
+            .unwrap();
+        let default = engine.default_detector();
+        let long_id = "a-device-id-longer-than-twenty-two-bytes";
+        let mut out = Vec::new();
+        for i in 0..130u32 {
+            let v = f64::from(i % 7) * 1.5 + f64::from(i);
+            let spec = [&small, &large, &robust, &default][i as usize % 4];
+            let samples = [
+                sample("a", u64::from(i) + 1, &[("cpu", v), ("mem", -v)]),
+                sample("a", 1, &[("cpu", 1.0)]),
+                sample(long_id, 0, &[("x", v * 1e6)]),
+                sample("b", 0, &[("cpu", v), ("disk", f64::from(i % 3))]),
+                sample("b", 0, &[("bad name", 1.0)]),
+            ];
+            engine.ingest_batch(&samples, spec, &mut out);
+        }
+        engine
+    }
+
+    #[test]
+    fn devices_in_memory_encode_as_their_snapshot_state() {
+        let engine = busy_engine();
+        let mut encoded = Vec::new();
+        for shard in 0..engine.shard_count() {
+            let mut keys = Vec::new();
+            engine.dirty_keys(shard, &mut keys);
+            engine.visit_dirty(shard, &keys, |mut device| {
+                let mut bytes = Vec::new();
+                device.encode(&mut bytes);
+                encoded.push((device.id().to_owned(), bytes));
+                device.mark_clean();
+            });
+        }
+        assert_eq!(encoded.len(), 3);
+        for (id, from_memory) in encoded {
+            let state = engine.device_state(&id).unwrap();
+            assert!(!state.dirty, "visited and marked clean");
+            let mut from_state = Vec::new();
+            state.encode(&mut from_state);
+            assert_eq!(from_memory, from_state, "{id}");
+        }
+        // Clean devices are not visited again.
+        let mut keys = Vec::new();
+        for shard in 0..engine.shard_count() {
+            engine.dirty_keys(shard, &mut keys);
+        }
+        assert!(keys.is_empty());
+    }
+
+    #[test]
+    fn restored_devices_continue_exactly() {
+        let engine = busy_engine();
+        let other = Engine::new(EngineConfig::default());
+        for id in ["a", "b", "a-device-id-longer-than-twenty-two-bytes"] {
+            let state = engine.device_state(id).unwrap();
+            let last_value = state.metrics[0].last_value;
+            assert_eq!(last_value, state.metrics[0].window.iter().last().unwrap());
+            assert!(other.insert_if_absent(state.clone()));
+            assert_eq!(other.device_state(id).unwrap(), state);
+            assert_eq!(other.analyze(id), engine.analyze(id));
+        }
+        let next = [
+            sample("a", 500, &[("cpu", 3.0), ("mem", 4.0), ("new", 1.0)]),
+            sample("b", 0, &[("cpu", 1e3), ("disk", 2.0)]),
+            sample("a-device-id-longer-than-twenty-two-bytes", 0, &[("x", 5.0)]),
+        ];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        engine.ingest_batch(&next, &engine.default_detector(), &mut a);
+        other.ingest_batch(&next, &other.default_detector(), &mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn evicted_devices_give_back_their_values_and_names() {
+        let engine = Engine::new(EngineConfig {
+            idle_timeout: Duration::from_secs(10),
+            shards: 1,
+            ..EngineConfig::default()
+        });
+        let ingest_all = |prefix: &str| {
+            let samples: Vec<_> = (0..100)
+                .map(|i| {
+                    sample(
+                        &format!("{prefix}{i}"),
+                        0,
+                        &[("cpu", 1.0), (&format!("m{i}"), 2.0)],
+                    )
+                })
+                .collect();
+            let mut out = Vec::new();
+            engine.ingest_batch(&samples, &engine.default_detector(), &mut out);
+        };
+        ingest_all("first-");
+        let (runs, names) = {
+            let table = engine.shards[0].lock();
+            (table.pool.bump(), table.names.len())
+        };
+        assert_eq!(names, 101);
+        let evicted = engine.evict_idle(Instant::now() + Duration::from_secs(11));
+        assert_eq!(evicted.len(), 100);
+        assert_eq!(engine.shards[0].lock().names.len(), 0);
+        // A second fleet of the same shape reuses the freed runs.
+        ingest_all("second-");
+        let table = engine.shards[0].lock();
+        assert_eq!(table.pool.bump(), runs);
+        assert_eq!(table.names.len(), 101);
+        assert_eq!(table.len(), 100);
     }
 
     #[test]

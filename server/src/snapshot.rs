@@ -271,12 +271,12 @@ impl Snapshots {
                 let room = (self.config.batch - batch.keys.len()).clamp(1, LOCK_CHUNK);
                 let (chunk, tail) = rest.split_at(room.min(rest.len()));
                 rest = tail;
-                engine.visit_dirty(shard, chunk, |device| {
-                    sets.push(&mut batch.commands, prefix, device.id.as_bytes(), |out| {
-                        codec::encode_value(device, out);
+                engine.visit_dirty(shard, chunk, |mut device| {
+                    sets.push(&mut batch.commands, prefix, device.id().as_bytes(), |out| {
+                        codec::encode_value(&device, out);
                     });
-                    batch.keys.push(engine.key_of(device));
-                    device.dirty = false;
+                    batch.keys.push(device.key());
+                    device.mark_clean();
                 });
                 if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch, recycled) {
                     return;

@@ -551,7 +551,7 @@ async fn refused_writes_stay_dirty_and_the_url_database_is_used() {
     let redis = RedisServer::start();
     let engine = Arc::new(Engine::new(EngineConfig::default()));
     for i in 0..25 {
-        let mut device = DeviceState::new(&format!("d{i}"), 0);
+        let mut device = DeviceState::new(&format!("d{i}"));
         let mut metric = MetricState::new("cpu");
         metric.window = Window::from_values((0..50).map(f64::from), 50);
         device.metrics.push(metric);

@@ -72,7 +72,8 @@ fn one_each(answers: Vec<Answered>, n: u64) -> BTreeMap<u64, Answered> {
 async fn server_killed_and_restarted_on_the_same_port() {
     const N: u64 = 20_000;
     let binary = server_binary();
-    let envs = [("WINDOW_SIZE", "100000")];
+    // The largest window (MAX_WINDOW_SIZE): far larger than N.
+    let envs = [("WINDOW_SIZE", "65535")];
     let mut server = ServerProcess::spawn(&binary, "127.0.0.1:0", &envs);
     let addr = server.grpc_addr;
     let client = Client::connect(server.url()).await.expect("connect");
@@ -133,7 +134,8 @@ async fn server_killed_and_restarted_on_the_same_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_resends_and_the_server_marks_duplicates() {
     const N: u64 = 10_000;
-    let server = TestServer::start_with(|c| c.window_size = 100_000).await;
+    let server =
+        TestServer::start_with(|c| c.window_size = tidewatch_server::engine::MAX_WINDOW_SIZE).await;
     let proxy = Proxy::start(server.grpc_addr).await;
     let direct = Client::connect(server.url()).await.expect("connect direct");
     let client = Client::connect(proxy.url())
@@ -217,7 +219,8 @@ async fn connection_reset_resends_and_the_server_marks_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_then_a_new_server_on_the_same_port() {
     const N: u64 = 10_000;
-    let first = TestServer::start_with(|c| c.window_size = 100_000).await;
+    let first =
+        TestServer::start_with(|c| c.window_size = tidewatch_server::engine::MAX_WINDOW_SIZE).await;
     let addr = first.grpc_addr;
     let first_state = first.state.clone();
     let client = Client::connect(first.url()).await.expect("connect");
@@ -237,7 +240,7 @@ async fn graceful_shutdown_then_a_new_server_on_the_same_port() {
             second = Some(
                 TestServer::start_with(|c| {
                     c.grpc_addr = addr;
-                    c.window_size = 100_000;
+                    c.window_size = tidewatch_server::engine::MAX_WINDOW_SIZE;
                 })
                 .await,
             );

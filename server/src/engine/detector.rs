@@ -284,11 +284,16 @@ const ENCODING_VERSION: u8 = 1;
 impl DetectorState {
     /// Appends the binary encoding (versioned, little-endian) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        Self::encode_parts(self.episode, self.robust.as_deref(), out);
+    }
+
+    /// [`DetectorState::encode`] of an episode and a robust state kept apart.
+    pub(crate) fn encode_parts(episode: Episode, robust: Option<&RobustState>, out: &mut Vec<u8>) {
         put_u8(out, ENCODING_VERSION);
-        let flags = u8::from(self.episode.active) | (u8::from(self.robust.is_some()) << 1);
+        let flags = u8::from(episode.active) | (u8::from(robust.is_some()) << 1);
         put_u8(out, flags);
-        put_u32(out, self.episode.quiet);
-        if let Some(robust) = &self.robust {
+        put_u32(out, episode.quiet);
+        if let Some(robust) = robust {
             robust.encode(out);
         }
     }

@@ -1,17 +1,20 @@
-//! What the engine keeps per device and per metric, and how one sample is judged.
+//! A device and its metrics as a snapshot holds them (the owned form: restore,
+//! eviction, `Analyze` from a snapshot, tests), and the snapshot encoding shared with
+//! the compact form the engine keeps in memory (`resident.rs`).
 
 use tidewatch_proto::pbjson_types::Timestamp;
 use tidewatch_proto::v1::MetricStats;
 
-use super::MetricOutcome;
-use super::detector::{DetectorKind, DetectorSpec, DetectorState, RobustState, squash};
-use super::window::Window;
+use super::detector::{DetectorState, Episode, RobustState};
+use super::window::{Ring, Window};
 use crate::snapshot::codec::{
     DecodeError, begin_section, end_section, get_bool, get_f64, get_finite, get_i64, get_str,
     get_u32, get_u64, put_f64, put_i64, put_str, put_u8, put_u32, put_u64, section,
 };
 
-/// State of one metric of one device.
+/// State of one metric of one device, as a snapshot holds it (the engine keeps the
+/// compact form in `resident.rs`, and converts at restore, eviction and `Analyze` of a
+/// snapshot).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricState {
     /// The metric's name.
@@ -44,74 +47,23 @@ impl MetricState {
         }
     }
 
-    /// Judges `x` (seen at `time`, unix seconds) with `spec`'s detector against the
-    /// state as it is, then pushes `x`.
-    /// For `zscore` this is exactly DESIGN §3; every detector also keeps the rolling
-    /// window behind `mean`, `stddev` and `z_score`.
-    #[inline]
-    pub(crate) fn observe(&mut self, x: f64, time: i64, spec: &DetectorSpec) -> MetricOutcome {
-        let n = self.window.len();
-        let mean = self.window.mean();
-        let stddev = self.window.stddev();
-        // Warm-up as DESIGN §3 (a robust stream may ask for a warm-up longer than the
-        // rolling window; the z-score it reports then starts once the window is full).
-        let z = if n < spec.min_samples.min(spec.window_size.max(1)) {
-            0.0
-        } else if stddev == 0.0 {
-            if x == mean {
-                0.0
-            } else {
-                f64::INFINITY.copysign(x - mean)
-            }
-        } else {
-            (x - mean) / stddev
-        };
-        let (z, anomaly, score) = match spec.kind {
-            DetectorKind::ZScore => {
-                let anomaly = n >= spec.min_samples && z.abs() > spec.threshold;
-                (z, anomaly, squash(z.abs() / spec.threshold))
-            }
-            DetectorKind::Robust => {
-                let robust = self
-                    .detector
-                    .robust
-                    .get_or_insert_with(|| Box::new(RobustState::new(spec.robust.window)));
-                let j = robust.observe(x, time, &spec.robust, spec.threshold, spec.min_samples);
-                (z, j.anomaly, j.score)
-            }
-        };
-        let alert = self.detector.episode.step(anomaly, score, spec.cooldown);
-        self.window.push(x, spec.window_size.max(1));
-        self.last_value = x;
-        self.last_z = z;
-        self.last_anomaly = anomaly;
-        self.anomalies_total += u64::from(anomaly);
-        MetricOutcome {
-            value: x,
-            mean,
-            stddev,
-            z_score: z,
-            anomaly,
-            window_count: n as u32,
-            score,
-            alert,
-        }
-    }
-
     /// Appends the metric to a snapshot as one length-prefixed section. A field added
     /// later goes at the end of the section; older readers skip what they do not know.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let at = begin_section(out);
-        put_str(out, &self.name);
-        put_f64(out, self.last_value);
-        put_f64(out, self.last_z);
-        put_u8(out, u8::from(self.last_anomaly));
-        put_u64(out, self.anomalies_total);
-        self.window.encode(out);
-        // Episode and detector state; a section without it (written before detectors
-        // had state) decodes to a fresh detector over the restored window.
-        self.detector.encode(out);
-        end_section(out, at);
+        encode_metric(
+            out,
+            MetricFields {
+                name: &self.name,
+                last_value: self.last_value,
+                last_z: self.last_z,
+                last_anomaly: self.last_anomaly,
+                anomalies_total: self.anomalies_total,
+                ring: &self.window.ring,
+                values: &self.window.values,
+                episode: self.detector.episode,
+                robust: self.detector.robust.as_deref(),
+            },
+        );
     }
 
     /// Reads a metric section written by [`MetricState::encode`].
@@ -155,35 +107,29 @@ impl MetricState {
     }
 }
 
-/// State of one device.
+/// State of one device, as a snapshot holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceState {
     /// The device id (after "" became "default").
     pub id: Box<str>,
-    /// Hash of `id`, kept so rehashing the table never rehashes strings.
-    pub(crate) hash: u64,
     /// Highest `seq` applied; samples at or below it are duplicates.
     pub last_seq: u64,
     /// Metrics in the order they were first seen (at most `MAX_METRICS_PER_DEVICE`).
     pub metrics: Vec<MetricState>,
     /// Time of the last applied sample (the sample's own time, or receive time).
     pub updated_at: Timestamp,
-    /// Engine clock tick (seconds since start) of the last sample, for idle eviction.
-    pub(crate) last_seen: u32,
     /// Changed since the last snapshot flush.
     pub dirty: bool,
 }
 
 impl DeviceState {
     /// A device with no history.
-    pub fn new(id: &str, hash: u64) -> Self {
+    pub fn new(id: &str) -> Self {
         Self {
             id: id.into(),
-            hash,
             last_seq: 0,
             metrics: Vec::new(),
             updated_at: Timestamp::default(),
-            last_seen: 0,
             dirty: false,
         }
     }
@@ -191,12 +137,7 @@ impl DeviceState {
     /// Appends the device to a snapshot: a length-prefixed header section (id, `seq`,
     /// `updated_at`), the metric count, then one section per metric.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let at = begin_section(out);
-        put_str(out, &self.id);
-        put_u64(out, self.last_seq);
-        put_i64(out, self.updated_at.seconds);
-        put_u32(out, self.updated_at.nanos as u32);
-        end_section(out, at);
+        encode_header(out, &self.id, self.last_seq, &self.updated_at);
         put_u32(out, self.metrics.len() as u32);
         for metric in &self.metrics {
             metric.encode(out);
@@ -204,7 +145,7 @@ impl DeviceState {
     }
 
     /// Reads a device written by [`DeviceState::encode`]. The result is clean (not
-    /// dirty); the engine sets its hash and clock when it takes it in.
+    /// dirty); the engine sets its clock when it takes it in.
     pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
         let mut header = section(buf, "device header")?;
         let id = get_str(&mut header, "device id")?;
@@ -214,7 +155,7 @@ impl DeviceState {
                 reason: "empty".into(),
             });
         }
-        let mut device = Self::new(id, 0);
+        let mut device = Self::new(id);
         device.last_seq = get_u64(&mut header, "last seq")?;
         device.updated_at.seconds = get_i64(&mut header, "updated_at seconds")?;
         device.updated_at.nanos = get_u32(&mut header, "updated_at nanos")? as i32;
@@ -240,15 +181,44 @@ impl DeviceState {
     pub(crate) fn metric_index(&self, name: &str) -> Option<usize> {
         self.metrics.iter().position(|m| &*m.name == name)
     }
+}
 
-    /// [`DeviceState::metric_index`], trying `hint` first: a device's samples usually
-    /// carry the same metrics in the same (ascending) order, so the `i`-th metric of a
-    /// sample is usually the device's `i`-th.
-    #[inline]
-    pub(crate) fn metric_index_from(&self, name: &str, hint: usize) -> Option<usize> {
-        match self.metrics.get(hint) {
-            Some(m) if &*m.name == name => Some(hint),
-            _ => self.metric_index(name),
-        }
-    }
+/// The device header section of a snapshot: id, `seq`, `updated_at`.
+pub(crate) fn encode_header(out: &mut Vec<u8>, id: &str, last_seq: u64, updated_at: &Timestamp) {
+    let at = begin_section(out);
+    put_str(out, id);
+    put_u64(out, last_seq);
+    put_i64(out, updated_at.seconds);
+    put_u32(out, updated_at.nanos as u32);
+    end_section(out, at);
+}
+
+/// What a metric's snapshot section holds, wherever the metric lives.
+pub(crate) struct MetricFields<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) last_value: f64,
+    pub(crate) last_z: f64,
+    pub(crate) last_anomaly: bool,
+    pub(crate) anomalies_total: u64,
+    pub(crate) ring: &'a Ring,
+    /// The ring's slots.
+    pub(crate) values: &'a [f64],
+    pub(crate) episode: Episode,
+    pub(crate) robust: Option<&'a RobustState>,
+}
+
+/// Appends a metric as one length-prefixed section. A field added later goes at the
+/// end of the section; older readers skip what they do not know.
+pub(crate) fn encode_metric(out: &mut Vec<u8>, m: MetricFields<'_>) {
+    let at = begin_section(out);
+    put_str(out, m.name);
+    put_f64(out, m.last_value);
+    put_f64(out, m.last_z);
+    put_u8(out, u8::from(m.last_anomaly));
+    put_u64(out, m.anomalies_total);
+    m.ring.encode(m.values, out);
+    // Episode and detector state; a section without it (written before detectors
+    // had state) decodes to a fresh detector over the restored window.
+    DetectorState::encode_parts(m.episode, m.robust, out);
+    end_section(out, at);
 }

@@ -26,26 +26,292 @@ const WHOLE_UP_FRONT: usize = 64;
 /// Slots a larger window starts with before it is allocated whole.
 const FIRST_SLOTS: usize = 8;
 
-/// A ring buffer of the most recent values with running statistics.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Window {
-    /// The values; fills up to the capacity, then is overwritten in ring order. It is
-    /// allocated at the first value: all at once (exactly the capacity) when the window
-    /// is at most [`WHOLE_UP_FRONT`] values, else [`FIRST_SLOTS`] slots first and the
-    /// exact capacity once those are full. So a full window costs exactly its capacity
-    /// and is allocated at most twice, while a large window that saw a handful of
-    /// values still costs a handful of slots.
-    values: Vec<f64>,
-    /// Index of the oldest value once the buffer is full (0 while it grows).
-    head: usize,
+/// Largest window: lengths and positions are 16-bit (the engine keeps a million
+/// devices' windows, and every byte of per-window bookkeeping is a megabyte).
+pub const MAX_WINDOW_SIZE: usize = u16::MAX as usize;
+
+/// Where the values of a [`Ring`] live: `slots` consecutive `f64`s (the first `len`
+/// are the values, in storage order), which the ring asks to resize when it grows.
+pub(crate) trait Slots {
+    /// The ring's `slots` slots.
+    fn values(&mut self, slots: usize) -> &mut [f64];
+    /// Moves the values to `to` slots, keeping the first `keep` of the current
+    /// `slots` (`slots` is 0 when there are none yet).
+    fn resize(&mut self, slots: usize, keep: usize, to: usize);
+}
+
+/// Everything of a rolling window but its values: the shift, the running sums, the
+/// ring's length and head, and how many slots the values have. Kept by the engine
+/// beside its values (which live in a shard's pool), and by [`Window`] beside a `Vec`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Ring {
     /// The shift the sums are taken against.
     k: f64,
     /// Sum of `x - k`.
     s1: f64,
     /// Sum of `(x - k)²`.
     s2: f64,
+    /// Number of values.
+    len: u16,
+    /// Index of the oldest value once the buffer is full (0 while it grows).
+    head: u16,
     /// Evictions since the last exact recomputation.
-    since_exact: u32,
+    since_exact: u16,
+    /// Slots allocated for the values: fills up to the capacity, then is overwritten
+    /// in ring order. Allocated at the first value: all at once (exactly the
+    /// capacity) when the window is at most [`WHOLE_UP_FRONT`] values, else
+    /// [`FIRST_SLOTS`] slots first and the exact capacity once those are full. So a
+    /// full window costs exactly its capacity and is allocated at most twice, while a
+    /// large window that saw a handful of values still costs a handful of slots.
+    slots: u16,
+}
+
+impl Ring {
+    /// Number of values.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Slots allocated for the values.
+    #[inline]
+    pub(crate) fn slots(&self) -> usize {
+        usize::from(self.slots)
+    }
+
+    /// Mean of the values (0 when empty).
+    #[inline]
+    pub(crate) fn mean(&self) -> f64 {
+        let n = self.len();
+        if n == 0 {
+            0.0
+        } else {
+            self.k + self.s1 / n as f64
+        }
+    }
+
+    /// Population variance (divides by n; 0 when empty).
+    #[inline]
+    fn variance(&self) -> f64 {
+        let n = self.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let n = n as f64;
+        let d = self.s1 / n;
+        (self.s2 / n - d * d).max(0.0)
+    }
+
+    /// Population standard deviation (divides by n; 0 when empty).
+    #[inline]
+    pub(crate) fn stddev(&self) -> f64 {
+        self.variance().sqrt()
+    }
+
+    /// The values (of `slots`), oldest first.
+    pub(crate) fn iter<'a>(&self, slots: &'a [f64]) -> impl Iterator<Item = f64> + 'a {
+        let (newer, older) = slots[..self.len()].split_at(self.head.into());
+        older.iter().chain(newer.iter()).copied()
+    }
+
+    /// The newest value (0 when empty).
+    pub(crate) fn newest(&self, slots: &[f64]) -> f64 {
+        match (self.len(), self.head) {
+            (0, _) => 0.0,
+            (n, 0) => slots[n - 1],
+            (_, head) => slots[usize::from(head) - 1],
+        }
+    }
+
+    /// Appends `x`, evicting the oldest value when the window holds `capacity` values
+    /// (at most [`MAX_WINDOW_SIZE`]).
+    #[inline]
+    pub(crate) fn push(&mut self, x: f64, capacity: usize, store: &mut impl Slots) {
+        let capacity = capacity.clamp(1, MAX_WINDOW_SIZE);
+        let n = self.len();
+        if n < capacity {
+            if n == 0 {
+                self.k = x;
+            }
+            if self.slots() == n {
+                // Exactly the capacity, at most in two steps (see `slots`).
+                let want = if n == 0 && capacity > WHOLE_UP_FRONT {
+                    FIRST_SLOTS
+                } else {
+                    capacity
+                };
+                store.resize(self.slots(), n, want);
+                self.slots = want as u16;
+            }
+            store.values(self.slots())[n] = x;
+            self.len += 1;
+            let d = x - self.k;
+            self.s1 += d;
+            self.s2 += d * d;
+        } else if n > capacity {
+            // The capacity shrank (a restore under a smaller WINDOW_SIZE): rebuild
+            // from the newest values, as a fresh window would have been built.
+            let kept: Vec<f64> = self
+                .iter(store.values(self.slots()))
+                .skip(n - capacity)
+                .collect();
+            *self = Self {
+                slots: self.slots,
+                ..Self::default()
+            };
+            for v in kept {
+                self.push(v, capacity, store);
+            }
+            self.recompute(store.values(self.slots()));
+            self.push(x, capacity, store);
+            return;
+        } else {
+            let values = store.values(self.slots());
+            let head = usize::from(self.head);
+            let old = std::mem::replace(&mut values[head], x);
+            self.head = if head + 1 == n { 0 } else { self.head + 1 };
+            let (dx, dold) = (x - self.k, old - self.k);
+            self.s1 += dx - dold;
+            self.s2 += (dx - dold) * (dx + dold);
+            self.since_exact += 1;
+            if usize::from(self.since_exact) >= n {
+                self.recompute(values);
+                return;
+            }
+        }
+        // Far from the shift, the variance formula cancels: re-centre. (The variance
+        // is spelled out to reuse `d`: two divisions per push instead of three.)
+        let len = f64::from(self.len);
+        let d = self.s1 / len;
+        let d2 = d * d;
+        if d2 > RECENTER_RATIO_SQ * (self.s2 / len - d2).max(0.0) && d != 0.0 {
+            self.recompute(store.values(self.slots()));
+        }
+    }
+
+    /// Re-centres the shift on the mean and recomputes both sums from the values.
+    fn recompute(&mut self, slots: &[f64]) {
+        self.since_exact = 0;
+        let values = &slots[..self.len()];
+        let Some(&first) = values.first() else {
+            *self = Self {
+                slots: self.slots,
+                ..Self::default()
+            };
+            return;
+        };
+        let n = values.len();
+        let mean = first + values.iter().map(|v| v - first).sum::<f64>() / n as f64;
+        self.k = mean;
+        let (mut s1, mut s2) = (0.0, 0.0);
+        for v in values {
+            let d = v - mean;
+            s1 += d;
+            s2 += d * d;
+        }
+        self.s1 = s1;
+        self.s2 = s2;
+    }
+
+    /// Appends the window (with its values `slots`) to a snapshot: the ring exactly as
+    /// it is in memory (storage order, head, shift, sums), so that a restored window
+    /// rounds exactly as this one would have and verdicts after a restore equal those
+    /// of an uninterrupted run.
+    pub(crate) fn encode(&self, slots: &[f64], out: &mut Vec<u8>) {
+        put_u32(out, u32::from(self.len));
+        put_u32(out, u32::from(self.head));
+        put_u32(out, u32::from(self.since_exact));
+        put_f64(out, self.k);
+        put_f64(out, self.s1);
+        put_f64(out, self.s2);
+        // One resize and a copy loop the compiler turns into wide moves, instead of
+        // a capacity check per value.
+        let at = out.len();
+        out.resize(at + self.len() * 8, 0);
+        for (slot, v) in out[at..].chunks_exact_mut(8).zip(&slots[..self.len()]) {
+            slot.copy_from_slice(&v.to_bits().to_le_bytes());
+        }
+    }
+
+    /// Reads a window written by [`Ring::encode`]: the ring and its values (exactly
+    /// as many slots as values).
+    fn decode(buf: &mut &[u8]) -> Result<(Self, Vec<f64>), DecodeError> {
+        let len = get_u32(buf, "window length")? as usize;
+        let head = get_u32(buf, "window head")? as usize;
+        let since_exact = get_u32(buf, "window since_exact")? as usize;
+        let k = get_finite(buf, "window shift")?;
+        let s1 = get_finite(buf, "window sum")?;
+        let s2 = get_finite(buf, "window sum of squares")?;
+        if len > MAX_WINDOW_SIZE {
+            return Err(DecodeError::Invalid {
+                field: "window length",
+                reason: format!("{len} is above the largest window, {MAX_WINDOW_SIZE}"),
+            });
+        }
+        if head >= len.max(1) {
+            return Err(DecodeError::Invalid {
+                field: "window head",
+                reason: format!("{head} is outside a window of {len} values"),
+            });
+        }
+        let bytes = take(buf, len * 8, "window values")?;
+        let mut values = Vec::with_capacity(len);
+        for mut chunk in bytes.chunks_exact(8) {
+            values.push(get_finite(&mut chunk, "window value")?);
+        }
+        let ring = Self {
+            k,
+            s1,
+            s2,
+            len: len as u16,
+            head: head as u16,
+            // A count at or above the length means "recompute at the next eviction",
+            // which one below the length says as well (and cannot overflow).
+            since_exact: since_exact.min(len.saturating_sub(1)) as u16,
+            slots: len as u16,
+        };
+        Ok((ring, values))
+    }
+}
+
+impl Slots for Vec<f64> {
+    fn values(&mut self, _slots: usize) -> &mut [f64] {
+        self
+    }
+
+    fn resize(&mut self, _slots: usize, keep: usize, to: usize) {
+        self.truncate(keep);
+        self.reserve_exact(to - keep);
+        self.resize(to, 0.0);
+    }
+}
+
+/// A ring buffer of the most recent values with running statistics, owning its values:
+/// the form a window has in a snapshot (the engine keeps a [`Ring`] and its values in a
+/// shard's pool instead).
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    /// The statistics and the ring's shape.
+    pub(crate) ring: Ring,
+    /// The ring's slots (`ring.slots` of them; the first `ring.len` are values).
+    pub(crate) values: Vec<f64>,
+}
+
+impl PartialEq for Window {
+    /// Same values in the same ring order, same sums; free slots do not count.
+    fn eq(&self, other: &Self) -> bool {
+        let Self {
+            ring: a,
+            values: va,
+        } = self;
+        let Self {
+            ring: b,
+            values: vb,
+        } = other;
+        (a.k, a.s1, a.s2, a.len, a.head, a.since_exact)
+            == (b.k, b.s1, b.s2, b.len, b.head, b.since_exact)
+            && va[..a.len()] == vb[..b.len()]
+    }
 }
 
 impl Window {
@@ -61,177 +327,53 @@ impl Window {
         for v in values {
             w.push(v, capacity);
         }
-        w.recompute();
+        w.ring.recompute(&w.values);
         w
     }
 
     /// Number of values in the window.
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.ring.len()
     }
 
     /// Whether the window holds no value.
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.ring.len == 0
     }
 
     /// Mean of the values (0 when empty).
     #[inline]
     pub fn mean(&self) -> f64 {
-        let n = self.values.len();
-        if n == 0 {
-            0.0
-        } else {
-            self.k + self.s1 / n as f64
-        }
-    }
-
-    /// Population variance (divides by n; 0 when empty).
-    #[inline]
-    fn variance(&self) -> f64 {
-        let n = self.values.len();
-        if n == 0 {
-            return 0.0;
-        }
-        let n = n as f64;
-        let d = self.s1 / n;
-        (self.s2 / n - d * d).max(0.0)
+        self.ring.mean()
     }
 
     /// Population standard deviation (divides by n; 0 when empty).
     #[inline]
     pub fn stddev(&self) -> f64 {
-        self.variance().sqrt()
+        self.ring.stddev()
     }
 
     /// The values, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = f64> + '_ {
-        let (newer, older) = self.values.split_at(self.head);
-        older.iter().chain(newer.iter()).copied()
+        self.ring.iter(&self.values)
     }
 
-    /// Appends `x`, evicting the oldest value when the window holds `capacity` values.
+    /// Appends `x`, evicting the oldest value when the window holds `capacity` values
+    /// (at most [`MAX_WINDOW_SIZE`]).
     #[inline]
     pub fn push(&mut self, x: f64, capacity: usize) {
-        let n = self.values.len();
-        if n < capacity {
-            if n == 0 {
-                self.k = x;
-            }
-            if self.values.capacity() == n {
-                // Exactly the capacity, at most in two steps (see `values`).
-                let want = if n == 0 && capacity > WHOLE_UP_FRONT {
-                    FIRST_SLOTS
-                } else {
-                    capacity
-                };
-                self.values.reserve_exact(want - n);
-            }
-            self.values.push(x);
-            let d = x - self.k;
-            self.s1 += d;
-            self.s2 += d * d;
-        } else if n > capacity {
-            // The capacity shrank (a restore under a smaller WINDOW_SIZE): rebuild.
-            let kept: Vec<f64> = self.iter().skip(n - capacity).collect();
-            *self = Self::from_values(kept, capacity);
-            self.push(x, capacity);
-            return;
-        } else {
-            let old = std::mem::replace(&mut self.values[self.head], x);
-            self.head += 1;
-            if self.head == n {
-                self.head = 0;
-            }
-            let (dx, dold) = (x - self.k, old - self.k);
-            self.s1 += dx - dold;
-            self.s2 += (dx - dold) * (dx + dold);
-            self.since_exact += 1;
-            if self.since_exact as usize >= n {
-                self.recompute();
-                return;
-            }
-        }
-        // Far from the shift, the variance formula cancels: re-centre. (The variance
-        // is spelled out to reuse `d`: two divisions per push instead of three.)
-        let len = self.values.len() as f64;
-        let d = self.s1 / len;
-        let d2 = d * d;
-        if d2 > RECENTER_RATIO_SQ * (self.s2 / len - d2).max(0.0) && d != 0.0 {
-            self.recompute();
-        }
+        self.ring.push(x, capacity, &mut self.values);
     }
 
-    /// Appends the window to a snapshot: the ring exactly as it is in memory (storage
-    /// order, head, shift, sums), so that a restored window rounds exactly as this one
-    /// would have and verdicts after a restore equal those of an uninterrupted run.
+    /// Appends the window to a snapshot (see [`Ring::encode`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        put_u32(out, self.values.len() as u32);
-        put_u32(out, self.head as u32);
-        put_u32(out, self.since_exact);
-        put_f64(out, self.k);
-        put_f64(out, self.s1);
-        put_f64(out, self.s2);
-        // One resize and a copy loop the compiler turns into wide moves, instead of
-        // a capacity check per value.
-        let at = out.len();
-        out.resize(at + self.values.len() * 8, 0);
-        for (slot, v) in out[at..].chunks_exact_mut(8).zip(&self.values) {
-            slot.copy_from_slice(&v.to_bits().to_le_bytes());
-        }
+        self.ring.encode(&self.values, out);
     }
 
     /// Reads a window written by [`Window::encode`].
     pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let len = get_u32(buf, "window length")? as usize;
-        let head = get_u32(buf, "window head")? as usize;
-        let since_exact = get_u32(buf, "window since_exact")?;
-        let k = get_finite(buf, "window shift")?;
-        let s1 = get_finite(buf, "window sum")?;
-        let s2 = get_finite(buf, "window sum of squares")?;
-        if head >= len.max(1) {
-            return Err(DecodeError::Invalid {
-                field: "window head",
-                reason: format!("{head} is outside a window of {len} values"),
-            });
-        }
-        let bytes = take(buf, len.saturating_mul(8), "window values")?;
-        let mut values = Vec::with_capacity(len);
-        for mut chunk in bytes.chunks_exact(8) {
-            values.push(get_finite(&mut chunk, "window value")?);
-        }
-        Ok(Self {
-            values,
-            head,
-            k,
-            s1,
-            s2,
-            since_exact,
-        })
-    }
-
-    /// Re-centres the shift on the mean and recomputes both sums from the values.
-    fn recompute(&mut self) {
-        self.since_exact = 0;
-        let n = self.values.len();
-        if n == 0 {
-            *self = Self {
-                values: std::mem::take(&mut self.values),
-                ..Self::default()
-            };
-            return;
-        }
-        let first = self.values[0];
-        let mean = first + self.values.iter().map(|v| v - first).sum::<f64>() / n as f64;
-        self.k = mean;
-        let (mut s1, mut s2) = (0.0, 0.0);
-        for v in &self.values {
-            let d = v - mean;
-            s1 += d;
-            s2 += d * d;
-        }
-        self.s1 = s1;
-        self.s2 = s2;
+        let (ring, values) = Ring::decode(buf)?;
+        Ok(Self { ring, values })
     }
 }
 
@@ -296,10 +438,12 @@ mod tests {
         for v in 0..FIRST_SLOTS {
             w.push(v as f64, 1000);
             assert_eq!(w.values.capacity(), FIRST_SLOTS);
+            assert_eq!(w.ring.slots(), FIRST_SLOTS);
         }
         // ...and once it fills those, exactly its capacity, allocated once more.
         w.push(1.0, 1000);
         assert_eq!(w.values.capacity(), 1000);
+        assert_eq!(w.ring.slots(), 1000);
         // An empty window costs nothing.
         assert_eq!(Window::new().values.capacity(), 0);
     }

@@ -8,7 +8,7 @@
 //! Numbers are little-endian; floats are stored bit for bit, so a restored window
 //! continues exactly where the old one stopped.
 
-use crate::engine::DeviceState;
+use crate::engine::{DeviceState, DirtyDevice};
 
 /// First bytes of every snapshot value: garbage rarely starts with them.
 pub const MAGIC: [u8; 2] = *b"TW";
@@ -49,11 +49,30 @@ pub enum DecodeError {
     },
 }
 
+/// A device that can be written as a snapshot: the owned [`DeviceState`], or a device
+/// in the engine's memory as the flusher visits it (both write the same bytes).
+pub trait EncodeDevice {
+    /// Appends the device (without magic and version).
+    fn encode_device(&self, out: &mut Vec<u8>);
+}
+
+impl EncodeDevice for DeviceState {
+    fn encode_device(&self, out: &mut Vec<u8>) {
+        self.encode(out);
+    }
+}
+
+impl EncodeDevice for DirtyDevice<'_> {
+    fn encode_device(&self, out: &mut Vec<u8>) {
+        self.encode(out);
+    }
+}
+
 /// Encodes a device as a complete snapshot value (magic, version, device).
-pub fn encode_value(device: &DeviceState, out: &mut Vec<u8>) {
+pub fn encode_value(device: &impl EncodeDevice, out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
-    device.encode(out);
+    device.encode_device(out);
 }
 
 /// Decodes a complete snapshot value read under the key of `expected_id`.
@@ -222,7 +241,7 @@ mod tests {
     use tidewatch_proto::pbjson_types::Timestamp;
 
     fn device(values: &[f64], capacity: usize) -> DeviceState {
-        let mut d = DeviceState::new("sensor-1", 0);
+        let mut d = DeviceState::new("sensor-1");
         d.last_seq = 42;
         d.updated_at = Timestamp {
             seconds: 1_710_000_000,
@@ -329,9 +348,7 @@ mod tests {
             .collect();
         let mut out = Vec::new();
         engine.ingest_batch(&samples[..250], &robust, &mut out);
-        let mut original = None;
-        engine.for_each_device_mut(|d| original = Some(d.clone()));
-        let original = original.unwrap();
+        let original = engine.device_state("sensor-1").unwrap();
         assert!(original.metrics[0].detector.robust.is_some());
         let restored = decode_value(&encoded(&original), "sensor-1").unwrap();
         assert_eq!(restored.metrics[0].detector, original.metrics[0].detector);

@@ -1,0 +1,463 @@
+//! A device as the engine keeps it in memory, and how one sample is judged.
+//!
+//! Compact on purpose: a million devices × 2 metrics × 50 values must fit in a GiB,
+//! and 800 of the ≈1,000 bytes per device are the window values themselves. So the
+//! values live in the shard's [`ValuePool`] (exact runs, no allocator rounding), metric
+//! names in the shard's [`Names`] (one copy per distinct name, 4 bytes per metric),
+//! short device ids inline, and the first two metrics inline in the device. The
+//! owned [`DeviceState`] is what snapshots hold; a device converts to and from it at
+//! restore and eviction, and encodes to exactly its bytes.
+
+use smallvec::SmallVec;
+use tidewatch_proto::pbjson_types::Timestamp;
+use tidewatch_proto::v1::{AnalyzeResponse, MetricStats, Source};
+
+use super::MetricOutcome;
+use super::detector::{DetectorKind, DetectorSpec, DetectorState, Episode, RobustState, squash};
+use super::device::{DeviceState, MetricFields, MetricState, encode_header, encode_metric};
+use super::names::Names;
+use super::pool::ValuePool;
+use super::window::{Ring, Slots, Window};
+
+/// Longest device id kept inline.
+const INLINE_ID: usize = 22;
+
+/// A device id: up to [`INLINE_ID`] bytes inline (24 bytes in all, no allocation),
+/// longer ones on the heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DeviceId {
+    /// A short id.
+    Inline {
+        /// Bytes used of `bytes`.
+        len: u8,
+        /// The id's UTF-8 bytes, then zeros.
+        bytes: [u8; INLINE_ID],
+    },
+    /// A long id.
+    Heap(Box<str>),
+}
+
+impl DeviceId {
+    /// The id `id`.
+    pub(crate) fn new(id: &str) -> Self {
+        if id.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Self::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(id.into())
+        }
+    }
+
+    /// The id's bytes (what lookups compare).
+    #[inline]
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(id) => id.as_bytes(),
+        }
+    }
+
+    /// The id.
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            // Built from a `str` in `new`, so always UTF-8.
+            Self::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Self::Heap(id) => id,
+        }
+    }
+}
+
+/// The run of a window's values in a shard's pool, as [`Slots`] for [`Ring::push`].
+struct InPool<'a> {
+    pool: &'a mut ValuePool,
+    at: &'a mut u32,
+}
+
+impl Slots for InPool<'_> {
+    #[inline]
+    fn values(&mut self, slots: usize) -> &mut [f64] {
+        self.pool.run_mut(*self.at, slots)
+    }
+
+    fn resize(&mut self, slots: usize, keep: usize, to: usize) {
+        let new = self.pool.alloc(to as u16);
+        for i in 0..keep {
+            let v = self.pool.run(*self.at, slots)[i];
+            self.pool.run_mut(new, to)[i] = v;
+        }
+        self.pool.free(*self.at, slots as u16);
+        *self.at = new;
+    }
+}
+
+/// One metric of a device in memory (72 bytes).
+#[derive(Debug)]
+pub(crate) struct Metric {
+    /// The window's statistics and shape; its values are `ring.slots()` slots of the
+    /// shard's pool at `at`.
+    ring: Ring,
+    /// The z-score of the last value.
+    last_z: f64,
+    /// Anomalous values since this state was created.
+    anomalies_total: u64,
+    /// The robust detector's state, once a stream used it.
+    robust: Option<Box<RobustState>>,
+    /// Where the window's values start in the pool.
+    at: u32,
+    /// The metric's name in the shard's [`Names`].
+    pub(crate) name: u32,
+    /// Episode: consecutive quiet samples.
+    quiet: u32,
+    /// Episode: inside one.
+    active: bool,
+    /// Whether the last value was anomalous.
+    last_anomaly: bool,
+}
+
+impl Metric {
+    /// A metric that has seen nothing yet, named `name` (already interned).
+    pub(crate) fn new(name: u32) -> Self {
+        Self {
+            ring: Ring::default(),
+            last_z: 0.0,
+            anomalies_total: 0,
+            robust: None,
+            at: 0,
+            name,
+            quiet: 0,
+            active: false,
+            last_anomaly: false,
+        }
+    }
+
+    /// Judges `x` (seen at `time`, unix seconds) with `spec`'s detector against the
+    /// state as it is, then pushes `x`.
+    /// For `zscore` this is exactly DESIGN §3; every detector also keeps the rolling
+    /// window behind `mean`, `stddev` and `z_score`.
+    #[inline]
+    pub(crate) fn observe(
+        &mut self,
+        x: f64,
+        time: i64,
+        spec: &DetectorSpec,
+        pool: &mut ValuePool,
+    ) -> MetricOutcome {
+        let n = self.ring.len();
+        let mean = self.ring.mean();
+        let stddev = self.ring.stddev();
+        // Warm-up as DESIGN §3 (a robust stream may ask for a warm-up longer than the
+        // rolling window; the z-score it reports then starts once the window is full).
+        let z = if n < spec.min_samples.min(spec.window_size.max(1)) {
+            0.0
+        } else if stddev == 0.0 {
+            if x == mean {
+                0.0
+            } else {
+                f64::INFINITY.copysign(x - mean)
+            }
+        } else {
+            (x - mean) / stddev
+        };
+        let (z, anomaly, score) = match spec.kind {
+            DetectorKind::ZScore => {
+                let anomaly = n >= spec.min_samples && z.abs() > spec.threshold;
+                (z, anomaly, squash(z.abs() / spec.threshold))
+            }
+            DetectorKind::Robust => {
+                let robust = self
+                    .robust
+                    .get_or_insert_with(|| Box::new(RobustState::new(spec.robust.window)));
+                let j = robust.observe(x, time, &spec.robust, spec.threshold, spec.min_samples);
+                (z, j.anomaly, j.score)
+            }
+        };
+        let mut episode = self.episode();
+        let alert = episode.step(anomaly, score, spec.cooldown);
+        (self.active, self.quiet) = (episode.active, episode.quiet);
+        self.ring.push(
+            x,
+            spec.window_size,
+            &mut InPool {
+                pool,
+                at: &mut self.at,
+            },
+        );
+        self.last_z = z;
+        self.last_anomaly = anomaly;
+        self.anomalies_total += u64::from(anomaly);
+        MetricOutcome {
+            value: x,
+            mean,
+            stddev,
+            z_score: z,
+            anomaly,
+            window_count: n as u32,
+            score,
+            alert,
+        }
+    }
+
+    fn episode(&self) -> Episode {
+        Episode {
+            active: self.active,
+            quiet: self.quiet,
+        }
+    }
+
+    /// The window's slots.
+    fn values<'a>(&self, pool: &'a ValuePool) -> &'a [f64] {
+        pool.run(self.at, self.ring.slots())
+    }
+
+    /// Takes in a metric from a snapshot: its values move into the pool.
+    fn from_state(state: MetricState, pool: &mut ValuePool, names: &mut Names) -> Self {
+        let MetricState {
+            name,
+            window: Window { ring, values },
+            last_value: _,
+            last_z,
+            last_anomaly,
+            anomalies_total,
+            detector: DetectorState { episode, robust },
+        } = state;
+        let at = if ring.slots() > 0 {
+            let at = pool.alloc(ring.slots() as u16);
+            pool.run_mut(at, ring.slots())
+                .copy_from_slice(&values[..ring.slots()]);
+            at
+        } else {
+            0
+        };
+        Self {
+            ring,
+            last_z,
+            anomalies_total,
+            robust,
+            at,
+            name: names.intern(&name),
+            quiet: episode.quiet,
+            active: episode.active,
+            last_anomaly,
+        }
+    }
+
+    /// The metric as a snapshot holds it. `last_value` is the newest value of the
+    /// window (every judged value is pushed), 0 before the first.
+    fn to_state(&self, pool: &ValuePool, names: &Names) -> MetricState {
+        let values = self.values(pool);
+        MetricState {
+            name: names.get(self.name).into(),
+            window: Window {
+                ring: self.ring,
+                values: values.to_vec(),
+            },
+            last_value: self.ring.newest(values),
+            last_z: self.last_z,
+            last_anomaly: self.last_anomaly,
+            anomalies_total: self.anomalies_total,
+            detector: DetectorState {
+                episode: self.episode(),
+                robust: self.robust.clone(),
+            },
+        }
+    }
+
+    /// Gives the values and the name back to the shard.
+    fn release(&self, pool: &mut ValuePool, names: &mut Names) {
+        if self.ring.slots() > 0 {
+            pool.free(self.at, self.ring.slots() as u16);
+        }
+        names.release(self.name);
+    }
+
+    /// The metric's statistics as `Analyze` reports them.
+    fn stats(&self, pool: &ValuePool, names: &Names) -> MetricStats {
+        MetricStats {
+            metric: names.get(self.name).to_owned(),
+            rolling_average: self.ring.mean(),
+            stddev: self.ring.stddev(),
+            window_count: self.ring.len() as u32,
+            last_value: self.ring.newest(self.values(pool)),
+            last_z_score: self.last_z,
+            last_anomaly: self.last_anomaly,
+            anomalies_total: self.anomalies_total,
+        }
+    }
+}
+
+/// One device in memory (208 bytes with its first two metrics).
+#[derive(Debug)]
+pub(crate) struct Device {
+    /// The device id (after "" became "default").
+    pub(crate) id: DeviceId,
+    /// Highest `seq` applied; samples at or below it are duplicates.
+    pub(crate) last_seq: u64,
+    /// Time of the last applied sample: seconds.
+    updated_seconds: i64,
+    /// Time of the last applied sample: nanoseconds.
+    updated_nanos: i32,
+    /// Engine clock tick (seconds since start) of the last sample, for idle eviction.
+    pub(crate) last_seen: u32,
+    /// Changed since the last snapshot flush.
+    pub(crate) dirty: bool,
+    /// Metrics in the order they were first seen (at most `MAX_METRICS_PER_DEVICE`).
+    pub(crate) metrics: SmallVec<[Metric; 2]>,
+}
+
+impl Device {
+    /// A device with no history.
+    pub(crate) fn new(id: &str) -> Self {
+        Self {
+            id: DeviceId::new(id),
+            last_seq: 0,
+            updated_seconds: 0,
+            updated_nanos: 0,
+            last_seen: 0,
+            dirty: false,
+            metrics: SmallVec::new(),
+        }
+    }
+
+    /// Records the time of the last applied sample.
+    #[inline]
+    pub(crate) fn set_updated_at(&mut self, time: Timestamp) {
+        self.updated_seconds = time.seconds;
+        self.updated_nanos = time.nanos;
+    }
+
+    fn updated_at(&self) -> Timestamp {
+        Timestamp {
+            seconds: self.updated_seconds,
+            nanos: self.updated_nanos,
+        }
+    }
+
+    /// [`Device::metric_index`], trying `hint` first: a device's samples usually
+    /// carry the same metrics in the same (ascending) order, so the `i`-th metric of a
+    /// sample is usually the device's `i`-th.
+    #[inline]
+    pub(crate) fn metric_index_from(
+        &self,
+        name: &str,
+        hint: usize,
+        names: &Names,
+    ) -> Option<usize> {
+        match self.metrics.get(hint) {
+            Some(m) if names.get(m.name) == name => Some(hint),
+            _ => self.metrics.iter().position(|m| names.get(m.name) == name),
+        }
+    }
+
+    /// Takes in a device from a snapshot (clean; the caller sets its clock).
+    pub(crate) fn from_state(state: DeviceState, pool: &mut ValuePool, names: &mut Names) -> Self {
+        let mut device = Self::new(&state.id);
+        device.last_seq = state.last_seq;
+        device.set_updated_at(state.updated_at);
+        device.dirty = state.dirty;
+        device.metrics = state
+            .metrics
+            .into_iter()
+            .map(|m| Metric::from_state(m, pool, names))
+            .collect();
+        device
+    }
+
+    /// The device as a snapshot holds it.
+    pub(crate) fn to_state(&self, pool: &ValuePool, names: &Names) -> DeviceState {
+        DeviceState {
+            id: self.id.as_str().into(),
+            last_seq: self.last_seq,
+            metrics: self
+                .metrics
+                .iter()
+                .map(|m| m.to_state(pool, names))
+                .collect(),
+            updated_at: self.updated_at(),
+            dirty: self.dirty,
+        }
+    }
+
+    /// Gives every metric's values and name back to the shard (the device is leaving).
+    pub(crate) fn release(&self, pool: &mut ValuePool, names: &mut Names) {
+        for metric in &self.metrics {
+            metric.release(pool, names);
+        }
+    }
+
+    /// Appends the device to a snapshot: exactly the bytes of
+    /// `self.to_state(..).encode(out)`, without building the copy.
+    pub(crate) fn encode(&self, pool: &ValuePool, names: &Names, out: &mut Vec<u8>) {
+        encode_header(out, self.id.as_str(), self.last_seq, &self.updated_at());
+        super::super::snapshot::codec::put_u32(out, self.metrics.len() as u32);
+        for m in &self.metrics {
+            let values = m.values(pool);
+            encode_metric(
+                out,
+                MetricFields {
+                    name: names.get(m.name),
+                    last_value: m.ring.newest(values),
+                    last_z: m.last_z,
+                    last_anomaly: m.last_anomaly,
+                    anomalies_total: m.anomalies_total,
+                    ring: &m.ring,
+                    values,
+                    episode: m.episode(),
+                    robust: m.robust.as_deref(),
+                },
+            );
+        }
+    }
+
+    /// The device's statistics as `Analyze` reports them.
+    pub(crate) fn analyze(
+        &self,
+        pool: &ValuePool,
+        names: &Names,
+        source: Source,
+    ) -> AnalyzeResponse {
+        let mut metrics: Vec<_> = self.metrics.iter().map(|m| m.stats(pool, names)).collect();
+        metrics.sort_by(|a, b| a.metric.cmp(&b.metric));
+        AnalyzeResponse {
+            device_id: self.id.as_str().to_owned(),
+            metrics,
+            updated_at: Some(self.updated_at()),
+            source: source as i32,
+            last_seq: self.last_seq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_stay_compact() {
+        // The budget behind "1M devices x 2 metrics in 1 GiB": 800 bytes of values,
+        // 208 bytes of device, ≈10 bytes of index per device.
+        assert_eq!(std::mem::size_of::<DeviceId>(), 24);
+        assert_eq!(std::mem::size_of::<Metric>(), 72);
+        assert_eq!(std::mem::size_of::<Device>(), 208);
+    }
+
+    #[test]
+    fn ids_compare_and_print_inline_and_on_the_heap() {
+        for id in [
+            "",
+            "d",
+            "exactly-22-bytes-long!",
+            "twenty-three-bytes-long",
+            &"x".repeat(128),
+        ] {
+            let d = DeviceId::new(id);
+            assert_eq!(d.as_str(), id);
+            assert_eq!(d.as_bytes(), id.as_bytes());
+            assert_eq!(matches!(d, DeviceId::Inline { .. }), id.len() <= INLINE_ID);
+        }
+        assert_eq!(DeviceId::new("é-capteur").as_str(), "é-capteur");
+    }
+}
