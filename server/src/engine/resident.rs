@@ -52,7 +52,20 @@ impl DeviceId {
         }
     }
 
-    /// The id's bytes (what lookups compare).
+    /// Whether this is the id `key` stands for. Two inline ids compare as fixed-size
+    /// arrays (a few wide loads, no `memcmp` call).
+    #[inline]
+    pub(crate) fn is(&self, key: &IdKey<'_>) -> bool {
+        match (self, key) {
+            (Self::Inline { len, bytes }, IdKey::Inline { len: l, bytes: b }) => {
+                len == l && bytes == b
+            }
+            (Self::Heap(id), IdKey::Heap(k)) => **id == **k,
+            _ => false,
+        }
+    }
+
+    /// The id's bytes (what hashing reads).
     #[inline]
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
@@ -67,6 +80,37 @@ impl DeviceId {
             // Built from a `str` in `new`, so always UTF-8.
             Self::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
             Self::Heap(id) => id,
+        }
+    }
+}
+
+/// An id to look up, shaped like the [`DeviceId`] it would be stored as.
+#[derive(Debug)]
+pub(crate) enum IdKey<'a> {
+    /// A short id, padded with zeros as stored.
+    Inline {
+        /// Bytes used of `bytes`.
+        len: u8,
+        /// The id's bytes, then zeros.
+        bytes: [u8; INLINE_ID],
+    },
+    /// A long id.
+    Heap(&'a str),
+}
+
+impl<'a> IdKey<'a> {
+    /// The key of `id`.
+    #[inline]
+    pub(crate) fn new(id: &'a str) -> Self {
+        if id.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Self::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(id)
         }
     }
 }
@@ -457,7 +501,15 @@ mod tests {
             assert_eq!(d.as_str(), id);
             assert_eq!(d.as_bytes(), id.as_bytes());
             assert_eq!(matches!(d, DeviceId::Inline { .. }), id.len() <= INLINE_ID);
+            assert!(d.is(&IdKey::new(id)));
         }
+        // Same length, other bytes; a prefix; inline against heap.
+        assert!(!DeviceId::new("sensor-1").is(&IdKey::new("sensor-2")));
+        assert!(!DeviceId::new("sensor-1").is(&IdKey::new("sensor-")));
+        let long = "x".repeat(40);
+        assert!(!DeviceId::new(&long).is(&IdKey::new("x")));
+        assert!(!DeviceId::new("x").is(&IdKey::new(&long)));
+        assert!(!DeviceId::new(&long).is(&IdKey::new(&"x".repeat(41))));
         assert_eq!(DeviceId::new("é-capteur").as_str(), "é-capteur");
     }
 }

@@ -18,7 +18,7 @@ use hashbrown::HashTable;
 
 use super::names::Names;
 use super::pool::ValuePool;
-use super::resident::Device;
+use super::resident::{Device, IdKey};
 
 /// Devices per chunk of the dense store.
 const CHUNK: usize = 2048;
@@ -80,11 +80,9 @@ impl Table {
     /// The position of the device `id` (whose hash is `hash`).
     #[inline]
     pub(crate) fn find(&self, hash: u64, id: &str) -> Option<usize> {
-        let chunks = &self.chunks;
+        let (chunks, key) = (&self.chunks, IdKey::new(id));
         self.index
-            .find(hash, |&p| {
-                device_at(chunks, p as usize).id.as_bytes() == id.as_bytes()
-            })
+            .find(hash, |&p| device_at(chunks, p as usize).id.is(&key))
             .map(|&p| p as usize)
     }
 
