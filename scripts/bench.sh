@@ -21,7 +21,10 @@
 # of tidewatch-bench in (c), default 1: a single-threaded runtime on the load core),
 # PROFILE=1 to
 # record `perf` profiles of the server during (a) and (b), PARTS ("a b c d", a subset
-# runs only those parts).
+# runs only those parts), BIN (directory of the binaries, default target/release) and
+# BUILD=0 to skip the release build (to measure saved binaries of an earlier commit
+# while the tree changes: `cp target/release/{tidewatch,bare-tonic,tidewatch-bench}
+# DIR`, then `BIN=DIR BUILD=0`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +43,8 @@ OUT=${OUT:-target/bench}
 PORT=${PORT:-50061}
 HTTP_PORT=${HTTP_PORT:-50081}
 BARE_PORT=${BARE_PORT:-50062}
-BIN=target/release
+BIN=${BIN:-target/release}
+BUILD=${BUILD:-1}
 PATH_INGEST=/tidewatch.v1.TelemetryService/Ingest
 
 for tool in h2load taskset curl python3; do
@@ -49,8 +53,10 @@ done
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "cargo build --release (tidewatch, tidewatch-bench, bare-tonic)"
-cargo build --release -p tidewatch-server -p tidewatch-client --bins
+if [ "$BUILD" = 1 ]; then
+  step "cargo build --release (tidewatch, tidewatch-bench, bare-tonic)"
+  cargo build --release -p tidewatch-server -p tidewatch-client --bins
+fi
 mkdir -p "$OUT"
 
 server_pid=""
