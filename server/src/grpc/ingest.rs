@@ -3,7 +3,9 @@
 //! [`StreamCore`] is what every `Ingest` stream has whatever carries its messages: the
 //! stream limit, the detector, the idle and lifetime timers, the shutdown drain and
 //! the asynchronous path of a request that must wait (a restore, a large batch).
-//! [`IngestStream`] maps a tonic request stream through it.
+//! [`super::ingest_body`] serves the method with it as an HTTP body of its own (what
+//! the server mounts); [`IngestStream`] maps a tonic request stream through it (the
+//! generated server's `Ingest`, for hosts that mount that instead).
 //!
 //! Either way the response stream *is* the request stream mapped through the engine:
 //! the next request is read only when the next response is asked for, which happens
@@ -223,8 +225,20 @@ impl StreamCore {
     }
 }
 
+/// The status of a message over `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` naming the
+/// setting, as the issue asks, with tonic's text.
+pub(crate) fn too_large(len: usize, limit: usize) -> Status {
+    ApiError::new(
+        ErrorKind::TooLarge,
+        format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes (MAX_MESSAGE_BYTES)"
+        ),
+    )
+    .into()
+}
+
 /// Maps a receive error of tonic's decoder to the status the client sees: a message
-/// over the size limit is `RESOURCE_EXHAUSTED` naming the setting, as the issue asks.
+/// over the size limit is [`too_large`].
 fn receive_error(status: Status) -> Status {
     if status.code() == Code::OutOfRange && status.message().contains("too large") {
         return ApiError::new(
