@@ -41,6 +41,9 @@ use super::{
 };
 use crate::AppState;
 
+/// The least a new output chunk reserves.
+const MIN_CHUNK: usize = 512;
+
 /// The request header that names a message compression.
 const ENCODING_HEADER: &str = "grpc-encoding";
 
@@ -68,6 +71,7 @@ where
         inbox: Inbox::default(),
         sink: WireSink::new(),
         max_message: state.config.max_message_bytes,
+        chunk_hint: MIN_CHUNK,
         end: None,
         done: false,
     };
@@ -112,6 +116,10 @@ pub(crate) struct IngestBody<B> {
     sink: WireSink,
     /// `MAX_MESSAGE_BYTES`.
     max_message: usize,
+    /// The size of the last chunk handed out: what the sink reserves when it starts
+    /// the next one, instead of growing by doubling (a copy each time) while
+    /// responses are written.
+    chunk_hint: usize,
     /// The status the stream ends with, once known: sent as trailers once every
     /// response before it is out.
     end: Option<Status>,
@@ -169,9 +177,10 @@ impl Inbox {
         self.frame = data;
     }
 
-    /// Whether bytes of an incomplete message are held.
-    fn has_partial(&self) -> bool {
-        !self.frame.is_empty() || !self.partial.is_empty()
+    /// Whether no received byte is left (at the body's end: whether it ended
+    /// between messages).
+    fn is_empty(&self) -> bool {
+        self.frame.is_empty() && self.partial.is_empty()
     }
 
     /// The next complete message, without its prefix; `None` when more bytes are
@@ -229,6 +238,9 @@ impl<B> IngestBody<B> {
     /// read of this poll (the end of the previous message's latency and the start of
     /// the next one's), `None` when none is fresh.
     fn judge_received(&mut self, clock: &mut Option<Instant>) -> Result<Judged, Status> {
+        if self.sink.is_empty() && !self.inbox.is_empty() {
+            self.sink.reserve_bytes(self.chunk_hint);
+        }
         while self.sink.len() < YIELD_THRESHOLD {
             let Some(message) = self.inbox.next_message(self.max_message)? else {
                 return Ok(Judged::All);
@@ -254,7 +266,11 @@ impl<B> IngestBody<B> {
     /// The responses ready so far as a DATA frame, if there are any.
     fn flush(&mut self) -> Option<Frame<Bytes>> {
         let data = self.sink.take_finished();
-        (!data.is_empty()).then(|| Frame::data(data))
+        if data.is_empty() {
+            return None;
+        }
+        self.chunk_hint = data.len().clamp(MIN_CHUNK, 2 * YIELD_THRESHOLD);
+        Some(Frame::data(data))
     }
 }
 
@@ -337,7 +353,7 @@ where
                     });
                 }
                 Poll::Ready(None) => {
-                    this.end = Some(if this.inbox.has_partial() {
+                    this.end = Some(if !this.inbox.is_empty() {
                         Status::internal("Unexpected EOF decoding stream.")
                     } else {
                         Status::ok("")

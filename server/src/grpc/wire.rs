@@ -646,6 +646,12 @@ impl WireSink {
         }
     }
 
+    /// Makes room for `n` more bytes at once (a caller that knows roughly how much
+    /// it will write saves the buffer's doubling steps, each a copy).
+    pub fn reserve_bytes(&mut self, n: usize) {
+        self.out.reserve(n);
+    }
+
     /// Bytes written so far (finished messages and the open one).
     pub fn len(&self) -> usize {
         self.out.len()
