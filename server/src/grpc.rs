@@ -55,8 +55,9 @@ impl TelemetryApi {
         Self { state }
     }
 
-    /// The tonic service: `Ingest` through [`WireCodec`], the other methods through
-    /// the generated server, with message size limits applied.
+    /// The tonic service: `Ingest` through its own HTTP body (`ingest_body`, with the
+    /// [`wire`] codec), the other methods through the generated server, with message
+    /// size limits applied.
     pub fn into_server(self) -> TelemetryRouter {
         let max = self.state.config.max_message_bytes;
         TelemetryRouter {

@@ -787,8 +787,11 @@ impl VerdictSink for WireSink {
     }
 }
 
-/// The codec of the `Ingest` method: [`WireRequest`]s in, encoded `IngestResponse`s
-/// (from a [`WireSink`]) out.
+/// A tonic codec for the `Ingest` method: [`WireRequest`]s in, encoded
+/// `IngestResponse`s (from a [`WireSink`]) out. The server itself frames `Ingest`
+/// without tonic's codec machinery (`grpc::ingest_body`); this is for hosts that serve
+/// or call the method through tonic with this crate's codec (the tests send raw
+/// requests with its encoder).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WireCodec;
 
