@@ -21,7 +21,10 @@
 # of tidewatch-bench in (c), default 1: a single-threaded runtime on the load core),
 # PROFILE=1 to
 # record `perf` profiles of the server during (a) and (b), PARTS ("a b c d", a subset
-# runs only those parts).
+# runs only those parts), BIN (directory of the binaries, default target/release) and
+# BUILD=0 to skip the release build (to measure saved binaries of an earlier commit
+# while the tree changes: `cp target/release/{tidewatch,bare-tonic,tidewatch-bench}
+# DIR`, then `BIN=DIR BUILD=0`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +43,8 @@ OUT=${OUT:-target/bench}
 PORT=${PORT:-50061}
 HTTP_PORT=${HTTP_PORT:-50081}
 BARE_PORT=${BARE_PORT:-50062}
-BIN=target/release
+BIN=${BIN:-target/release}
+BUILD=${BUILD:-1}
 PATH_INGEST=/tidewatch.v1.TelemetryService/Ingest
 
 for tool in h2load taskset curl python3; do
@@ -49,8 +53,10 @@ done
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "cargo build --release (tidewatch, tidewatch-bench, bare-tonic)"
-cargo build --release -p tidewatch-server -p tidewatch-client --bins
+if [ "$BUILD" = 1 ]; then
+  step "cargo build --release (tidewatch, tidewatch-bench, bare-tonic)"
+  cargo build --release -p tidewatch-server -p tidewatch-client --bins
+fi
 mkdir -p "$OUT"
 
 server_pid=""
@@ -134,16 +140,27 @@ print(f"verified one call: 100 responses x {spm} verdicts, grpc-status 0")
 PY
 }
 
-# Runs h2load; prints "<calls/s> <succeeded calls>".
+# CPU time (user + system, in clock ticks) the process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# Runs h2load; prints "<calls/s> <succeeded calls> <server CPU µs per message>". The
+# CPU time is the server's own (user + system) over h2load's measured period (after
+# its 1 s warm-up): unlike the rate, it hardly moves when other processes take turns
+# on the server's core, so it compares servers on a busy machine.
 h2load_run() {
   local name=$1 port=$2 body=$3
   taskset -c "$LOAD_CPU" h2load -c "$H2_CONNECTIONS" -m "$H2_STREAMS" -t 1 -D "$DURATION" --warm-up-time 1 \
     -d "$body" -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://127.0.0.1:$port$PATH_INGEST" >"$OUT/$name.h2load.txt" 2>&1
+    "http://127.0.0.1:$port$PATH_INGEST" >"$OUT/$name.h2load.txt" 2>&1 &
+  local h2load_pid=$! t0 t1
+  sleep 1
+  t0=$(cpu_ticks "$server_pid")
+  wait "$h2load_pid"
+  t1=$(cpu_ticks "$server_pid")
   local rps ok
   rps=$(grep -oP 'finished in [0-9.]+m?s, \K[0-9.]+(?= req/s)' "$OUT/$name.h2load.txt")
   ok=$(grep -oP '^requests: .*?\K[0-9]+(?= succeeded)' "$OUT/$name.h2load.txt")
-  echo "$rps $ok"
+  echo "$rps $ok $(python3 -c "print(f'{($t1 - $t0) * 1e6 / $(getconf CLK_TCK) / max(1, $ok * 100):.3f}')")"
 }
 
 perf_pid=""
@@ -165,7 +182,7 @@ run_pair() { # label body samples-per-message
   step "($label) bare-tonic, h2load ${H2_CONNECTIONS}x${H2_STREAMS}, ${DURATION}s, $spm sample(s)/message"
   start_bare
   verify_call "$BARE_PORT" "$body" "$spm" "bare-$label"
-  read -r bare_rps bare_ok < <(h2load_run "bare-$label" "$BARE_PORT" "$body")
+  read -r bare_rps bare_ok bare_cpu < <(h2load_run "bare-$label" "$BARE_PORT" "$body")
   stop_server
   step "($label) tidewatch, same load"
   start_tidewatch
@@ -173,7 +190,7 @@ run_pair() { # label body samples-per-message
   local before after
   before=$(samples_answered)
   profile_during "tidewatch-$label"
-  read -r tw_rps tw_ok < <(h2load_run "tidewatch-$label" "$PORT" "$body")
+  read -r tw_rps tw_ok tw_cpu < <(h2load_run "tidewatch-$label" "$PORT" "$body")
   after=$(samples_answered)
   if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; perf_pid=""; fi
   local answered="n/a (no /metrics in this build)"
@@ -193,11 +210,12 @@ run_pair() { # label body samples-per-message
   RESULT[$label.bare_samples]=$(python3 -c "print(round($bare_rps * 100 * $spm))")
   RESULT[$label.answered]=$answered
   RESULT[$label.calls]=$tw_ok
-  echo "bare-tonic ${RESULT[$label.bare_msgs]} msg/s; tidewatch ${RESULT[$label.tw_msgs]} msg/s (${RESULT[$label.tw_samples]} samples/s) = ${RESULT[$label.ratio]} x bare; server counted $answered samples"
+  RESULT[$label.cpu]="$bare_cpu / $tw_cpu µs = $(python3 -c "print(f'{$bare_cpu / $tw_cpu:.2f}')") x"
+  echo "bare-tonic ${RESULT[$label.bare_msgs]} msg/s; tidewatch ${RESULT[$label.tw_msgs]} msg/s (${RESULT[$label.tw_samples]} samples/s) = ${RESULT[$label.ratio]} x bare; server counted $answered samples; server CPU per message bare / tidewatch ${RESULT[$label.cpu]}"
 }
 
 want() { [[ " $PARTS " == *" $1 "* ]]; }
-for key in a.bare_msgs a.tw_msgs a.ratio a.tw_samples a.bare_samples a.answered b.bare_msgs b.tw_msgs b.ratio b.tw_samples b.bare_samples b.answered; do
+for key in a.bare_msgs a.tw_msgs a.ratio a.tw_samples a.bare_samples a.answered a.cpu b.bare_msgs b.tw_msgs b.ratio b.tw_samples b.bare_samples b.answered b.cpu; do
   RESULT[$key]="-"
 done
 RATE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
@@ -270,6 +288,7 @@ cat >"$OUT/summary.md" <<EOF
 | (a) 1 sample/message, messages/s | ${RESULT[a.bare_msgs]} | ${RESULT[a.tw_msgs]} (${RESULT[a.ratio]} x bare) | >= 0.8 x bare |
 | (b) 100 samples/message, samples/s | ${RESULT[b.bare_samples]} | ${RESULT[b.tw_samples]} (${RESULT[b.ratio]} x bare) | >= 5,000,000 |
 | server-counted samples in (a) / (b) | | ${RESULT[a.answered]} / ${RESULT[b.answered]} | >= h2load's successes x 100 x samples |
+| server CPU per message in (a) / (b), bare / tidewatch | | ${RESULT[a.cpu]} / ${RESULT[b.cpu]} | |
 | (c) latency at ${RATE} msg/s (50 % of peak): p50 / p99 | ${BARE_P50_US} µs / ${BARE_P99_US} µs | ${P50_US} µs / ${P99_US} µs | p99 < 1 ms |
 | (d) RSS, 1M devices x 2 metrics x ${MEM_ROUNDS} values | | ${DEV_MIB} MiB (empty server: $((RSS_EMPTY / 1024)) MiB) | <= 1 GiB |
 | (d) RSS per idle Ingest stream (10,000 streams) | | ${PER_STREAM} bytes ($((RSS_BASE / 1024)) -> $((RSS_IDLE / 1024)) MiB) | measured |

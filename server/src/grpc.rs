@@ -4,12 +4,13 @@
 pub(crate) mod analyze;
 mod incoming;
 mod ingest;
+mod ingest_body;
 mod watch;
 pub mod wire;
 
 use std::{
     convert::Infallible,
-    future::{Ready, ready},
+    future::ready,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -27,14 +28,15 @@ use tonic::{
     Request, Response, Status, Streaming,
     body::Body,
     codegen::{BoxFuture, Service},
-    server::{NamedService, StreamingService},
+    server::NamedService,
 };
 
 use crate::AppState;
 pub(crate) use incoming::incoming;
-use wire::{WireCodec, WireRequest};
+use wire::WireRequest;
 
-/// The path of the `Ingest` method, which [`TelemetryRouter`] serves with [`WireCodec`].
+/// The path of the `Ingest` method, which [`TelemetryRouter`] serves with its own body
+/// (`ingest_body`).
 const INGEST_PATH: &str = "/tidewatch.v1.TelemetryService/Ingest";
 
 /// The name under which health reports the service.
@@ -53,8 +55,9 @@ impl TelemetryApi {
         Self { state }
     }
 
-    /// The tonic service: `Ingest` through [`WireCodec`], the other methods through
-    /// the generated server, with message size limits applied.
+    /// The tonic service: `Ingest` through its own HTTP body (`ingest_body`, with the
+    /// [`wire`] codec), the other methods through the generated server, with message
+    /// size limits applied.
     pub fn into_server(self) -> TelemetryRouter {
         let max = self.state.config.max_message_bytes;
         TelemetryRouter {
@@ -119,8 +122,9 @@ impl TelemetryService for TelemetryApi {
     }
 }
 
-/// `tidewatch.v1.TelemetryService` as tonic serves it: `Ingest` is decoded and encoded
-/// by [`WireCodec`] (no allocation per sample or verdict), `Analyze` and
+/// `tidewatch.v1.TelemetryService` as tonic serves it: `Ingest` by its own HTTP body
+/// (`ingest_body`: framing and the [`wire`] codec, no allocation per sample or
+/// verdict, one output chunk per batch of received messages), `Analyze` and
 /// `WatchAnomalies` by the generated prost server. Health, reflection and every client
 /// see one ordinary service.
 #[derive(Debug, Clone)]
@@ -150,25 +154,6 @@ where
         if request.uri().path() != INGEST_PATH {
             return self.generated.call(request);
         }
-        let state = Arc::clone(&self.state);
-        Box::pin(async move {
-            let max = state.config.max_message_bytes;
-            let mut grpc = tonic::server::Grpc::new(WireCodec)
-                .apply_max_message_size_config(Some(max), Some(usize::MAX));
-            Ok(grpc.streaming(IngestMethod(state), request).await)
-        })
-    }
-}
-
-/// The `Ingest` handler of [`TelemetryRouter`].
-struct IngestMethod(Arc<AppState>);
-
-impl StreamingService<WireRequest> for IngestMethod {
-    type Response = Bytes;
-    type ResponseStream = ingest::IngestStream<Streaming<WireRequest>>;
-    type Future = Ready<Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<WireRequest>>) -> Self::Future {
-        ready(ingest::start(&self.0, request).map(Response::new))
+        Box::pin(ready(Ok(ingest_body::serve(&self.state, request))))
     }
 }

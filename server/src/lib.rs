@@ -171,7 +171,9 @@ impl AppState {
     }
 
     /// The gRPC `Ingest` path: judges the samples into `out` in one pass and returns
-    /// how many it judged. Fewer than all means the rest must go through
+    /// how many it judged, and the clock read that ended the message's latency (a
+    /// caller judging the next message right away starts that one from it: one clock
+    /// read per message). Fewer than all means the rest must go through
     /// [`AppState::answer`] (and their verdicts after the ones in `out`): with
     /// snapshots, the first sample of a device that is not in memory stops the pass so
     /// that the device is restored before it is judged; a batch of `BLOCKING_BATCH`
@@ -183,10 +185,10 @@ impl AppState {
         transport: Transport,
         received: Instant,
         out: &mut impl VerdictSink,
-    ) -> usize {
+    ) -> (usize, Instant) {
         let samples = samples.into_iter();
         if samples.len() >= BLOCKING_BATCH {
-            return 0;
+            return (0, received);
         }
         let restore = self.snapshots.is_some();
         self.judge_into(samples, detector, transport, received, out, restore)
@@ -236,12 +238,13 @@ impl AppState {
         started: Instant,
     ) -> Vec<Verdict> {
         let mut verdicts = Vec::with_capacity(samples.len());
-        self.judge_into(samples, detector, transport, started, &mut verdicts, false);
+        let _ = self.judge_into(samples, detector, transport, started, &mut verdicts, false);
         verdicts
     }
 
     /// [`AppState::judge`] into any sink; returns how many samples were judged (all,
-    /// unless `stop_at_unknown`: see [`Engine::ingest_batch_with`]). While
+    /// unless `stop_at_unknown`: see [`Engine::ingest_batch_with`]) and when the
+    /// judging ended. While
     /// anomaly watchers are subscribed, the verdicts are also kept as prost messages
     /// for them (unless `out` keeps them already). The message's latency is recorded
     /// when it is answered whole here.
@@ -253,7 +256,7 @@ impl AppState {
         started: Instant,
         out: &mut impl VerdictSink,
         stop_at_unknown: bool,
-    ) -> usize {
+    ) -> (usize, Instant) {
         let samples = samples.into_iter();
         let total = samples.len();
         let engine = &self.engine;
@@ -276,9 +279,10 @@ impl AppState {
             self.publish_anomalies(&kept, result.0.anomalies);
             result
         };
-        let latency = (judged == total).then(|| started.elapsed());
+        let finished = Instant::now();
+        let latency = (judged == total).then(|| finished.saturating_duration_since(started));
         self.metrics.record_batch(transport, &outcome, latency);
-        judged
+        (judged, finished)
     }
 
     /// Sends the anomalous verdicts of a batch to watchers, if there are any.

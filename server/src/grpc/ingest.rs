@@ -1,10 +1,16 @@
 //! `Ingest`: one response per request, in order, for as long as the stream lives.
 //!
-//! The response stream *is* the request stream mapped through the engine: the next
-//! request is read only when tonic asks for the next response, which it does only when
-//! HTTP/2 flow control has room to send it. A client that sends without reading
-//! verdicts therefore stalls on its own send window; the server holds at most one
-//! request and one encoded response per stream, whatever the client does.
+//! [`StreamCore`] is what every `Ingest` stream has whatever carries its messages: the
+//! stream limit, the detector, the idle and lifetime timers, the shutdown drain and
+//! the asynchronous path of a request that must wait (a restore, a large batch).
+//! [`super::ingest_body`] serves the method with it as an HTTP body of its own (what
+//! the server mounts); [`IngestStream`] maps a tonic request stream through it (the
+//! generated server's `Ingest`, for hosts that mount that instead).
+//!
+//! Either way the response stream *is* the request stream mapped through the engine:
+//! the next request is read only when the next response is asked for, which happens
+//! only when HTTP/2 flow control has room to send it. A client that sends without
+//! reading verdicts therefore stalls on its own send window.
 
 use std::{
     future::Future,
@@ -34,22 +40,13 @@ use crate::{
 /// A request being judged asynchronously (large batch, or a restore to wait for).
 type Pending = Pin<Box<dyn Future<Output = Vec<tidewatch_proto::v1::Verdict>> + Send>>;
 
-/// Why the stream is draining: answer what was received, then end with this status.
-#[derive(Debug, Clone, Copy)]
-enum Drain {
-    Shutdown,
-    Lifetime,
-}
-
-/// The response stream of one `Ingest` call: encoded `IngestResponse`s.
-pub(crate) struct IngestStream<In> {
-    /// Requests from the client.
-    inbound: In,
-    /// Encodes the verdicts of each response; its buffer is reused.
-    sink: WireSink,
+/// The state of one `Ingest` stream that does not depend on how its messages are
+/// framed.
+pub(crate) struct StreamCore {
     /// Engine, limits, metrics.
     state: Arc<AppState>,
-    /// Resolves when the server starts shutting down.
+    /// Resolves when the server starts shutting down. Polled only when the client has
+    /// nothing more to read (see [`StreamCore::poll_quiet`]), not per message.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Ends the stream when the client sends nothing for `STREAM_IDLE_TIMEOUT`.
     /// It is not reset per message (a timer-wheel update per message is measurable):
@@ -62,99 +59,94 @@ pub(crate) struct IngestStream<In> {
     last_received: Instant,
     /// Ends the stream at `STREAM_MAX_LIFETIME`.
     lifetime: Option<Pin<Box<Sleep>>>,
-    /// Set once shutdown or the lifetime limit is reached.
-    draining: Option<Drain>,
-    /// A request being judged asynchronously.
+    /// A request being judged asynchronously; its verdicts go after the ones the
+    /// sink holds already.
     pending: Option<Pending>,
     /// The stream's detector, resolved from its first message.
     detector: Option<DetectorSpec>,
-    /// No more items after the final status.
-    done: bool,
     /// Keeps the active-streams gauge up while the stream lives.
     _active: ActiveGauge,
 }
 
-impl<In> std::fmt::Debug for IngestStream<In> {
+impl std::fmt::Debug for StreamCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IngestStream")
-            .field("draining", &self.draining)
-            .field("done", &self.done)
+        f.debug_struct("StreamCore")
+            .field("pending", &self.pending.is_some())
+            .field("detector", &self.detector)
             .finish_non_exhaustive()
     }
 }
 
-/// Starts an Ingest stream, or refuses it when `MAX_INGEST_STREAMS` are open.
-pub(crate) fn start<In>(
-    state: &Arc<AppState>,
-    request: Request<In>,
-) -> Result<IngestStream<In>, Status> {
-    let active = state
-        .metrics
-        .try_open_stream(state.config.max_ingest_streams)
-        .ok_or_else(|| {
-            state.metrics.record_shed(Transport::Grpc);
-            Status::from(ApiError::new(
-                ErrorKind::Overloaded,
-                format!(
-                    "{} Ingest streams are open; limit is MAX_INGEST_STREAMS",
-                    state.config.max_ingest_streams
-                ),
-            ))
-        })?;
-    let idle_timeout = nonzero(state.config.stream_idle_timeout);
-    Ok(IngestStream {
-        inbound: request.into_inner(),
-        sink: WireSink::new(),
-        shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
-        idle: idle_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
-        idle_timeout,
-        last_received: Instant::now(),
-        lifetime: nonzero(state.config.stream_max_lifetime)
-            .map(|d| Box::pin(tokio::time::sleep(d))),
-        draining: None,
-        pending: None,
-        detector: None,
-        done: false,
-        state: Arc::clone(state),
-        _active: active,
-    })
-}
+impl StreamCore {
+    /// Starts a stream, or refuses it when `MAX_INGEST_STREAMS` are open.
+    pub(crate) fn start(state: &Arc<AppState>) -> Result<Self, Status> {
+        let active = state
+            .metrics
+            .try_open_stream(state.config.max_ingest_streams)
+            .ok_or_else(|| {
+                state.metrics.record_shed(Transport::Grpc);
+                Status::from(ApiError::new(
+                    ErrorKind::Overloaded,
+                    format!(
+                        "{} Ingest streams are open; limit is MAX_INGEST_STREAMS",
+                        state.config.max_ingest_streams
+                    ),
+                ))
+            })?;
+        let idle_timeout = nonzero(state.config.stream_idle_timeout);
+        Ok(Self {
+            shutdown: Box::pin(state.shutdown.clone().cancelled_owned()),
+            idle: idle_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
+            idle_timeout,
+            last_received: Instant::now(),
+            lifetime: nonzero(state.config.stream_max_lifetime)
+                .map(|d| Box::pin(tokio::time::sleep(d))),
+            pending: None,
+            detector: None,
+            state: Arc::clone(state),
+            _active: active,
+        })
+    }
 
-impl<In> IngestStream<In> {
-    /// Handles one request; `Err` ends the stream.
-    fn handle(
+    /// Judges one request into `sink`, which the caller has opened a response in.
+    /// `received` is the clock read that starts the message (engine tick, receive
+    /// time, latency). `Ok(Some(t))`: answered whole; `t` is the clock read that
+    /// ended its latency, which a caller judging the next message right away can use
+    /// as that one's start. `Ok(None)`: the rest is judged asynchronously; poll
+    /// [`StreamCore::poll_pending`] until it is ready. `Err` ends the stream.
+    pub(crate) fn judge(
         &mut self,
-        request: WireRequest,
+        request: &WireRequest,
         received: Instant,
-    ) -> Poll<Option<Result<Bytes, Status>>> {
+        sink: &mut WireSink,
+    ) -> Result<Option<Instant>, Status> {
+        self.last_received = received;
         let detector = match self.detector {
             Some(detector) => detector,
-            None => match self.state.engine.detector(request.detector.as_deref()) {
-                Ok(detector) => *self.detector.insert(detector),
-                Err(e) => return self.finish(e.into()),
-            },
+            None => *self
+                .detector
+                .insert(self.state.engine.detector(request.detector.as_deref())?),
         };
         let limit = self.state.config.max_samples_per_request;
         if request.len() > limit {
-            self.done = true;
-            return Poll::Ready(Some(Err(ApiError::new(
+            return Err(ApiError::new(
                 ErrorKind::InvalidArgument,
                 format!(
                     "request has {} samples; limit is {limit} (MAX_SAMPLES_PER_REQUEST)",
                     request.len()
                 ),
             )
-            .into())));
+            .into());
         }
-        let answered = self.state.try_answer_prefix(
+        let (answered, finished) = self.state.try_answer_prefix(
             request.samples(),
             &detector,
             Transport::Grpc,
             received,
-            &mut self.sink,
+            sink,
         );
         if answered == request.len() {
-            return Poll::Ready(Some(Ok(self.sink.take())));
+            return Ok(Some(finished));
         }
         // The rest waits for a restore (or is a large batch for the blocking pool);
         // the sink keeps the verdicts so far, and theirs follow in the same response.
@@ -164,17 +156,89 @@ impl<In> IngestStream<In> {
             detector,
             Transport::Grpc,
         )));
-        Poll::Pending
+        Ok(None)
     }
 
-    fn finish(&mut self, status: Status) -> Poll<Option<Result<Bytes, Status>>> {
-        self.done = true;
-        Poll::Ready(Some(Err(status)))
+    /// Whether a request is being judged asynchronously.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Drives the asynchronous request, if any: ready (with its verdicts appended to
+    /// `sink`) when there is none left.
+    pub(crate) fn poll_pending(&mut self, cx: &mut Context<'_>, sink: &mut WireSink) -> Poll<()> {
+        if let Some(pending) = self.pending.as_mut() {
+            let verdicts = ready!(pending.as_mut().poll(cx));
+            self.pending = None;
+            sink.put_encoded(&IngestResponse { verdicts });
+        }
+        Poll::Ready(())
+    }
+
+    /// Asked when the client has sent nothing more for now (and everything received
+    /// is answered): `Ready(status)` when the stream must end with `status` (shutdown
+    /// or `STREAM_MAX_LIFETIME`: what was received is answered, then the stream ends;
+    /// `STREAM_IDLE_TIMEOUT`), `Pending` with the timers registered otherwise. Polling
+    /// the timers here and not per message keeps their cost per batch of messages.
+    pub(crate) fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<Status> {
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    "server is shutting down; reconnect to another replica",
+                )
+                .into(),
+            );
+        }
+        if let Some(lifetime) = self.lifetime.as_mut()
+            && lifetime.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    "stream reached its maximum lifetime (STREAM_MAX_LIFETIME); reconnect",
+                )
+                .into(),
+            );
+        }
+        if let (Some(idle), Some(timeout)) = (self.idle.as_mut(), self.idle_timeout)
+            && idle.as_mut().poll(cx).is_ready()
+        {
+            let deadline = self.last_received + timeout;
+            if deadline > Instant::now() {
+                // Messages came since the timer was set: wait for the rest.
+                idle.as_mut()
+                    .reset(tokio::time::Instant::from_std(deadline));
+                if idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            return Poll::Ready(
+                ApiError::new(
+                    ErrorKind::Timeout,
+                    "no message within STREAM_IDLE_TIMEOUT; stream closed",
+                )
+                .into(),
+            );
+        }
+        Poll::Pending
     }
 }
 
-/// Maps a receive error to the status the client sees: a message over the size limit
-/// is `RESOURCE_EXHAUSTED` naming the setting, as the issue asks.
+/// The status of a message over `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` naming the
+/// setting, as the issue asks, with tonic's text.
+pub(crate) fn too_large(len: usize, limit: usize) -> Status {
+    ApiError::new(
+        ErrorKind::TooLarge,
+        format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes (MAX_MESSAGE_BYTES)"
+        ),
+    )
+    .into()
+}
+
+/// Maps a receive error of tonic's decoder to the status the client sees: a message
+/// over the size limit is [`too_large`].
 fn receive_error(status: Status) -> Status {
     if status.code() == Code::OutOfRange && status.message().contains("too large") {
         return ApiError::new(
@@ -184,6 +248,49 @@ fn receive_error(status: Status) -> Status {
         .into();
     }
     status
+}
+
+/// Starts an Ingest stream over a tonic request stream, or refuses it when
+/// `MAX_INGEST_STREAMS` are open.
+pub(crate) fn start<In>(
+    state: &Arc<AppState>,
+    request: Request<In>,
+) -> Result<IngestStream<In>, Status> {
+    Ok(IngestStream {
+        core: StreamCore::start(state)?,
+        inbound: request.into_inner(),
+        sink: WireSink::new(),
+        done: false,
+    })
+}
+
+/// The response stream of one `Ingest` call over a tonic request stream: encoded
+/// `IngestResponse`s.
+pub(crate) struct IngestStream<In> {
+    /// Limits, timers, detector, the asynchronous path.
+    core: StreamCore,
+    /// Requests from the client.
+    inbound: In,
+    /// Encodes the verdicts of each response; its buffer is reused.
+    sink: WireSink,
+    /// No more items after the final status.
+    done: bool,
+}
+
+impl<In> std::fmt::Debug for IngestStream<In> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestStream")
+            .field("core", &self.core)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<In> IngestStream<In> {
+    fn finish(&mut self, status: Status) -> Poll<Option<Result<Bytes, Status>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(status)))
+    }
 }
 
 impl<In> Stream for IngestStream<In>
@@ -197,78 +304,30 @@ where
         if this.done {
             return Poll::Ready(None);
         }
-        if let Some(pending) = this.pending.as_mut() {
-            let verdicts = ready!(pending.as_mut().poll(cx));
-            this.pending = None;
-            this.sink.put_encoded(&IngestResponse { verdicts });
+        if this.core.has_pending() {
+            ready!(this.core.poll_pending(cx, &mut this.sink));
             return Poll::Ready(Some(Ok(this.sink.take())));
-        }
-        if this.draining.is_none() {
-            if this.shutdown.as_mut().poll(cx).is_ready() {
-                this.draining = Some(Drain::Shutdown);
-            } else if let Some(lifetime) = this.lifetime.as_mut()
-                && lifetime.as_mut().poll(cx).is_ready()
-            {
-                this.draining = Some(Drain::Lifetime);
-            }
         }
         match Pin::new(&mut this.inbound).poll_next(cx) {
             Poll::Ready(Some(Ok(request))) => {
-                // The message's one clock read: idle timer, engine tick, receive time
-                // and latency start.
-                let received = Instant::now();
-                this.last_received = received;
-                let poll = this.handle(request, received);
-                if poll.is_pending() {
+                // The message's clock read: idle timer, engine tick, receive time and
+                // latency start.
+                match this.core.judge(&request, Instant::now(), &mut this.sink) {
+                    Ok(Some(_)) => Poll::Ready(Some(Ok(this.sink.take()))),
                     // Judging asynchronously: poll the future now so it registers
                     // this task for wake-up.
-                    return self.poll_next(cx);
+                    Ok(None) => self.poll_next(cx),
+                    Err(status) => this.finish(status),
                 }
-                poll
             }
             Poll::Ready(Some(Err(status))) => this.finish(receive_error(status)),
             Poll::Ready(None) => {
                 this.done = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.draining {
-                Some(Drain::Shutdown) => this.finish(
-                    ApiError::new(
-                        ErrorKind::Unavailable,
-                        "server is shutting down; reconnect to another replica",
-                    )
-                    .into(),
-                ),
-                Some(Drain::Lifetime) => this.finish(
-                    ApiError::new(
-                        ErrorKind::Unavailable,
-                        "stream reached its maximum lifetime (STREAM_MAX_LIFETIME); reconnect",
-                    )
-                    .into(),
-                ),
-                None => {
-                    if let (Some(idle), Some(timeout)) = (this.idle.as_mut(), this.idle_timeout)
-                        && idle.as_mut().poll(cx).is_ready()
-                    {
-                        let deadline = this.last_received + timeout;
-                        if deadline > Instant::now() {
-                            // Messages came since the timer was set: wait for the rest.
-                            idle.as_mut()
-                                .reset(tokio::time::Instant::from_std(deadline));
-                            if idle.as_mut().poll(cx).is_pending() {
-                                return Poll::Pending;
-                            }
-                        }
-                        return this.finish(
-                            ApiError::new(
-                                ErrorKind::Timeout,
-                                "no message within STREAM_IDLE_TIMEOUT; stream closed",
-                            )
-                            .into(),
-                        );
-                    }
-                    Poll::Pending
-                }
+            Poll::Pending => match this.core.poll_quiet(cx) {
+                Poll::Ready(status) => this.finish(status),
+                Poll::Pending => Poll::Pending,
             },
         }
     }

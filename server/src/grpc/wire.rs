@@ -585,7 +585,13 @@ pub struct WireSink {
     out: BytesMut,
     /// Where the current verdict's key is in `out`.
     start: usize,
+    /// Where the gRPC message opened by [`WireSink::begin_message`] starts in `out`
+    /// (its 5-byte prefix), while it is open.
+    message: Option<usize>,
 }
+
+/// The gRPC message prefix: a compression flag and a big-endian `u32` length.
+pub const GRPC_HEADER: usize = 5;
 
 /// Bytes `begin` leaves for a verdict's length.
 const LEN_SLOT: usize = 2;
@@ -600,6 +606,72 @@ impl WireSink {
     /// is reused once the response has been sent).
     pub fn take(&mut self) -> Bytes {
         self.out.split().freeze()
+    }
+
+    /// Opens a gRPC message: reserves its prefix, filled in by
+    /// [`WireSink::finish_message`]. Responses written between the two are one
+    /// length-prefixed message of the response body, so a sink can collect many
+    /// framed responses and hand them to HTTP/2 as one chunk.
+    pub fn begin_message(&mut self) {
+        debug_assert!(self.message.is_none(), "a message is open already");
+        self.message = Some(self.out.len());
+        self.out.put_bytes(0, GRPC_HEADER);
+    }
+
+    /// Closes the message opened by [`WireSink::begin_message`]: uncompressed, its
+    /// length in the prefix. A response over 4 GiB cannot be framed (it would take a
+    /// request of a million samples with hundreds of metrics each); it is dropped and
+    /// reported as tonic reports it.
+    pub fn finish_message(&mut self) -> Result<(), Status> {
+        let Some(start) = self.message.take() else {
+            return Ok(());
+        };
+        let len = self.out.len() - start - GRPC_HEADER;
+        let Ok(len32) = u32::try_from(len) else {
+            self.out.truncate(start);
+            return Err(Status::resource_exhausted(format!(
+                "Cannot return body with more than 4GB of data but got {len} bytes"
+            )));
+        };
+        self.out[start] = 0;
+        self.out[start + 1..start + GRPC_HEADER].copy_from_slice(&len32.to_be_bytes());
+        Ok(())
+    }
+
+    /// Drops the message opened by [`WireSink::begin_message`] (its request ended
+    /// the stream instead of being answered).
+    pub fn abandon_message(&mut self) {
+        if let Some(start) = self.message.take() {
+            self.out.truncate(start);
+        }
+    }
+
+    /// Makes room for `n` more bytes at once (a caller that knows roughly how much
+    /// it will write saves the buffer's doubling steps, each a copy).
+    pub fn reserve_bytes(&mut self, n: usize) {
+        self.out.reserve(n);
+    }
+
+    /// Bytes written so far (finished messages and the open one).
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// Takes the finished messages, leaving an open one (waiting for a restore) in
+    /// the sink.
+    pub fn take_finished(&mut self) -> Bytes {
+        match self.message {
+            Some(start) => {
+                self.message = Some(0);
+                self.out.split_to(start).freeze()
+            }
+            None => self.take(),
+        }
     }
 
     /// Appends a response encoded elsewhere (the slow path's prost verdicts).
@@ -715,8 +787,11 @@ impl VerdictSink for WireSink {
     }
 }
 
-/// The codec of the `Ingest` method: [`WireRequest`]s in, encoded `IngestResponse`s
-/// (from a [`WireSink`]) out.
+/// A tonic codec for the `Ingest` method: [`WireRequest`]s in, encoded
+/// `IngestResponse`s (from a [`WireSink`]) out. The server itself frames `Ingest`
+/// without tonic's codec machinery (`grpc::ingest_body`); this is for hosts that serve
+/// or call the method through tonic with this crate's codec (the tests send raw
+/// requests with its encoder).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WireCodec;
 
@@ -750,7 +825,7 @@ impl Codec for WireCodec {
 const STREAM_BUFFER: usize = 1024;
 
 /// tonic's default: encoded responses are handed to HTTP/2 once this much is ready.
-const YIELD_THRESHOLD: usize = 32 * 1024;
+pub(crate) const YIELD_THRESHOLD: usize = 32 * 1024;
 
 impl Encoder for WireEncoder {
     type Item = Bytes;
