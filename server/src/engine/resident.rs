@@ -40,15 +40,9 @@ pub(crate) enum DeviceId {
 impl DeviceId {
     /// The id `id`.
     pub(crate) fn new(id: &str) -> Self {
-        if id.len() <= INLINE_ID {
-            let mut bytes = [0; INLINE_ID];
-            bytes[..id.len()].copy_from_slice(id.as_bytes());
-            Self::Inline {
-                len: id.len() as u8,
-                bytes,
-            }
-        } else {
-            Self::Heap(id.into())
+        match IdKey::new(id) {
+            IdKey::Inline { len, bytes } => Self::Inline { len, bytes },
+            IdKey::Heap(id) => Self::Heap(id.into()),
         }
     }
 

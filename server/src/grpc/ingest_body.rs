@@ -70,6 +70,7 @@ where
         core,
         inbox: Inbox::default(),
         sink: WireSink::new(),
+        request: WireRequest::default(),
         max_message: state.config.max_message_bytes,
         chunk_hint: MIN_CHUNK,
         end: None,
@@ -114,6 +115,8 @@ pub(crate) struct IngestBody<B> {
     inbox: Inbox,
     /// Framed responses not yet handed to HTTP/2.
     sink: WireSink,
+    /// The request being judged, reused for every message of the stream.
+    request: WireRequest,
     /// `MAX_MESSAGE_BYTES`.
     max_message: usize,
     /// The size of the last chunk handed out: what the sink reserves when it starts
@@ -245,10 +248,12 @@ impl<B> IngestBody<B> {
             let Some(message) = self.inbox.next_message(self.max_message)? else {
                 return Ok(Judged::All);
             };
-            let request = WireRequest::decode(message)?;
+            self.request.decode_into(message)?;
             let received = clock.unwrap_or_else(Instant::now);
             self.sink.begin_message();
-            match self.core.judge(&request, received, &mut self.sink) {
+            let judged = self.core.judge(&self.request, received, &mut self.sink);
+            self.request.reset();
+            match judged {
                 Ok(Some(finished)) => {
                     *clock = Some(finished);
                     self.sink.finish_message()?;

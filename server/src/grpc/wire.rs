@@ -212,6 +212,9 @@ struct RawMetric {
     value: f64,
 }
 
+/// Samples whose vectors a reused [`WireRequest`] keeps between messages.
+const KEEP_SAMPLES: usize = 16;
+
 /// A decoded `IngestRequest` that borrows every string from the received bytes.
 #[derive(Debug, Clone, Default)]
 pub struct WireRequest {
@@ -226,15 +229,50 @@ pub struct WireRequest {
 impl WireRequest {
     /// Decodes an `IngestRequest`.
     pub fn decode(buf: Bytes) -> Result<Self, WireError> {
+        let mut request = Self::default();
+        request.decode_into(buf)?;
+        Ok(request)
+    }
+
+    /// Decodes an `IngestRequest` into this one, reusing its vectors: a stream keeps
+    /// one request for all its messages instead of building, moving and dropping one
+    /// per message. On error the request is left empty.
+    pub fn decode_into(&mut self, buf: Bytes) -> Result<(), WireError> {
+        self.samples.clear();
+        self.metrics.clear();
+        self.detector = None;
+        self.buf = Bytes::new();
         if buf.len() > u32::MAX as usize {
             return Err(WireError::Truncated);
         }
-        let mut request = Self {
-            buf,
-            ..Self::default()
-        };
-        let bytes = request.buf.clone();
-        let mut reader = Reader::new(&bytes);
+        let result = self.decode_fields(&buf);
+        if result.is_err() {
+            self.samples.clear();
+            self.metrics.clear();
+            self.detector = None;
+        } else {
+            self.buf = buf;
+        }
+        result
+    }
+
+    /// Lets go of the message's bytes (a view into a received frame) and of vectors
+    /// grown past [`KEEP_SAMPLES`] samples for a large message, so that a quiet stream
+    /// holds neither. The request is empty afterwards.
+    pub fn reset(&mut self) {
+        if self.samples.capacity() > KEEP_SAMPLES || self.metrics.capacity() > 4 * KEEP_SAMPLES {
+            *self = Self::default();
+        } else {
+            self.samples.clear();
+            self.metrics.clear();
+            self.detector = None;
+            self.buf = Bytes::new();
+        }
+    }
+
+    fn decode_fields(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        let request = self;
+        let mut reader = Reader::new(bytes);
         while !reader.done() {
             let (field, wire_type) = reader.key()?;
             match field {
@@ -268,7 +306,7 @@ impl WireRequest {
                 _ => reader.skip(wire_type)?,
             }
         }
-        Ok(request)
+        Ok(())
     }
 
     fn decode_sample(&mut self, mut reader: Reader<'_>) -> Result<(), WireError> {
@@ -312,7 +350,9 @@ impl WireRequest {
         // arrival order). Samples usually carry a handful of metrics, for which an
         // insertion sort is the fastest; a message with thousands (refused later as
         // `too_many_metrics`, but decoded first) must not cost quadratic time.
-        let buf = &self.buf;
+        // The reader's buffer is the request's up to the end of this sample, with the
+        // same positions, so the names' ranges index it.
+        let buf = reader.buf;
         let metrics = &mut self.metrics[first_metric..];
         let name = |m: &RawMetric| &buf[m.name.start as usize..m.name.end as usize];
         if metrics.len() <= INSERTION_SORT_MAX {
@@ -921,6 +961,54 @@ mod tests {
             [("cpu", 55.5), ("rps", 420.0)],
             "ascending names, as the BTreeMap prost decodes into"
         );
+    }
+
+    #[test]
+    fn a_reused_request_decodes_each_message_as_a_fresh_one() {
+        let big = IngestRequest {
+            samples: (0..40)
+                .map(|i| {
+                    sample(
+                        &format!("d{i}"),
+                        i,
+                        &[("a", 1.0), ("b", f64::from(i as u32))],
+                    )
+                })
+                .collect(),
+            detector: Some(DetectorConfig {
+                name: "robust".into(),
+                ..DetectorConfig::default()
+            }),
+        };
+        let small = IngestRequest {
+            samples: vec![sample("x", 9, &[("m", 2.5)])],
+            detector: None,
+        };
+        let mut reused = WireRequest::default();
+        for request in [&small, &big, &small, &small, &big] {
+            let bytes = Bytes::from(request.encode_to_vec());
+            reused.decode_into(bytes.clone()).expect("decode");
+            let fresh = WireRequest::decode(bytes).expect("decode");
+            assert_eq!(reused.to_samples(), fresh.to_samples());
+            assert_eq!(reused.to_samples(), request.samples);
+            assert_eq!(reused.detector, fresh.detector);
+            reused.reset();
+            assert_eq!(reused.len(), 0);
+            assert!(reused.buf.is_empty(), "no view into the frame is kept");
+            assert!(
+                reused.samples.capacity() <= KEEP_SAMPLES,
+                "large vectors are dropped"
+            );
+        }
+        // A message that fails leaves the request empty, and the next one decodes.
+        let mut truncated = big.encode_to_vec();
+        truncated.truncate(truncated.len() - 3);
+        assert!(reused.decode_into(Bytes::from(truncated)).is_err());
+        assert_eq!((reused.len(), reused.detector.is_none()), (0, true));
+        reused
+            .decode_into(Bytes::from(small.encode_to_vec()))
+            .expect("decode");
+        assert_eq!(reused.to_samples(), small.samples);
     }
 
     #[test]
