@@ -547,13 +547,9 @@ impl Engine {
                 table
                     .iter()
                     .filter(|d| d.dirty)
-                    .map(|d| DeviceKey(self.hash_id_bytes(d.id.as_bytes()))),
+                    .map(|d| DeviceKey(self.hasher.hash_one(d.id.as_bytes()))),
             );
         }
-    }
-
-    fn hash_id_bytes(&self, id: &[u8]) -> u64 {
-        self.hasher.hash_one(id)
     }
 
     /// Runs `f` on each device of `keys` (all of shard `shard`, from

@@ -18,6 +18,7 @@ use super::device::{DeviceState, MetricFields, MetricState, encode_header, encod
 use super::names::Names;
 use super::pool::ValuePool;
 use super::window::{Ring, Slots, Window};
+use crate::snapshot::codec::put_u32;
 
 /// Longest device id kept inline.
 const INLINE_ID: usize = 22;
@@ -430,7 +431,7 @@ impl Device {
     /// `self.to_state(..).encode(out)`, without building the copy.
     pub(crate) fn encode(&self, pool: &ValuePool, names: &Names, out: &mut Vec<u8>) {
         encode_header(out, self.id.as_str(), self.last_seq, &self.updated_at());
-        super::super::snapshot::codec::put_u32(out, self.metrics.len() as u32);
+        put_u32(out, self.metrics.len() as u32);
         for m in &self.metrics {
             let values = m.values(pool);
             encode_metric(
