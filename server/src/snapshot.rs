@@ -517,7 +517,11 @@ fn decode_all(
 /// The flusher: flushes every `SNAPSHOT_INTERVAL` and evicts idle (clean) devices,
 /// until `stop` is cancelled. The final flush at shutdown is the caller's.
 pub async fn flusher(state: Arc<AppState>, snapshots: Arc<Snapshots>, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(snapshots.config.interval);
+    // The first flush is one interval after start, not at once (`interval`'s first
+    // tick is immediate): at start nothing is dirty, and a flush racing with the first
+    // samples would write them earlier than SNAPSHOT_INTERVAL says.
+    let period = snapshots.config.interval;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let evict_every = crate::eviction_period(&state.config);
     let mut last_eviction = Instant::now();
