@@ -637,15 +637,13 @@ pub struct DeviceKey(u64);
 
 /// The `AnalyzeResponse` of a device state.
 pub fn analyze_response(device: &DeviceState, source: Source) -> AnalyzeResponse {
-    let mut metrics: Vec<_> = device.metrics.iter().map(MetricState::stats).collect();
-    metrics.sort_by(|a, b| a.metric.cmp(&b.metric));
-    AnalyzeResponse {
-        device_id: device.id.to_string(),
-        metrics,
-        updated_at: Some(device.updated_at),
-        source: source as i32,
-        last_seq: device.last_seq,
-    }
+    device::analyze_response_of(
+        &device.id,
+        device.metrics.iter().map(MetricState::stats).collect(),
+        device.updated_at,
+        device.last_seq,
+        source,
+    )
 }
 
 /// `""` is the default device.

@@ -3,7 +3,7 @@
 //! the compact form the engine keeps in memory (`resident.rs`).
 
 use tidewatch_proto::pbjson_types::Timestamp;
-use tidewatch_proto::v1::MetricStats;
+use tidewatch_proto::v1::{AnalyzeResponse, MetricStats, Source};
 
 use super::detector::{DetectorState, Episode, RobustState};
 use super::window::{Ring, Window};
@@ -221,4 +221,23 @@ pub(crate) fn encode_metric(out: &mut Vec<u8>, m: MetricFields<'_>) {
     // had state) decodes to a fresh detector over the restored window.
     DetectorState::encode_parts(m.episode, m.robust, out);
     end_section(out, at);
+}
+
+/// The `AnalyzeResponse` of a device, whichever form it is in: its metrics' statistics
+/// sorted by name.
+pub(crate) fn analyze_response_of(
+    id: &str,
+    mut metrics: Vec<MetricStats>,
+    updated_at: Timestamp,
+    last_seq: u64,
+    source: Source,
+) -> AnalyzeResponse {
+    metrics.sort_by(|a, b| a.metric.cmp(&b.metric));
+    AnalyzeResponse {
+        device_id: id.to_owned(),
+        metrics,
+        updated_at: Some(updated_at),
+        source: source as i32,
+        last_seq,
+    }
 }

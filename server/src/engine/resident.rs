@@ -14,7 +14,9 @@ use tidewatch_proto::v1::{AnalyzeResponse, MetricStats, Source};
 
 use super::MetricOutcome;
 use super::detector::{DetectorKind, DetectorSpec, DetectorState, Episode, RobustState, squash};
-use super::device::{DeviceState, MetricFields, MetricState, encode_header, encode_metric};
+use super::device::{
+    DeviceState, MetricFields, MetricState, analyze_response_of, encode_header, encode_metric,
+};
 use super::names::Names;
 use super::pool::ValuePool;
 use super::window::{Ring, Slots, Window};
@@ -458,15 +460,13 @@ impl Device {
         names: &Names,
         source: Source,
     ) -> AnalyzeResponse {
-        let mut metrics: Vec<_> = self.metrics.iter().map(|m| m.stats(pool, names)).collect();
-        metrics.sort_by(|a, b| a.metric.cmp(&b.metric));
-        AnalyzeResponse {
-            device_id: self.id.as_str().to_owned(),
-            metrics,
-            updated_at: Some(self.updated_at()),
-            source: source as i32,
-            last_seq: self.last_seq,
-        }
+        analyze_response_of(
+            self.id.as_str(),
+            self.metrics.iter().map(|m| m.stats(pool, names)).collect(),
+            self.updated_at(),
+            self.last_seq,
+            source,
+        )
     }
 }
 
