@@ -408,6 +408,13 @@ struct Plan {
 /// due, as one write per stream, so at high rates several messages share one write.
 const TICK: Duration = Duration::from_micros(50);
 
+/// Largest DATA frame payload sent as one piece. h2 copies a payload under 256 bytes
+/// (its `CHAIN_THRESHOLD` with vectored I/O) into its 16 KiB write buffer, so the
+/// frames of every stream of a connection leave in one `writev`; a larger payload is
+/// chained instead and costs a `writev` of its own (one per stream per tick, and a
+/// system call in this VM costs more than copying a few hundred bytes).
+const COPIED_FRAME: usize = 255;
+
 /// The pacing ticker: a thread that wakes, every [`TICK`], the connection tasks that
 /// registered since the last tick.
 struct Ticker {
@@ -415,6 +422,8 @@ struct Ticker {
     slots: Mutex<Vec<Option<Waker>>>,
     /// Ticks that woke at least one task (for the summary).
     ticks: AtomicU64,
+    /// Ticks so far: a driver paces only when it has changed since its last poll.
+    generation: AtomicU64,
 }
 
 impl Ticker {
@@ -423,12 +432,14 @@ impl Ticker {
         let ticker = Arc::new(Self {
             slots: Mutex::new(vec![None; connections]),
             ticks: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         });
         let shared = Arc::clone(&ticker);
         std::thread::spawn(move || {
             let mut due = Vec::with_capacity(connections);
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(TICK);
+                shared.generation.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut slots) = shared.slots.lock() {
                     due.extend(slots.iter_mut().filter_map(Option::take));
                 }
@@ -534,15 +545,18 @@ impl Stream {
             && !plan.stop.load(Ordering::Relaxed)
     }
 
-    /// Sends `k` messages from the pool, as few `send_data` calls as the pool's
-    /// wrap-around allows (one, almost always).
+    /// Sends `k` messages from the pool as slices of it, in DATA frames of at most
+    /// [`COPIED_FRAME`] bytes where messages are that small.
     fn send_messages(&mut self, plan: &Plan, mut k: usize) {
         let pool = &plan.pool;
         while k > 0 {
-            let end = (self.index + k).min(pool.len());
-            let data = pool
-                .frames
-                .slice(pool.offsets[self.index]..pool.offsets[end]);
+            let first = self.index;
+            let limit = (first + k).min(pool.len());
+            let mut end = first + 1;
+            while end < limit && pool.offsets[end + 1] - pool.offsets[first] <= COPIED_FRAME {
+                end += 1;
+            }
+            let data = pool.frames.slice(pool.offsets[first]..pool.offsets[end]);
             if let Some(send) = &mut self.send
                 && send.send_data(data, false).is_err()
             {
@@ -550,7 +564,7 @@ impl Stream {
                 self.send = None;
                 return;
             }
-            k -= end - self.index;
+            k -= end - first;
             self.index = end % pool.len();
         }
     }
@@ -710,6 +724,14 @@ struct Driver {
     streams: Vec<Stream>,
     /// Coarse wait until the next send when it is more than 2 ms away.
     sleep: Pin<Box<Sleep>>,
+    /// True while `sleep` is armed.
+    sleeping: bool,
+    /// When the next paced message of any stream is due (open loop).
+    next_send: Option<Instant>,
+    /// The ticker's generation at the last poll: a new one means a tick passed.
+    seen_tick: u64,
+    /// True until the first poll, which sends (closed loop) or schedules (open loop).
+    first_poll: bool,
 }
 
 impl Driver {
@@ -725,6 +747,21 @@ impl Driver {
     /// Drives everything once; `Ready` when every stream is done.
     fn poll(&mut self, cx: &mut Context<'_>, plan: &Plan) -> Poll<()> {
         self.poll_connection(cx);
+        // Paced sends happen only on a tick (or when the coarse sleep ends), never on
+        // a poll caused by a response or by h2 itself: `send_data` wakes this task, so
+        // sending on every poll would spin, one message per write, as soon as a poll
+        // takes longer than the interval between two messages of a stream.
+        let mut pace = plan.interval_ns.is_none() || self.first_poll;
+        self.first_poll = false;
+        if let Some(ticker) = &plan.ticker {
+            let tick = ticker.generation.load(Ordering::Relaxed);
+            pace |= tick != self.seen_tick;
+            self.seen_tick = tick;
+        }
+        if self.sleeping && self.sleep.as_mut().poll(cx).is_ready() {
+            self.sleeping = false;
+            pace = true;
+        }
         let mut next: Option<Instant> = None;
         let mut pending = false;
         let now = Instant::now();
@@ -741,7 +778,7 @@ impl Driver {
                 continue;
             }
             pending = true;
-            if let Some(at) = stream.send_due(plan, now) {
+            if pace && let Some(at) = stream.send_due(plan, now) {
                 next = Some(next.map_or(at, |n| n.min(at)));
             }
         }
@@ -750,18 +787,22 @@ impl Driver {
         if !pending {
             return Poll::Ready(());
         }
-        if let Some(at) = next {
+        if pace {
+            self.next_send = next;
+        }
+        if let Some(at) = self.next_send {
             if at > now + Duration::from_millis(2) {
-                self.sleep
-                    .as_mut()
-                    .reset((at - Duration::from_millis(1)).into());
-                if self.sleep.as_mut().poll(cx).is_ready() {
-                    cx.waker().wake_by_ref();
+                if !self.sleeping {
+                    self.sleep
+                        .as_mut()
+                        .reset((at - Duration::from_millis(1)).into());
+                    self.sleeping = true;
+                    if self.sleep.as_mut().poll(cx).is_ready() {
+                        cx.waker().wake_by_ref();
+                    }
                 }
             } else if let Some(ticker) = &plan.ticker {
                 ticker.register(self.id, cx.waker());
-            } else {
-                cx.waker().wake_by_ref();
             }
         }
         Poll::Pending
@@ -895,6 +936,10 @@ async fn start_drivers(
             connection: Some(connection),
             streams,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            sleeping: false,
+            next_send: None,
+            seen_tick: 0,
+            first_poll: true,
         });
     }
     Ok(drivers)
