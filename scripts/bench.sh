@@ -7,7 +7,9 @@
 #       bare-tonic (same proto, constant verdict, no engine);
 #   (b) the same with 100 samples per message;
 #   (c) tidewatch-bench per-message latency, open loop at 50 % of the peak (the lower
-#       of (a) and tidewatch-bench's own closed-loop peak of the same traffic);
+#       of (a) and tidewatch-bench's own closed-loop peak of the same traffic), with
+#       the load generator's own CPU share (`/usr/bin/time %P`; near 100 % its own
+#       queueing would be in the numbers);
 #   (d) RSS for 1,000,000 devices x 2 metrics (windows full), and for 10,000 idle
 #       Ingest streams.
 # h2load counts any HTTP 200 as a success, so the suite reads the server's own
@@ -218,7 +220,7 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 for key in a.bare_msgs a.tw_msgs a.ratio a.tw_samples a.bare_samples a.answered a.cpu b.bare_msgs b.tw_msgs b.ratio b.tw_samples b.bare_samples b.answered b.cpu; do
   RESULT[$key]="-"
 done
-RATE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
+RATE="-" LOAD_CPU_SHARE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
 want a && run_pair a "$OUT/single.body" 1
 want b && run_pair b "$OUT/batch100.body" 100
 
@@ -231,14 +233,14 @@ taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c 
   --threads "$LOAD_THREADS" --window 64 --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/peak.json" | tee "$OUT/peak.txt"
 PEAK_C=$(python3 -c "import json; print(round(json.load(open('$OUT/peak.json'))['rps']))")
 RATE=$(python3 -c "a='${RESULT[a.tw_msgs]}'; p=$PEAK_C; print(round(min(p, int(a)) / 2 if a.isdigit() else p / 2))")
-taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
+/usr/bin/time -f "%P" -o "$OUT/latency.cpu" taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
   --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency.json" | tee "$OUT/latency.txt"
 stop_server
 # Baseline in the same run: the same paced load against bare tonic, so the load
 # generator's and the machine's own tail shows beside tidewatch's.
 step "(c) baseline: the same paced load against bare-tonic"
 start_bare
-taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$BARE_PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
+/usr/bin/time -f "%P" -o "$OUT/latency-bare.cpu" taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$BARE_PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
   --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency-bare.json" | tee "$OUT/latency-bare.txt"
 stop_server
 percentile() { # report percentage
@@ -248,6 +250,7 @@ P99_US=$(percentile "$OUT/latency.json" 99)
 P50_US=$(percentile "$OUT/latency.json" 50)
 BARE_P99_US=$(percentile "$OUT/latency-bare.json" 99)
 BARE_P50_US=$(percentile "$OUT/latency-bare.json" 50)
+LOAD_CPU_SHARE="$(tail -1 "$OUT/latency.cpu") / $(tail -1 "$OUT/latency-bare.cpu")"
 fi
 
 if want d; then
@@ -290,6 +293,7 @@ cat >"$OUT/summary.md" <<EOF
 | server-counted samples in (a) / (b) | | ${RESULT[a.answered]} / ${RESULT[b.answered]} | >= h2load's successes x 100 x samples |
 | server CPU per message in (a) / (b), bare / tidewatch | | ${RESULT[a.cpu]} / ${RESULT[b.cpu]} | |
 | (c) latency at ${RATE} msg/s (50 % of peak): p50 / p99 | ${BARE_P50_US} µs / ${BARE_P99_US} µs | ${P50_US} µs / ${P99_US} µs | p99 < 1 ms |
+| (c) load generator's CPU share, tidewatch / bare run | | ${LOAD_CPU_SHARE} | well below 100 % |
 | (d) RSS, 1M devices x 2 metrics x ${MEM_ROUNDS} values | | ${DEV_MIB} MiB (empty server: $((RSS_EMPTY / 1024)) MiB) | <= 1 GiB |
 | (d) RSS per idle Ingest stream (10,000 streams) | | ${PER_STREAM} bytes ($((RSS_BASE / 1024)) -> $((RSS_IDLE / 1024)) MiB) | measured |
 EOF

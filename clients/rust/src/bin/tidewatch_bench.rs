@@ -12,33 +12,44 @@
 //! server's memory per stream can be measured; `--write-h2load-body FILE` writes a
 //! request body of length-prefixed `IngestRequest`s for h2load.
 //!
-//! Messages are encoded once, before the run, into a pool that covers every device;
-//! the hot loop only clones `Bytes`, so one client core can offer far more load than
-//! one server core takes.
+//! The load path speaks gRPC over the raw `h2` crate, so that one load core can offer
+//! far more load than one server core takes and its own queueing stays out of the
+//! numbers:
+//! - messages are encoded and framed (5-byte gRPC prefix) once, before the run, into
+//!   one contiguous buffer that covers every device; sending k due messages of a stream
+//!   is one `send_data` of a slice of that buffer (no copy, no allocation);
+//! - responses are counted by scanning the protobuf wire format of each gRPC frame in
+//!   place (verdicts, and verdicts whose `error` is set), without decoding;
+//! - intended send times wait in a `VecDeque` per stream; no channels;
+//! - one task per connection drives the connection and all its streams, so a
+//!   single-threaded runtime schedules one task per connection, not several per stream.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
+    future::{Future, poll_fn},
     path::PathBuf,
+    pin::Pin,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::{Context, Poll, Waker},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
+use h2::{
+    RecvStream, SendStream,
+    client::{Connection, ResponseFuture, SendRequest},
+};
 use hdrhistogram::Histogram;
+use http::{HeaderMap, Method, Request, Uri};
 use prost::Message;
 use serde_json::{Value, json};
 use tidewatch_proto::v1::{IngestRequest, Sample};
-use tokio::sync::{Notify, Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Code, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    transport::{Channel, Endpoint},
-};
+use tokio::{net::TcpStream, sync::Semaphore, time::Sleep};
+use tonic::{Code, Status};
 
 /// The Ingest method path.
 const INGEST_PATH: &str = "/tidewatch.v1.TelemetryService/Ingest";
@@ -108,90 +119,6 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (e.g. 500ms, 10s, 1m)"))
 }
 
-/// Sends pre-encoded requests, decodes responses only as far as counting needs.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-
-/// Encodes a pre-encoded message by copying it.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawEncoder;
-
-/// Decodes an `IngestResponse` into verdict counts.
-#[derive(Debug, Clone, Copy, Default)]
-struct CountDecoder;
-
-/// What the bench reads of an `IngestResponse`: its verdicts, undecoded.
-#[derive(Clone, PartialEq, prost::Message)]
-struct CountedResponse {
-    /// Field 1 of `IngestResponse`.
-    #[prost(bytes = "bytes", repeated, tag = "1")]
-    verdicts: Vec<Bytes>,
-}
-
-/// What the bench reads of a `Verdict`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct VerdictFlags {
-    /// Field 6 of `Verdict`.
-    #[prost(string, tag = "6")]
-    error: String,
-}
-
-/// Per response: verdicts and verdicts carrying an error.
-#[derive(Debug, Clone, Copy, Default)]
-struct Counts {
-    verdicts: u64,
-    errors: u64,
-}
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for CountDecoder {
-    type Item = Counts;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Counts>, Status> {
-        let len = src.remaining();
-        let bytes = src.copy_to_bytes(len);
-        let response = CountedResponse::decode(bytes)
-            .map_err(|e| Status::internal(format!("cannot decode IngestResponse: {e}")))?;
-        let mut counts = Counts {
-            verdicts: response.verdicts.len() as u64,
-            errors: 0,
-        };
-        for verdict in response.verdicts {
-            let flags = VerdictFlags::decode(verdict)
-                .map_err(|e| Status::internal(format!("cannot decode Verdict: {e}")))?;
-            if !flags.error.is_empty() {
-                counts.errors += 1;
-            }
-        }
-        Ok(Some(counts))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Counts;
-    type Encoder = RawEncoder;
-    type Decoder = CountDecoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> CountDecoder {
-        CountDecoder
-    }
-}
-
 /// Metric names: cpu, rps, then m2, m3, ...
 fn metric_name(i: usize) -> String {
     match i {
@@ -201,8 +128,8 @@ fn metric_name(i: usize) -> String {
     }
 }
 
-/// Encoded messages that together cover every device once per cycle.
-fn message_pool(args: &Args) -> Vec<Bytes> {
+/// Encoded `IngestRequest`s that together cover every device once per cycle.
+fn message_pool(args: &Args) -> Vec<Vec<u8>> {
     let batch = args.batch.max(1);
     let devices = args.devices.max(1);
     let messages = devices.div_ceil(batch).clamp(64, 1 << 20);
@@ -230,26 +157,201 @@ fn message_pool(args: &Args) -> Vec<Bytes> {
                     }
                 })
                 .collect();
-            Bytes::from(
-                IngestRequest {
-                    samples,
-                    detector: None,
-                }
-                .encode_to_vec(),
-            )
+            IngestRequest {
+                samples,
+                detector: None,
+            }
+            .encode_to_vec()
         })
         .collect()
 }
 
-/// The gRPC body h2load posts: `count` messages, each with the 5-byte gRPC prefix.
-fn h2load_body(pool: &[Bytes], count: usize) -> Vec<u8> {
+/// `messages` with their 5-byte gRPC prefixes, back to back.
+fn framed(messages: impl Iterator<Item = impl AsRef<[u8]>>) -> BytesMut {
     let mut body = BytesMut::new();
-    for message in pool.iter().cycle().take(count) {
+    for message in messages {
+        let message = message.as_ref();
         body.put_u8(0);
         body.put_u32(message.len() as u32);
         body.put_slice(message);
     }
-    body.to_vec()
+    body
+}
+
+/// The message pool as one buffer of gRPC frames: a run of consecutive messages is one
+/// slice of it.
+struct Pool {
+    /// Every message, framed, back to back.
+    frames: Bytes,
+    /// Where message i starts in `frames`; one more entry for the end.
+    offsets: Vec<usize>,
+}
+
+impl Pool {
+    fn new(messages: &[Vec<u8>]) -> Self {
+        let mut offsets = Vec::with_capacity(messages.len() + 1);
+        let mut at = 0;
+        for m in messages {
+            offsets.push(at);
+            at += 5 + m.len();
+        }
+        offsets.push(at);
+        Self {
+            frames: framed(messages.iter()).freeze(),
+            offsets,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+}
+
+/// Per response: verdicts and verdicts carrying an error.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    verdicts: u64,
+    errors: u64,
+}
+
+/// Reads a protobuf varint at `*at`.
+fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Walks the fields of one protobuf message, calling `on_bytes(field, payload)` for
+/// every length-delimited field; `None` when the message is malformed.
+fn scan_fields(buf: &[u8], mut on_bytes: impl FnMut(u64, &[u8]) -> Option<()>) -> Option<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let key = varint(buf, &mut at)?;
+        match key & 7 {
+            0 => {
+                varint(buf, &mut at)?;
+            }
+            1 => at += 8,
+            2 => {
+                let len = usize::try_from(varint(buf, &mut at)?).ok()?;
+                let end = at.checked_add(len)?;
+                on_bytes(key >> 3, buf.get(at..end)?)?;
+                at = end;
+            }
+            5 => at += 4,
+            _ => return None,
+        }
+    }
+    (at == buf.len()).then_some(())
+}
+
+/// Counts the verdicts of an encoded `IngestResponse` (field 1) and those whose
+/// `error` (field 6 of `Verdict`) is set, without decoding or allocating.
+fn count_verdicts(response: &[u8]) -> Option<Counts> {
+    let mut counts = Counts::default();
+    scan_fields(response, |field, verdict| {
+        if field == 1 {
+            counts.verdicts += 1;
+            let mut error = false;
+            scan_fields(verdict, |field, text| {
+                error |= field == 6 && !text.is_empty();
+                Some(())
+            })?;
+            counts.errors += u64::from(error);
+        }
+        Some(())
+    })?;
+    Some(counts)
+}
+
+/// Splits the response body into gRPC messages; a message may span DATA chunks.
+#[derive(Default)]
+struct FrameReader {
+    /// The 5-byte prefix being read, when a chunk ended inside it.
+    header: [u8; 5],
+    /// Bytes of `header` read so far.
+    header_len: usize,
+    /// True while the body of a message that spans chunks is being collected.
+    in_body: bool,
+    /// Body bytes the current message still misses.
+    need: usize,
+    /// The body collected so far (reused: no allocation once it has grown).
+    partial: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Feeds one chunk; `on_message` gets the counts of every complete message.
+    fn feed(&mut self, mut chunk: &[u8], mut on_message: impl FnMut(Counts)) -> Result<(), Status> {
+        let bad = || Status::internal("cannot decode IngestResponse");
+        while !chunk.is_empty() {
+            if self.in_body {
+                let take = self.need.min(chunk.len());
+                self.partial.extend_from_slice(&chunk[..take]);
+                chunk = &chunk[take..];
+                self.need -= take;
+                if self.need == 0 {
+                    self.in_body = false;
+                    on_message(count_verdicts(&self.partial).ok_or_else(bad)?);
+                }
+                continue;
+            }
+            let len = if self.header_len == 0 && chunk.len() >= 5 {
+                self.header.copy_from_slice(&chunk[..5]);
+                chunk = &chunk[5..];
+                self.message_len()?
+            } else {
+                let take = (5 - self.header_len).min(chunk.len());
+                self.header[self.header_len..self.header_len + take]
+                    .copy_from_slice(&chunk[..take]);
+                self.header_len += take;
+                chunk = &chunk[take..];
+                if self.header_len < 5 {
+                    continue;
+                }
+                self.header_len = 0;
+                self.message_len()?
+            };
+            if chunk.len() >= len {
+                on_message(count_verdicts(&chunk[..len]).ok_or_else(bad)?);
+                chunk = &chunk[len..];
+            } else {
+                self.partial.clear();
+                self.partial.extend_from_slice(chunk);
+                self.need = len - chunk.len();
+                self.in_body = true;
+                chunk = &[];
+            }
+        }
+        Ok(())
+    }
+
+    /// The length of the message whose prefix is in `header`.
+    fn message_len(&self) -> Result<usize, Status> {
+        if self.header[0] != 0 {
+            return Err(Status::internal(
+                "compressed response, but no compression was asked for",
+            ));
+        }
+        let len = u32::from_be_bytes([
+            self.header[1],
+            self.header[2],
+            self.header[3],
+            self.header[4],
+        ]);
+        Ok(len as usize)
+    }
+
+    /// True when a message was cut off by the end of the body.
+    fn mid_message(&self) -> bool {
+        self.in_body || self.header_len > 0
+    }
 }
 
 /// What one stream measured.
@@ -273,171 +375,582 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 /// The plan every stream follows.
-#[derive(Clone)]
 struct Plan {
     /// Messages to cycle through.
-    pool: Arc<Vec<Bytes>>,
-    /// Interval between this stream's intended sends (`None` = closed loop).
-    interval: Option<Duration>,
+    pool: Pool,
+    /// Interval between one stream's intended sends, in nanoseconds (`None` = closed
+    /// loop).
+    interval_ns: Option<f64>,
     /// When offering load started.
     start: Instant,
     /// When to stop offering load.
     deadline: Instant,
-    /// Messages this stream sends at most.
-    max_messages: u64,
-    /// Outstanding messages in closed-loop mode.
+    /// Outstanding messages per stream in closed-loop mode.
     window: usize,
-    /// Wakes paced senders every [`TICK`] (open loop only).
-    ticker: Option<Arc<Notify>>,
+    /// Keep each stream open after its last message is answered (idle streams).
+    hold_open: bool,
+    /// Set by Ctrl-C: stop sending, let what was sent be answered.
+    stop: Arc<AtomicBool>,
+    /// Wakes paced connections every [`TICK`] (open loop only).
+    ticker: Option<Arc<Ticker>>,
+    /// Idle mode: one permit per stream that got its answer (or failed).
+    ready: Option<Arc<Semaphore>>,
+    /// Idle mode: streams that failed before their answer.
+    failed: AtomicU64,
 }
 
 /// Period of the pacing ticker. tokio's timer has a 1 ms resolution, which would add up
 /// to 1 ms to every latency measured from the intended send time; spinning on
 /// `yield_now` until the send time instead burns the load generator's core (each
 /// yield polls the I/O driver) and shows as millisecond tails. A thread that sleeps
-/// `TICK` and wakes the senders gives ≈ 0.1 ms precision (nanosleep's slack included)
-/// for almost no CPU; each wake sends every message that is due, so at high rates
-/// several messages share one write.
+/// `TICK` and wakes the connections that asked for it gives ≈ 0.1 ms precision
+/// (nanosleep's slack included) for little CPU; each wake sends every message that is
+/// due, as one write per stream, so at high rates several messages share one write.
 const TICK: Duration = Duration::from_micros(50);
 
-/// Starts the pacing ticker thread; it stops when `stop` is set.
-fn start_ticker(stop: Arc<AtomicBool>) -> Arc<Notify> {
-    let notify = Arc::new(Notify::new());
-    let ticks = Arc::clone(&notify);
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(TICK);
-            ticks.notify_waiters();
-        }
-    });
-    notify
+/// Largest DATA frame payload sent as one piece. h2 copies a payload under 256 bytes
+/// (its `CHAIN_THRESHOLD` with vectored I/O) into its 16 KiB write buffer, so the
+/// frames of every stream of a connection leave in one `writev`; a larger payload is
+/// chained instead and costs a `writev` of its own (one per stream per tick, and a
+/// system call in this VM costs more than copying a few hundred bytes).
+const COPIED_FRAME: usize = 255;
+
+/// The pacing ticker: a thread that wakes, every [`TICK`], the connection tasks that
+/// registered since the last tick.
+struct Ticker {
+    /// One slot per connection task: its waker while it waits for a tick.
+    slots: Mutex<Vec<Option<Waker>>>,
+    /// Ticks that woke at least one task (for the summary).
+    ticks: AtomicU64,
+    /// Ticks so far: a driver paces only when it has changed since its last poll.
+    generation: AtomicU64,
 }
 
-/// Runs one Ingest stream to the end of the plan and until every answer is in.
-async fn run_stream(
-    channel: Channel,
-    plan: Plan,
-    offset: usize,
-    stop: Arc<AtomicBool>,
-) -> StreamResult {
-    let mut result = StreamResult {
-        histogram: new_histogram(),
-        answered: 0,
-        unanswered: 0,
-        counts: Counts::default(),
-        status: None,
-    };
-    let (tx, rx) = mpsc::channel::<Bytes>(1024);
-    let (times_tx, mut times_rx) = mpsc::unbounded_channel::<Instant>();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    if let Err(e) = grpc.ready().await {
-        result.status = Some(Status::unavailable(format!("connection not ready: {e}")));
-        return result;
+impl Ticker {
+    /// Starts the thread; it ends when `stop` is set.
+    fn start(connections: usize, stop: Arc<AtomicBool>) -> Arc<Self> {
+        let ticker = Arc::new(Self {
+            slots: Mutex::new(vec![None; connections]),
+            ticks: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+        });
+        let shared = Arc::clone(&ticker);
+        std::thread::spawn(move || {
+            let mut due = Vec::with_capacity(connections);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(TICK);
+                shared.generation.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut slots) = shared.slots.lock() {
+                    due.extend(slots.iter_mut().filter_map(Option::take));
+                }
+                if !due.is_empty() {
+                    shared.ticks.fetch_add(1, Ordering::Relaxed);
+                }
+                due.drain(..).for_each(Waker::wake);
+            }
+        });
+        ticker
     }
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(INGEST_PATH);
-    let window = Arc::new(Semaphore::new(plan.window.max(1)));
-    let closed_loop = plan.interval.is_none();
-    let sender_window = Arc::clone(&window);
-    let sender_plan = plan.clone();
-    let sender = tokio::spawn(async move {
-        let plan = sender_plan;
-        let mut sent = 0u64;
-        let mut index = offset % plan.pool.len();
-        // Stagger streams across the first interval so they do not send in lockstep.
-        let phase = plan
-            .interval
-            .map_or(Duration::ZERO, |i| i.mul_f64((offset % 997) as f64 / 997.0));
-        while sent < plan.max_messages && !stop.load(Ordering::Relaxed) {
-            let intended = match plan.interval {
+
+    /// Asks for a wake of connection `id` at the next tick.
+    fn register(&self, id: usize, waker: &Waker) {
+        if let Ok(mut slots) = self.slots.lock() {
+            match &slots[id] {
+                Some(w) if w.will_wake(waker) => {}
+                _ => slots[id] = Some(waker.clone()),
+            }
+        }
+    }
+}
+
+/// Where a stream is.
+enum Phase {
+    /// Waiting for the response headers.
+    Headers(ResponseFuture),
+    /// Reading response messages.
+    Body(RecvStream),
+    /// Response messages are over: waiting for the trailers.
+    Trailers(RecvStream),
+    /// Finished (`result.status` says how).
+    Done,
+}
+
+/// One Ingest stream of a connection.
+struct Stream {
+    /// The request body; `None` once half-closed.
+    send: Option<SendStream<Bytes>>,
+    /// The response side.
+    phase: Phase,
+    /// gRPC frames of the response body.
+    reader: FrameReader,
+    /// Intended send time of every message not yet answered, oldest first.
+    intended: VecDeque<Instant>,
+    /// Messages sent so far.
+    sent: u64,
+    /// Messages this stream sends at most.
+    max_messages: u64,
+    /// Next pool message to send.
+    index: usize,
+    /// Offset of this stream's schedule in the open loop, in nanoseconds, so streams do
+    /// not send in lockstep.
+    phase_ns: f64,
+    /// What it measured.
+    result: StreamResult,
+    /// Idle mode: whether this stream has been counted as ready.
+    reported: bool,
+}
+
+/// gRPC status for an HTTP/2 error (as tonic maps them; see grpc's PROTOCOL-HTTP2.md).
+fn h2_status(e: &h2::Error) -> Status {
+    let code = match e.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
+        Some(h2::Reason::CANCEL) => Code::Cancelled,
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+        Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+        Some(_) => Code::Internal,
+        // The connection broke (I/O error, GOAWAY without a stream reason).
+        None => Code::Unavailable,
+    };
+    Status::new(code, format!("h2 protocol error: {e}"))
+}
+
+/// gRPC status for a non-200 HTTP status (grpc's http-grpc-status-mapping.md).
+fn http_status(status: http::StatusCode) -> Status {
+    let code = match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502..=504 => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    Status::new(code, format!("HTTP status {status}"))
+}
+
+/// The status in trailers (or in the headers of a trailers-only response); `None` for OK.
+fn grpc_status(headers: &HeaderMap) -> Option<Status> {
+    match Status::from_header_map(headers) {
+        Some(status) if status.code() == Code::Ok => None,
+        Some(status) => Some(status),
+        None => Some(Status::internal("response ended without grpc-status")),
+    }
+}
+
+impl Stream {
+    /// True when this stream may send another message at `now`.
+    fn may_send(&self, plan: &Plan, now: Instant) -> bool {
+        self.send.is_some()
+            && self.sent < self.max_messages
+            && now < plan.deadline
+            && !plan.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sends `k` messages from the pool as slices of it, in DATA frames of at most
+    /// [`COPIED_FRAME`] bytes where messages are that small.
+    fn send_messages(&mut self, plan: &Plan, mut k: usize) {
+        let pool = &plan.pool;
+        while k > 0 {
+            let first = self.index;
+            let limit = (first + k).min(pool.len());
+            let mut end = first + 1;
+            while end < limit && pool.offsets[end + 1] - pool.offsets[first] <= COPIED_FRAME {
+                end += 1;
+            }
+            let data = pool.frames.slice(pool.offsets[first]..pool.offsets[end]);
+            if let Some(send) = &mut self.send
+                && send.send_data(data, false).is_err()
+            {
+                // Reset by the server: the response side reports why.
+                self.send = None;
+                return;
+            }
+            k -= end - first;
+            self.index = end % pool.len();
+        }
+    }
+
+    /// Sends everything due at `now`; returns when the next message is due (open loop).
+    fn send_due(&mut self, plan: &Plan, now: Instant) -> Option<Instant> {
+        let mut next = None;
+        if self.may_send(plan, now) {
+            let due = match plan.interval_ns {
                 Some(interval) => {
-                    let at = plan.start + phase + interval.mul_f64(sent as f64);
-                    if at >= plan.deadline {
-                        break;
+                    let elapsed = now.saturating_duration_since(plan.start).as_nanos() as f64;
+                    let due_total = if now < plan.start || elapsed < self.phase_ns {
+                        0
+                    } else {
+                        ((elapsed - self.phase_ns) / interval) as u64 + 1
+                    };
+                    let mut due = 0;
+                    while self.sent + due < due_total.min(self.max_messages) {
+                        let at = plan.start
+                            + Duration::from_nanos(
+                                (self.phase_ns + (self.sent + due) as f64 * interval) as u64,
+                            );
+                        if at >= plan.deadline {
+                            self.max_messages = self.sent + due;
+                            break;
+                        }
+                        self.intended.push_back(at);
+                        due += 1;
                     }
-                    wait_until(at, plan.ticker.as_deref()).await;
-                    at
+                    if self.sent + due < self.max_messages {
+                        let at = plan.start
+                            + Duration::from_nanos(
+                                (self.phase_ns + (self.sent + due) as f64 * interval) as u64,
+                            );
+                        if at < plan.deadline {
+                            next = Some(at);
+                        }
+                    }
+                    due
                 }
                 None => {
-                    match Arc::clone(&sender_window).acquire_owned().await {
-                        Ok(permit) => permit.forget(),
-                        Err(_) => break,
+                    let room = plan.window.max(1).saturating_sub(self.intended.len()) as u64;
+                    let due = room.min(self.max_messages - self.sent);
+                    for _ in 0..due {
+                        self.intended.push_back(now);
                     }
-                    let now = Instant::now();
-                    if now >= plan.deadline {
-                        break;
-                    }
-                    now
+                    due
                 }
             };
-            if times_tx.send(intended).is_err() {
-                break;
+            if due > 0 {
+                self.send_messages(plan, due as usize);
+                self.sent += due;
             }
-            if tx.send(plan.pool[index].clone()).await.is_err() {
-                break;
-            }
-            index = (index + 1) % plan.pool.len();
-            sent += 1;
         }
-        sent
-    });
-    let request = tonic::Request::new(ReceiverStream::new(rx));
-    let mut responses = match grpc.streaming(request, path, RawCodec).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            result.status = Some(status);
-            let sent = sender.await.unwrap_or(0);
-            result.unanswered = sent;
-            return result;
-        }
-    };
-    loop {
-        match responses.message().await {
-            Ok(Some(counts)) => {
-                let now = Instant::now();
-                let Some(intended) = times_rx.recv().await else {
-                    break;
-                };
-                let nanos = now.saturating_duration_since(intended).as_nanos() as u64;
-                result.histogram.saturating_record(nanos.max(1));
-                result.answered += 1;
-                result.counts.verdicts += counts.verdicts;
-                result.counts.errors += counts.errors;
-                if closed_loop {
-                    window.add_permits(1);
-                }
+        // Done sending: half-close, so the server ends the stream once it has answered.
+        let finished = !self.may_send(plan, now) || (plan.interval_ns.is_some() && next.is_none());
+        if finished && !plan.hold_open {
+            if let Some(mut send) = self.send.take() {
+                let _ = send.send_data(Bytes::new(), true);
             }
-            Ok(None) => break,
-            Err(status) => {
-                result.status = Some(status);
-                break;
+            next = None;
+        }
+        next
+    }
+
+    /// Reads what has arrived; records the latency of every answered message.
+    fn poll_recv(&mut self, cx: &mut Context<'_>, plan: &Plan) {
+        loop {
+            match &mut self.phase {
+                Phase::Headers(response) => match Pin::new(response).poll(cx) {
+                    Poll::Pending => return,
+                    Poll::Ready(Err(e)) => self.finish(Some(h2_status(&e))),
+                    Poll::Ready(Ok(response)) => {
+                        let (parts, body) = response.into_parts();
+                        if parts.status != http::StatusCode::OK {
+                            self.finish(Some(http_status(parts.status)));
+                        } else if parts.headers.contains_key("grpc-status") {
+                            // Trailers-only: the call ended before any message.
+                            self.finish(grpc_status(&parts.headers));
+                        } else {
+                            self.phase = Phase::Body(body);
+                        }
+                    }
+                },
+                Phase::Body(body) => match body.poll_data(cx) {
+                    Poll::Pending => return,
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        let now = Instant::now();
+                        let result = &mut self.result;
+                        let intended = &mut self.intended;
+                        let mut extra = false;
+                        let fed = self.reader.feed(&chunk, |counts| {
+                            let Some(at) = intended.pop_front() else {
+                                extra = true;
+                                return;
+                            };
+                            let nanos = now.saturating_duration_since(at).as_nanos() as u64;
+                            result.histogram.saturating_record(nanos.max(1));
+                            result.answered += 1;
+                            result.counts.verdicts += counts.verdicts;
+                            result.counts.errors += counts.errors;
+                        });
+                        if let Err(status) = fed {
+                            self.finish(Some(status));
+                        } else if extra {
+                            self.finish(Some(Status::internal("more responses than requests")));
+                        } else if plan.hold_open && !self.reported && self.result.answered > 0 {
+                            self.reported = true;
+                            if let Some(ready) = &plan.ready {
+                                ready.add_permits(1);
+                            }
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => self.finish(Some(h2_status(&e))),
+                    Poll::Ready(None) => {
+                        let Phase::Body(body) = std::mem::replace(&mut self.phase, Phase::Done)
+                        else {
+                            unreachable!()
+                        };
+                        if self.reader.mid_message() {
+                            self.finish(Some(Status::internal("response body cut mid-message")));
+                        } else {
+                            self.phase = Phase::Trailers(body);
+                        }
+                    }
+                },
+                Phase::Trailers(body) => match body.poll_trailers(cx) {
+                    Poll::Pending => return,
+                    Poll::Ready(Ok(Some(trailers))) => self.finish(grpc_status(&trailers)),
+                    Poll::Ready(Ok(None)) => {
+                        self.finish(Some(Status::internal("response ended without trailers")))
+                    }
+                    Poll::Ready(Err(e)) => self.finish(Some(h2_status(&e))),
+                },
+                Phase::Done => return,
             }
         }
     }
-    window.close();
-    let sent = sender.await.unwrap_or(result.answered);
-    result.unanswered = sent.saturating_sub(result.answered);
-    result
+
+    /// Ends the stream with `status` (`None` = OK).
+    fn finish(&mut self, status: Option<Status>) {
+        self.phase = Phase::Done;
+        self.send = None;
+        self.result.status = status;
+        self.result.unanswered = self.sent - self.result.answered;
+    }
 }
 
-/// Waits until `at`: the timer for the coarse part, then the pacing ticker (see
-/// [`TICK`]) for the last millisecond.
-async fn wait_until(at: Instant, ticker: Option<&Notify>) {
-    let now = Instant::now();
-    if at > now + Duration::from_millis(2) {
-        tokio::time::sleep_until((at - Duration::from_millis(1)).into()).await;
-    }
-    loop {
-        // Created before the check, so a tick between the check and the await is
-        // not lost (`notify_waiters` wakes every `Notified` created before it).
-        let tick = ticker.map(Notify::notified);
-        if Instant::now() >= at {
-            return;
+/// One connection and its streams, driven by one task.
+struct Driver {
+    /// Index of this connection (its ticker slot).
+    id: usize,
+    /// The HTTP/2 connection; `None` once it has ended.
+    connection: Option<Connection<TcpStream, Bytes>>,
+    /// Its streams.
+    streams: Vec<Stream>,
+    /// Coarse wait until the next send when it is more than 2 ms away.
+    sleep: Pin<Box<Sleep>>,
+    /// True while `sleep` is armed.
+    sleeping: bool,
+    /// When the next paced message of any stream is due (open loop).
+    next_send: Option<Instant>,
+    /// The ticker's generation at the last poll: a new one means a tick passed.
+    seen_tick: u64,
+    /// True until the first poll, which sends (closed loop) or schedules (open loop).
+    first_poll: bool,
+}
+
+impl Driver {
+    /// Polls the connection; an error ends it (its streams then report why).
+    fn poll_connection(&mut self, cx: &mut Context<'_>) {
+        if let Some(connection) = &mut self.connection
+            && Pin::new(connection).poll(cx).is_ready()
+        {
+            self.connection = None;
         }
-        match tick {
-            Some(tick) => tick.await,
-            None => tokio::task::yield_now().await,
-        }
     }
+
+    /// Drives everything once; `Ready` when every stream is done.
+    fn poll(&mut self, cx: &mut Context<'_>, plan: &Plan) -> Poll<()> {
+        self.poll_connection(cx);
+        // Paced sends happen only on a tick (or when the coarse sleep ends), never on
+        // a poll caused by a response or by h2 itself: `send_data` wakes this task, so
+        // sending on every poll would spin, one message per write, as soon as a poll
+        // takes longer than the interval between two messages of a stream.
+        let mut pace = plan.interval_ns.is_none() || self.first_poll;
+        self.first_poll = false;
+        if let Some(ticker) = &plan.ticker {
+            let tick = ticker.generation.load(Ordering::Relaxed);
+            pace |= tick != self.seen_tick;
+            self.seen_tick = tick;
+        }
+        if self.sleeping && self.sleep.as_mut().poll(cx).is_ready() {
+            self.sleeping = false;
+            pace = true;
+        }
+        let mut next: Option<Instant> = None;
+        let mut pending = false;
+        let now = Instant::now();
+        for stream in &mut self.streams {
+            stream.poll_recv(cx, plan);
+            if matches!(stream.phase, Phase::Done) {
+                if plan.hold_open && !stream.reported {
+                    stream.reported = true;
+                    plan.failed.fetch_add(1, Ordering::Relaxed);
+                    if let Some(ready) = &plan.ready {
+                        ready.add_permits(1);
+                    }
+                }
+                continue;
+            }
+            pending = true;
+            if pace && let Some(at) = stream.send_due(plan, now) {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        // Flush what was just queued without waiting for a re-poll.
+        self.poll_connection(cx);
+        if !pending {
+            return Poll::Ready(());
+        }
+        if pace {
+            self.next_send = next;
+        }
+        if let Some(at) = self.next_send {
+            if at > now + Duration::from_millis(2) {
+                if !self.sleeping {
+                    self.sleep
+                        .as_mut()
+                        .reset((at - Duration::from_millis(1)).into());
+                    self.sleeping = true;
+                    if self.sleep.as_mut().poll(cx).is_ready() {
+                        cx.waker().wake_by_ref();
+                    }
+                }
+            } else if let Some(ticker) = &plan.ticker {
+                ticker.register(self.id, cx.waker());
+            }
+        }
+        Poll::Pending
+    }
+
+    fn into_results(self) -> Vec<StreamResult> {
+        self.streams.into_iter().map(|s| s.result).collect()
+    }
+}
+
+/// The Ingest request head.
+fn ingest_request(base: &Uri) -> Result<Request<()>, http::Error> {
+    let authority = base.authority().map_or("localhost", |a| a.as_str());
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{authority}{INGEST_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "tidewatch-bench")
+        .body(())
+}
+
+/// Opens one HTTP/2 connection (stream window 1 MiB, connection window 16 MiB,
+/// TCP_NODELAY).
+async fn connect_one(
+    base: &Uri,
+    url: &str,
+) -> Result<(SendRequest<Bytes>, Connection<TcpStream, Bytes>), Box<dyn std::error::Error>> {
+    let host = base.host().ok_or("the URL has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = base.port_u16().unwrap_or(80);
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| format!("cannot connect to {url}: timed out after 5 s"))?
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    tcp.set_nodelay(true)?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake with {url} failed: {e}"))?;
+    Ok((send, connection))
+}
+
+/// Opens `streams` Ingest streams on a connection, driving the connection meanwhile
+/// (the server may limit concurrent streams).
+async fn open_streams(
+    mut send: SendRequest<Bytes>,
+    mut connection: Connection<TcpStream, Bytes>,
+    request: &Request<()>,
+    streams: usize,
+) -> Result<
+    (
+        Connection<TcpStream, Bytes>,
+        Vec<(ResponseFuture, SendStream<Bytes>)>,
+    ),
+    h2::Error,
+> {
+    let mut opened = Vec::with_capacity(streams);
+    while opened.len() < streams {
+        poll_fn(|cx| {
+            if let Poll::Ready(result) = Pin::new(&mut connection).poll(cx) {
+                return Poll::Ready(Err(result
+                    .err()
+                    .unwrap_or_else(|| h2::Error::from(h2::Reason::REFUSED_STREAM))));
+            }
+            send.poll_ready(cx)
+        })
+        .await?;
+        let mut head = Request::new(());
+        *head.method_mut() = request.method().clone();
+        *head.uri_mut() = request.uri().clone();
+        *head.headers_mut() = request.headers().clone();
+        opened.push(send.send_request(head, false)?);
+    }
+    Ok((connection, opened))
+}
+
+/// Opens the connections and their streams, each connection as one [`Driver`].
+async fn start_drivers(
+    args: &Args,
+    connections: usize,
+    streams_per_connection: &[usize],
+    plan: &Plan,
+    max_messages: impl Fn(usize) -> u64,
+) -> Result<Vec<Driver>, Box<dyn std::error::Error>> {
+    let base: Uri = args
+        .url
+        .parse()
+        .map_err(|e| format!("bad --url {:?}: {e}", args.url))?;
+    let request = ingest_request(&base)?;
+    let mut drivers = Vec::with_capacity(connections);
+    let mut stream_index = 0usize;
+    for (id, &streams) in streams_per_connection.iter().enumerate().take(connections) {
+        let (send, connection) = connect_one(&base, &args.url).await?;
+        let (connection, opened) = open_streams(send, connection, &request, streams)
+            .await
+            .map_err(|e| format!("cannot open Ingest streams on {}: {e}", args.url))?;
+        let streams = opened
+            .into_iter()
+            .map(|(response, send)| {
+                let offset = stream_index * 7919;
+                let phase_ns = plan
+                    .interval_ns
+                    .map_or(0.0, |i| i * (offset % 997) as f64 / 997.0);
+                let stream = Stream {
+                    send: Some(send),
+                    phase: Phase::Headers(response),
+                    reader: FrameReader::default(),
+                    intended: VecDeque::with_capacity(plan.window.max(16)),
+                    sent: 0,
+                    max_messages: max_messages(stream_index),
+                    index: offset % plan.pool.len(),
+                    phase_ns,
+                    result: StreamResult {
+                        histogram: new_histogram(),
+                        answered: 0,
+                        unanswered: 0,
+                        counts: Counts::default(),
+                        status: None,
+                    },
+                    reported: false,
+                };
+                stream_index += 1;
+                stream
+            })
+            .collect();
+        drivers.push(Driver {
+            id,
+            connection: Some(connection),
+            streams,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            sleeping: false,
+            next_send: None,
+            seen_tick: 0,
+            first_poll: true,
+        });
+    }
+    Ok(drivers)
+}
+
+/// Runs a driver to the end on its own task.
+fn spawn_driver(mut driver: Driver, plan: Arc<Plan>) -> tokio::task::JoinHandle<Vec<StreamResult>> {
+    tokio::spawn(async move {
+        poll_fn(|cx| driver.poll(cx, &plan)).await;
+        driver.into_results()
+    })
 }
 
 /// ghz's name for a gRPC code (Go's `codes.Code.String()`).
@@ -463,65 +976,61 @@ fn ghz_code(code: Code) -> &'static str {
     }
 }
 
-/// Opens C connections.
-async fn connect(args: &Args) -> Result<Vec<Channel>, Box<dyn std::error::Error>> {
-    let endpoint = Endpoint::from_shared(args.url.clone())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .initial_stream_window_size(Some(1 << 20))
-        .initial_connection_window_size(Some(16 << 20));
-    let mut channels = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections.max(1) {
-        channels.push(endpoint.connect().await?);
-    }
-    Ok(channels)
-}
-
 /// Offers the load and reports.
 async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let pool = Arc::new(message_pool(&args));
-    let channels = connect(&args).await?;
-    let streams = channels.len() * args.streams.max(1);
-    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(streams as f64 / args.rate));
-    let per_stream = if args.messages > 0 {
-        args.messages.div_ceil(streams as u64)
-    } else {
-        u64::MAX
+    let connections = args.connections.max(1);
+    let per_connection = args.streams.max(1);
+    let streams = connections * per_connection;
+    let interval_ns = (args.rate > 0.0).then(|| streams as f64 * 1e9 / args.rate);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut plan = Plan {
+        pool: Pool::new(&message_pool(&args)),
+        interval_ns,
+        // Set again below, once every connection is open.
+        start: Instant::now(),
+        deadline: Instant::now(),
+        window: args.window,
+        hold_open: false,
+        stop: Arc::clone(&stop),
+        ticker: None,
+        ready: None,
+        failed: AtomicU64::new(0),
     };
-    let start = Instant::now() + Duration::from_millis(50);
-    let deadline = if args.messages > 0 {
+    // Exactly --messages in total: the first (messages % streams) streams send one more.
+    let messages = args.messages;
+    let max_messages = |i: usize| {
+        if messages == 0 {
+            u64::MAX
+        } else {
+            messages / streams as u64 + u64::from((i as u64) < messages % streams as u64)
+        }
+    };
+    let drivers = start_drivers(
+        &args,
+        connections,
+        &vec![per_connection; connections],
+        &plan,
+        max_messages,
+    )
+    .await?;
+    // Open loop: the schedule starts once every driver task has been spawned, so the
+    // first intended sends are not late from the start. Closed loop sends at once.
+    let start = Instant::now() + Duration::from_millis(if interval_ns.is_some() { 50 } else { 0 });
+    plan.start = start;
+    plan.deadline = if args.messages > 0 {
         start + Duration::from_secs(3600)
     } else {
         start + args.duration
     };
-    let plan = Plan {
-        pool,
-        interval,
-        start,
-        deadline,
-        max_messages: per_stream,
-        window: args.window,
-        ticker: None,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut plan = plan;
-    if interval.is_some() {
-        plan.ticker = Some(start_ticker(Arc::clone(&stop)));
+    if interval_ns.is_some() {
+        plan.ticker = Some(Ticker::start(connections, Arc::clone(&stop)));
     }
+    let plan = Arc::new(plan);
     let date = SystemTime::now();
-    let mut tasks = Vec::with_capacity(streams);
-    for (c, channel) in channels.iter().enumerate() {
-        for s in 0..args.streams.max(1) {
-            let offset = (c * args.streams.max(1) + s) * 7919;
-            tasks.push(tokio::spawn(run_stream(
-                channel.clone(),
-                plan.clone(),
-                offset,
-                Arc::clone(&stop),
-            )));
-        }
-    }
+    let tasks: Vec<_> = drivers
+        .into_iter()
+        .map(|driver| spawn_driver(driver, Arc::clone(&plan)))
+        .collect();
     let stopper = Arc::clone(&stop);
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -534,12 +1043,13 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut counts = Counts::default();
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    let mut results = Vec::with_capacity(tasks.len());
+    let mut results = Vec::with_capacity(streams);
     for task in tasks {
-        results.push(task.await?);
+        results.extend(task.await?);
     }
     // Every stream is done: the ticker thread may end.
     stop.store(true, Ordering::Relaxed);
+    let total = start.elapsed();
     for result in results {
         histogram.add(&result.histogram)?;
         answered += result.answered;
@@ -566,7 +1076,6 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .or_default() += result.unanswered;
         }
     }
-    let total = start.elapsed();
     let count = answered + unanswered;
     let rps = answered as f64 / total.as_secs_f64();
     let percentiles = [10u32, 25, 50, 75, 90, 95, 99];
@@ -580,8 +1089,8 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     println!(
         "tidewatch-bench: {} connections x {} streams, {} samples/message, {} devices, rate {}",
-        channels.len(),
-        args.streams.max(1),
+        connections,
+        per_connection,
         args.batch,
         args.devices,
         if args.rate > 0.0 {
@@ -595,12 +1104,22 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "  samples answered    {} ({} with a per-sample error)",
         counts.verdicts, counts.errors
     );
+    for (error, n) in &errors {
+        println!("  error               {n} x {error}");
+    }
     println!("  elapsed             {:.3} s", total.as_secs_f64());
     println!(
         "  throughput          {:.0} messages/s, {:.0} samples/s",
         rps,
         counts.verdicts as f64 / total.as_secs_f64()
     );
+    if let Some(ticker) = &plan.ticker {
+        println!(
+            "  pacing ticks        {} ({:.1} messages per tick)",
+            ticker.ticks.load(Ordering::Relaxed),
+            count as f64 / ticker.ticks.load(Ordering::Relaxed).max(1) as f64
+        );
+    }
     println!(
         "  latency (send -> verdict{}):",
         if args.rate > 0.0 {
@@ -665,7 +1184,7 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "host": args.url,
                 "insecure": true,
                 "rps": args.rate as u64,
-                "connections": channels.len(),
+                "connections": connections,
                 "concurrency": streams,
                 "total": args.messages,
                 "duration": args.duration.as_nanos() as u64,
@@ -728,52 +1247,51 @@ fn rfc3339(secs: u64) -> String {
 async fn idle(args: Args, n: usize) -> Result<(), Box<dyn std::error::Error>> {
     // Servers allow a limited number of concurrent streams per connection (hyper: 200).
     let per_connection = 100usize;
-    let connections = n.div_ceil(per_connection).max(args.connections);
-    let args = Args {
-        connections,
-        ..args
+    let connections = n.div_ceil(per_connection).max(args.connections).max(1);
+    let split: Vec<usize> = (0..connections)
+        .map(|c| n / connections + usize::from(c < n % connections))
+        .collect();
+    let ready = Arc::new(Semaphore::new(0));
+    let plan = Plan {
+        pool: Pool::new(&message_pool(&Args {
+            batch: 1,
+            ..args.clone()
+        })),
+        interval_ns: None,
+        start: Instant::now(),
+        deadline: Instant::now() + Duration::from_secs(365 * 86_400),
+        window: 1,
+        hold_open: true,
+        stop: Arc::new(AtomicBool::new(false)),
+        ticker: None,
+        ready: Some(Arc::clone(&ready)),
+        failed: AtomicU64::new(0),
     };
-    let channels = connect(&args).await?;
-    let pool = Arc::new(message_pool(&Args {
-        batch: 1,
-        ..args.clone()
-    }));
-    let mut held = Vec::with_capacity(n);
-    for i in 0..n {
-        let channel = channels[i % channels.len()].clone();
-        let message = pool[i % pool.len()].clone();
-        held.push(tokio::spawn(async move {
-            let (tx, rx) = mpsc::channel::<Bytes>(1);
-            let mut grpc = tonic::client::Grpc::new(channel);
-            grpc.ready()
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(INGEST_PATH);
-            let mut responses = grpc
-                .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
-                .await?
-                .into_inner();
-            tx.send(message)
-                .await
-                .map_err(|_| Status::cancelled("closed"))?;
-            responses.message().await?;
-            Ok::<_, Status>((tx, responses))
-        }));
-    }
-    let mut streams = Vec::with_capacity(n);
-    for task in held {
-        streams.push(task.await??);
+    let drivers = start_drivers(&args, connections, &split, &plan, |_| 1).await?;
+    let plan = Arc::new(plan);
+    let tasks: Vec<_> = drivers
+        .into_iter()
+        .map(|driver| spawn_driver(driver, Arc::clone(&plan)))
+        .collect();
+    let wanted = u32::try_from(n).map_err(|_| "too many idle streams")?;
+    let _ = ready.acquire_many(wanted).await?;
+    let failed = plan.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        return Err(
+            format!("{failed} of {n} idle streams failed before their first answer").into(),
+        );
     }
     println!(
-        "idle streams open: {n} on {} connections; holding for {:?}",
-        channels.len(),
+        "idle streams open: {n} on {connections} connections; holding for {:?}",
         args.hold
     );
     tokio::select! {
         () = tokio::time::sleep(args.hold) => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    drop(streams);
+    for task in tasks {
+        task.abort();
+    }
     Ok(())
 }
 
@@ -781,7 +1299,8 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(path) = &args.write_h2load_body {
         let pool = message_pool(&args);
-        let body = h2load_body(&pool, args.body_messages.max(1));
+        let count = args.body_messages.max(1);
+        let body = framed(pool.iter().cycle().take(count));
         if let Err(e) = std::fs::write(path, &body) {
             eprintln!("cannot write {}: {e}", path.display());
             return std::process::ExitCode::FAILURE;
@@ -790,7 +1309,7 @@ fn main() -> std::process::ExitCode {
             "wrote {} ({} bytes: {} messages of {} samples)",
             path.display(),
             body.len(),
-            args.body_messages.max(1),
+            count,
             args.batch
         );
         return std::process::ExitCode::SUCCESS;

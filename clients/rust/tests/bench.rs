@@ -1,0 +1,314 @@
+//! The `tidewatch-bench` binary against the real server in-process: closed loop with a
+//! message count, open loop at a small rate, per-sample errors, a stream the server
+//! refuses, and an unreachable server. Each run's ghz-compatible JSON report is checked
+//! against what the server itself counted.
+
+mod common;
+
+use std::{path::Path, process::Output};
+
+use common::TestServer;
+use serde_json::Value;
+
+/// Runs the bench binary with `args` plus `--url` and `--output` (off the runtime's
+/// threads: the server runs on them).
+async fn bench(url: &str, report: &Path, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tidewatch-bench"));
+    command
+        .args(["--url", url, "--threads", "1", "--output"])
+        .arg(report)
+        .args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("run tidewatch-bench"))
+        .await
+        .expect("join")
+}
+
+fn report(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("report written");
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+/// Samples the server answered over gRPC, from its own Prometheus counter.
+fn server_samples(server: &TestServer) -> u64 {
+    server
+        .state
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("tidewatch_samples_total{") && l.contains("transport=\"grpc\""))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .expect("counter value") as u64
+        })
+        .sum()
+}
+
+/// The checks every report of a successful run passes, ghz's keys and units:
+/// durations in nanoseconds, percentiles 10..99, `rps` per second.
+fn check_ghz_shape(r: &Value, count: u64) {
+    assert_eq!(r["count"], count, "{r:#}");
+    let total = r["total"].as_u64().expect("total ns");
+    let fastest = r["fastest"].as_u64().expect("fastest ns");
+    let average = r["average"].as_u64().expect("average ns");
+    let slowest = r["slowest"].as_u64().expect("slowest ns");
+    assert!(
+        fastest > 0 && fastest <= average && average <= slowest,
+        "{r:#}"
+    );
+    // A loopback answer takes more than 1 µs and less than the whole run.
+    assert!(fastest > 1_000 && slowest < total, "{r:#}");
+    let rps = r["rps"].as_f64().expect("rps");
+    let expected = count as f64 / (total as f64 / 1e9);
+    assert!(
+        (rps - expected).abs() < expected * 0.01,
+        "rps {rps} vs {expected}"
+    );
+    let latencies = r["latencyDistribution"]
+        .as_array()
+        .expect("latencyDistribution");
+    let percentages: Vec<u64> = latencies
+        .iter()
+        .map(|d| d["percentage"].as_u64().expect("percentage"))
+        .collect();
+    assert_eq!(percentages, [10, 25, 50, 75, 90, 95, 99]);
+    let values: Vec<u64> = latencies
+        .iter()
+        .map(|d| d["latency"].as_u64().expect("latency ns"))
+        .collect();
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{values:?}");
+    assert!(values[0] >= fastest && values[6] <= slowest, "{values:?}");
+    let histogram = r["histogram"].as_array().expect("histogram");
+    let in_buckets: u64 = histogram.iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    assert_eq!(in_buckets, count);
+    assert_eq!(r["options"]["call"], "tidewatch.v1.TelemetryService.Ingest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_answers_exactly_the_messages_asked_for() {
+    let server = TestServer::start_with(|_| {}).await;
+    let dir = tempfile_dir("closed");
+    let path = dir.join("closed.json");
+    let before = server_samples(&server);
+    // 2 × 3 streams do not divide 2,000 messages: the count must still be exact.
+    let out = bench(
+        &server.url(),
+        &path,
+        &[
+            "-c",
+            "2",
+            "-s",
+            "3",
+            "--rate",
+            "0",
+            "--window",
+            "8",
+            "--batch",
+            "3",
+            "--devices",
+            "50",
+            "--messages",
+            "2000",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&path);
+    check_ghz_shape(&r, 2000);
+    assert_eq!(r["statusCodeDistribution"], serde_json::json!({"OK": 2000}));
+    assert_eq!(r["errorDistribution"], serde_json::json!({}));
+    assert_eq!(r["endReason"], "normal");
+    assert_eq!(r["tags"]["samples_answered"], "6000");
+    assert_eq!(r["tags"]["sample_errors"], "0");
+    assert_eq!(r["tags"]["latency_from"], "send time");
+    assert!(
+        stdout.contains("samples answered    6000 (0 with a per-sample error)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        server_samples(&server) - before,
+        6000,
+        "the server's own count"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_offers_the_rate_for_the_duration() {
+    let server = TestServer::start_with(|_| {}).await;
+    let dir = tempfile_dir("open");
+    let path = dir.join("open.json");
+    let before = server_samples(&server);
+    let out = bench(
+        &server.url(),
+        &path,
+        &[
+            "-c",
+            "1",
+            "-s",
+            "2",
+            "--rate",
+            "2000",
+            "--duration",
+            "1s",
+            "--devices",
+            "100",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&path);
+    // 2,000 msg/s for 1 s, the streams' schedules offset by less than one interval.
+    let count = r["count"].as_u64().expect("count");
+    assert!((1995..=2000).contains(&count), "count {count}");
+    check_ghz_shape(&r, count);
+    assert_eq!(
+        r["statusCodeDistribution"],
+        serde_json::json!({"OK": count})
+    );
+    assert_eq!(r["endReason"], "timeout");
+    assert_eq!(r["options"]["rps"], 2000);
+    assert_eq!(r["options"]["duration"], 1_000_000_000u64);
+    assert_eq!(r["tags"]["latency_from"], "intended send time");
+    // Paced, not a burst: the run lasts about the duration.
+    let total = r["total"].as_u64().unwrap();
+    assert!(
+        (950_000_000..3_000_000_000).contains(&total),
+        "total {total} ns"
+    );
+    assert_eq!(r["tags"]["samples_answered"], count.to_string());
+    assert_eq!(
+        server_samples(&server) - before,
+        count,
+        "the server's own count"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_sample_errors_are_counted() {
+    // 33 metrics per sample: one more than the server's MAX_METRICS_PER_DEVICE (32).
+    let server = TestServer::start_with(|_| {}).await;
+    let dir = tempfile_dir("errors");
+    let path = dir.join("errors.json");
+    let out = bench(
+        &server.url(),
+        &path,
+        &[
+            "-c",
+            "1",
+            "-s",
+            "2",
+            "--metrics",
+            "33",
+            "--batch",
+            "2",
+            "--messages",
+            "100",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&path);
+    check_ghz_shape(&r, 100);
+    assert_eq!(r["statusCodeDistribution"], serde_json::json!({"OK": 100}));
+    assert_eq!(r["tags"]["samples_answered"], "200");
+    assert_eq!(r["tags"]["sample_errors"], "200");
+    assert!(stdout.contains("(200 with a per-sample error)"), "{stdout}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_reported_with_its_status() {
+    let server = TestServer::start_with(|c| c.max_samples_per_request = 4).await;
+    let dir = tempfile_dir("refused");
+    let path = dir.join("refused.json");
+    // 5 samples per message: every stream ends with INVALID_ARGUMENT at once.
+    let out = bench(
+        &server.url(),
+        &path,
+        &[
+            "-c",
+            "1",
+            "-s",
+            "2",
+            "--batch",
+            "5",
+            "--window",
+            "1",
+            "--messages",
+            "10",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "nothing was answered, yet it succeeded"
+    );
+    assert!(stderr.contains("no message was answered"), "{stderr}");
+    let r = report(&path);
+    let statuses = r["statusCodeDistribution"].as_object().expect("statuses");
+    assert_eq!(
+        statuses.keys().collect::<Vec<_>>(),
+        ["InvalidArgument"],
+        "{r:#}"
+    );
+    let errors = r["errorDistribution"].as_object().expect("errors");
+    assert_eq!(errors.len(), 1, "{r:#}");
+    let (error, n) = errors.iter().next().unwrap();
+    assert!(
+        error.starts_with("rpc error: code = InvalidArgument desc = ")
+            && error.contains("MAX_SAMPLES_PER_REQUEST"),
+        "{error}"
+    );
+    assert_eq!(n, &statuses["InvalidArgument"]);
+    assert_eq!(r["tags"]["samples_answered"], "0");
+    assert_eq!(server_samples(&server), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_clear_error() {
+    // A port that was just free: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let dir = tempfile_dir("unreachable");
+    let path = dir.join("unreachable.json");
+    let out = bench(&url, &path, &["--messages", "10"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot connect to {url}")),
+        "stderr: {stderr}"
+    );
+    assert!(!path.exists(), "no report for a run that never started");
+}
+
+/// A fresh directory under the target directory for one test's reports.
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("bench-test")
+        .join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create report directory");
+    dir
+}
