@@ -179,12 +179,13 @@ impl Ring {
                 return;
             }
         }
-        // Far from the shift, the variance formula cancels: re-centre. (The variance
-        // is spelled out to reuse `d`: two divisions per push instead of three.)
+        // Far from the shift, the variance formula cancels: re-centre. The test is
+        // (s1/n)² > R · (s2/n − (s1/n)²), multiplied through by n² so that a push
+        // divides nothing (it runs for every value; the judgement before it has
+        // divided already).
         let len = f64::from(self.len);
-        let d = self.s1 / len;
-        let d2 = d * d;
-        if d2 > RECENTER_RATIO_SQ * (self.s2 / len - d2).max(0.0) && d != 0.0 {
+        let s1_sq = self.s1 * self.s1;
+        if s1_sq > RECENTER_RATIO_SQ * (self.s2 * len - s1_sq).max(0.0) && self.s1 != 0.0 {
             self.recompute(store.values(self.slots()));
         }
     }

@@ -98,14 +98,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_nodelay(true)
         .add_service(
             TelemetryServiceServer::new(Bare)
                 .max_decoding_message_size(4 * 1024 * 1024)
                 .max_encoding_message_size(usize::MAX),
         )
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            // `Server::tcp_nodelay` applies only to listeners tonic binds itself; an
+            // incoming built from our listener needs its own, or Nagle holds back
+            // small responses until the client's delayed ACK (40 ms on Linux).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = tokio::signal::ctrl_c().await;
             },
