@@ -4,7 +4,9 @@
 # messages on 2 connections x 4 streams, DURATION (8s) each, RUNS (1) times per rate,
 # tidewatch and bare tonic alternating. Prints p50/p99/p99.9 and the load generator's
 # own CPU: its share of the core (`/usr/bin/time %P`; above ~95 % the load generator is
-# saturated and its queueing is in the numbers) and its CPU time per answered message.
+# saturated and its queueing is in the numbers) and its CPU time per answered message,
+# and the server's share of its core over the run (a server near 100 % queues, and
+# that is its tail).
 # Needs the release binaries (`cargo build --release -p tidewatch-server -p
 # tidewatch-client --bins`); BIN (target/release) is where they are, BARE the bare
 # tonic binary (default $BIN/bare-tonic). Environment such as MIMALLOC_PURGE_DELAY
@@ -31,12 +33,20 @@ wait_listening() { # log pid
   exit 1
 }
 
-run() { # name url rate run
-  local name="$1-$3-$4"
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run() { # name url rate run server-pid
+  local name="$1-$3-$4" t0 t1 s0 s1
+  t0=$(cpu_ticks "$5")
+  s0=$(date +%s.%N)
   /usr/bin/time -f "loadgen cpu %P user %U sys %S wall %e" \
     taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "$2" -c 2 -s 4 --threads 1 \
     --rate "$3" --batch 1 --devices 10000 --duration "$DURATION" --output "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
-  python3 - "$OUT/$name.json" "$OUT/$name.txt" "$1" "$3" <<'PY'
+  t1=$(cpu_ticks "$5")
+  s1=$(date +%s.%N)
+  local server_share
+  server_share=$(python3 -c "print(round(100 * ($t1 - $t0) / $(getconf CLK_TCK) / ($s1 - $s0)))")
+  python3 - "$OUT/$name.json" "$OUT/$name.txt" "$1" "$3" "$server_share" <<'PY'
 import json, re, sys
 r = json.load(open(sys.argv[1]))
 text = open(sys.argv[2]).read()
@@ -47,7 +57,8 @@ share, user, system = m.group(1), float(m.group(2)), float(m.group(3))
 per_message = (user + system) * 1e6 / max(1, r["count"])
 ok = r["statusCodeDistribution"].get("OK", 0)
 print(f"{sys.argv[3]:<9} rate {sys.argv[4]:>7}: p50 {d[50]:7.0f} us  p99 {d[99]:8.0f} us  p99.9 {p999:8.0f} us  "
-      f"rps {r['rps']:8.0f}  ok {ok}/{r['count']}  loadgen cpu {share:>3}% = {per_message:.3f} us/msg")
+      f"rps {r['rps']:8.0f}  ok {ok}/{r['count']}  loadgen cpu {share:>3}% = {per_message:.3f} us/msg  "
+      f"server cpu {sys.argv[5]:>3}%")
 PY
 }
 
@@ -60,7 +71,7 @@ wait_listening "$OUT/tidewatch.log" "$tw"
 wait_listening "$OUT/bare.log" "$bare"
 for rate in $RATES; do
   for i in $(seq 1 "$RUNS"); do
-    run tidewatch http://127.0.0.1:50061 "$rate" "$i"
-    run bare http://127.0.0.1:50062 "$rate" "$i"
+    run tidewatch http://127.0.0.1:50061 "$rate" "$i" "$tw"
+    run bare http://127.0.0.1:50062 "$rate" "$i" "$bare"
   done
 done
