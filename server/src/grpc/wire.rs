@@ -98,15 +98,21 @@ impl<'a> Reader<'a> {
         self.pos >= self.buf.len()
     }
 
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, WireError> {
-        // Keys, lengths and most `seq`s fit in one byte.
+        // Keys, lengths and most `seq`s fit in one byte: that case inline, the rest
+        // out of line.
         if let Some(&byte) = self.buf.get(self.pos)
             && byte < 0x80
         {
             self.pos += 1;
             return Ok(u64::from(byte));
         }
+        self.varint_slow()
+    }
+
+    #[inline(never)]
+    fn varint_slow(&mut self) -> Result<u64, WireError> {
         let mut value = 0u64;
         for shift in 0..10 {
             let byte = *self.buf.get(self.pos).ok_or(WireError::Truncated)?;
@@ -335,7 +341,10 @@ impl WireRequest {
                 3 => {
                     expect("Sample.metrics", wire_type, LEN)?;
                     let range = reader.len_delimited()?;
-                    let metric = decode_entry(reader.sub(range))?;
+                    let metric = match canonical_entry(reader.buf, range.clone()) {
+                        Some(metric) => metric,
+                        None => decode_entry(reader.sub(range))?,
+                    };
                     self.metrics.push(metric);
                 }
                 4 => {
@@ -355,6 +364,12 @@ impl WireRequest {
         let buf = reader.buf;
         let metrics = &mut self.metrics[first_metric..];
         let name = |m: &RawMetric| &buf[m.name.start as usize..m.name.end as usize];
+        // Names that arrive strictly ascending (as prost writes a map) need neither.
+        if metrics.windows(2).all(|w| name(&w[0]) < name(&w[1])) {
+            sample.metrics = first_metric as u32..self.metrics.len() as u32;
+            self.samples.push(sample);
+            return Ok(());
+        }
         if metrics.len() <= INSERTION_SORT_MAX {
             for i in 1..metrics.len() {
                 let mut j = i;
@@ -449,6 +464,31 @@ fn merge_timestamp(time: &mut Timestamp, mut reader: Reader<'_>) -> Result<(), W
         }
     }
     Ok(())
+}
+
+/// A `map<string, double>` entry in the shape prost writes for an ASCII name of 1 to
+/// 127 bytes and a non-zero value, `0x0A len name 0x11 <8 bytes>`, read without the
+/// field loop; `None` for any other shape, which [`decode_entry`] reads.
+#[inline]
+fn canonical_entry(buf: &[u8], range: Range<usize>) -> Option<RawMetric> {
+    let entry = &buf[range.clone()];
+    let len = entry.len().checked_sub(11)?;
+    let (&[0x0A, name_len], rest) = entry.split_first_chunk::<2>()? else {
+        return None;
+    };
+    let (name, value) = rest.split_at_checked(len)?;
+    let &[0x11, ref value @ ..] = value else {
+        return None;
+    };
+    if usize::from(name_len) != len || name_len >= 0x80 || !name.is_ascii() {
+        return None;
+    }
+    let value: [u8; 8] = value.try_into().ok()?;
+    let start = range.start + 2;
+    Some(RawMetric {
+        name: start as u32..(start + len) as u32,
+        value: f64::from_le_bytes(value),
+    })
 }
 
 /// One `map<string, double>` entry; a missing key or value is the default.
@@ -616,15 +656,23 @@ fn put_uint(out: &mut impl BufMut, field: u64, v: u64) {
 /// field 1 of the response; a response is the concatenation of its verdicts).
 ///
 /// Each verdict is written once, in place: its length is not known until its last
-/// metric is judged, so `begin` leaves two bytes for it (the canonical varint of any
-/// length from 128 to 16,383, which covers a verdict with two or more metrics) and
-/// `end` fills them in, moving the verdict by a byte in the rarer other cases.
+/// metric is judged, so `begin` leaves room for it and `end` fills it in. The room
+/// left is what the previous judged verdict's length took (verdicts of a stream are
+/// usually alike): a wrong guess moves the verdict's body by a byte or two.
+///
+/// Fields are assembled on the stack (a [`Scratch`]) and appended with one copy per
+/// verdict part, not one capacity check and write per field.
 #[derive(Debug, Default)]
 pub struct WireSink {
     /// The encoded response so far.
     out: BytesMut,
     /// Where the current verdict's key is in `out`.
     start: usize,
+    /// Bytes left after the key for the current verdict's length.
+    slot: usize,
+    /// Bytes the last judged verdict's length took (0 before the first): the room
+    /// `begin` leaves for the next one.
+    guess: usize,
     /// Where the gRPC message opened by [`WireSink::begin_message`] starts in `out`
     /// (its 5-byte prefix), while it is open.
     message: Option<usize>,
@@ -633,8 +681,80 @@ pub struct WireSink {
 /// The gRPC message prefix: a compression flag and a big-endian `u32` length.
 pub const GRPC_HEADER: usize = 5;
 
-/// Bytes `begin` leaves for a verdict's length.
-const LEN_SLOT: usize = 2;
+/// Most bytes `begin` leaves for a verdict's length (a 2 MiB verdict); a longer one
+/// is moved by `close`.
+const MAX_SLOT: usize = 3;
+
+/// Names and device ids up to this length take the stack path of [`WireSink`]; with
+/// them every length inside a `MetricVerdict` and a verdict's head fits one byte.
+const SHORT: usize = 64;
+
+/// A field's key as its one-byte varint (field numbers below 16).
+const fn key(field: u8, wire_type: u64) -> u8 {
+    (field << 3) | wire_type as u8
+}
+
+/// Bytes assembled on the stack and appended to the output at once: one capacity
+/// check and one copy instead of one per field. Fixed-size fields are written
+/// whether present or not and kept only when present, without a branch.
+struct Scratch<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Scratch<N> {
+    #[inline(always)]
+    fn new() -> Self {
+        Self {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+
+    #[inline(always)]
+    fn slice(&mut self, s: &[u8]) {
+        self.buf[self.len..self.len + s.len()].copy_from_slice(s);
+        self.len += s.len();
+    }
+
+    /// A double field, unless it is 0 (or -0, as prost compares with `!=`).
+    #[inline(always)]
+    fn double(&mut self, key: u8, v: f64) {
+        let field = &mut self.buf[self.len..self.len + 9];
+        field[0] = key;
+        field[1..].copy_from_slice(&v.to_le_bytes());
+        self.len += if v != 0.0 { 9 } else { 0 };
+    }
+
+    /// A bool field, unless it is false.
+    #[inline(always)]
+    fn bool(&mut self, key: u8, v: bool) {
+        let field = &mut self.buf[self.len..self.len + 2];
+        field[0] = key;
+        field[1] = 1;
+        self.len += 2 * usize::from(v);
+    }
+
+    #[inline(always)]
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
 
 impl WireSink {
     /// An empty sink.
@@ -722,58 +842,68 @@ impl WireSink {
             .expect("reserved the encoded length");
     }
 
-    /// Starts a verdict: key, length slot, device id, `seq`.
-    fn open(&mut self, device_id: &str, seq: u64) {
-        self.out
-            .reserve(1 + LEN_SLOT + 2 + device_id.len() + 11 + 96);
+    /// Starts a verdict: key, `slot` bytes for its length, device id, `seq`.
+    #[inline]
+    fn open(&mut self, device_id: &str, seq: u64, slot: usize) {
+        debug_assert!((1..=MAX_SLOT).contains(&slot));
         self.start = self.out.len();
-        put_key(&mut self.out, 1, LEN);
-        self.out.put_bytes(0, LEN_SLOT);
-        put_string(&mut self.out, 1, device_id);
-        put_uint(&mut self.out, 2, seq);
-    }
-
-    /// Completes the verdict started by `open`: writes its length into the slot.
-    fn close(&mut self) {
-        let slot = self.start + 1;
-        let body = slot + LEN_SLOT;
-        let len = self.out.len() - body;
-        match varint_len(len as u64) {
-            2 => {
-                self.out[slot] = (len as u8) | 0x80;
-                self.out[slot + 1] = (len >> 7) as u8;
+        self.slot = slot;
+        if device_id.len() <= SHORT {
+            let mut head = Scratch::<{ 1 + MAX_SLOT + 2 + SHORT + 11 }>::new();
+            // IngestResponse.verdicts = 1; the slot's bytes are the zeros there.
+            head.byte(key(1, LEN));
+            head.len += slot;
+            if !device_id.is_empty() {
+                head.byte(key(1, LEN));
+                head.byte(device_id.len() as u8);
+                head.slice(device_id.as_bytes());
             }
-            1 => {
-                self.out[slot] = len as u8;
-                self.out.copy_within(body.., slot + 1);
-                self.out.truncate(self.out.len() - 1);
+            if seq != 0 {
+                head.byte(key(2, VARINT));
+                head.varint(seq);
             }
-            n => {
-                // Over 16 KiB (a verdict of many metrics with long names): make room.
-                let extra = n - LEN_SLOT;
-                let end = self.out.len();
-                self.out.put_bytes(0, extra);
-                self.out.copy_within(body..end, body + extra);
-                let mut varint = Vec::with_capacity(n);
-                put_varint(&mut varint, len as u64);
-                self.out[slot..slot + n].copy_from_slice(&varint);
-            }
+            self.out.extend_from_slice(head.as_slice());
+        } else {
+            self.out
+                .reserve(1 + slot + 1 + 10 + device_id.len() + 11 + 96);
+            put_key(&mut self.out, 1, LEN);
+            self.out.put_bytes(0, slot);
+            put_string(&mut self.out, 1, device_id);
+            put_uint(&mut self.out, 2, seq);
         }
     }
-}
 
-impl VerdictSink for WireSink {
-    fn reserve(&mut self, n: usize) {
-        // A verdict with two metrics takes ≈ 190 bytes.
-        self.out.reserve(n * 192);
+    /// Completes the verdict started by `open`: writes its length into the slot,
+    /// moving the body when the length takes more or fewer bytes than the slot.
+    /// Returns the bytes the length took.
+    #[inline]
+    fn close(&mut self) -> usize {
+        let slot = self.start + 1;
+        let body = slot + self.slot;
+        let end = self.out.len();
+        let len = end - body;
+        let n = varint_len(len as u64);
+        if n > self.slot {
+            let extra = n - self.slot;
+            self.out.put_bytes(0, extra);
+            self.out.copy_within(body..end, body + extra);
+        } else if n < self.slot {
+            self.out.copy_within(body..end, slot + n);
+            self.out.truncate(end - (self.slot - n));
+        }
+        let mut v = len;
+        for byte in &mut self.out[slot..slot + n - 1] {
+            *byte = (v as u8) | 0x80;
+            v >>= 7;
+        }
+        self.out[slot + n - 1] = v as u8;
+        n
     }
 
-    fn begin(&mut self, device_id: &str, seq: u64, metrics: usize) {
-        self.out.reserve(metrics * 96);
-        self.open(device_id, seq);
-    }
-
-    fn metric(&mut self, name: &str, m: &MetricOutcome) {
+    /// [`VerdictSink::metric`] field by field, for a name over [`SHORT`] bytes (and
+    /// the reference the tests hold the stack path to).
+    #[cold]
+    fn long_metric(&mut self, name: &str, m: &MetricOutcome) {
         let mut len = 0;
         if !name.is_empty() {
             len += 1 + varint_len(name.len() as u64) + name.len();
@@ -802,18 +932,67 @@ impl VerdictSink for WireSink {
         put_double(out, 8, m.score);
         put_bool(out, 9, m.alert);
     }
+}
+
+impl VerdictSink for WireSink {
+    fn reserve(&mut self, n: usize) {
+        // A verdict with two metrics takes ≈ 190 bytes.
+        self.out.reserve(n * 192);
+    }
+
+    fn begin(&mut self, device_id: &str, seq: u64, metrics: usize) {
+        self.out.reserve(metrics * 96);
+        self.open(device_id, seq, self.guess.clamp(1, MAX_SLOT));
+    }
+
+    fn metric(&mut self, name: &str, m: &MetricOutcome) {
+        if name.len() > SHORT {
+            return self.long_metric(name, m);
+        }
+        // Verdict.metrics = 4, its length (under 128: 2 + SHORT + 5 * 9 + 2 * 2 + 6),
+        // then the name at a fixed place and the other fields after it; without a
+        // name the entry starts 2 bytes in.
+        let mut entry = Scratch::<{ 4 + SHORT + 5 * 9 + 2 * 2 + 6 }>::new();
+        entry.len = 4;
+        if !name.is_empty() {
+            entry.slice(name.as_bytes());
+        }
+        entry.double(key(2, I64), m.value);
+        entry.double(key(3, I64), m.mean);
+        entry.double(key(4, I64), m.stddev);
+        entry.double(key(5, I64), m.z_score);
+        entry.bool(key(6, VARINT), m.anomaly);
+        if m.window_count != 0 {
+            entry.byte(key(7, VARINT));
+            entry.varint(u64::from(m.window_count));
+        }
+        entry.double(key(8, I64), m.score);
+        entry.bool(key(9, VARINT), m.alert);
+        let first = if name.is_empty() {
+            2
+        } else {
+            entry.buf[2] = key(1, LEN);
+            entry.buf[3] = name.len() as u8;
+            0
+        };
+        entry.buf[first] = key(4, LEN);
+        entry.buf[first + 1] = (entry.len - first - 2) as u8;
+        self.out.extend_from_slice(&entry.buf[first..entry.len]);
+    }
 
     fn end(&mut self, anomaly: bool, alert: bool, score: f64) {
         // Fields 3 (anomaly) and 7, 8 go after the metrics (field 4): any order is
         // valid protobuf, and every decoder reads it as the same message.
-        put_bool(&mut self.out, 3, anomaly);
-        put_bool(&mut self.out, 7, alert);
-        put_double(&mut self.out, 8, score);
-        self.close();
+        let mut tail = Scratch::<{ 2 + 2 + 9 }>::new();
+        tail.bool(key(3, VARINT), anomaly);
+        tail.bool(key(7, VARINT), alert);
+        tail.double(key(8, I64), score);
+        self.out.extend_from_slice(tail.as_slice());
+        self.guess = self.close();
     }
 
     fn duplicate(&mut self, device_id: &str, seq: u64) {
-        self.open(device_id, seq);
+        self.open(device_id, seq, 1);
         put_bool(&mut self.out, 5, true);
         self.close();
     }
@@ -821,7 +1000,7 @@ impl VerdictSink for WireSink {
     fn error(&mut self, device_id: &str, seq: u64, error: &SampleError) {
         let error = error.to_string();
         self.out.reserve(error.len() + 4);
-        self.open(device_id, seq);
+        self.open(device_id, seq, 1);
         put_string(&mut self.out, 6, &error);
         self.close();
     }
@@ -1251,6 +1430,192 @@ mod tests {
         assert!(sink.take().is_empty());
     }
 
+    /// A request of one sample `dev` whose only field besides the id is one
+    /// `metrics` entry with these raw bytes.
+    fn one_entry(entry: &[u8]) -> Vec<u8> {
+        let mut s = Vec::new();
+        raw_len(&mut s, 1, b"dev");
+        raw_len(&mut s, 3, entry);
+        let mut r = Vec::new();
+        raw_len(&mut r, 1, &s);
+        r
+    }
+
+    #[test]
+    fn entries_off_the_canonical_shape_decode_as_prost_decodes_them() {
+        let value = 2.5f64.to_bits().to_le_bytes();
+        let long = "n".repeat(130);
+        let mut cases: Vec<Vec<u8>> = vec![
+            // The canonical shape itself, and with a multi-byte UTF-8 name.
+            entry("cpu", 2.5),
+            entry("température", 2.5),
+            // Value before key.
+            [&[0x11][..], &value, &[0x0A, 3], b"cpu"].concat(),
+            // A two-byte name length.
+            entry(&long, 2.5),
+            // Unknown fields inside the entry, before, between and after.
+            [&[0x18, 7, 0x0A, 3][..], b"cpu", &[0x11], &value].concat(),
+            [&[0x0A, 3][..], b"cpu", &[0x25, 1, 2, 3, 4, 0x11], &value].concat(),
+            [&[0x0A, 3][..], b"cpu", &[0x11], &value, &[0x18, 1]].concat(),
+            // A repeated key or value inside the entry: the last wins.
+            [&[0x0A, 3][..], b"abc", &[0x0A, 3], b"cpu", &[0x11], &value].concat(),
+            [&[0x0A, 3][..], b"cpu", &[0x11], &[0; 8], &[0x11], &value].concat(),
+            // Missing key, missing value, both missing.
+            [&[0x11][..], &value].concat(),
+            [&[0x0A, 3][..], b"cpu"].concat(),
+            Vec::new(),
+            // An empty key written out.
+            [&[0x0A, 0, 0x11][..], &value].concat(),
+            // A non-canonical (two-byte) encoding of a short name's length.
+            [&[0x0A, 0x83, 0x00][..], b"cpu", &[0x11], &value].concat(),
+        ];
+        // The canonical length byte, but one byte short of or past the entry.
+        let mut short = entry("cpu", 2.5);
+        short.pop();
+        cases.push(short);
+        let mut past = entry("cpu", 2.5);
+        past.push(0);
+        cases.push(past);
+        for (i, entry) in cases.iter().enumerate() {
+            let r = one_entry(entry);
+            let prost = IngestRequest::decode(r.as_slice());
+            let ours = decode(r);
+            match (ours, prost) {
+                (Ok(ours), Ok(prost)) => assert_eq!(ours.to_samples(), prost.samples, "case {i}"),
+                (Err(_), Err(_)) => {}
+                (ours, prost) => panic!("case {i}: {ours:?} vs {prost:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn entries_of_the_canonical_shape_with_bad_contents_are_the_same_errors() {
+        let value = 2.5f64.to_bits().to_le_bytes();
+        // A name that is not UTF-8.
+        let r = one_entry(&[&[0x0A, 2][..], &[0xff, 0xfe], &[0x11], &value].concat());
+        assert_eq!(
+            decode(r).unwrap_err(),
+            WireError::Utf8("Sample.metrics key")
+        );
+        // The value with another wire type, the length of a fixed64 entry.
+        let r = one_entry(&[&[0x0A, 3][..], b"cpu", &[0x10], &value].concat());
+        assert!(matches!(
+            decode(r).unwrap_err(),
+            WireError::FieldType {
+                field: "Sample.metrics value",
+                found: VARINT
+            }
+        ));
+    }
+
+    #[test]
+    fn names_in_any_order_read_as_a_map() {
+        let orders: [&[(&str, f64)]; 6] = [
+            &[("cpu", 1.0), ("rps", 2.0)],
+            &[("rps", 2.0), ("cpu", 1.0)],
+            &[("cpu", 1.0), ("cpu", 3.0)],
+            &[("c", 1.0), ("b", 2.0), ("a", 3.0)],
+            &[("a", 1.0), ("b", 2.0), ("a", 3.0), ("b", 4.0)],
+            &[("a", 1.0), ("ab", 2.0), ("a", 3.0), ("b", 4.0), ("b", 5.0)],
+        ];
+        for order in orders {
+            let mut s = Vec::new();
+            raw_len(&mut s, 1, b"dev");
+            for (name, value) in order {
+                raw_len(&mut s, 3, &entry(name, *value));
+            }
+            let mut r = Vec::new();
+            raw_len(&mut r, 1, &s);
+            // And a second sample, so that the first one's metrics are not the last.
+            r.extend_from_slice(&r.clone());
+            let prost = IngestRequest::decode(r.as_slice()).expect("prost");
+            let wire = decode(r).expect("decode");
+            assert_eq!(wire.to_samples(), prost.samples, "{order:?}");
+            for sample in wire.samples() {
+                let names: Vec<_> = sample.metrics().map(|(n, _)| n).collect();
+                assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+                assert_eq!(sample.metric_count(), names.len());
+            }
+        }
+    }
+
+    fn outcome(value: f64, window_count: u32, flags: bool) -> MetricOutcome {
+        MetricOutcome {
+            value,
+            mean: value / 2.0,
+            stddev: if flags { 0.0 } else { 1.5 },
+            z_score: -value,
+            anomaly: flags,
+            window_count,
+            score: if flags { 0.5 } else { 0.0 },
+            alert: flags,
+        }
+    }
+
+    #[test]
+    fn each_verdict_is_written_the_same_whatever_came_before() {
+        // Verdicts whose lengths take 1, 2 and 3 bytes, each after each (so the
+        // length slot is guessed short, right and long), and duplicates and errors
+        // in between; long device ids and names take the field-by-field path.
+        let long_name = "m".repeat(SHORT + 1);
+        let long_id = "d".repeat(SHORT + 1);
+        type Write = Box<dyn Fn(&mut dyn VerdictSink)>;
+        let judged = |id: String, name: String, metrics: usize| -> Write {
+            Box::new(move |sink: &mut dyn VerdictSink| {
+                sink.begin(&id, metrics as u64, metrics);
+                for k in 0..metrics {
+                    let m = outcome(k as f64, k as u32 * 100, k.is_multiple_of(3));
+                    sink.metric(&format!("{name}{k}"), &m);
+                }
+                sink.end(metrics.is_multiple_of(2), metrics.is_multiple_of(3), 0.25);
+            })
+        };
+        let kinds: Vec<Write> = vec![
+            judged("a".into(), String::new(), 1),
+            judged(String::new(), "x".into(), 0),
+            judged("dev-1".into(), "cpu".into(), 2),
+            judged("dev-2".into(), "c".into(), 4),
+            judged("dev-3".into(), "metric".into(), 400),
+            judged(long_id.clone(), long_name.clone(), 2),
+            judged("dev-4".into(), long_name, 1),
+            Box::new(|sink: &mut dyn VerdictSink| sink.duplicate("dev-5", 3)),
+            Box::new(move |sink: &mut dyn VerdictSink| sink.duplicate(&long_id, u64::MAX)),
+            Box::new(|sink: &mut dyn VerdictSink| sink.error("e", 0, &SampleError::NoMetrics)),
+        ];
+        let alone: Vec<Bytes> = kinds
+            .iter()
+            .map(|write| {
+                let mut sink = WireSink::new();
+                write(&mut sink);
+                sink.take()
+            })
+            .collect();
+        // Bytes of each verdict's length: every class is there.
+        let classes: Vec<usize> = alone
+            .iter()
+            .map(|b| 1 + b[1..].iter().take_while(|&&byte| byte >= 0x80).count())
+            .collect();
+        assert!([1, 2, 3].iter().all(|n| classes.contains(n)), "{classes:?}");
+        let mut sink = WireSink::new();
+        let mut expected = Vec::new();
+        for i in 0..kinds.len() {
+            for j in 0..kinds.len() {
+                kinds[i](&mut sink);
+                kinds[j](&mut sink);
+                expected.extend_from_slice(&alone[i]);
+                expected.extend_from_slice(&alone[j]);
+            }
+        }
+        assert_eq!(sink.take(), expected);
+        // And each alone is what prost reads as the verdict written.
+        for (write, bytes) in kinds.iter().zip(&alone) {
+            let mut verdicts: Vec<Verdict> = Vec::new();
+            write(&mut verdicts);
+            let response = IngestResponse::decode(bytes.clone()).expect("decodes");
+            assert_eq!(response.verdicts, verdicts);
+        }
+    }
+
     proptest! {
         #[test]
         fn any_request_decodes_as_prost_decodes_it(
@@ -1339,6 +1704,27 @@ mod tests {
                 ),
                 (Err(_), Err(_)) => {}
             }
+        }
+
+        #[test]
+        fn metrics_on_the_stack_are_the_bytes_written_field_by_field(
+            name in "[a-z_]{0,64}",
+            doubles in prop::array::uniform5(prop_oneof![
+                Just(0.0),
+                Just(-0.0),
+                Just(f64::NAN),
+                any::<f64>(),
+            ]),
+            window_count in prop_oneof![Just(0u32), 1u32..200, any::<u32>()],
+            anomaly in any::<bool>(),
+            alert in any::<bool>(),
+        ) {
+            let [value, mean, stddev, z_score, score] = doubles;
+            let m = MetricOutcome { value, mean, stddev, z_score, anomaly, window_count, score, alert };
+            let (mut stack, mut fields) = (WireSink::new(), WireSink::new());
+            stack.metric(&name, &m);
+            fields.long_metric(&name, &m);
+            prop_assert_eq!(stack.take(), fields.take());
         }
 
         #[test]
