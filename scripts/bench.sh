@@ -145,6 +145,12 @@ PY
 # CPU time (user + system, in clock ticks) the process has used so far.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# The server's share of its core between mark_server and server_share, in percent.
+mark_server() { MARK_TICKS=$(cpu_ticks "$server_pid"); MARK_AT=$(date +%s.%N); }
+server_share() {
+  python3 -c "print(round(100 * ($(cpu_ticks "$server_pid") - $MARK_TICKS) / $(getconf CLK_TCK) / ($(date +%s.%N) - $MARK_AT)))"
+}
+
 # Runs h2load; prints "<calls/s> <succeeded calls> <server CPU µs per message>". The
 # CPU time is the server's own (user + system) over h2load's measured period (after
 # its 1 s warm-up): unlike the rate, it hardly moves when other processes take turns
@@ -220,7 +226,7 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 for key in a.bare_msgs a.tw_msgs a.ratio a.tw_samples a.bare_samples a.answered a.cpu b.bare_msgs b.tw_msgs b.ratio b.tw_samples b.bare_samples b.answered b.cpu; do
   RESULT[$key]="-"
 done
-RATE="-" LOAD_CPU_SHARE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
+RATE="-" LOAD_CPU_SHARE="-" SERVER_CPU_SHARE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
 want a && run_pair a "$OUT/single.body" 1
 want b && run_pair b "$OUT/batch100.body" 100
 
@@ -233,15 +239,19 @@ taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c 
   --threads "$LOAD_THREADS" --window 64 --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/peak.json" | tee "$OUT/peak.txt"
 PEAK_C=$(python3 -c "import json; print(round(json.load(open('$OUT/peak.json'))['rps']))")
 RATE=$(python3 -c "a='${RESULT[a.tw_msgs]}'; p=$PEAK_C; print(round(min(p, int(a)) / 2 if a.isdigit() else p / 2))")
+mark_server
 /usr/bin/time -f "%P" -o "$OUT/latency.cpu" taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
   --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency.json" | tee "$OUT/latency.txt"
+TW_SHARE=$(server_share)
 stop_server
 # Baseline in the same run: the same paced load against bare tonic, so the load
 # generator's and the machine's own tail shows beside tidewatch's.
 step "(c) baseline: the same paced load against bare-tonic"
 start_bare
+mark_server
 /usr/bin/time -f "%P" -o "$OUT/latency-bare.cpu" taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$BARE_PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
   --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency-bare.json" | tee "$OUT/latency-bare.txt"
+BARE_SHARE=$(server_share)
 stop_server
 percentile() { # report percentage
   python3 -c "import json; r=json.load(open('$1')); print(next(d['latency'] for d in r['latencyDistribution'] if d['percentage']==$2)/1000)"
@@ -251,6 +261,7 @@ P50_US=$(percentile "$OUT/latency.json" 50)
 BARE_P99_US=$(percentile "$OUT/latency-bare.json" 99)
 BARE_P50_US=$(percentile "$OUT/latency-bare.json" 50)
 LOAD_CPU_SHARE="$(tail -1 "$OUT/latency.cpu") / $(tail -1 "$OUT/latency-bare.cpu")"
+SERVER_CPU_SHARE="$TW_SHARE% / $BARE_SHARE%"
 fi
 
 if want d; then
@@ -294,6 +305,7 @@ cat >"$OUT/summary.md" <<EOF
 | server CPU per message in (a) / (b), bare / tidewatch | | ${RESULT[a.cpu]} / ${RESULT[b.cpu]} | |
 | (c) latency at ${RATE} msg/s (50 % of peak): p50 / p99 | ${BARE_P50_US} µs / ${BARE_P99_US} µs | ${P50_US} µs / ${P99_US} µs | p99 < 1 ms |
 | (c) load generator's CPU share, tidewatch / bare run | | ${LOAD_CPU_SHARE} | well below 100 % |
+| (c) server's share of its core, tidewatch / bare | | ${SERVER_CPU_SHARE} | (near 100 %: the server queues) |
 | (d) RSS, 1M devices x 2 metrics x ${MEM_ROUNDS} values | | ${DEV_MIB} MiB (empty server: $((RSS_EMPTY / 1024)) MiB) | <= 1 GiB |
 | (d) RSS per idle Ingest stream (10,000 streams) | | ${PER_STREAM} bytes ($((RSS_BASE / 1024)) -> $((RSS_IDLE / 1024)) MiB) | measured |
 EOF
