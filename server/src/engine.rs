@@ -357,10 +357,11 @@ impl Engine {
         }
         // The sample's metrics, read once, each with its index in the device's
         // metrics once known.
-        let mut metrics: SmallVec<[(&str, f64, Option<usize>); 8]> = sample
-            .metrics()
-            .map(|(name, value)| (name, value, None))
-            .collect();
+        // Filled in place and read by reference: collecting it returned it by value,
+        // and it was moved again by the loop below, two copies of its 320 bytes per
+        // sample.
+        let mut metrics: SmallVec<[(&str, f64, Option<usize>); 8]> = SmallVec::new();
+        metrics.extend(sample.metrics().map(|(name, value)| (name, value, None)));
         let hash = self.hash_id(id);
         let mut table = self.shard(hash).lock();
         let found = table.find(hash, id);
@@ -414,7 +415,7 @@ impl Engine {
         out.begin(id, seq, count);
         let (mut anomaly, mut alert, mut score) = (false, false, 0.0f64);
         let time = sample.time().unwrap_or(*received);
-        for (name, value, index) in metrics {
+        for &(name, value, index) in &metrics {
             let index = match index {
                 Some(index) => index,
                 None => {

@@ -15,7 +15,6 @@ use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
-use smallvec::SmallVec;
 use tidewatch_proto::{
     pbjson_types::Timestamp,
     v1::{DetectorConfig, Sample},
@@ -225,8 +224,10 @@ const KEEP_SAMPLES: usize = 16;
 #[derive(Debug, Clone, Default)]
 pub struct WireRequest {
     buf: Bytes,
-    samples: SmallVec<[RawSample; 1]>,
-    metrics: SmallVec<[RawMetric; 4]>,
+    /// Plain vectors: a stream reuses its request, so they are allocated once, and a
+    /// push into a `Vec` is cheaper than into a `SmallVec` (no inline-or-heap branch).
+    samples: Vec<RawSample>,
+    metrics: Vec<RawMetric>,
     /// The `detector` section, when the request has one (boxed: the request is moved
     /// through tonic's stream by value, and usually has none).
     pub detector: Option<Box<DetectorConfig>>,
