@@ -23,6 +23,18 @@ async fn bench(url: &str, report: &Path, args: &[&str]) -> Output {
         .expect("join")
 }
 
+/// [`bench`] for a run that must succeed: its standard output and its report.
+async fn bench_ok(url: &str, path: &Path, args: &[&str]) -> (String, Value) {
+    let out = bench(url, path, args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (stdout, report(path))
+}
+
 fn report(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).expect("report written");
     serde_json::from_str(&text).expect("report is JSON")
@@ -92,7 +104,7 @@ async fn closed_loop_answers_exactly_the_messages_asked_for() {
     let path = dir.join("closed.json");
     let before = server_samples(&server);
     // 2 × 3 streams do not divide 2,000 messages: the count must still be exact.
-    let out = bench(
+    let (stdout, r) = bench_ok(
         &server.url(),
         &path,
         &[
@@ -113,13 +125,6 @@ async fn closed_loop_answers_exactly_the_messages_asked_for() {
         ],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = report(&path);
     check_ghz_shape(&r, 2000);
     assert_eq!(r["statusCodeDistribution"], serde_json::json!({"OK": 2000}));
     assert_eq!(r["errorDistribution"], serde_json::json!({}));
@@ -145,7 +150,7 @@ async fn open_loop_offers_the_rate_for_the_duration() {
     let dir = tempfile_dir("open");
     let path = dir.join("open.json");
     let before = server_samples(&server);
-    let out = bench(
+    let (_, r) = bench_ok(
         &server.url(),
         &path,
         &[
@@ -162,13 +167,6 @@ async fn open_loop_offers_the_rate_for_the_duration() {
         ],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = report(&path);
     // 2,000 msg/s for 1 s, the streams' schedules offset by less than one interval.
     let count = r["count"].as_u64().expect("count");
     assert!((1995..=2000).contains(&count), "count {count}");
@@ -202,7 +200,7 @@ async fn per_sample_errors_are_counted() {
     let server = TestServer::start_with(|_| {}).await;
     let dir = tempfile_dir("errors");
     let path = dir.join("errors.json");
-    let out = bench(
+    let (stdout, r) = bench_ok(
         &server.url(),
         &path,
         &[
@@ -219,13 +217,6 @@ async fn per_sample_errors_are_counted() {
         ],
     )
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = report(&path);
     check_ghz_shape(&r, 100);
     assert_eq!(r["statusCodeDistribution"], serde_json::json!({"OK": 100}));
     assert_eq!(r["tags"]["samples_answered"], "200");
