@@ -26,6 +26,7 @@ use tidewatch_proto::{
 
 pub use detector::{DetectorDefaults, DetectorKind, DetectorSpec, DetectorState, RobustParams};
 pub use device::{DeviceState, MetricState};
+pub(crate) use io::text;
 pub use io::{MetricOutcome, SampleLike, Tee, VerdictSink};
 use resident::{Device, Metric};
 use shard::Shard;
@@ -122,6 +123,16 @@ pub struct BatchOutcome {
     pub rejected_by_reason: [u64; SampleError::REASONS.len()],
 }
 
+/// One metric of a sample being judged.
+struct SampleMetric<'a> {
+    /// The name's bytes.
+    name: &'a [u8],
+    /// The value.
+    value: f64,
+    /// Its index in the device's metrics, once known (`None` for a new metric).
+    index: Option<usize>,
+}
+
 /// What [`Engine::ingest_one`] did with a sample it did not refuse.
 enum Judged {
     /// Judged (a verdict or a duplicate was written).
@@ -196,15 +207,15 @@ impl Engine {
 
     /// Whether the device is in memory.
     pub fn contains(&self, device_id: &str) -> bool {
-        let id = normalize_device_id(device_id);
+        let id = normalize_device_id(device_id).as_bytes();
         let hash = self.hash_id(id);
         self.shard(hash).lock().find(hash, id).is_some()
     }
 
     /// The hash of a device id (the shard's index hashes the same bytes).
     #[inline]
-    fn hash_id(&self, id: &str) -> u64 {
-        self.hasher.hash_one(id.as_bytes())
+    fn hash_id(&self, id: &[u8]) -> u64 {
+        self.hasher.hash_one(id)
     }
 
     fn shard(&self, hash: u64) -> &Shard {
@@ -310,11 +321,7 @@ impl Engine {
                 Err(error) => {
                     outcome.rejected += 1;
                     outcome.rejected_by_reason[error.index()] += 1;
-                    out.error(
-                        normalize_device_id(sample.device_id()),
-                        sample.seq(),
-                        &error,
-                    );
+                    out.error(normalize_id(sample.device_id()), sample.seq(), &error);
                 }
             }
             judged += 1;
@@ -337,7 +344,7 @@ impl Engine {
         outcome: &mut BatchOutcome,
         stop_at_unknown: bool,
     ) -> Result<Judged, SampleError> {
-        let id = normalize_device_id(sample.device_id());
+        let id = normalize_id(sample.device_id());
         if id.len() > self.config.max_device_id_len {
             return Err(SampleError::DeviceIdTooLong {
                 len: id.len(),
@@ -350,7 +357,7 @@ impl Engine {
         }
         if count > self.config.max_metrics_per_device {
             return Err(SampleError::TooManyMetrics {
-                device: id.to_owned(),
+                device: io::text(id),
                 count,
                 limit: self.config.max_metrics_per_device,
             });
@@ -360,13 +367,17 @@ impl Engine {
         // Filled in place and read by reference: collecting it returned it by value,
         // and it was moved again by the loop below, two copies of its 320 bytes per
         // sample.
-        let mut metrics: SmallVec<[(&str, f64, Option<usize>); 8]> = SmallVec::new();
-        metrics.extend(sample.metrics().map(|(name, value)| (name, value, None)));
+        let mut metrics: SmallVec<[SampleMetric<'_>; 8]> = SmallVec::new();
+        metrics.extend(sample.metrics().map(|(name, value)| SampleMetric {
+            name,
+            value,
+            index: None,
+        }));
         let hash = self.hash_id(id);
         let mut table = self.shard(hash).lock();
         let found = table.find(hash, id);
         let mut new_metrics = 0;
-        for (i, (name, value, index)) in metrics.iter_mut().enumerate() {
+        for (i, SampleMetric { name, value, index }) in metrics.iter_mut().enumerate() {
             // A name the device already has was validated when it was added.
             *index = found.and_then(|p| table.device(p).metric_index_from(name, i, &table.names));
             if index.is_none() {
@@ -375,7 +386,7 @@ impl Engine {
             }
             if !value.is_finite() {
                 return Err(SampleError::InvalidValue {
-                    metric: (*name).to_owned(),
+                    metric: io::text(name),
                     value: *value,
                 });
             }
@@ -392,7 +403,13 @@ impl Engine {
                     return Ok(Judged::UnknownDevice);
                 }
                 self.devices.fetch_add(1, Ordering::Relaxed);
-                table.insert(hash, Device::new(id))
+                let device = match std::str::from_utf8(id) {
+                    Ok(id) => Device::new(id),
+                    // Not reached: every SampleLike hands over UTF-8 (its decoder
+                    // checked it).
+                    Err(_) => Device::new(&io::text(id)),
+                };
+                table.insert(hash, device)
             }
         };
         let (device, pool, names) = table.entry(pos);
@@ -407,7 +424,7 @@ impl Engine {
             && device.metrics.len() + new_metrics > self.config.max_metrics_per_device
         {
             return Err(SampleError::TooManyMetrics {
-                device: id.to_owned(),
+                device: io::text(id),
                 count: device.metrics.len() + new_metrics,
                 limit: self.config.max_metrics_per_device,
             });
@@ -415,7 +432,7 @@ impl Engine {
         out.begin(id, seq, count);
         let (mut anomaly, mut alert, mut score) = (false, false, 0.0f64);
         let time = sample.time().unwrap_or(*received);
-        for &(name, value, index) in &metrics {
+        for &SampleMetric { name, value, index } in &metrics {
             let index = match index {
                 Some(index) => index,
                 None => {
@@ -423,6 +440,8 @@ impl Engine {
                     if device.metrics.len() == device.metrics.capacity() {
                         device.metrics.reserve_exact(new_metrics);
                     }
+                    // Validated above: ASCII.
+                    let name = std::str::from_utf8(name).unwrap_or_default();
                     device.metrics.push(Metric::new(names.intern(name)));
                     device.metrics.len() - 1
                 }
@@ -446,7 +465,7 @@ impl Engine {
 
     /// Current statistics of a device in memory, or `None`.
     pub fn analyze(&self, device_id: &str) -> Option<AnalyzeResponse> {
-        let id = normalize_device_id(device_id);
+        let id = normalize_device_id(device_id).as_bytes();
         let hash = self.hash_id(id);
         let table = self.shard(hash).lock();
         let pos = table.find(hash, id)?;
@@ -459,7 +478,7 @@ impl Engine {
 
     /// A copy of a device's state in memory, as a snapshot would hold it.
     pub fn device_state(&self, device_id: &str) -> Option<DeviceState> {
-        let id = normalize_device_id(device_id);
+        let id = normalize_device_id(device_id).as_bytes();
         let hash = self.hash_id(id);
         let table = self.shard(hash).lock();
         let pos = table.find(hash, id)?;
@@ -469,9 +488,9 @@ impl Engine {
     /// Inserts a device's state unless the device is already in memory (a restore
     /// racing with a first sample loses to the sample). Returns whether it was inserted.
     pub fn insert_if_absent(&self, state: DeviceState) -> bool {
-        let hash = self.hash_id(&state.id);
+        let hash = self.hash_id(state.id.as_bytes());
         let mut table = self.shard(hash).lock();
-        if table.find(hash, &state.id).is_some() {
+        if table.find(hash, state.id.as_bytes()).is_some() {
             return false;
         }
         if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
@@ -653,21 +672,35 @@ pub fn normalize_device_id(id: &str) -> &str {
     if id.is_empty() { DEFAULT_DEVICE } else { id }
 }
 
-/// Metric names are 1..=`limit` bytes of `[A-Za-z0-9_.:-]`.
-pub fn validate_metric_name(name: &str, limit: usize) -> Result<(), SampleError> {
+/// [`normalize_device_id`] for an id's bytes.
+#[inline]
+fn normalize_id(id: &[u8]) -> &[u8] {
+    if id.is_empty() {
+        DEFAULT_DEVICE.as_bytes()
+    } else {
+        id
+    }
+}
+
+/// Metric names are 1..=`limit` bytes of `[A-Za-z0-9_.:-]` (`name` is UTF-8).
+pub fn validate_metric_name(name: &[u8], limit: usize) -> Result<(), SampleError> {
     if name.is_empty() || name.len() > limit {
         return Err(SampleError::InvalidMetricName {
-            name: name.to_owned(),
+            name: io::text(name),
             reason: format!("must be 1 to {limit} bytes"),
         });
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
-    {
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-');
+    if !name.iter().all(allowed) {
+        // The message names the character, not the byte (it may be multi-byte).
+        let name = io::text(name);
+        let bad = name
+            .chars()
+            .find(|&c| !c.is_ascii() || !allowed(&(c as u8)))
+            .unwrap_or(char::REPLACEMENT_CHARACTER);
         return Err(SampleError::InvalidMetricName {
-            name: name.to_owned(),
             reason: format!("character {bad:?} is not one of [A-Za-z0-9_.:-]"),
+            name,
         });
     }
     Ok(())

@@ -43,22 +43,26 @@ pub(crate) enum DeviceId {
 impl DeviceId {
     /// The id `id`.
     pub(crate) fn new(id: &str) -> Self {
-        match IdKey::new(id) {
-            IdKey::Inline { len, bytes } => Self::Inline { len, bytes },
-            IdKey::Heap(id) => Self::Heap(id.into()),
+        if id.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Self::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(id.into())
         }
     }
 
-    /// Whether this is the id `key` stands for. Two inline ids compare as fixed-size
-    /// arrays (a few wide loads, no `memcmp` call).
+    /// Whether this is the id whose bytes are `id`.
     #[inline]
-    pub(crate) fn is(&self, key: &IdKey<'_>) -> bool {
-        match (self, key) {
-            (Self::Inline { len, bytes }, IdKey::Inline { len: l, bytes: b }) => {
-                len == l && bytes == b
+    pub(crate) fn is(&self, id: &[u8]) -> bool {
+        match self {
+            Self::Inline { len, bytes } => {
+                usize::from(*len) == id.len() && same_bytes(&bytes[..id.len()], id)
             }
-            (Self::Heap(id), IdKey::Heap(k)) => **id == **k,
-            _ => false,
+            Self::Heap(own) => own.as_bytes() == id,
         }
     }
 
@@ -81,34 +85,28 @@ impl DeviceId {
     }
 }
 
-/// An id to look up, shaped like the [`DeviceId`] it would be stored as.
-#[derive(Debug)]
-pub(crate) enum IdKey<'a> {
-    /// A short id, padded with zeros as stored.
-    Inline {
-        /// Bytes used of `bytes`.
-        len: u8,
-        /// The id's bytes, then zeros.
-        bytes: [u8; INLINE_ID],
-    },
-    /// A long id.
-    Heap(&'a str),
-}
-
-impl<'a> IdKey<'a> {
-    /// The key of `id`.
-    #[inline]
-    pub(crate) fn new(id: &'a str) -> Self {
-        if id.len() <= INLINE_ID {
-            let mut bytes = [0; INLINE_ID];
-            bytes[..id.len()].copy_from_slice(id.as_bytes());
-            Self::Inline {
-                len: id.len() as u8,
-                bytes,
-            }
-        } else {
-            Self::Heap(id)
-        }
+/// Whether `a` and `b` are the same bytes. Ids and names are short, and a `memcmp`
+/// call for a few bytes cost more than the comparison: up to 16 bytes compare as two
+/// overlapping loads of each, without a call.
+#[inline]
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    fn first<const N: usize>(s: &[u8]) -> Option<&[u8; N]> {
+        s.first_chunk::<N>()
+    }
+    fn last<const N: usize>(s: &[u8]) -> Option<&[u8; N]> {
+        s.last_chunk::<N>()
+    }
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        // Positions 0, n/2 and n-1 cover every byte of 1 to 3.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => first::<4>(a) == first::<4>(b) && last::<4>(a) == last::<4>(b),
+        8..=16 => first::<8>(a) == first::<8>(b) && last::<8>(a) == last::<8>(b),
+        _ => a == b,
     }
 }
 
@@ -383,13 +381,16 @@ impl Device {
     #[inline]
     pub(crate) fn metric_index_from(
         &self,
-        name: &str,
+        name: &[u8],
         hint: usize,
         names: &Names,
     ) -> Option<usize> {
         match self.metrics.get(hint) {
-            Some(m) if names.get(m.name) == name => Some(hint),
-            _ => self.metrics.iter().position(|m| names.get(m.name) == name),
+            Some(m) if same_bytes(names.get(m.name).as_bytes(), name) => Some(hint),
+            _ => self
+                .metrics
+                .iter()
+                .position(|m| same_bytes(names.get(m.name).as_bytes(), name)),
         }
     }
 
@@ -496,15 +497,30 @@ mod tests {
             assert_eq!(d.as_str(), id);
             assert_eq!(d.as_bytes(), id.as_bytes());
             assert_eq!(matches!(d, DeviceId::Inline { .. }), id.len() <= INLINE_ID);
-            assert!(d.is(&IdKey::new(id)));
+            assert!(d.is(id.as_bytes()));
         }
         // Same length, other bytes; a prefix; inline against heap.
-        assert!(!DeviceId::new("sensor-1").is(&IdKey::new("sensor-2")));
-        assert!(!DeviceId::new("sensor-1").is(&IdKey::new("sensor-")));
+        assert!(!DeviceId::new("sensor-1").is(b"sensor-2"));
+        assert!(!DeviceId::new("sensor-1").is(b"sensor-"));
         let long = "x".repeat(40);
-        assert!(!DeviceId::new(&long).is(&IdKey::new("x")));
-        assert!(!DeviceId::new("x").is(&IdKey::new(&long)));
-        assert!(!DeviceId::new(&long).is(&IdKey::new(&"x".repeat(41))));
+        assert!(!DeviceId::new(&long).is(b"x"));
+        assert!(!DeviceId::new("x").is(long.as_bytes()));
+        assert!(!DeviceId::new(&long).is("x".repeat(41).as_bytes()));
+        assert!(!DeviceId::new("exactly-22-bytes-long!").is(b"exactly-22-bytes-long?"));
         assert_eq!(DeviceId::new("é-capteur").as_str(), "é-capteur");
+    }
+
+    #[test]
+    fn same_bytes_compares_every_byte_of_every_length() {
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i % 26).collect();
+            assert!(same_bytes(&a, &a.clone()), "{n}");
+            for i in 0..n {
+                let mut b = a.clone();
+                b[i] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "length {n}, byte {i} differs");
+            }
+            assert!(!same_bytes(&a, &a[..n.saturating_sub(1)]) || n == 0);
+        }
     }
 }

@@ -18,7 +18,7 @@ use hashbrown::HashTable;
 
 use super::names::Names;
 use super::pool::ValuePool;
-use super::resident::{Device, IdKey};
+use super::resident::Device;
 
 /// Devices per chunk of the dense store.
 const CHUNK: usize = 2048;
@@ -77,12 +77,12 @@ impl Table {
         self.len
     }
 
-    /// The position of the device `id` (whose hash is `hash`).
+    /// The position of the device whose id is the bytes `id` (whose hash is `hash`).
     #[inline]
-    pub(crate) fn find(&self, hash: u64, id: &str) -> Option<usize> {
-        let (chunks, key) = (&self.chunks, IdKey::new(id));
+    pub(crate) fn find(&self, hash: u64, id: &[u8]) -> Option<usize> {
+        let chunks = &self.chunks;
         self.index
-            .find(hash, |&p| device_at(chunks, p as usize).id.is(&key))
+            .find(hash, |&p| device_at(chunks, p as usize).id.is(id))
             .map(|&p| p as usize)
     }
 
@@ -194,7 +194,7 @@ mod tests {
         // Remove every third device, from the front, so the tail keeps moving in.
         for i in (0..n).step_by(3) {
             let hash = hasher.hash_one(id(i).as_bytes());
-            let pos = table.find(hash, &id(i)).expect("present");
+            let pos = table.find(hash, id(i).as_bytes()).expect("present");
             let removed = table.remove(pos);
             assert_eq!(removed.id.as_str(), id(i));
         }
@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(table.iter().count(), table.len());
         for i in 0..n {
             let hash = hasher.hash_one(id(i).as_bytes());
-            let found = table.find(hash, &id(i));
+            let found = table.find(hash, id(i).as_bytes());
             if i % 3 == 0 {
                 assert_eq!(found, None, "{i} was removed");
             } else {

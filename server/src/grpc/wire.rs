@@ -25,7 +25,7 @@ use tonic::{
 };
 
 use crate::{
-    engine::{MetricOutcome, SampleLike, VerdictSink},
+    engine::{MetricOutcome, SampleLike, VerdictSink, text},
     error::SampleError,
 };
 
@@ -426,18 +426,17 @@ impl WireRequest {
         self.samples()
             .skip(first)
             .map(|s| Sample {
-                device_id: s.device_id().to_owned(),
+                device_id: text(s.device_id()),
                 time: s.time(),
-                metrics: s.metrics().map(|(k, v)| (k.to_owned(), v)).collect(),
+                metrics: s.metrics().map(|(k, v)| (text(k), v)).collect(),
                 seq: s.seq(),
             })
             .collect()
     }
 
-    fn str(&self, range: &Range<u32>) -> &str {
-        let bytes = &self.buf[range.start as usize..range.end as usize];
-        // Checked when decoded.
-        std::str::from_utf8(bytes).unwrap_or_default()
+    /// The bytes of a device id or a metric name (UTF-8: checked when decoded).
+    fn text(&self, range: &Range<u32>) -> &[u8] {
+        &self.buf[range.start as usize..range.end as usize]
     }
 }
 
@@ -559,12 +558,12 @@ pub struct WireMetrics<'a> {
 }
 
 impl<'a> Iterator for WireMetrics<'a> {
-    type Item = (&'a str, f64);
+    type Item = (&'a [u8], f64);
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         let metric = self.metrics.next()?;
-        Some((self.request.str(&metric.name), metric.value))
+        Some((self.request.text(&metric.name), metric.value))
     }
 }
 
@@ -574,8 +573,8 @@ impl SampleLike for WireSample<'_> {
     where
         Self: 'b;
 
-    fn device_id(&self) -> &str {
-        self.request.str(&self.raw.device_id)
+    fn device_id(&self) -> &[u8] {
+        self.request.text(&self.raw.device_id)
     }
 
     fn seq(&self) -> u64 {
@@ -620,11 +619,11 @@ fn put_key(out: &mut impl BufMut, field: u64, wire_type: u64) {
 }
 
 #[inline]
-fn put_string(out: &mut impl BufMut, field: u64, s: &str) {
+fn put_string(out: &mut impl BufMut, field: u64, s: &[u8]) {
     if !s.is_empty() {
         put_key(out, field, LEN);
         put_varint(out, s.len() as u64);
-        out.put_slice(s.as_bytes());
+        out.put_slice(s);
     }
 }
 
@@ -845,7 +844,7 @@ impl WireSink {
 
     /// Starts a verdict: key, `slot` bytes for its length, device id, `seq`.
     #[inline]
-    fn open(&mut self, device_id: &str, seq: u64, slot: usize) {
+    fn open(&mut self, device_id: &[u8], seq: u64, slot: usize) {
         debug_assert!((1..=MAX_SLOT).contains(&slot));
         self.start = self.out.len();
         self.slot = slot;
@@ -857,7 +856,7 @@ impl WireSink {
             if !device_id.is_empty() {
                 head.byte(key(1, LEN));
                 head.byte(device_id.len() as u8);
-                head.slice(device_id.as_bytes());
+                head.slice(device_id);
             }
             if seq != 0 {
                 head.byte(key(2, VARINT));
@@ -904,7 +903,7 @@ impl WireSink {
     /// [`VerdictSink::metric`] field by field, for a name over [`SHORT`] bytes (and
     /// the reference the tests hold the stack path to).
     #[cold]
-    fn long_metric(&mut self, name: &str, m: &MetricOutcome) {
+    fn long_metric(&mut self, name: &[u8], m: &MetricOutcome) {
         let mut len = 0;
         if !name.is_empty() {
             len += 1 + varint_len(name.len() as u64) + name.len();
@@ -941,12 +940,12 @@ impl VerdictSink for WireSink {
         self.out.reserve(n * 192);
     }
 
-    fn begin(&mut self, device_id: &str, seq: u64, metrics: usize) {
+    fn begin(&mut self, device_id: &[u8], seq: u64, metrics: usize) {
         self.out.reserve(metrics * 96);
         self.open(device_id, seq, self.guess.clamp(1, MAX_SLOT));
     }
 
-    fn metric(&mut self, name: &str, m: &MetricOutcome) {
+    fn metric(&mut self, name: &[u8], m: &MetricOutcome) {
         if name.len() > SHORT {
             return self.long_metric(name, m);
         }
@@ -956,7 +955,7 @@ impl VerdictSink for WireSink {
         let mut entry = Scratch::<{ 4 + SHORT + 5 * 9 + 2 * 2 + 6 }>::new();
         entry.len = 4;
         if !name.is_empty() {
-            entry.slice(name.as_bytes());
+            entry.slice(name);
         }
         entry.double(key(2, I64), m.value);
         entry.double(key(3, I64), m.mean);
@@ -992,17 +991,17 @@ impl VerdictSink for WireSink {
         self.guess = self.close();
     }
 
-    fn duplicate(&mut self, device_id: &str, seq: u64) {
+    fn duplicate(&mut self, device_id: &[u8], seq: u64) {
         self.open(device_id, seq, 1);
         put_bool(&mut self.out, 5, true);
         self.close();
     }
 
-    fn error(&mut self, device_id: &str, seq: u64, error: &SampleError) {
+    fn error(&mut self, device_id: &[u8], seq: u64, error: &SampleError) {
         let error = error.to_string();
         self.out.reserve(error.len() + 4);
         self.open(device_id, seq, 1);
-        put_string(&mut self.out, 6, &error);
+        put_string(&mut self.out, 6, error.as_bytes());
         self.close();
     }
 }
@@ -1138,7 +1137,7 @@ mod tests {
         let first = wire.samples().next().expect("a sample");
         assert_eq!(
             first.metrics().collect::<Vec<_>>(),
-            [("cpu", 55.5), ("rps", 420.0)],
+            [(&b"cpu"[..], 55.5), (&b"rps"[..], 420.0)],
             "ascending names, as the BTreeMap prost decodes into"
         );
     }
@@ -1246,7 +1245,7 @@ mod tests {
         assert_eq!(wire.to_samples(), prost.samples);
         let first = wire.samples().next().expect("sample");
         assert_eq!(first.metric_count(), 500);
-        assert_eq!(first.metrics().next(), Some(("m000", 1000.0)));
+        assert_eq!(first.metrics().next(), Some((&b"m000"[..], 1000.0)));
     }
 
     #[test]
@@ -1398,14 +1397,14 @@ mod tests {
         let long = "m".repeat(120);
         let cases: [(&str, usize); 4] = [("a", 1), ("b", 3), (&long, 200), ("c", 0)];
         for (i, (name, metrics)) in cases.iter().enumerate() {
-            sink.begin(&format!("dev-{i}"), i as u64 + 1, *metrics);
+            sink.begin(format!("dev-{i}").as_bytes(), i as u64 + 1, *metrics);
             for k in 0..*metrics {
-                sink.metric(&format!("{name}{k}"), &outcome);
+                sink.metric(format!("{name}{k}").as_bytes(), &outcome);
             }
             sink.end(true, false, 0.75);
         }
-        sink.duplicate("", 9);
-        sink.error("x", 0, &SampleError::NoMetrics);
+        sink.duplicate(b"", 9);
+        sink.error(b"x", 0, &SampleError::NoMetrics);
         let response = IngestResponse::decode(sink.take()).expect("decodes");
         let v = &response.verdicts;
         assert_eq!(v.len(), 6);
@@ -1563,10 +1562,10 @@ mod tests {
         type Write = Box<dyn Fn(&mut dyn VerdictSink)>;
         let judged = |id: String, name: String, metrics: usize| -> Write {
             Box::new(move |sink: &mut dyn VerdictSink| {
-                sink.begin(&id, metrics as u64, metrics);
+                sink.begin(id.as_bytes(), metrics as u64, metrics);
                 for k in 0..metrics {
                     let m = outcome(k as f64, k as u32 * 100, k.is_multiple_of(3));
-                    sink.metric(&format!("{name}{k}"), &m);
+                    sink.metric(format!("{name}{k}").as_bytes(), &m);
                 }
                 sink.end(metrics.is_multiple_of(2), metrics.is_multiple_of(3), 0.25);
             })
@@ -1579,9 +1578,11 @@ mod tests {
             judged("dev-3".into(), "metric".into(), 400),
             judged(long_id.clone(), long_name.clone(), 2),
             judged("dev-4".into(), long_name, 1),
-            Box::new(|sink: &mut dyn VerdictSink| sink.duplicate("dev-5", 3)),
-            Box::new(move |sink: &mut dyn VerdictSink| sink.duplicate(&long_id, u64::MAX)),
-            Box::new(|sink: &mut dyn VerdictSink| sink.error("e", 0, &SampleError::NoMetrics)),
+            Box::new(|sink: &mut dyn VerdictSink| sink.duplicate(b"dev-5", 3)),
+            Box::new(move |sink: &mut dyn VerdictSink| {
+                sink.duplicate(long_id.as_bytes(), u64::MAX)
+            }),
+            Box::new(|sink: &mut dyn VerdictSink| sink.error(b"e", 0, &SampleError::NoMetrics)),
         ];
         let alone: Vec<Bytes> = kinds
             .iter()
@@ -1723,8 +1724,8 @@ mod tests {
             let [value, mean, stddev, z_score, score] = doubles;
             let m = MetricOutcome { value, mean, stddev, z_score, anomaly, window_count, score, alert };
             let (mut stack, mut fields) = (WireSink::new(), WireSink::new());
-            stack.metric(&name, &m);
-            fields.long_metric(&name, &m);
+            stack.metric(name.as_bytes(), &m);
+            fields.long_metric(name.as_bytes(), &m);
             prop_assert_eq!(stack.take(), fields.take());
         }
 
