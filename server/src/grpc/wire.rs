@@ -294,7 +294,9 @@ impl WireRequest {
                         request.samples.reserve_exact(samples.min(RESERVE_SAMPLES));
                     }
                     let before = request.metrics.len();
-                    request.decode_sample(reader.sub(range))?;
+                    if !request.canonical_sample(bytes, range.clone()) {
+                        request.decode_sample(reader.sub(range))?;
+                    }
                     if request.samples.len() == 1 {
                         let metrics = request.metrics.len() - before;
                         let more = metrics * (request.samples.capacity() - 1);
@@ -314,6 +316,78 @@ impl WireRequest {
             }
         }
         Ok(())
+    }
+
+    /// Reads a sample in the shape prost writes it, without the field loop: an ASCII
+    /// device id (field 1) and the metrics (field 3, each a [`canonical_entry`]) in
+    /// ascending name order, then `seq` (field 4); one-byte lengths, no `time`. That
+    /// is what devices send, and it skips a key dispatch per field and the separate
+    /// pass that checks the names' order. `false` (nothing kept) for any other shape:
+    /// [`WireRequest::decode_sample`] reads it then, with every check.
+    #[inline]
+    fn canonical_sample(&mut self, buf: &[u8], range: Range<usize>) -> bool {
+        let first_metric = self.metrics.len();
+        let base = range.start;
+        let s = &buf[range];
+        let mut sample = RawSample {
+            device_id: 0..0,
+            seq: 0,
+            time: None,
+            metrics: 0..0,
+        };
+        let mut pos = 0;
+        if let Some(&[0x0A, len]) = s.first_chunk::<2>()
+            && len < 0x80
+        {
+            let end = 2 + usize::from(len);
+            match s.get(2..end) {
+                Some(id) if id.is_ascii() => {
+                    sample.device_id = (base + 2) as u32..(base + end) as u32;
+                    pos = end;
+                }
+                _ => return false,
+            }
+        }
+        while let Some(&[0x1A, len]) = s.get(pos..).and_then(<[u8]>::first_chunk::<2>) {
+            let (start, end) = (pos + 2, pos + 2 + usize::from(len));
+            let entry = (len < 0x80 && end <= s.len())
+                .then(|| canonical_entry(buf, base + start..base + end))
+                .flatten();
+            let ascending = |m: &RawMetric| {
+                self.metrics[first_metric..]
+                    .last()
+                    .is_none_or(|prev| name_before(buf, &prev.name, &m.name))
+            };
+            match entry {
+                Some(metric) if ascending(&metric) => self.metrics.push(metric),
+                _ => {
+                    self.metrics.truncate(first_metric);
+                    return false;
+                }
+            }
+            pos = end;
+        }
+        if s.get(pos) == Some(&0x20) {
+            let mut reader = Reader {
+                buf: s,
+                pos: pos + 1,
+            };
+            match reader.varint() {
+                Ok(seq) => sample.seq = seq,
+                Err(_) => {
+                    self.metrics.truncate(first_metric);
+                    return false;
+                }
+            }
+            pos = reader.pos;
+        }
+        if pos != s.len() {
+            self.metrics.truncate(first_metric);
+            return false;
+        }
+        sample.metrics = first_metric as u32..self.metrics.len() as u32;
+        self.samples.push(sample);
+        true
     }
 
     fn decode_sample(&mut self, mut reader: Reader<'_>) -> Result<(), WireError> {
@@ -489,6 +563,26 @@ fn canonical_entry(buf: &[u8], range: Range<usize>) -> Option<RawMetric> {
         name: start as u32..(start + len) as u32,
         value: f64::from_le_bytes(value),
     })
+}
+
+/// Whether the name at `a` sorts strictly before the name at `b` (both ranges of
+/// `buf`). Names of up to 8 bytes with 8 bytes of the buffer from their start (an
+/// entry's value follows its name) compare as big-endian words, their bytes past the
+/// name masked off, without a `memcmp` call; equal words (equal names, or a name
+/// that is the other's prefix followed by zero bytes) compare as slices.
+#[inline]
+fn name_before(buf: &[u8], a: &Range<u32>, b: &Range<u32>) -> bool {
+    let word = |r: &Range<u32>| -> Option<u64> {
+        let len = (r.end - r.start) as usize;
+        let bytes = buf.get(r.start as usize..)?.first_chunk::<8>()?;
+        (len <= 8).then(|| {
+            u64::from_be_bytes(*bytes) & (!0u64).checked_shl(8 * (8 - len) as u32).unwrap_or(0)
+        })
+    };
+    match (word(a), word(b)) {
+        (Some(x), Some(y)) if x != y => x < y,
+        _ => buf[a.start as usize..a.end as usize] < buf[b.start as usize..b.end as usize],
+    }
 }
 
 /// One `map<string, double>` entry; a missing key or value is the default.
@@ -1535,6 +1629,80 @@ mod tests {
                 let names: Vec<_> = sample.metrics().map(|(n, _)| n).collect();
                 assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
                 assert_eq!(sample.metric_count(), names.len());
+            }
+        }
+    }
+
+    #[test]
+    fn samples_on_and_off_the_canonical_shape_decode_as_prost_decodes_them() {
+        let metrics = |names: &[&str]| -> Vec<u8> {
+            let mut s = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                raw_len(&mut s, 3, &entry(name, i as f64 + 1.5));
+            }
+            s
+        };
+        let seq = |v: u64| -> Vec<u8> {
+            let mut s = vec![0x20];
+            put_varint(&mut s, v);
+            s
+        };
+        let id = |id: &[u8]| -> Vec<u8> {
+            let mut s = Vec::new();
+            raw_len(&mut s, 1, id);
+            s
+        };
+        let cases: Vec<Vec<u8>> = vec![
+            // The canonical shape, with and without an id and a seq.
+            [id(b"dev-1"), metrics(&["cpu", "rps"]), seq(7)].concat(),
+            metrics(&["cpu", "rps"]),
+            [id(b"dev-1"), metrics(&["cpu"])].concat(),
+            [id(b""), metrics(&["cpu"]), seq(0)].concat(),
+            [id(b"dev-1"), metrics(&["cpu", "rps"]), seq(300), seq(5)].concat(),
+            [id(b"dev-1"), seq(u64::MAX)].concat(),
+            // Names whose first 8 bytes tell the order, and names they do not:
+            // prefixes, equal 8-byte heads, a name with a zero byte.
+            [
+                id(b"d"),
+                metrics(&["a", "ab", "abcdefgh", "abcdefghi", "b"]),
+            ]
+            .concat(),
+            [id(b"d"), metrics(&["abcdefghz", "abcdefgha"])].concat(),
+            [id(b"d"), metrics(&["ab\0", "ab"])].concat(),
+            [id(b"d"), metrics(&["ab", "ab\0"])].concat(),
+            [id(b"d"), metrics(&["zz", "a"])].concat(),
+            [id(b"d"), metrics(&["cpu", "cpu"])].concat(),
+            // Off the shape: the id after the metrics or twice, a time, a non-ASCII
+            // id, an unknown field, a seq before the metrics.
+            [metrics(&["cpu"]), id(b"dev-1")].concat(),
+            [id(b"dev-1"), id(b"dev-2"), metrics(&["cpu"])].concat(),
+            [id(b"dev-1"), vec![0x12, 2, 0x08, 5], metrics(&["cpu"])].concat(),
+            [id("capteur-é".as_bytes()), metrics(&["cpu"])].concat(),
+            [id(b"dev-1"), metrics(&["cpu"]), vec![0x28, 1]].concat(),
+            [id(b"dev-1"), seq(3), metrics(&["cpu"])].concat(),
+            // Broken: a truncated seq, an id that is not UTF-8, an id past the end.
+            [id(b"dev-1"), metrics(&["cpu"]), vec![0x20, 0x80]].concat(),
+            [id(&[0xff, 0xfe]), metrics(&["cpu"])].concat(),
+            vec![0x0A, 9, b'd'],
+        ];
+        for (i, sample) in cases.iter().enumerate() {
+            let mut r = Vec::new();
+            raw_len(&mut r, 1, sample);
+            // A second copy, so that the first sample's metrics are not the last.
+            r.extend_from_slice(&r.clone());
+            let prost = IngestRequest::decode(r.as_slice());
+            match (decode(r), prost) {
+                (Ok(ours), Ok(prost)) => {
+                    assert_eq!(ours.to_samples(), prost.samples, "case {i}");
+                    // What the engine reads: each name once, ascending.
+                    for (sample, theirs) in ours.samples().zip(&prost.samples) {
+                        let names: Vec<_> = sample.metrics().map(|(n, _)| n).collect();
+                        assert!(names.windows(2).all(|w| w[0] < w[1]), "case {i}");
+                        assert_eq!(sample.metric_count(), theirs.metrics.len(), "case {i}");
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                (ours, prost) => panic!("case {i}: {ours:?} vs {prost:?}"),
             }
         }
     }
