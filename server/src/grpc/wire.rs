@@ -1046,25 +1046,48 @@ impl WireSink {
     #[inline]
     fn close(&mut self) -> usize {
         let slot = self.start + 1;
+        let len = self.out.len() - (slot + self.slot);
+        let n = varint_len(len as u64);
+        if n != self.slot {
+            self.resize_slot(n);
+        }
+        // Lengths of one and two bytes (verdicts under 16 KiB) written at once;
+        // the loop is for the rest.
+        match &mut self.out[slot..slot + n] {
+            [b0] => *b0 = len as u8,
+            [b0, b1] => {
+                *b0 = (len as u8) | 0x80;
+                *b1 = (len >> 7) as u8;
+            }
+            bytes => {
+                let mut v = len;
+                let (last, rest) = bytes.split_last_mut().expect("n >= 1");
+                for byte in rest {
+                    *byte = (v as u8) | 0x80;
+                    v >>= 7;
+                }
+                *last = v as u8;
+            }
+        }
+        n
+    }
+
+    /// Moves the current verdict's body so that the slot is `n` bytes: the guess
+    /// was wrong (rare: verdicts of a stream are usually alike), so out of line.
+    #[cold]
+    fn resize_slot(&mut self, n: usize) {
+        let slot = self.start + 1;
         let body = slot + self.slot;
         let end = self.out.len();
-        let len = end - body;
-        let n = varint_len(len as u64);
         if n > self.slot {
             let extra = n - self.slot;
             self.out.put_bytes(0, extra);
             self.out.copy_within(body..end, body + extra);
-        } else if n < self.slot {
+        } else {
             self.out.copy_within(body..end, slot + n);
             self.out.truncate(end - (self.slot - n));
         }
-        let mut v = len;
-        for byte in &mut self.out[slot..slot + n - 1] {
-            *byte = (v as u8) | 0x80;
-            v >>= 7;
-        }
-        self.out[slot + n - 1] = v as u8;
-        n
+        self.slot = n;
     }
 
     /// [`VerdictSink::metric`] field by field, for a name over [`SHORT`] bytes (and
