@@ -358,9 +358,9 @@ impl Engine {
 
     /// Judges one sample (DESIGN §3), whose normalized device id and its hash are
     /// `(id, hash)`, in its shard's locked `table`, into `out`, and counts it in
-    /// `outcome`; or refuses it (the caller writes the error verdict). Validation happens before anything is
-    /// changed, in the order of the sample's metrics (name, then value), and a sample
-    /// that is refused never creates its device.
+    /// `outcome`; or refuses it (the caller writes the error verdict). Validation
+    /// happens before anything is changed, in the order of the sample's metrics
+    /// (name, then value), and a sample that is refused never creates its device.
     #[allow(clippy::too_many_arguments)]
     fn ingest_one(
         &self,
@@ -811,8 +811,14 @@ pub(crate) mod tests {
         }
         assert_eq!(a.len(), batch.len());
         assert_eq!(a, b);
-        let refused = a.iter().filter(|v| v.error.contains("device_limit")).count();
-        assert!(refused > 0 && a.iter().any(|v| v.duplicate), "the batch exercises both");
+        let refused = a
+            .iter()
+            .filter(|v| v.error.contains("device_limit"))
+            .count();
+        assert!(
+            refused > 0 && a.iter().any(|v| v.duplicate),
+            "the batch exercises both"
+        );
         assert_eq!((one.device_count(), many.device_count()), (40, 40));
     }
 
