@@ -327,6 +327,28 @@ impl WireRequest {
     #[inline]
     fn canonical_sample(&mut self, buf: &[u8], range: Range<usize>) -> bool {
         let first_metric = self.metrics.len();
+        match self.canonical_fields(buf, range, first_metric) {
+            Some(sample) => {
+                self.samples.push(sample);
+                true
+            }
+            None => {
+                self.metrics.truncate(first_metric);
+                false
+            }
+        }
+    }
+
+    /// [`WireRequest::canonical_sample`]'s reading: the sample, its metrics pushed
+    /// from `first_metric` on; `None` at the first field off the shape (the caller
+    /// drops the metrics pushed).
+    #[inline]
+    fn canonical_fields(
+        &mut self,
+        buf: &[u8],
+        range: Range<usize>,
+        first_metric: usize,
+    ) -> Option<RawSample> {
         let base = range.start;
         let s = &buf[range];
         let mut sample = RawSample {
@@ -340,31 +362,25 @@ impl WireRequest {
             && len < 0x80
         {
             let end = 2 + usize::from(len);
-            match s.get(2..end) {
-                Some(id) if id.is_ascii() => {
-                    sample.device_id = (base + 2) as u32..(base + end) as u32;
-                    pos = end;
-                }
-                _ => return false,
+            if !s.get(2..end)?.is_ascii() {
+                return None;
             }
+            sample.device_id = (base + 2) as u32..(base + end) as u32;
+            pos = end;
         }
         while let Some(&[0x1A, len]) = s.get(pos..).and_then(<[u8]>::first_chunk::<2>) {
             let (start, end) = (pos + 2, pos + 2 + usize::from(len));
-            let entry = (len < 0x80 && end <= s.len())
-                .then(|| canonical_entry(buf, base + start..base + end))
-                .flatten();
-            let ascending = |m: &RawMetric| {
-                self.metrics[first_metric..]
-                    .last()
-                    .is_none_or(|prev| name_before(buf, &prev.name, &m.name))
-            };
-            match entry {
-                Some(metric) if ascending(&metric) => self.metrics.push(metric),
-                _ => {
-                    self.metrics.truncate(first_metric);
-                    return false;
-                }
+            if len >= 0x80 || end > s.len() {
+                return None;
             }
+            let metric = canonical_entry(buf, base + start..base + end)?;
+            let ascending = self.metrics[first_metric..]
+                .last()
+                .is_none_or(|prev| name_before(buf, &prev.name, &metric.name));
+            if !ascending {
+                return None;
+            }
+            self.metrics.push(metric);
             pos = end;
         }
         if s.get(pos) == Some(&0x20) {
@@ -372,22 +388,14 @@ impl WireRequest {
                 buf: s,
                 pos: pos + 1,
             };
-            match reader.varint() {
-                Ok(seq) => sample.seq = seq,
-                Err(_) => {
-                    self.metrics.truncate(first_metric);
-                    return false;
-                }
-            }
+            sample.seq = reader.varint().ok()?;
             pos = reader.pos;
         }
         if pos != s.len() {
-            self.metrics.truncate(first_metric);
-            return false;
+            return None;
         }
         sample.metrics = first_metric as u32..self.metrics.len() as u32;
-        self.samples.push(sample);
-        true
+        Some(sample)
     }
 
     fn decode_sample(&mut self, mut reader: Reader<'_>) -> Result<(), WireError> {
