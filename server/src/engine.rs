@@ -9,6 +9,7 @@ mod device;
 mod io;
 mod names;
 mod pool;
+mod prefetch;
 mod resident;
 mod shard;
 mod window;
@@ -136,6 +137,11 @@ struct SampleMetric<'a> {
 /// Samples judged at most under one hold of the only shard's lock (`SHARDS=1`): about
 /// 20 µs of work, what another stream may wait.
 const HOLD_SAMPLES: usize = 128;
+
+/// How many samples ahead of the one being judged a message's samples are looked up
+/// and their window slots prefetched: far enough for the lines to arrive while the
+/// samples in between are judged.
+const AHEAD: usize = 4;
 
 /// What [`Engine::ingest_one`] did with a sample it did not refuse.
 enum Judged {
@@ -307,7 +313,7 @@ impl Engine {
     ) -> (BatchOutcome, usize) {
         let (now, tick) = self.clock(received);
         let mut outcome = BatchOutcome::default();
-        let samples = samples.into_iter();
+        let mut samples = samples.into_iter();
         out.reserve(samples.len());
         let mut judged = 0;
         // With one shard every sample needs its lock: it is taken once for the
@@ -318,12 +324,25 @@ impl Engine {
         // large batch does not keep other streams waiting for all of its time. With
         // more shards, each sample locks its own.
         let mut whole = (self.shards.len() == 1).then(|| self.shards[0].lock());
-        for sample in samples {
+        // The samples [`AHEAD`] places ahead, each with its id's hash, whose lines
+        // were prefetched when they entered.
+        let mut queue: [Option<(S, u64)>; AHEAD] = std::array::from_fn(|_| None);
+        for place in &mut queue {
+            let Some(sample) = samples.next() else { break };
+            let hash = self.prefetch_sample(whole.as_deref(), &sample);
+            *place = Some((sample, hash));
+        }
+        let mut next = 0;
+        while let Some((sample, hash)) = queue[next].take() {
+            if let Some(ahead) = samples.next() {
+                let ahead_hash = self.prefetch_sample(whole.as_deref(), &ahead);
+                queue[next] = Some((ahead, ahead_hash));
+            }
+            next = (next + 1) % AHEAD;
             if judged % HOLD_SAMPLES == HOLD_SAMPLES - 1 && whole.take().is_some() {
                 whole = Some(self.shards[0].lock());
             }
             let id = normalize_id(sample.device_id());
-            let hash = self.hash_id(id);
             let mut own;
             let table = match whole.as_deref_mut() {
                 Some(table) => table,
@@ -354,6 +373,20 @@ impl Engine {
             judged += 1;
         }
         (outcome, judged)
+    }
+
+    /// Hashes a sample's device id and prefetches what judging it will touch (see
+    /// [`Table::prefetch_for`]), in `whole` (the only shard, locked) or in its own
+    /// shard (locked for the lookup); returns the hash.
+    #[inline]
+    fn prefetch_sample(&self, whole: Option<&Table>, sample: &impl SampleLike) -> u64 {
+        let id = normalize_id(sample.device_id());
+        let hash = self.hash_id(id);
+        match whole {
+            Some(table) => table.prefetch_for(hash, id),
+            None => self.shard(hash).lock().prefetch_for(hash, id),
+        }
+        hash
     }
 
     /// Judges one sample (DESIGN §3), whose normalized device id and its hash are

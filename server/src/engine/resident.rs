@@ -19,6 +19,7 @@ use super::device::{
 };
 use super::names::Names;
 use super::pool::ValuePool;
+use super::prefetch::prefetch;
 use super::window::{Ring, Slots, Window};
 use crate::snapshot::codec::put_u32;
 
@@ -237,6 +238,15 @@ impl Metric {
             window_count: n as u32,
             score,
             alert,
+        }
+    }
+
+    /// Prefetches the window slot the next value will go to (see [`Ring::next_slot`]).
+    #[inline]
+    pub(crate) fn prefetch_slot(&self, pool: &ValuePool) {
+        let slots = self.ring.slots();
+        if slots > 0 {
+            prefetch(&pool.run(self.at, slots)[self.ring.next_slot()]);
         }
     }
 

@@ -114,6 +114,18 @@ impl Ring {
         older.iter().chain(newer.iter()).copied()
     }
 
+    /// The slot the next [`Ring::push`] writes (and, once the window is full, reads
+    /// the value it replaces from): the first unused slot while the window grows, else
+    /// the oldest value's. Only a hint where the push will also resize.
+    #[inline]
+    pub(crate) fn next_slot(&self) -> usize {
+        if self.len < self.slots {
+            self.len()
+        } else {
+            usize::from(self.head)
+        }
+    }
+
     /// The newest value (0 when empty).
     pub(crate) fn newest(&self, slots: &[f64]) -> f64 {
         match (self.len(), self.head) {
