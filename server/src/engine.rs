@@ -6,6 +6,7 @@
 
 pub mod detector;
 mod device;
+mod index;
 mod io;
 mod names;
 mod pool;
@@ -138,10 +139,30 @@ struct SampleMetric<'a> {
 /// 20 µs of work, what another stream may wait.
 const HOLD_SAMPLES: usize = 128;
 
-/// How many samples ahead of the one being judged a message's samples are looked up
-/// and their window slots prefetched: far enough for the lines to arrive while the
-/// samples in between are judged.
-const AHEAD: usize = 4;
+/// How many samples ahead of the one being judged a message's samples are looked at.
+/// A sample's lines are fetched in three steps, each needing the previous one's line:
+/// its index bucket when it enters the look-ahead, its device's lines
+/// [`DEVICE_AT`] samples before it is judged, its window slots [`SLOTS_AT`] before.
+/// Each step has a few samples' judging time (about 100 ns each) for its lines to
+/// arrive.
+const LOOK: usize = 8;
+
+/// Samples ahead of the judged one whose device lines are prefetched.
+const DEVICE_AT: usize = 5;
+
+/// Samples ahead of the judged one whose window slots are prefetched.
+const SLOTS_AT: usize = 2;
+
+/// The look-ahead steps (see [`LOOK`]).
+#[derive(Debug, Clone, Copy)]
+enum Prefetch {
+    /// The index bucket the device's lookup starts at.
+    Index,
+    /// The lines of the device the index names.
+    Device,
+    /// The window slots the sample's values will replace.
+    Slots,
+}
 
 /// What [`Engine::ingest_one`] did with a sample it did not refuse.
 enum Judged {
@@ -229,7 +250,7 @@ impl Engine {
     }
 
     fn shard(&self, hash: u64) -> &Shard {
-        // The high 32 bits pick the shard (hashbrown uses the low bits and the top 7),
+        // The high 32 bits pick the shard (the shard's index uses the low 32),
         // scaled to the shard count by a multiplication instead of a division.
         let index = ((hash >> 32) * self.shards.len() as u64) >> 32;
         &self.shards[index as usize]
@@ -324,21 +345,44 @@ impl Engine {
         // large batch does not keep other streams waiting for all of its time. With
         // more shards, each sample locks its own.
         let mut whole = (self.shards.len() == 1).then(|| self.shards[0].lock());
-        // The samples [`AHEAD`] places ahead, each with its id's hash, whose lines
-        // were prefetched when they entered.
-        let mut queue: [Option<(S, u64)>; AHEAD] = std::array::from_fn(|_| None);
-        for place in &mut queue {
-            let Some(sample) = samples.next() else { break };
-            let hash = self.prefetch_sample(whole.as_deref(), &sample);
-            *place = Some((sample, hash));
-        }
-        let mut next = 0;
-        while let Some((sample, hash)) = queue[next].take() {
-            if let Some(ahead) = samples.next() {
-                let ahead_hash = self.prefetch_sample(whole.as_deref(), &ahead);
-                queue[next] = Some((ahead, ahead_hash));
+        // Samples are looked ahead of the one being judged, in three steps that each
+        // prefetch what the next one will read (see `LOOK`), so that one sample's
+        // cache misses overlap the judging of the samples before it. Sample `k` sits
+        // in `queue[k % (LOOK + 1)]` with its id's hash from when it entered (at step
+        // `k`) until it is judged (at step `k + LOOK`).
+        let mut queue: [Option<(S, u64)>; LOOK + 1] = std::array::from_fn(|_| None);
+        let (mut entered, mut exhausted) = (0, false);
+        let mut step = 0;
+        loop {
+            if !exhausted {
+                match samples.next() {
+                    Some(sample) => {
+                        let hash = self.hash_id(normalize_id(sample.device_id()));
+                        self.prefetch(whole.as_deref(), Prefetch::Index, &sample, hash);
+                        queue[entered % (LOOK + 1)] = Some((sample, hash));
+                        entered += 1;
+                    }
+                    None => {
+                        exhausted = true;
+                        // Nothing left to look ahead at: judge what is queued now.
+                        step = step.max(LOOK);
+                    }
+                }
             }
-            next = (next + 1) % AHEAD;
+            for (stage, at) in [(Prefetch::Device, DEVICE_AT), (Prefetch::Slots, SLOTS_AT)] {
+                if let Some(k) = (step + at).checked_sub(LOOK).filter(|&k| k < entered)
+                    && let Some((sample, hash)) = &queue[k % (LOOK + 1)]
+                {
+                    self.prefetch(whole.as_deref(), stage, sample, *hash);
+                }
+            }
+            step += 1;
+            let Some(j) = (step - 1).checked_sub(LOOK) else {
+                continue;
+            };
+            let Some((sample, hash)) = queue[j % (LOOK + 1)].take() else {
+                break;
+            };
             if judged % HOLD_SAMPLES == HOLD_SAMPLES - 1 && whole.take().is_some() {
                 whole = Some(self.shards[0].lock());
             }
@@ -375,18 +419,27 @@ impl Engine {
         (outcome, judged)
     }
 
-    /// Hashes a sample's device id and prefetches what judging it will touch (see
-    /// [`Table::prefetch_for`]), in `whole` (the only shard, locked) or in its own
-    /// shard (locked for the lookup); returns the hash.
+    /// One look-ahead step for a sample whose id hashes to `hash`, in `whole` (the only
+    /// shard, locked) or in its own shard (locked for the step).
     #[inline]
-    fn prefetch_sample(&self, whole: Option<&Table>, sample: &impl SampleLike) -> u64 {
-        let id = normalize_id(sample.device_id());
-        let hash = self.hash_id(id);
-        match whole {
-            Some(table) => table.prefetch_for(hash, id),
-            None => self.shard(hash).lock().prefetch_for(hash, id),
+    fn prefetch(&self, whole: Option<&Table>, step: Prefetch, sample: &impl SampleLike, hash: u64) {
+        let own;
+        let table = match (whole, step) {
+            (Some(table), _) => table,
+            // With a lock per sample, every step takes the sample's shard lock once
+            // more: two more atomic read-modify-writes, each a full barrier. Only the
+            // window slots' step pays for them (measured, ingest bench).
+            (None, Prefetch::Slots) => {
+                own = self.shard(hash).lock();
+                &*own
+            }
+            (None, Prefetch::Index | Prefetch::Device) => return,
+        };
+        match step {
+            Prefetch::Index => table.prefetch_index(hash),
+            Prefetch::Device => table.prefetch_device(hash),
+            Prefetch::Slots => table.prefetch_for(hash, normalize_id(sample.device_id())),
         }
-        hash
     }
 
     /// Judges one sample (DESIGN §3), whose normalized device id and its hash are

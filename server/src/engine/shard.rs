@@ -6,16 +6,16 @@
 //! can never be parked while holding it (mini-redis `db.rs` explains the reasoning).
 //!
 //! Devices are stored densely, in chunks of [`CHUNK`], and found through a hash index
-//! of their positions (4 bytes a slot). A hash table holding the devices themselves
-//! sits between half and seven-eighths full, so at a million devices it kept up to
-//! 200 bytes of empty slot per device; the index keeps 5.
+//! of their positions (8 bytes a bucket, see `index.rs`). A hash table holding the
+//! devices themselves sits between half and seven-eighths full, so at a million
+//! devices it kept up to 200 bytes of empty slot per device; the index keeps 9 to 18.
 
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use foldhash::fast::FixedState;
-use hashbrown::HashTable;
 
+use super::index::Index;
 use super::names::Names;
 use super::pool::ValuePool;
 use super::resident::Device;
@@ -36,7 +36,7 @@ impl Shard {
     pub(crate) fn new(hasher: FixedState) -> Self {
         Self {
             table: Mutex::new(Table {
-                index: HashTable::new(),
+                index: Index::default(),
                 chunks: Vec::new(),
                 len: 0,
                 pool: ValuePool::default(),
@@ -58,7 +58,7 @@ impl Shard {
 #[derive(Debug)]
 pub(crate) struct Table {
     /// Positions of the devices, by the hash of their id.
-    index: HashTable<u32>,
+    index: Index,
     /// The devices, densely: position `p` is `chunks[p / CHUNK][p % CHUNK]`.
     chunks: Vec<Vec<Device>>,
     /// Number of devices.
@@ -82,8 +82,24 @@ impl Table {
     pub(crate) fn find(&self, hash: u64, id: &[u8]) -> Option<usize> {
         let chunks = &self.chunks;
         self.index
-            .find(hash, |&p| device_at(chunks, p as usize).id.is(id))
-            .map(|&p| p as usize)
+            .candidates(hash)
+            .find(|&p| device_at(chunks, p).id.is(id))
+    }
+
+    /// Prefetches the index bucket a lookup of `hash` starts at.
+    #[inline]
+    pub(crate) fn prefetch_index(&self, hash: u64) {
+        self.index.prefetch(hash);
+    }
+
+    /// Prefetches the lines of the device the index names first under `hash`. The id
+    /// is not compared (that would wait for the line): a wrong guess costs one
+    /// prefetch.
+    #[inline]
+    pub(crate) fn prefetch_device(&self, hash: u64) {
+        if let Some(pos) = self.index.candidates(hash).next() {
+            self.device(pos).prefetch();
+        }
     }
 
     /// Prefetches the window slots the next sample of the device whose id is `id`
@@ -101,8 +117,7 @@ impl Table {
     /// The positions of the devices whose id hashes to `hash` (almost always one).
     pub(crate) fn find_hash(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
         self.index
-            .iter_hash(hash)
-            .map(|&p| p as usize)
+            .candidates(hash)
             .filter(move |&p| self.hash_of(p) == hash)
     }
 
@@ -148,10 +163,7 @@ impl Table {
             chunk.push(device);
         }
         self.len += 1;
-        let (chunks, hasher) = (&self.chunks, &self.hasher);
-        self.index.insert_unique(hash, pos as u32, |&p| {
-            hasher.hash_one(device_at(chunks, p as usize).id.as_bytes())
-        });
+        self.index.insert(hash, pos);
         pos
     }
 
@@ -159,15 +171,10 @@ impl Table {
     /// The caller releases its values and names.
     pub(crate) fn remove(&mut self, pos: usize) -> Device {
         let hash = self.hash_of(pos);
-        if let Ok(entry) = self.index.find_entry(hash, |&p| p as usize == pos) {
-            entry.remove();
-        }
+        self.index.remove(hash, pos);
         let last = self.len - 1;
         if last != pos {
-            let moved = self.hash_of(last);
-            if let Some(p) = self.index.find_mut(moved, |&p| p as usize == last) {
-                *p = pos as u32;
-            }
+            self.index.replace(self.hash_of(last), last, pos);
         }
         let Some(mut tail) = self.chunks.last_mut().and_then(Vec::pop) else {
             unreachable!("remove from an empty shard");
