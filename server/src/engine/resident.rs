@@ -504,7 +504,7 @@ mod tests {
     #[test]
     fn sizes_stay_compact() {
         // The budget behind "1M devices x 2 metrics in 1 GiB": 800 bytes of values,
-        // 208 bytes of device, ≈10 bytes of index per device.
+        // 208 bytes of device, 9 to 18 bytes of index per device.
         assert_eq!(std::mem::size_of::<DeviceId>(), 24);
         assert_eq!(std::mem::size_of::<Metric>(), 72);
         assert_eq!(std::mem::size_of::<Device>(), 208);

@@ -228,8 +228,8 @@ pub struct WireRequest {
     /// push into a `Vec` is cheaper than into a `SmallVec` (no inline-or-heap branch).
     samples: Vec<RawSample>,
     metrics: Vec<RawMetric>,
-    /// The `detector` section, when the request has one (boxed: the request is moved
-    /// through tonic's stream by value, and usually has none).
+    /// The `detector` section, when the request has one (boxed: few requests have
+    /// one, and a stream's request is reused for every message it sends).
     pub detector: Option<Box<DetectorConfig>>,
 }
 

@@ -537,11 +537,15 @@ fn grpc_status(headers: &HeaderMap) -> Option<Status> {
 }
 
 impl Stream {
-    /// True when this stream may send another message at `now`.
+    /// True when this stream may send another message at `now`. Paced, a message whose
+    /// intended send time is before the deadline is sent even when the task got to it
+    /// after the deadline (a late wake-up on a busy machine): dropping it would leave
+    /// out exactly the messages that waited, the coordinated omission the intended
+    /// send times are there to avoid ([`Stream::send_due`] stops at the deadline).
     fn may_send(&self, plan: &Plan, now: Instant) -> bool {
         self.send.is_some()
             && self.sent < self.max_messages
-            && now < plan.deadline
+            && (plan.interval_ns.is_some() || now < plan.deadline)
             && !plan.stop.load(Ordering::Relaxed)
     }
 
