@@ -143,8 +143,9 @@ const HOLD_SAMPLES: usize = 128;
 /// A sample's lines are fetched in three steps, each needing the previous one's line:
 /// its index bucket when it enters the look-ahead, its device's lines
 /// [`DEVICE_AT`] samples before it is judged, its window slots [`SLOTS_AT`] before.
-/// Each step has a few samples' judging time (about 100 ns each) for its lines to
-/// arrive.
+/// Each step has a few samples' judging time (a few hundred nanoseconds each) for
+/// its lines to arrive. With a lock per sample only the last step runs (see
+/// [`Engine::prefetch`]).
 const LOOK: usize = 8;
 
 /// Samples ahead of the judged one whose device lines are prefetched.
@@ -345,8 +346,8 @@ impl Engine {
         // large batch does not keep other streams waiting for all of its time. With
         // more shards, each sample locks its own.
         let mut whole = (self.shards.len() == 1).then(|| self.shards[0].lock());
-        // Samples are looked ahead of the one being judged, in three steps that each
-        // prefetch what the next one will read (see `LOOK`), so that one sample's
+        // Samples are looked ahead of the one being judged, in up to three steps that
+        // each prefetch what the next one will read (see `LOOK`), so that one sample's
         // cache misses overlap the judging of the samples before it. Sample `k` sits
         // in `queue[k % (LOOK + 1)]` with its id's hash from when it entered (at step
         // `k`) until it is judged (at step `k + LOOK`).
@@ -428,7 +429,8 @@ impl Engine {
             (Some(table), _) => table,
             // With a lock per sample, every step takes the sample's shard lock once
             // more: two more atomic read-modify-writes, each a full barrier. Only the
-            // window slots' step pays for them (measured, ingest bench).
+            // window slots' step pays for them (measured at a million devices: see
+            // BENCHMARKS.md, session 6).
             (None, Prefetch::Slots) => {
                 own = self.shard(hash).lock();
                 &*own
