@@ -67,9 +67,16 @@ impl Index {
     /// The positions whose entries carry `hash`'s tag, in probe order (almost always
     /// at most one; the caller compares ids).
     #[inline]
-    pub(crate) fn candidates(&self, hash: u64) -> Candidates<'_> {
+    pub(crate) fn candidates(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
+        self.probe(hash).map(|(_, pos)| pos)
+    }
+
+    /// The buckets (and their positions) whose entries carry `hash`'s tag, in probe
+    /// order.
+    #[inline]
+    fn probe(&self, hash: u64) -> Probe<'_> {
         let tag = tag(hash);
-        Candidates {
+        Probe {
             buckets: &self.buckets,
             at: tag as usize & self.mask(),
             tag,
@@ -106,18 +113,9 @@ impl Index {
 
     /// The bucket holding `pos` under `hash`.
     fn bucket_of(&self, hash: u64, pos: usize) -> Option<usize> {
-        let (mask, tag) = (self.mask(), tag(hash));
-        let mut at = tag as usize & mask;
-        loop {
-            let entry = *self.buckets.get(at)?;
-            if entry == 0 {
-                return None;
-            }
-            if tag_of(entry) == tag && pos_of(entry) == pos {
-                return Some(at);
-            }
-            at = (at + 1) & mask;
-        }
+        self.probe(hash)
+            .find(|&(_, p)| p == pos)
+            .map(|(bucket, _)| bucket)
     }
 
     /// Removes `pos` (stored under `hash`); whether it was there.
@@ -154,28 +152,30 @@ impl Index {
     }
 }
 
-/// The positions whose entries carry one tag ([`Index::candidates`]).
+/// The buckets whose entries carry one tag, with their positions ([`Index::probe`]).
 #[derive(Debug)]
-pub(crate) struct Candidates<'a> {
+struct Probe<'a> {
     buckets: &'a [u64],
+    /// The next bucket to look at.
     at: usize,
     tag: u32,
 }
 
-impl Iterator for Candidates<'_> {
-    type Item = usize;
+impl Iterator for Probe<'_> {
+    type Item = (usize, usize);
 
     #[inline]
-    fn next(&mut self) -> Option<usize> {
+    fn next(&mut self) -> Option<(usize, usize)> {
         let mask = self.buckets.len().wrapping_sub(1);
         loop {
-            let entry = *self.buckets.get(self.at)?;
+            let bucket = self.at;
+            let entry = *self.buckets.get(bucket)?;
             if entry == 0 {
                 return None;
             }
-            self.at = (self.at + 1) & mask;
+            self.at = (bucket + 1) & mask;
             if tag_of(entry) == self.tag {
-                return Some(pos_of(entry));
+                return Some((bucket, pos_of(entry)));
             }
         }
     }
