@@ -46,9 +46,12 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 const DIRECT_WRITE: usize = 8 * 1024;
 
 /// The most bytes the buffer holds before it is sent without waiting for a flush.
+/// With 16 KiB the suite's (b) (64 streams, 4.5 KB answers) took 5 % more server CPU
+/// per message than with 64 KiB.
 const MAX_BUFFERED: usize = 64 * 1024;
 
-/// What a new buffer reserves at least.
+/// What a new buffer reserves at least (it grows by doubling up to
+/// [`MAX_BUFFERED`]).
 const MIN_BUFFER: usize = 4 * 1024;
 
 /// Pause after a failed accept (e.g. out of file descriptors), so the loop does not
