@@ -9,7 +9,8 @@
 #   (c) tidewatch-bench per-message latency, open loop at 50 % of the peak (the lower
 #       of (a) and tidewatch-bench's own closed-loop peak of the same traffic), with
 #       the load generator's own CPU share (`/usr/bin/time %P`; near 100 % its own
-#       queueing would be in the numbers);
+#       queueing would be in the numbers) and a timeline of the slow messages by
+#       100 ms of intended send time (stalls or steady queueing);
 #   (d) RSS for 1,000,000 devices x 2 metrics (windows full), and for 10,000 idle
 #       Ingest streams.
 # h2load counts any HTTP 200 as a success, so the suite reads the server's own
@@ -226,7 +227,7 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 for key in a.bare_msgs a.tw_msgs a.ratio a.tw_samples a.bare_samples a.answered a.cpu b.bare_msgs b.tw_msgs b.ratio b.tw_samples b.bare_samples b.answered b.cpu; do
   RESULT[$key]="-"
 done
-RATE="-" LOAD_CPU_SHARE="-" SERVER_CPU_SHARE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
+SLOW_SLICES="- | -" RATE="-" LOAD_CPU_SHARE="-" SERVER_CPU_SHARE="-" PEAK_C="-" P50_US="-" P99_US="-" BARE_P50_US="-" BARE_P99_US="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
 want a && run_pair a "$OUT/single.body" 1
 want b && run_pair b "$OUT/batch100.body" 100
 
@@ -241,7 +242,8 @@ PEAK_C=$(python3 -c "import json; print(round(json.load(open('$OUT/peak.json'))[
 RATE=$(python3 -c "a='${RESULT[a.tw_msgs]}'; p=$PEAK_C; print(round(min(p, int(a)) / 2 if a.isdigit() else p / 2))")
 mark_server
 /usr/bin/time -f "%P" -o "$OUT/latency.cpu" taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
-  --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency.json" | tee "$OUT/latency.txt"
+  --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency.json" \
+  --timeline "$OUT/latency-timeline.csv" | tee "$OUT/latency.txt"
 TW_SHARE=$(server_share)
 stop_server
 # Baseline in the same run: the same paced load against bare tonic, so the load
@@ -250,12 +252,25 @@ step "(c) baseline: the same paced load against bare-tonic"
 start_bare
 mark_server
 /usr/bin/time -f "%P" -o "$OUT/latency-bare.cpu" taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$BARE_PORT" -c "$LAT_CONNECTIONS" -s "$LAT_STREAMS" --rate "$RATE" \
-  --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency-bare.json" | tee "$OUT/latency-bare.txt"
+  --threads "$LOAD_THREADS" --batch 1 --devices 10000 --duration "${DURATION}s" --output "$OUT/latency-bare.json" \
+  --timeline "$OUT/latency-bare-timeline.csv" | tee "$OUT/latency-bare.txt"
 BARE_SHARE=$(server_share)
 stop_server
 percentile() { # report percentage
   python3 -c "import json; r=json.load(open('$1')); print(next(d['latency'] for d in r['latencyDistribution'] if d['percentage']==$2)/1000)"
 }
+# Where the messages over 1 ms were: in a few 100 ms slices (stalls) or spread over the
+# run (steady queueing).
+slow_slices() { # timeline.csv
+  python3 -c "
+import csv
+rows = list(csv.DictReader(open('$1')))
+slow = sorted((int(r['over_1ms']) for r in rows), reverse=True)
+total = sum(slow)
+share = 100 * sum(slow[:3]) / total if total else 0
+print(f'{sum(1 for n in slow if n)} of {len(rows)}, the worst 3 with {share:.0f} %')"
+}
+SLOW_SLICES="$(slow_slices "$OUT/latency-bare-timeline.csv") | $(slow_slices "$OUT/latency-timeline.csv")"
 P99_US=$(percentile "$OUT/latency.json" 99)
 P50_US=$(percentile "$OUT/latency.json" 50)
 BARE_P99_US=$(percentile "$OUT/latency-bare.json" 99)
@@ -304,6 +319,7 @@ cat >"$OUT/summary.md" <<EOF
 | server-counted samples in (a) / (b) | | ${RESULT[a.answered]} / ${RESULT[b.answered]} | >= h2load's successes x 100 x samples |
 | server CPU per message in (a) / (b), bare / tidewatch | | ${RESULT[a.cpu]} / ${RESULT[b.cpu]} | |
 | (c) latency at ${RATE} msg/s (50 % of peak): p50 / p99 | ${BARE_P50_US} µs / ${BARE_P99_US} µs | ${P50_US} µs / ${P99_US} µs | p99 < 1 ms |
+| (c) 100 ms slices (of intended send time) holding a message over 1 ms | ${SLOW_SLICES} | few: stalls; most: queueing |
 | (c) load generator's CPU share, tidewatch / bare run | | ${LOAD_CPU_SHARE} | well below 100 % |
 | (c) server's share of its core, tidewatch / bare | | ${SERVER_CPU_SHARE} | (near 100 %: the server queues) |
 | (d) RSS, 1M devices x 2 metrics x ${MEM_ROUNDS} values | | ${DEV_MIB} MiB (empty server: $((RSS_EMPTY / 1024)) MiB) | <= 1 GiB |

@@ -149,6 +149,7 @@ async fn open_loop_offers_the_rate_for_the_duration() {
     let server = TestServer::start_with(|_| {}).await;
     let dir = tempfile_dir("open");
     let path = dir.join("open.json");
+    let timeline = dir.join("open.csv");
     let before = server_samples(&server);
     let (_, r) = bench_ok(
         &server.url(),
@@ -164,6 +165,10 @@ async fn open_loop_offers_the_rate_for_the_duration() {
             "1s",
             "--devices",
             "100",
+            "--timeline",
+            timeline.to_str().expect("utf-8 path"),
+            "--timeline-interval",
+            "250ms",
         ],
     )
     .await;
@@ -190,6 +195,32 @@ async fn open_loop_offers_the_rate_for_the_duration() {
         server_samples(&server) - before,
         count,
         "the server's own count"
+    );
+    // The timeline: by intended send time, 500 messages in each 250 ms of the second.
+    let csv = std::fs::read_to_string(&timeline).expect("timeline written");
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("start_ms,messages,over_1ms,mean_us,max_us")
+    );
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|f| f.parse().expect("number")).collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    let mut messages = 0.0;
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], 250.0 * i as f64, "{csv}");
+        assert!((495.0..=505.0).contains(&row[1]), "{csv}");
+        assert!(row[2] <= row[1], "{csv}");
+        assert!(row[3] > 1.0 && row[3] <= row[4], "{csv}");
+        messages += row[1];
+    }
+    assert_eq!(messages, count as f64, "every answer is in one row: {csv}");
+    let slowest_us = r["slowest"].as_u64().unwrap() as f64 / 1e3;
+    let max_us = rows.iter().map(|row| row[4]).fold(0.0, f64::max);
+    assert!(
+        (max_us - slowest_us).abs() <= slowest_us * 0.01 + 0.1,
+        "{max_us} vs {slowest_us}"
     );
     server.stop().await;
 }

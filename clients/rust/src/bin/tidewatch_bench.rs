@@ -27,7 +27,7 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     future::{Future, poll_fn},
-    path::PathBuf,
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -95,6 +95,15 @@ struct Args {
     /// Write the ghz-compatible JSON report here.
     #[arg(short = 'o', long)]
     output: Option<PathBuf>,
+    /// Write latency over time here, as CSV: one row per --timeline-interval of
+    /// intended send time (start_ms, messages, over_1ms, mean_us, max_us). A tail
+    /// from a few stalls and one from steady queueing look the same in percentiles,
+    /// and different here.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
+    /// Width of a --timeline row.
+    #[arg(long, default_value = "100ms", value_parser = humantime_parse)]
+    timeline_interval: Duration,
     /// Hold this many idle Ingest streams open instead of offering load.
     #[arg(long)]
     idle_streams: Option<usize>,
@@ -358,6 +367,9 @@ impl FrameReader {
 struct StreamResult {
     /// Latency of every answered message, nanoseconds.
     histogram: Histogram<u64>,
+    /// Latency by intended send time, one slice per `Plan::timeline` (with
+    /// `--timeline`).
+    timeline: Vec<Slice>,
     /// Messages answered.
     answered: u64,
     /// Messages sent but never answered.
@@ -366,6 +378,75 @@ struct StreamResult {
     counts: Counts,
     /// The status that ended the stream, if not OK.
     status: Option<Status>,
+}
+
+/// The messages of one `--timeline` row: those intended to be sent in it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Slice {
+    /// Messages answered.
+    messages: u64,
+    /// Of those, answered more than [`SLOW`] after their intended send time.
+    slow: u64,
+    /// Sum of their latencies, nanoseconds.
+    sum_ns: u64,
+    /// The largest of their latencies, nanoseconds.
+    max_ns: u64,
+}
+
+/// A message slower than this counts in a `--timeline` row's `over_1ms`.
+const SLOW: Duration = Duration::from_millis(1);
+
+impl Slice {
+    fn record(&mut self, nanos: u64) {
+        self.messages += 1;
+        self.slow += u64::from(nanos > SLOW.as_nanos() as u64);
+        self.sum_ns = self.sum_ns.saturating_add(nanos);
+        self.max_ns = self.max_ns.max(nanos);
+    }
+
+    fn add(&mut self, other: &Slice) {
+        self.messages += other.messages;
+        self.slow += other.slow;
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+}
+
+/// Records a latency of `nanos` for a message intended at `at` in `timeline`, whose
+/// slices are `width` wide from `start`.
+fn record_slice(
+    timeline: &mut Vec<Slice>,
+    start: Instant,
+    width: Duration,
+    at: Instant,
+    nanos: u64,
+) {
+    let index = (at.saturating_duration_since(start).as_nanos() / width.as_nanos().max(1)) as usize;
+    if timeline.len() <= index {
+        timeline.resize(index + 1, Slice::default());
+    }
+    timeline[index].record(nanos);
+}
+
+/// Writes `timeline` (slices `width` wide) as CSV.
+fn write_timeline(path: &Path, timeline: &[Slice], width: Duration) -> std::io::Result<()> {
+    let mut csv = String::from("start_ms,messages,over_1ms,mean_us,max_us\n");
+    for (i, slice) in timeline.iter().enumerate() {
+        let mean_us = if slice.messages == 0 {
+            0.0
+        } else {
+            slice.sum_ns as f64 / slice.messages as f64 / 1e3
+        };
+        csv.push_str(&format!(
+            "{},{},{},{:.1},{:.1}\n",
+            (width * i as u32).as_millis(),
+            slice.messages,
+            slice.slow,
+            mean_us,
+            slice.max_ns as f64 / 1e3
+        ));
+    }
+    std::fs::write(path, csv)
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -393,6 +474,8 @@ struct Plan {
     stop: Arc<AtomicBool>,
     /// Wakes paced connections every [`TICK`] (open loop only).
     ticker: Option<Arc<Ticker>>,
+    /// Width of a `--timeline` slice, if one is written.
+    timeline: Option<Duration>,
     /// Idle mode: one permit per stream that got its answer (or failed).
     ready: Option<Arc<Semaphore>>,
     /// Idle mode: streams that failed before their answer.
@@ -668,6 +751,9 @@ impl Stream {
                             };
                             let nanos = now.saturating_duration_since(at).as_nanos() as u64;
                             result.histogram.saturating_record(nanos.max(1));
+                            if let Some(width) = plan.timeline {
+                                record_slice(&mut result.timeline, plan.start, width, at, nanos);
+                            }
                             result.answered += 1;
                             result.counts.verdicts += counts.verdicts;
                             result.counts.errors += counts.errors;
@@ -924,6 +1010,7 @@ async fn start_drivers(
                     phase_ns,
                     result: StreamResult {
                         histogram: new_histogram(),
+                        timeline: Vec::new(),
                         answered: 0,
                         unanswered: 0,
                         counts: Counts::default(),
@@ -997,6 +1084,7 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         hold_open: false,
         stop: Arc::clone(&stop),
         ticker: None,
+        timeline: args.timeline.is_some().then_some(args.timeline_interval),
         ready: None,
         failed: AtomicU64::new(0),
     };
@@ -1054,8 +1142,15 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Every stream is done: the ticker thread may end.
     stop.store(true, Ordering::Relaxed);
     let total = start.elapsed();
+    let mut timeline: Vec<Slice> = Vec::new();
     for result in results {
         histogram.add(&result.histogram)?;
+        if timeline.len() < result.timeline.len() {
+            timeline.resize(result.timeline.len(), Slice::default());
+        }
+        for (all, slice) in timeline.iter_mut().zip(&result.timeline) {
+            all.add(slice);
+        }
         answered += result.answered;
         unanswered += result.unanswered;
         counts.verdicts += result.counts.verdicts;
@@ -1220,6 +1315,10 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
         println!("  report              {}", path.display());
     }
+    if let Some(path) = &args.timeline {
+        write_timeline(path, &timeline, args.timeline_interval)?;
+        println!("  timeline            {}", path.display());
+    }
     if answered == 0 {
         return Err("no message was answered".into());
     }
@@ -1268,6 +1367,7 @@ async fn idle(args: Args, n: usize) -> Result<(), Box<dyn std::error::Error>> {
         hold_open: true,
         stop: Arc::new(AtomicBool::new(false)),
         ticker: None,
+        timeline: None,
         ready: Some(Arc::clone(&ready)),
         failed: AtomicU64::new(0),
     };
