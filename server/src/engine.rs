@@ -33,6 +33,9 @@ pub use io::{MetricOutcome, SampleLike, Tee, VerdictSink};
 use resident::{Device, Metric};
 use shard::{Shard, Table};
 use smallvec::SmallVec;
+
+/// The shard locks a message holds: every shard's in shard order, or none.
+type Held<'a> = SmallVec<[std::sync::MutexGuard<'a, Table>; 4]>;
 pub use window::{MAX_WINDOW_SIZE, Window};
 
 use crate::error::{ApiError, SampleError};
@@ -51,6 +54,12 @@ pub struct EngineConfig {
     pub z_threshold: f64,
     /// Number of shards of the device table.
     pub shards: usize,
+    /// A message of at least as many samples as there are shards takes every shard's
+    /// lock once (let go and taken again every [`HOLD_SAMPLES`] samples) instead of a
+    /// lock per sample. Default: on when the process may run on one core, where no
+    /// second runtime worker waits for a shard meanwhile. With one shard, a message
+    /// always holds its lock.
+    pub hold_shards: bool,
     /// Devices held in memory at most; a new device beyond it is refused per sample.
     pub max_devices: usize,
     /// Distinct metrics per device at most.
@@ -96,6 +105,7 @@ impl Default for EngineConfig {
             min_samples: 5,
             z_threshold: 2.0,
             shards: 4 * std::thread::available_parallelism().map_or(1, usize::from),
+            hold_shards: std::thread::available_parallelism().map_or(true, |n| n.get() == 1),
             max_devices: 1_000_000,
             max_metrics_per_device: 32,
             max_device_id_len: 128,
@@ -135,8 +145,8 @@ struct SampleMetric<'a> {
     index: Option<usize>,
 }
 
-/// Samples judged at most under one hold of the only shard's lock (`SHARDS=1`): about
-/// 20 µs of work, what another stream may wait.
+/// Samples judged at most under one hold of the shards' locks (`SHARDS=1`, or
+/// [`EngineConfig::hold_shards`]): about 20 µs of work, what another stream may wait.
 const HOLD_SAMPLES: usize = 128;
 
 /// How many samples ahead of the one being judged a message's samples are looked at.
@@ -251,10 +261,13 @@ impl Engine {
     }
 
     fn shard(&self, hash: u64) -> &Shard {
+        &self.shards[self.shard_index(hash)]
+    }
+
+    fn shard_index(&self, hash: u64) -> usize {
         // The high 32 bits pick the shard (the shard's index uses the low 32),
         // scaled to the shard count by a multiplication instead of a division.
-        let index = ((hash >> 32) * self.shards.len() as u64) >> 32;
-        &self.shards[index as usize]
+        (((hash >> 32) * self.shards.len() as u64) >> 32) as usize
     }
 
     fn tick(&self) -> u32 {
@@ -344,8 +357,16 @@ impl Engine {
         // next one's (measured: 5-9 % less server CPU per sample at 100 samples per
         // message, `SHARDS=1`). It is let go every [`HOLD_SAMPLES`] samples, so that a
         // large batch does not keep other streams waiting for all of its time. With
-        // more shards, each sample locks its own.
-        let mut whole = (self.shards.len() == 1).then(|| self.shards[0].lock());
+        // more shards and `hold_shards` (one core), a message of at least as many
+        // samples as shards takes every shard's lock the same way (measured: see
+        // BENCHMARKS.md, session 7); otherwise each sample locks its own.
+        let hold = self.shards.len() == 1
+            || (self.config.hold_shards && samples.len() >= self.shards.len());
+        let mut held: Held<'_> = if hold {
+            self.shards.iter().map(Shard::lock).collect()
+        } else {
+            Held::new()
+        };
         // Samples are looked ahead of the one being judged, in up to three steps that
         // each prefetch what the next one will read (see `LOOK`), so that one sample's
         // cache misses overlap the judging of the samples before it. Sample `k` sits
@@ -359,7 +380,7 @@ impl Engine {
                 match samples.next() {
                     Some(sample) => {
                         let hash = self.hash_id(normalize_id(sample.device_id()));
-                        self.prefetch(whole.as_deref(), Prefetch::Index, &sample, hash);
+                        self.prefetch(&held, Prefetch::Index, &sample, hash);
                         queue[entered % (LOOK + 1)] = Some((sample, hash));
                         entered += 1;
                     }
@@ -374,7 +395,7 @@ impl Engine {
                 if let Some(k) = (step + at).checked_sub(LOOK).filter(|&k| k < entered)
                     && let Some((sample, hash)) = &queue[k % (LOOK + 1)]
                 {
-                    self.prefetch(whole.as_deref(), stage, sample, *hash);
+                    self.prefetch(&held, stage, sample, *hash);
                 }
             }
             step += 1;
@@ -384,15 +405,18 @@ impl Engine {
             let Some((sample, hash)) = queue[j % (LOOK + 1)].take() else {
                 break;
             };
-            if judged % HOLD_SAMPLES == HOLD_SAMPLES - 1 && whole.take().is_some() {
-                whole = Some(self.shards[0].lock());
+            if judged % HOLD_SAMPLES == HOLD_SAMPLES - 1 && !held.is_empty() {
+                // Every lock let go, then taken again in shard order.
+                held.clear();
+                held.extend(self.shards.iter().map(Shard::lock));
             }
             let id = normalize_id(sample.device_id());
             let mut own;
-            let table = match whole.as_deref_mut() {
-                Some(table) => table,
+            let index = self.shard_index(hash);
+            let table = match held.get_mut(index) {
+                Some(table) => &mut **table,
                 None => {
-                    own = self.shard(hash).lock();
+                    own = self.shards[index].lock();
                     &mut *own
                 }
             };
@@ -420,13 +444,13 @@ impl Engine {
         (outcome, judged)
     }
 
-    /// One look-ahead step for a sample whose id hashes to `hash`, in `whole` (the only
-    /// shard, locked) or in its own shard (locked for the step).
+    /// One look-ahead step for a sample whose id hashes to `hash`, in its shard's
+    /// table: in `held` (every shard, locked for the message) or locked for the step.
     #[inline]
-    fn prefetch(&self, whole: Option<&Table>, step: Prefetch, sample: &impl SampleLike, hash: u64) {
+    fn prefetch(&self, held: &Held<'_>, step: Prefetch, sample: &impl SampleLike, hash: u64) {
         let own;
-        let table = match (whole, step) {
-            (Some(table), _) => table,
+        let table = match (held.get(self.shard_index(hash)), step) {
+            (Some(table), _) => &**table,
             // With a lock per sample, every step takes the sample's shard lock once
             // more: two more atomic read-modify-writes, each a full barrier. Only the
             // window slots' step pays for them (measured at a million devices: see
@@ -873,11 +897,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn one_shard_judges_a_batch_as_many_shards_do() {
-        // A batch longer than one hold of the only shard's lock, with new and known
-        // devices, duplicates, refused samples and a device limit reached midway.
-        let config = |shards| EngineConfig {
+    fn held_shards_judge_a_batch_as_a_lock_per_sample_does() {
+        // A batch longer than one hold of the shards' locks, with new and known
+        // devices, duplicates, refused samples and a device limit reached midway; in
+        // messages longer than the shard count (held) and shorter (a lock per sample).
+        let config = |shards, hold_shards| EngineConfig {
             shards,
+            hold_shards,
             max_devices: 40,
             ..EngineConfig::default()
         };
@@ -889,25 +915,44 @@ pub(crate) mod tests {
                 _ => sample(&format!("dev-{}", i % 50), i, &[("cpu", (i % 13) as f64)]),
             })
             .collect();
-        let (one, many) = (Engine::new(config(1)), Engine::new(config(4)));
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for chunk in batch.chunks(HOLD_SAMPLES + 3) {
+        // One shard (always held), four held, four with a lock per sample.
+        let engines = [
+            Engine::new(config(1, false)),
+            Engine::new(config(4, true)),
+            Engine::new(config(4, false)),
+        ];
+        let mut verdicts = [Vec::new(), Vec::new(), Vec::new()];
+        let mut rest = &batch[..];
+        for n in [HOLD_SAMPLES + 3, 3].into_iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, tail) = rest.split_at(n.min(rest.len()));
+            rest = tail;
             let at = Instant::now();
-            let x = one.ingest_batch_at(chunk, &one.default_detector(), &mut a, at);
-            let y = many.ingest_batch_at(chunk, &many.default_detector(), &mut b, at);
-            assert_eq!(x, y);
+            let outcomes: Vec<_> = engines
+                .iter()
+                .zip(&mut verdicts)
+                .map(|(e, out)| e.ingest_batch_at(chunk, &e.default_detector(), out, at))
+                .collect();
+            assert_eq!(outcomes[0], outcomes[2]);
+            assert_eq!(outcomes[1], outcomes[2]);
         }
-        assert_eq!(a.len(), batch.len());
-        assert_eq!(a, b);
-        let refused = a
+        let [one, held, each] = &verdicts;
+        assert_eq!(each.len(), batch.len());
+        assert_eq!(one, each);
+        assert_eq!(held, each);
+        let refused = each
             .iter()
             .filter(|v| v.error.contains("device_limit"))
             .count();
         assert!(
-            refused > 0 && a.iter().any(|v| v.duplicate),
+            refused > 0 && each.iter().any(|v| v.duplicate),
             "the batch exercises both"
         );
-        assert_eq!((one.device_count(), many.device_count()), (40, 40));
+        for engine in &engines {
+            assert_eq!(engine.device_count(), 40);
+        }
     }
 
     #[test]
