@@ -14,18 +14,27 @@
 //! Nagle's algorithm.
 //!
 //! And it consolidates flushes, as Netty's `FlushConsolidationHandler` does. HTTP/2
-//! writes every DATA frame of 256 bytes or more with a `writev` of its own and flushes
-//! each time the connection task runs, and the task runs once per stream that has
-//! answers: a stream task that hands HTTP/2 a chunk wakes the connection task, which
-//! tokio runs next (the LIFO slot), before the other streams woken by the same read.
-//! With many streams per connection that is a system call per stream per read, and on
-//! loopback each one also runs the peer's TCP receive and wakes it. So small writes
-//! are copied into a buffer, and the first flush of a buffer is put off by one turn of
-//! the scheduler (the task wakes itself, which tokio queues behind the tasks already
-//! runnable): the streams woken by the same read add their answers meanwhile, and the
-//! next flush sends them with one system call. A write of [`DIRECT_WRITE`] bytes or
-//! more, with nothing buffered, goes straight to the socket; shutdown and the
-//! lingering close send what is buffered first.
+//! flushes each time the connection task runs, and also in the middle of a run: after
+//! every DATA frame of 256 bytes or more, and whenever its 16 KiB write buffer fills.
+//! The task runs once per stream that has answers: a stream task that hands HTTP/2 a
+//! chunk wakes the connection task, which tokio runs next (the LIFO slot), before the
+//! other streams woken by the same read. Sending at every flush made that a system
+//! call per stream per read, and on loopback each one also runs the peer's TCP receive
+//! and wakes it. So writes of less than [`DIRECT_WRITE`] bytes are copied into a
+//! buffer, and a flush only asks for a send, which happens two turns of the task later:
+//! - a flush of a buffer nobody asked to send yet wakes the task, which tokio queues
+//!   behind the tasks already runnable (one turn);
+//! - the task's first read after that starts its next run: the flush is armed, and the
+//!   task wakes itself again; what it writes in this run (the answers of the streams
+//!   that ran meanwhile) joins the buffer;
+//! - the first read of the run after that sends everything, with one system call.
+//!
+//! A run of an HTTP/2 (or HTTP/1) connection reads until a read finds nothing, then
+//! writes and ends with a flush (the handshake, which reads the client's preface, ends
+//! with the read): so the first read after a flush or after a read that found nothing
+//! starts a new run. The buffer is also sent
+//! when it would exceed [`MAX_BUFFERED`], and shutdown and the lingering close send
+//! what is buffered first.
 
 use std::{
     io,
@@ -76,6 +85,7 @@ pub(crate) fn incoming(
                     yield Ok(LingeringStream {
                         stream: Some(stream),
                         out: Outbox::default(),
+                        run_ended: false,
                         linger,
                         lingering: lingering.clone(),
                     });
@@ -96,6 +106,9 @@ pub(crate) struct LingeringStream {
     stream: Option<TcpStream>,
     /// Written bytes not sent yet (see the module documentation).
     out: Outbox,
+    /// The last read found nothing, or a flush came after it: the next read starts
+    /// a new run of the task.
+    run_ended: bool,
     /// How long the lingering close reads at most.
     linger: Duration,
     /// Held until the lingering close is over.
@@ -109,8 +122,20 @@ struct Outbox {
     bytes: Vec<u8>,
     /// How many of `bytes` are sent already.
     sent: usize,
-    /// The flush of these bytes was put off once already.
-    put_off: bool,
+    /// Where the flush of these bytes stands.
+    flush: Flush,
+}
+
+/// Where the send of buffered bytes stands (see the module documentation).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// No flush asked for them yet.
+    #[default]
+    No,
+    /// A flush asked for them in this run of the task, which woke itself.
+    Asked,
+    /// The task has run again since: its next run sends them.
+    Armed,
 }
 
 impl Outbox {
@@ -204,11 +229,30 @@ impl Connected for LingeringStream {
 
 impl AsyncRead for LingeringStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(self.socket()?).poll_read(cx, buf)
+        let this = self.get_mut();
+        if std::mem::take(&mut this.run_ended) {
+            match this.out.flush {
+                Flush::No => {}
+                Flush::Asked => {
+                    this.out.flush = Flush::Armed;
+                    cx.waker().wake_by_ref();
+                }
+                Flush::Armed => {
+                    // A full socket keeps the rest: its write readiness wakes the
+                    // task, and the next run tries again. Reading goes on meanwhile.
+                    if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+        let read = Pin::new(this.socket()?).poll_read(cx, buf);
+        this.run_ended = read.is_pending();
+        read
     }
 }
 
@@ -250,18 +294,13 @@ impl AsyncWrite for LingeringStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.out.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        if !this.out.put_off {
-            // One turn of the scheduler: the task is queued again behind the tasks
-            // already runnable, and the next flush (every poll of the HTTP/2
-            // connection ends with one) sends.
-            this.out.put_off = true;
+        this.run_ended = true;
+        // Sent two runs later (see the module documentation), never here.
+        if !this.out.is_empty() && this.out.flush == Flush::No {
+            this.out.flush = Flush::Asked;
             cx.waker().wake_by_ref();
-            return Poll::Ready(Ok(()));
         }
-        this.poll_send(cx)
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -308,6 +347,7 @@ mod tests {
         let wrapped = LingeringStream {
             stream: Some(stream),
             out: Outbox::default(),
+            run_ended: false,
             linger: Duration::from_secs(5),
             lingering: tx,
         };
@@ -345,45 +385,100 @@ mod tests {
         }
     }
 
+    /// A read that finds nothing (the peer sends nothing in these tests): as each
+    /// run of the connection task starts.
+    fn read_nothing(stream: &mut LingeringStream, cx: &mut Context<'_>) {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        match Pin::new(stream).poll_read(cx, &mut buf) {
+            Poll::Pending => {}
+            other => panic!("read: {other:?}"),
+        }
+    }
+
+    /// What the peer sent, read as a run of the connection task reads it (the
+    /// socket is readable: the read finds data).
+    fn read_some(stream: &mut LingeringStream, cx: &mut Context<'_>) -> Vec<u8> {
+        let mut bytes = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut bytes);
+        match Pin::new(stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => buf.filled().to_vec(),
+            other => panic!("read: {other:?}"),
+        }
+    }
+
     #[tokio::test]
-    async fn the_first_flush_is_put_off_one_turn_and_the_next_sends_everything_in_order() {
+    async fn a_flush_is_sent_two_runs_later_with_everything_written_meanwhile() {
         let (mut stream, mut peer, _rx) = pair().await;
         let wakes = Arc::new(Wakes::default());
         let waker: Waker = futures::task::waker(Arc::clone(&wakes));
         let mut cx = Context::from_waker(&waker);
+        let wakes = || wakes.0.load(Ordering::SeqCst);
 
+        // Run 1: a write and the flush that ends the run.
+        read_nothing(&mut stream, &mut cx);
         assert_eq!(write(&mut stream, &mut cx, b"first "), 6);
         flush(&mut stream, &mut cx);
-        assert_eq!(
-            wakes.0.load(Ordering::SeqCst),
-            1,
-            "the task is queued again"
-        );
-        assert!(available(&mut peer).await.is_empty(), "held for one turn");
+        assert_eq!(wakes(), 1, "the task is queued again");
+        assert!(available(&mut peer).await.is_empty(), "held");
 
-        // What other streams add meanwhile, even a big write, joins the buffer.
+        // Run 2: its first read arms the flush; it reads until a read finds nothing,
+        // and what it writes (even a big write, flushed in the middle of the run)
+        // joins the buffer.
+        peer.write_all(b"request").await.expect("peer writes");
+        let socket = stream.stream.as_ref().expect("open");
+        socket.readable().await.expect("readable");
+        // The data's arrival woke the task (the first read registered it).
+        let before = wakes();
+        assert_eq!(read_some(&mut stream, &mut cx), b"request");
+        assert_eq!(wakes(), before + 1, "armed, and queued again");
+        read_nothing(&mut stream, &mut cx);
         let big = vec![b'x'; DIRECT_WRITE];
         assert_eq!(write(&mut stream, &mut cx, b"second "), 7);
-        assert_eq!(write(&mut stream, &mut cx, &big), big.len());
-        assert!(available(&mut peer).await.is_empty());
         flush(&mut stream, &mut cx);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "sent, not put off again");
+        assert_eq!(write(&mut stream, &mut cx, &big), big.len());
+        flush(&mut stream, &mut cx);
+        assert_eq!(wakes(), before + 1, "no more wakes for the same bytes");
+        assert!(available(&mut peer).await.is_empty());
+
+        // Run 3: its first read sends everything, in order, with one send.
+        read_nothing(&mut stream, &mut cx);
         let mut expected = b"first second ".to_vec();
         expected.extend_from_slice(&big);
         assert_eq!(available(&mut peer).await, expected);
-
-        // A new buffer is put off again.
-        write(&mut stream, &mut cx, b"third");
-        flush(&mut stream, &mut cx);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
-        assert!(available(&mut peer).await.is_empty());
-        flush(&mut stream, &mut cx);
-        assert_eq!(available(&mut peer).await, b"third");
         assert_eq!(
             stream.out.bytes.capacity(),
             0,
             "an idle connection holds no buffer"
         );
+        flush(&mut stream, &mut cx);
+        read_nothing(&mut stream, &mut cx);
+        assert_eq!(wakes(), before + 1, "nothing to send, no wake");
+
+        // A new buffer starts over.
+        write(&mut stream, &mut cx, b"third");
+        flush(&mut stream, &mut cx);
+        assert_eq!(wakes(), before + 2);
+        read_nothing(&mut stream, &mut cx);
+        flush(&mut stream, &mut cx);
+        assert!(available(&mut peer).await.is_empty());
+        read_nothing(&mut stream, &mut cx);
+        assert_eq!(available(&mut peer).await, b"third");
+    }
+
+    #[tokio::test]
+    async fn runs_that_end_with_a_read_send_too() {
+        // As the HTTP/2 handshake does: write the server's settings, flush, then read
+        // the client's preface, which the client may send only once it has them.
+        let (mut stream, mut peer, _rx) = pair().await;
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        write(&mut stream, &mut cx, b"settings");
+        flush(&mut stream, &mut cx);
+        read_nothing(&mut stream, &mut cx);
+        assert!(available(&mut peer).await.is_empty());
+        read_nothing(&mut stream, &mut cx);
+        assert_eq!(available(&mut peer).await, b"settings");
     }
 
     #[tokio::test]
@@ -417,8 +512,10 @@ mod tests {
             written,
             "the buffer went out before the tail joined it"
         );
-        flush(&mut stream, &mut cx);
-        flush(&mut stream, &mut cx);
+        for _ in 0..2 {
+            flush(&mut stream, &mut cx);
+            read_nothing(&mut stream, &mut cx);
+        }
         assert_eq!(available(&mut peer).await, tail);
     }
 
