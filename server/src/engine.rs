@@ -158,6 +158,19 @@ const HOLD_SAMPLES: usize = 128;
 /// [`Engine::prefetch`]).
 const LOOK: usize = 8;
 
+/// Slots of the look-ahead queue: room for the `LOOK + 1` samples between entering
+/// and being judged, rounded up so that a sample's slot is a mask, not a division.
+const QUEUE: usize = (LOOK + 1).next_power_of_two();
+
+/// A sample in the look-ahead (see [`Engine::ingest_batch_with`]).
+struct Queued<S> {
+    sample: S,
+    /// Its normalized device id's hash.
+    hash: u64,
+    /// Its device's position, as the window slots' step found it with the locks held.
+    found: Option<usize>,
+}
+
 /// Samples ahead of the judged one whose device lines are prefetched.
 const DEVICE_AT: usize = 5;
 
@@ -370,9 +383,11 @@ impl Engine {
         // Samples are looked ahead of the one being judged, in up to three steps that
         // each prefetch what the next one will read (see `LOOK`), so that one sample's
         // cache misses overlap the judging of the samples before it. Sample `k` sits
-        // in `queue[k % (LOOK + 1)]` with its id's hash from when it entered (at step
-        // `k`) until it is judged (at step `k + LOOK`).
-        let mut queue: [Option<(S, u64)>; LOOK + 1] = std::array::from_fn(|_| None);
+        // in `queue[k % QUEUE]` with its id's hash from when it entered (at step `k`)
+        // until it is judged (at step `k + LOOK`), and, while the locks are held, its
+        // device's position as the window slots' step found it (the judging does not
+        // look the device up again: no device leaves a locked table).
+        let mut queue: [Option<Queued<S>>; QUEUE] = std::array::from_fn(|_| None);
         let (mut entered, mut exhausted) = (0, false);
         let mut step = 0;
         loop {
@@ -381,7 +396,11 @@ impl Engine {
                     Some(sample) => {
                         let hash = self.hash_id(normalize_id(sample.device_id()));
                         self.prefetch(&held, Prefetch::Index, &sample, hash);
-                        queue[entered % (LOOK + 1)] = Some((sample, hash));
+                        queue[entered % QUEUE] = Some(Queued {
+                            sample,
+                            hash,
+                            found: None,
+                        });
                         entered += 1;
                     }
                     None => {
@@ -393,22 +412,35 @@ impl Engine {
             }
             for (stage, at) in [(Prefetch::Device, DEVICE_AT), (Prefetch::Slots, SLOTS_AT)] {
                 if let Some(k) = (step + at).checked_sub(LOOK).filter(|&k| k < entered)
-                    && let Some((sample, hash)) = &queue[k % (LOOK + 1)]
+                    && let Some(queued) = &mut queue[k % QUEUE]
                 {
-                    self.prefetch(&held, stage, sample, *hash);
+                    let found = self.prefetch(&held, stage, &queued.sample, queued.hash);
+                    if !held.is_empty() {
+                        queued.found = found;
+                    }
                 }
             }
             step += 1;
             let Some(j) = (step - 1).checked_sub(LOOK) else {
                 continue;
             };
-            let Some((sample, hash)) = queue[j % (LOOK + 1)].take() else {
+            let Some(Queued {
+                sample,
+                hash,
+                mut found,
+            }) = queue[j % QUEUE].take()
+            else {
                 break;
             };
             if judged % HOLD_SAMPLES == HOLD_SAMPLES - 1 && !held.is_empty() {
-                // Every lock let go, then taken again in shard order.
+                // Every lock let go, then taken again in shard order: meanwhile other
+                // threads may have evicted devices, so positions found are stale.
                 held.clear();
                 held.extend(self.shards.iter().map(Shard::lock));
+                found = None;
+                for queued in queue.iter_mut().flatten() {
+                    queued.found = None;
+                }
             }
             let id = normalize_id(sample.device_id());
             let mut own;
@@ -423,7 +455,7 @@ impl Engine {
             match self.ingest_one(
                 table,
                 &sample,
-                (id, hash),
+                (id, hash, found),
                 detector,
                 &now,
                 tick,
@@ -446,8 +478,16 @@ impl Engine {
 
     /// One look-ahead step for a sample whose id hashes to `hash`, in its shard's
     /// table: in `held` (every shard, locked for the message) or locked for the step.
+    /// The window slots' step returns the position of the sample's device, if it is
+    /// in the table.
     #[inline]
-    fn prefetch(&self, held: &Held<'_>, step: Prefetch, sample: &impl SampleLike, hash: u64) {
+    fn prefetch(
+        &self,
+        held: &Held<'_>,
+        step: Prefetch,
+        sample: &impl SampleLike,
+        hash: u64,
+    ) -> Option<usize> {
         let own;
         let table = match (held.get(self.shard_index(hash)), step) {
             (Some(table), _) => &**table,
@@ -459,17 +499,19 @@ impl Engine {
                 own = self.shard(hash).lock();
                 &*own
             }
-            (None, Prefetch::Index | Prefetch::Device) => return,
+            (None, Prefetch::Index | Prefetch::Device) => return None,
         };
         match step {
             Prefetch::Index => table.prefetch_index(hash),
             Prefetch::Device => table.prefetch_device(hash),
-            Prefetch::Slots => table.prefetch_for(hash, normalize_id(sample.device_id())),
+            Prefetch::Slots => return table.prefetch_for(hash, normalize_id(sample.device_id())),
         }
+        None
     }
 
     /// Judges one sample (DESIGN §3), whose normalized device id and its hash are
-    /// `(id, hash)`, in its shard's locked `table`, into `out`, and counts it in
+    /// `(id, hash, found)` (`found`: its device's position in the table, when a
+    /// look-ahead found it under the same lock), in its shard's locked `table`, into `out`, and counts it in
     /// `outcome`; or refuses it (the caller writes the error verdict). Validation
     /// happens before anything is changed, in the order of the sample's metrics
     /// (name, then value), and a sample that is refused never creates its device.
@@ -478,7 +520,7 @@ impl Engine {
         &self,
         table: &mut Table,
         sample: &impl SampleLike,
-        (id, hash): (&[u8], u64),
+        (id, hash, found): (&[u8], u64, Option<usize>),
         detector: &DetectorSpec,
         received: &Timestamp,
         tick: u32,
@@ -514,7 +556,7 @@ impl Engine {
             value,
             index: None,
         }));
-        let found = table.find(hash, id);
+        let found = found.or_else(|| table.find(hash, id));
         let mut new_metrics = 0;
         for (i, SampleMetric { name, value, index }) in metrics.iter_mut().enumerate() {
             // A name the device already has was validated when it was added.

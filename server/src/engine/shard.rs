@@ -103,15 +103,16 @@ impl Table {
     }
 
     /// Prefetches the window slots the next sample of the device whose id is `id`
-    /// (hashing to `hash`) will replace, if the device is here. Looking it up reads
-    /// the index and the device's lines, so those are in the cache afterwards as well.
+    /// (hashing to `hash`) will replace, if the device is here, and returns its
+    /// position. Looking it up reads the index and the device's lines, so those are in
+    /// the cache afterwards as well.
     #[inline]
-    pub(crate) fn prefetch_for(&self, hash: u64, id: &[u8]) {
-        if let Some(pos) = self.find(hash, id) {
-            for metric in &self.device(pos).metrics {
-                metric.prefetch_slot(&self.pool);
-            }
+    pub(crate) fn prefetch_for(&self, hash: u64, id: &[u8]) -> Option<usize> {
+        let pos = self.find(hash, id)?;
+        for metric in &self.device(pos).metrics {
+            metric.prefetch_slot(&self.pool);
         }
+        Some(pos)
     }
 
     /// The positions of the devices whose id hashes to `hash` (almost always one).
