@@ -58,7 +58,10 @@ step() { printf '\n==> %s\n' "$*"; }
 
 if [ "$BUILD" = 1 ]; then
   step "cargo build --release (tidewatch, tidewatch-bench, bare-tonic)"
-  cargo build --release -p tidewatch-server -p tidewatch-client --bins
+  # The server alone, as the Dockerfile builds it: built together with the client,
+  # cargo resolves the dependencies' features for both, and the binary differs.
+  cargo build --release -p tidewatch-server --bin tidewatch
+  cargo build --release -p tidewatch-client --bins
 fi
 mkdir -p "$OUT"
 
