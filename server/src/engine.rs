@@ -525,10 +525,10 @@ impl Engine {
         None
     }
 
-    /// Judges one sample (DESIGN §3), whose normalized device id and its hash are
-    /// `(id, hash, found)` (`found`: its device's position in the table, when a
-    /// look-ahead found it under the same lock), in its shard's locked `table`, into `out`, and counts it in
-    /// `outcome`; or refuses it (the caller writes the error verdict). Validation
+    /// Judges one sample (DESIGN §3) with normalized device id `id`, its hash, and
+    /// `found`, its device's position if a look-ahead found it under the same lock,
+    /// in its shard's locked `table`, into `out`, and counts it in `outcome`; or
+    /// refuses it (the caller writes the error verdict). Validation
     /// happens before anything is changed, in the order of the sample's metrics
     /// (name, then value), and a sample that is refused never creates its device.
     #[allow(clippy::too_many_arguments)]
