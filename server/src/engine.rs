@@ -103,12 +103,14 @@ impl EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        // Read once: on Linux it reads the process's affinity and cgroup CPU quota.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
             window_size: 50,
             min_samples: 5,
             z_threshold: 2.0,
-            shards: 4 * std::thread::available_parallelism().map_or(1, usize::from),
-            hold_shards: std::thread::available_parallelism().map_or(true, |n| n.get() == 1),
+            shards: 4 * cores,
+            hold_shards: cores == 1,
             max_devices: 1_000_000,
             max_metrics_per_device: 32,
             max_device_id_len: 128,
