@@ -33,15 +33,15 @@ pub use io::{MetricOutcome, SampleLike, Tee, VerdictSink};
 use resident::{Device, Metric};
 use shard::{Shard, Table};
 use smallvec::SmallVec;
+pub use window::{MAX_WINDOW_SIZE, Window};
+
+use crate::error::{ApiError, SampleError};
 
 /// The shard locks a message holds: every shard's in shard order, or none.
 type Held<'a> = SmallVec<[Guard<'a>; 4]>;
 
 /// A locked shard's table.
 type Guard<'a> = std::sync::MutexGuard<'a, Table>;
-pub use window::{MAX_WINDOW_SIZE, Window};
-
-use crate::error::{ApiError, SampleError};
 
 /// The device id a sample without one belongs to (the seed clients send none).
 pub const DEFAULT_DEVICE: &str = "default";
