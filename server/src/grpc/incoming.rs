@@ -32,9 +32,8 @@
 //! A run of an HTTP/2 (or HTTP/1) connection reads until a read finds nothing, then
 //! writes and ends with a flush (the handshake, which reads the client's preface, ends
 //! with the read): so the first read after a flush or after a read that found nothing
-//! starts a new run. The buffer is also sent
-//! when it would exceed [`MAX_BUFFERED`], and shutdown and the lingering close send
-//! what is buffered first.
+//! starts a new run. The buffer is also sent when it would exceed [`MAX_BUFFERED`],
+//! and shutdown and the lingering close send what is buffered first.
 
 use std::{
     io,
