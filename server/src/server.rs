@@ -117,13 +117,6 @@ impl Server {
         let http = start_http(&state, http);
         tracing::info!(%http_addr, "http listening");
         tracing::info!(%grpc_addr, "grpc listening");
-        tracing::info!(
-            window_size = config.window_size,
-            z_threshold = config.z_threshold,
-            min_samples = config.min_samples,
-            detector = %config.detectors.detector,
-            "running in memory without Redis (REDIS_URL unset): window state is lost on restart"
-        );
 
         shutdown.await;
         let started = Instant::now();
@@ -235,6 +228,7 @@ fn announce_storage(state: &AppState) {
                 window_size = config.window_size,
                 z_threshold = config.z_threshold,
                 min_samples = config.min_samples,
+                detector = %config.detectors.detector,
                 "snapshots on: window state is written to Redis every SNAPSHOT_INTERVAL and restored on a device's first sample"
             );
             let snapshots = Arc::clone(snapshots);
@@ -246,6 +240,7 @@ fn announce_storage(state: &AppState) {
             window_size = config.window_size,
             z_threshold = config.z_threshold,
             min_samples = config.min_samples,
+            detector = %config.detectors.detector,
             "running in memory without Redis (REDIS_URL unset): window state is lost on restart"
         ),
     }
