@@ -276,3 +276,89 @@ impl AppState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn sample(device: &str, seq: u64) -> Sample {
+        Sample {
+            device_id: device.into(),
+            time: None,
+            metrics: [("t".to_owned(), seq as f64)].into(),
+            seq,
+        }
+    }
+
+    fn state(redis_url: Option<&str>) -> Arc<AppState> {
+        let mut config = Config::defaults();
+        config.redis_url = redis_url.map(str::to_owned);
+        config.redis_connect_timeout = Duration::from_millis(200);
+        config.redis_command_timeout = Duration::from_millis(200);
+        Arc::new(AppState::new(config).expect("state"))
+    }
+
+    fn judge_now(state: &AppState, samples: &[Sample], out: &mut Vec<Verdict>) -> usize {
+        let detector = state.engine.default_detector();
+        state
+            .judge_now(samples, &detector, Transport::Http, Instant::now(), out)
+            .count
+    }
+
+    #[tokio::test]
+    async fn without_snapshots_a_small_request_is_judged_at_once() {
+        let state = state(None);
+        let samples = [sample("a", 1), sample("b", 1), sample("a", 2)];
+        let mut out = Vec::new();
+        assert_eq!(judge_now(&state, &samples, &mut out), 3);
+        assert_eq!(out.len(), 3);
+        assert_eq!(state.metrics.samples(Transport::Http), 3);
+    }
+
+    #[tokio::test]
+    async fn a_large_batch_waits_for_the_blocking_pool() {
+        let state = state(None);
+        let samples: Vec<Sample> = (1..=BLOCKING_BATCH as u64)
+            .map(|seq| sample("a", seq))
+            .collect();
+        let mut out = Vec::new();
+        assert_eq!(judge_now(&state, &samples, &mut out), 0);
+        assert!(out.is_empty() && !state.engine.contains("a"));
+        let detector = state.engine.default_detector();
+        let verdicts = Arc::clone(&state)
+            .judge(samples, detector, Transport::Http)
+            .await;
+        assert_eq!(verdicts.len(), BLOCKING_BATCH);
+        assert_eq!(verdicts.last().map(|v| v.seq), Some(BLOCKING_BATCH as u64));
+    }
+
+    /// With snapshots, the sync way stops before the first sample of a device that is
+    /// not in memory; the async way restores (here: Redis refuses, so the device starts
+    /// fresh) and judges the rest, in order.
+    #[tokio::test]
+    async fn with_snapshots_an_unknown_device_is_left_to_the_async_way() {
+        let state = state(Some("redis://127.0.0.1:1"));
+        state.engine.ingest_batch(
+            &[sample("a", 1)],
+            &state.engine.default_detector(),
+            &mut Vec::new(),
+        );
+        let mut samples = vec![sample("a", 2), sample("b", 1), sample("a", 3)];
+        let mut out = Vec::new();
+        let count = judge_now(&state, &samples, &mut out);
+        assert_eq!(count, 1);
+        assert!(!state.engine.contains("b"));
+        let rest = samples.split_off(count);
+        let detector = state.engine.default_detector();
+        out.extend(
+            Arc::clone(&state)
+                .judge(rest, detector, Transport::Http)
+                .await,
+        );
+        let order: Vec<(&str, u64)> = out.iter().map(|v| (&*v.device_id, v.seq)).collect();
+        assert_eq!(order, [("a", 2), ("b", 1), ("a", 3)]);
+        assert!(state.engine.contains("b"));
+    }
+}
