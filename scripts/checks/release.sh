@@ -86,4 +86,4 @@ for f in package/package.json package/dist/src/index.js package/dist/src/index.d
 done
 pass "npm package packed"
 
-echo "release: $checks passed, 0 failed"
+echo "release: all $checks release checks passed"
