@@ -204,8 +204,8 @@ closed_pairs() {
       -c "$H2_CONNECTIONS" -s "$H2_STREAMS" --rate 0 --window 64 --batch "$batch")
     if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; perf_pid=""; fi
     stop_server
-    ratios+=("$(python3 -c "print($tw_rps / $bare_rps)")")
-    cpu_ratios+=("$(python3 -c "print($bare_cpu / $tw_cpu)")")
+    ratios+=("$(python3 -c "print(f'{$tw_rps / $bare_rps:.2f}')")")
+    cpu_ratios+=("$(python3 -c "print(f'{$bare_cpu / $tw_cpu:.2f}')")")
     tw_rates+=("$tw_rps")
     echo "bare-tonic $bare_rps msg/s ($bare_cpu µs CPU/msg); tidewatch $tw_rps msg/s ($tw_cpu µs CPU/msg)"
   done

@@ -415,9 +415,10 @@ fn an_h2load_body_reaches_the_devices_it_reports() {
     );
 }
 
-/// Runs two full cycles of a 100-device pool of 64 rounds with one watcher; checks the
-/// anomalies the tool counted against the server's counter and the injection rate,
-/// and returns the share judged anomalous.
+/// Runs four cycles of a 20-device pool of 64 rounds with one watcher (256 values per
+/// series, so the first windows' warm-up weighs little); checks the anomalies the tool
+/// counted against the server's counter and the injection rate, and returns the share
+/// judged anomalous.
 async fn judged_share(server: &TestServer, name: &str, detector: &str) -> f64 {
     let dir = test_dir(name);
     let path = dir.join("report.json");
@@ -434,11 +435,11 @@ async fn judged_share(server: &TestServer, name: &str, detector: &str) -> f64 {
             "--batch",
             "10",
             "--devices",
-            "100",
+            "20",
             "--rounds",
             "64",
             "--messages",
-            "1280",
+            "512",
             "--watchers",
             "1",
             "--detector",
@@ -447,8 +448,8 @@ async fn judged_share(server: &TestServer, name: &str, detector: &str) -> f64 {
     )
     .await;
     let tag = |k: &str| -> u64 { r["tags"][k].as_str().unwrap().parse().unwrap() };
-    assert_eq!(tag("samples_answered"), 12_800);
-    assert_eq!(tag("devices_reached"), 100);
+    assert_eq!(tag("samples_answered"), 5_120);
+    assert_eq!(tag("devices_reached"), 20);
     let injected = tag("injected_anomalies") as f64 / tag("pool_samples") as f64;
     assert!((0.005..=0.02).contains(&injected), "injected {injected}");
     let anomalous = tag("anomalous_samples");
@@ -460,15 +461,17 @@ async fn judged_share(server: &TestServer, name: &str, detector: &str) -> f64 {
     assert!(tag("alerts") > 0 && tag("alerts") <= anomalous, "{stdout}");
     let watched = tag("watch_events");
     assert!(watched > 0 && watched <= anomalous, "{stdout}");
-    anomalous as f64 / 12_800.0
+    anomalous as f64 / 5_120.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_anomalies_are_judged_and_watched_zscore() {
     let server = TestServer::start_with(|_| {}).await;
     let share = judged_share(&server, "zscore", "zscore").await;
-    // Spikes of tens of standard deviations; noise alone never passes z = 2.
-    assert!((0.005..=0.025).contains(&share), "zscore judged {share}");
+    // Every spike (tens of standard deviations) is caught, and the bounded noise
+    // passes the default z = 2 mostly while windows are still short (the first of
+    // each series' 256 values): about 5 % of samples of 2-8 metrics in all.
+    assert!((0.01..=0.08).contains(&share), "zscore judged {share}");
     server.stop().await;
 }
 
@@ -476,6 +479,9 @@ async fn injected_anomalies_are_judged_and_watched_zscore() {
 async fn injected_anomalies_are_judged_and_watched_robust() {
     let server = TestServer::start_with(|_| {}).await;
     let share = judged_share(&server, "robust", "robust").await;
-    assert!((0.002..=0.03).contains(&share), "robust judged {share}");
+    // robust judges nothing in its first 32 values and takes a spike that recurs
+    // within its range window (the pool is a 64-value cycle) as the metric's range:
+    // it flags the first occurrences only, and never the noise.
+    assert!((0.0005..=0.01).contains(&share), "robust judged {share}");
     server.stop().await;
 }
