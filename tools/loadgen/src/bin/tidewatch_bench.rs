@@ -8,9 +8,17 @@
 //! send time, so a server stall that delays later sends counts in full (no coordinated
 //! omission). It prints a summary and writes a ghz-compatible JSON report.
 //!
+//! The traffic is a fleet's (see `tidewatch_loadgen::traffic`): realistic device ids,
+//! timestamps, 2-8 metrics per device, values with noise, drift and injected
+//! anomalies, optionally a detector named per stream. The tool prints how many
+//! distinct devices the traffic really reaches and, from the responses, how many
+//! samples the server judged anomalous. `--watchers N` attaches N `WatchAnomalies`
+//! subscribers for the run and counts their events.
+//!
 //! Other modes: `--idle-streams N` holds N streams open (one message each) so the
 //! server's memory per stream can be measured; `--write-h2load-body FILE` writes a
-//! request body of length-prefixed `IngestRequest`s for h2load.
+//! request body of length-prefixed `IngestRequest`s for h2load; `--watch-only` holds
+//! the watchers for `--duration` and offers no load (beside an h2load run).
 //!
 //! The load path speaks gRPC over the raw `h2` crate, so that one load core can offer
 //! far more load than one server core takes and its own queueing stays out of the
@@ -45,9 +53,11 @@ use h2::{
 };
 use hdrhistogram::Histogram;
 use http::{HeaderMap, Method, Request, Uri};
-use prost::Message;
 use serde_json::{Value, json};
-use tidewatch_proto::v1::{IngestRequest, Sample};
+use tidewatch_loadgen::traffic::{IdStyle, MetricRange, Stats, Traffic};
+use tidewatch_proto::v1::{
+    WatchAnomaliesRequest, telemetry_service_client::TelemetryServiceClient,
+};
 use tokio::{net::TcpStream, sync::Semaphore, time::Sleep};
 use tonic::{Code, Status};
 
@@ -58,7 +68,8 @@ const INGEST_PATH: &str = "/tidewatch.v1.TelemetryService/Ingest";
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "tidewatch-bench",
-    about = "Load generator for tidewatch's Ingest stream: per-message latency without coordinated omission, ghz-compatible JSON report"
+    version,
+    about = "Load generator for tidewatch's Ingest stream: realistic fleet traffic, per-message latency without coordinated omission, ghz-compatible JSON report"
 )]
 struct Args {
     /// Server URL.
@@ -80,9 +91,37 @@ struct Args {
     /// Distinct devices.
     #[arg(short = 'd', long, default_value_t = 1000)]
     devices: usize,
-    /// Metrics per sample (named cpu, rps, m2, m3, ...).
-    #[arg(long, default_value_t = 2)]
-    metrics: usize,
+    /// Metrics per device: N, or MIN-MAX for a fixed count per device drawn in that
+    /// range (named cpu, rps, mem_used, temp_c, latency_ms, errors, disk_io, net_rx,
+    /// then m8, m9, ...).
+    #[arg(long, default_value = "2-8")]
+    metrics: MetricRange,
+    /// Device id shape: fleet (`fleet-eu-west/gw-000123/dev-012345`, 34 bytes), uuid
+    /// (36 bytes) or short (`dev-N`).
+    #[arg(long, default_value = "fleet")]
+    ids: IdStyle,
+    /// Values per device in the message pool (replayed in a cycle); 0 chooses as many
+    /// as fit 524,288 samples, at most 64.
+    #[arg(long, default_value_t = 0)]
+    rounds: usize,
+    /// Share of samples with an injected spike on one metric (50-100 % of its base).
+    #[arg(long, default_value_t = 0.01)]
+    anomaly_rate: f64,
+    /// Leave the samples' `time` unset (the server then uses its receive time).
+    #[arg(long)]
+    no_timestamps: bool,
+    /// Detector named in every message (e.g. zscore, robust); unset: the server's.
+    #[arg(long)]
+    detector: Option<String>,
+    /// Seed of the generated values.
+    #[arg(long, default_value_t = 0x7469_6465)]
+    seed: u64,
+    /// WatchAnomalies subscribers attached for the run (all devices, all metrics).
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
+    /// Hold --watchers subscribers for --duration and offer no load.
+    #[arg(long)]
+    watch_only: bool,
     /// How long to offer load (e.g. 10s).
     #[arg(short = 'z', long, default_value = "10s", value_parser = humantime_parse)]
     duration: Duration,
@@ -119,8 +158,8 @@ struct Args {
     /// --batch samples) to this file and exit.
     #[arg(long)]
     write_h2load_body: Option<PathBuf>,
-    /// Messages in the h2load body.
-    #[arg(long, default_value_t = 100)]
+    /// Messages in the h2load body; 0: enough to reach every device once.
+    #[arg(long, default_value_t = 0)]
     body_messages: usize,
 }
 
@@ -128,51 +167,108 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (e.g. 500ms, 10s, 1m)"))
 }
 
-/// Metric names: cpu, rps, then m2, m3, ...
-fn metric_name(i: usize) -> String {
-    match i {
-        0 => "cpu".into(),
-        1 => "rps".into(),
-        n => format!("m{n}"),
+/// The traffic the arguments ask for.
+fn traffic(args: &Args) -> Traffic {
+    Traffic {
+        devices: args.devices.max(1),
+        batch: args.batch.max(1),
+        rounds: args.rounds,
+        metrics: args.metrics,
+        ids: args.ids,
+        anomaly_rate: args.anomaly_rate,
+        timestamps: !args.no_timestamps,
+        detector: args.detector.clone(),
+        seed: args.seed,
     }
 }
 
-/// Encoded `IngestRequest`s that together cover every device once per cycle.
-fn message_pool(args: &Args) -> Vec<Vec<u8>> {
-    let batch = args.batch.max(1);
-    let devices = args.devices.max(1);
-    let messages = devices.div_ceil(batch).clamp(64, 1 << 20);
-    let names: Vec<String> = (0..args.metrics.max(1)).map(metric_name).collect();
-    let mut rng = fastrand::Rng::with_seed(0x7469_6465);
-    let mut device = 0usize;
-    (0..messages)
-        .map(|_| {
-            let samples = (0..batch)
-                .map(|_| {
-                    let id = format!("dev-{device}");
-                    device = (device + 1) % devices;
-                    Sample {
-                        device_id: id,
-                        time: None,
-                        metrics: names
-                            .iter()
-                            .enumerate()
-                            .map(|(i, name)| {
-                                let base = 50.0 * (i + 1) as f64;
-                                (name.clone(), base + rng.f64() * base * 0.2)
-                            })
-                            .collect::<BTreeMap<_, _>>(),
-                        seq: 0,
+/// One line saying what the traffic is and what it reaches.
+fn describe(traffic: &Traffic, stats: &Stats, reached: usize) -> String {
+    format!(
+        "traffic: {reached} distinct devices reached (of --devices {}), {} values each in a pool of {} messages; {} metrics per device ({:.1} on average); ids of {}-{} bytes; timestamps {}; {} of {} samples ({:.2} %) with an injected anomaly; detector {}",
+        traffic.devices,
+        stats.rounds,
+        stats.messages,
+        traffic.metrics,
+        stats.values as f64 / stats.samples.max(1) as f64,
+        stats.id_bytes.0,
+        stats.id_bytes.1,
+        if traffic.timestamps { "set" } else { "unset" },
+        stats.anomalous,
+        stats.samples,
+        100.0 * stats.anomalous as f64 / stats.samples.max(1) as f64,
+        traffic.detector.as_deref().unwrap_or("the server's"),
+    )
+}
+
+/// CPU time this process has used (user + system), from `/proc/self/stat`; `None`
+/// where there is no such file.
+fn own_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, the
+    // third field; utime and stime are the 14th and 15th, in clock ticks of 1/100 s
+    // (USER_HZ on every Linux target).
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split(' ').skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
+}
+
+/// Events the watchers received, and the events the server said they missed.
+#[derive(Debug, Default)]
+struct WatchCounts {
+    events: AtomicU64,
+    missed: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Attaches `n` WatchAnomalies subscribers on their own connection; they count until
+/// the runtime ends.
+async fn start_watchers(
+    url: &str,
+    n: usize,
+) -> Result<Arc<WatchCounts>, Box<dyn std::error::Error>> {
+    let counts = Arc::new(WatchCounts::default());
+    if n == 0 {
+        return Ok(counts);
+    }
+    let mut client = TelemetryServiceClient::connect(url.to_string())
+        .await
+        .map_err(|e| format!("cannot connect the watchers to {url}: {e}"))?;
+    for _ in 0..n {
+        let mut stream = client
+            .watch_anomalies(WatchAnomaliesRequest::default())
+            .await?
+            .into_inner();
+        let counts = Arc::clone(&counts);
+        tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(event)) => {
+                        counts.events.fetch_add(1, Ordering::Relaxed);
+                        counts.missed.fetch_add(event.missed, Ordering::Relaxed);
                     }
-                })
-                .collect();
-            IngestRequest {
-                samples,
-                detector: None,
+                    Ok(None) => break,
+                    Err(_) => {
+                        counts.failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
             }
-            .encode_to_vec()
-        })
-        .collect()
+        });
+    }
+    Ok(counts)
+}
+
+/// The watchers' line of the summary.
+fn watch_line(n: usize, counts: &WatchCounts) -> String {
+    format!(
+        "  watch events        {} on {n} watchers ({} missed, {} watchers failed)",
+        counts.events.load(Ordering::Relaxed),
+        counts.missed.load(Ordering::Relaxed),
+        counts.failed.load(Ordering::Relaxed)
+    )
 }
 
 /// `messages` with their 5-byte gRPC prefixes, back to back.
@@ -216,11 +312,22 @@ impl Pool {
     }
 }
 
-/// Per response: verdicts and verdicts carrying an error.
+/// Per response: verdicts, and those carrying an error, an anomaly, an alert.
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
     verdicts: u64,
     errors: u64,
+    anomalies: u64,
+    alerts: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.verdicts += other.verdicts;
+        self.errors += other.errors;
+        self.anomalies += other.anomalies;
+        self.alerts += other.alerts;
+    }
 }
 
 /// Reads a protobuf varint at `*at`.
@@ -237,21 +344,28 @@ fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
-/// Walks the fields of one protobuf message, calling `on_bytes(field, payload)` for
-/// every length-delimited field; `None` when the message is malformed.
-fn scan_fields(buf: &[u8], mut on_bytes: impl FnMut(u64, &[u8]) -> Option<()>) -> Option<()> {
+/// A field [`scan_fields`] hands over.
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+}
+
+/// Walks the fields of one protobuf message, calling `on_field(field, value)` for
+/// every varint and length-delimited field; `None` when the message is malformed.
+fn scan_fields(buf: &[u8], mut on_field: impl FnMut(u64, Field<'_>) -> Option<()>) -> Option<()> {
     let mut at = 0;
     while at < buf.len() {
         let key = varint(buf, &mut at)?;
         match key & 7 {
             0 => {
-                varint(buf, &mut at)?;
+                let value = varint(buf, &mut at)?;
+                on_field(key >> 3, Field::Varint(value))?;
             }
             1 => at += 8,
             2 => {
                 let len = usize::try_from(varint(buf, &mut at)?).ok()?;
                 let end = at.checked_add(len)?;
-                on_bytes(key >> 3, buf.get(at..end)?)?;
+                on_field(key >> 3, Field::Bytes(buf.get(at..end)?))?;
                 at = end;
             }
             5 => at += 4,
@@ -262,18 +376,26 @@ fn scan_fields(buf: &[u8], mut on_bytes: impl FnMut(u64, &[u8]) -> Option<()>) -
 }
 
 /// Counts the verdicts of an encoded `IngestResponse` (field 1) and those whose
-/// `error` (field 6 of `Verdict`) is set, without decoding or allocating.
+/// `error` (field 6 of `Verdict`), `anomaly` (3) or `alert` (7) is set, without
+/// decoding or allocating.
 fn count_verdicts(response: &[u8]) -> Option<Counts> {
     let mut counts = Counts::default();
     scan_fields(response, |field, verdict| {
-        if field == 1 {
+        if let (1, Field::Bytes(verdict)) = (field, verdict) {
             counts.verdicts += 1;
-            let mut error = false;
-            scan_fields(verdict, |field, text| {
-                error |= field == 6 && !text.is_empty();
+            let (mut error, mut anomaly, mut alert) = (false, false, false);
+            scan_fields(verdict, |field, value| {
+                match (field, value) {
+                    (6, Field::Bytes(text)) => error |= !text.is_empty(),
+                    (3, Field::Varint(v)) => anomaly |= v != 0,
+                    (7, Field::Varint(v)) => alert |= v != 0,
+                    _ => {}
+                }
                 Some(())
             })?;
             counts.errors += u64::from(error);
+            counts.anomalies += u64::from(anomaly);
+            counts.alerts += u64::from(alert);
         }
         Some(())
     })?;
@@ -755,8 +877,7 @@ impl Stream {
                                 record_slice(&mut result.timeline, plan.start, width, at, nanos);
                             }
                             result.answered += 1;
-                            result.counts.verdicts += counts.verdicts;
-                            result.counts.errors += counts.errors;
+                            result.counts.add(&counts);
                         });
                         if let Err(status) = fed {
                             self.finish(Some(status));
@@ -1074,8 +1195,15 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let streams = connections * per_connection;
     let interval_ns = (args.rate > 0.0).then(|| streams as f64 * 1e9 / args.rate);
     let stop = Arc::new(AtomicBool::new(false));
+    let traffic = traffic(&args);
+    let (messages, stats) = traffic.generate();
+    println!(
+        "{}",
+        describe(&traffic, &stats, traffic.devices_reached(stats.messages))
+    );
+    let watchers = start_watchers(&args.url, args.watchers).await?;
     let mut plan = Plan {
-        pool: Pool::new(&message_pool(&args)),
+        pool: Pool::new(&messages),
         interval_ns,
         // Set again below, once every connection is open.
         start: Instant::now(),
@@ -1119,6 +1247,7 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let plan = Arc::new(plan);
     let date = SystemTime::now();
+    let cpu_at_start = own_cpu();
     let tasks: Vec<_> = drivers
         .into_iter()
         .map(|driver| spawn_driver(driver, Arc::clone(&plan)))
@@ -1142,6 +1271,11 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Every stream is done: the ticker thread may end.
     stop.store(true, Ordering::Relaxed);
     let total = start.elapsed();
+    // The load generator's own share of a core while it offered load (pool
+    // generation excluded): near 100 %, its own queueing is in the numbers.
+    let cpu_share = cpu_at_start
+        .zip(own_cpu())
+        .map(|(a, b)| 100.0 * (b - a).as_secs_f64() / total.as_secs_f64());
     let mut timeline: Vec<Slice> = Vec::new();
     for result in results {
         histogram.add(&result.histogram)?;
@@ -1153,8 +1287,7 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         answered += result.answered;
         unanswered += result.unanswered;
-        counts.verdicts += result.counts.verdicts;
-        counts.errors += result.counts.errors;
+        counts.add(&result.counts);
         if result.answered > 0 {
             *statuses.entry("OK".into()).or_default() += result.answered;
         }
@@ -1203,10 +1336,24 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "  samples answered    {} ({} with a per-sample error)",
         counts.verdicts, counts.errors
     );
+    println!(
+        "  anomalous verdicts  {} ({:.2} % of samples answered; {} alerts)",
+        counts.anomalies,
+        100.0 * counts.anomalies as f64 / counts.verdicts.max(1) as f64,
+        counts.alerts
+    );
+    if args.watchers > 0 {
+        // Events of the last answers may still be on their way.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        println!("{}", watch_line(args.watchers, &watchers));
+    }
     for (error, n) in &errors {
         println!("  error               {n} x {error}");
     }
     println!("  elapsed             {:.3} s", total.as_secs_f64());
+    if let Some(share) = cpu_share {
+        println!("  load generator CPU  {share:.0} % of one core");
+    }
     println!(
         "  throughput          {:.0} messages/s, {:.0} samples/s",
         rps,
@@ -1308,6 +1455,13 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "devices": args.devices.to_string(),
                 "samples_answered": counts.verdicts.to_string(),
                 "sample_errors": counts.errors.to_string(),
+                "anomalous_samples": counts.anomalies.to_string(),
+                "alerts": counts.alerts.to_string(),
+                "devices_reached": traffic.devices_reached(stats.messages).to_string(),
+                "injected_anomalies": stats.anomalous.to_string(),
+                "pool_samples": stats.samples.to_string(),
+                "watch_events": watchers.events.load(Ordering::Relaxed).to_string(),
+                "loadgen_cpu_percent": cpu_share.map_or_else(String::new, |s| format!("{s:.0}")),
                 "p99.9_ns": nanos(0.999).to_string(),
                 "latency_from": if args.rate > 0.0 { "intended send time" } else { "send time" },
             },
@@ -1356,10 +1510,15 @@ async fn idle(args: Args, n: usize) -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let ready = Arc::new(Semaphore::new(0));
     let plan = Plan {
-        pool: Pool::new(&message_pool(&Args {
-            batch: 1,
-            ..args.clone()
-        })),
+        pool: Pool::new(
+            &traffic(&Args {
+                batch: 1,
+                rounds: 1,
+                ..args.clone()
+            })
+            .generate()
+            .0,
+        ),
         interval_ns: None,
         start: Instant::now(),
         deadline: Instant::now() + Duration::from_secs(365 * 86_400),
@@ -1399,24 +1558,64 @@ async fn idle(args: Args, n: usize) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Writes an h2load body and says which devices it reaches.
+fn write_body(args: &Args, path: &Path) -> std::process::ExitCode {
+    let traffic = traffic(args);
+    let count = match args.body_messages {
+        0 => traffic.devices.div_ceil(traffic.batch),
+        n => n,
+    };
+    // The body is the start of the pool: no more rounds than it holds.
+    let traffic = Traffic {
+        rounds: if traffic.rounds == 0 {
+            (count * traffic.batch).div_ceil(traffic.devices).max(1)
+        } else {
+            traffic.rounds
+        },
+        ..traffic
+    };
+    let (pool, stats) = traffic.generate();
+    let body = framed(pool.iter().cycle().take(count));
+    if let Err(e) = std::fs::write(path, &body) {
+        eprintln!("cannot write {}: {e}", path.display());
+        return std::process::ExitCode::FAILURE;
+    }
+    let reached = traffic.devices_reached(count);
+    println!(
+        "wrote {} ({} bytes: {} messages of {} samples)",
+        path.display(),
+        body.len(),
+        count,
+        traffic.batch
+    );
+    println!("{}", describe(&traffic, &stats, reached));
+    if reached < traffic.devices {
+        eprintln!(
+            "note: the body reaches only {reached} of {} devices; --body-messages {} reaches them all",
+            traffic.devices,
+            traffic.devices.div_ceil(traffic.batch)
+        );
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// Holds the watchers for the duration and reports what they received.
+async fn watch_only(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let n = args.watchers.max(1);
+    let counts = start_watchers(&args.url, n).await?;
+    println!("watchers attached: {n}");
+    tokio::select! {
+        () = tokio::time::sleep(args.duration) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    println!("{}", watch_line(n, &counts));
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(path) = &args.write_h2load_body {
-        let pool = message_pool(&args);
-        let count = args.body_messages.max(1);
-        let body = framed(pool.iter().cycle().take(count));
-        if let Err(e) = std::fs::write(path, &body) {
-            eprintln!("cannot write {}: {e}", path.display());
-            return std::process::ExitCode::FAILURE;
-        }
-        println!(
-            "wrote {} ({} bytes: {} messages of {} samples)",
-            path.display(),
-            body.len(),
-            count,
-            args.batch
-        );
-        return std::process::ExitCode::SUCCESS;
+        return write_body(&args, path);
     }
     let runtime = match args.threads {
         1 => tokio::runtime::Builder::new_current_thread()
@@ -1440,6 +1639,7 @@ fn main() -> std::process::ExitCode {
     let outcome = runtime.block_on(async move {
         match args.idle_streams {
             Some(n) => idle(args, n).await,
+            None if args.watch_only => watch_only(args).await,
             None => load(args).await,
         }
     });

@@ -1,8 +1,9 @@
-//! `bare-tonic`: the baseline of the benchmark suite. A tonic server with the same
-//! proto and transport settings as tidewatch whose `Ingest` answers every sample with a
-//! constant verdict (device id and seq echoed, one zero-statistics entry per metric),
-//! without any engine. `scripts/bench.sh` runs h2load against it and against tidewatch
-//! on the same core to show what the engine and the service around it cost.
+//! `bare-tonic`: the gRPC baseline of the benchmark suite. An idiomatic tonic server on
+//! the same proto whose `Ingest` answers every sample with a constant verdict (device
+//! id and seq echoed, one zero-statistics entry per metric), without any engine. It
+//! shares tidewatch's allocator, tokio runtime, socket options, HTTP/2 keepalive and
+//! message size limits (see the crate documentation), so `scripts/bench.sh`, running
+//! both on the same core, shows what the engine and the service around it cost.
 
 use std::{net::SocketAddr, pin::Pin, time::Duration};
 
@@ -15,11 +16,15 @@ use tidewatch_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "bare-tonic",
-    about = "Constant-verdict TelemetryService (benchmark baseline)"
+    version,
+    about = "Constant-verdict tonic TelemetryService on tidewatch's allocator, runtime and socket options (gRPC benchmark baseline)"
 )]
 struct Args {
     /// Listen address.
@@ -89,9 +94,12 @@ impl TelemetryService for Bare {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    tidewatch_loadgen::server_runtime()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     // The same line tidewatch logs, so scripts wait for both the same way.
     println!("grpc listening on {}", listener.local_addr()?);
