@@ -1,5 +1,5 @@
 //! Redis snapshots: window state follows a device across restarts, rolling updates and
-//! replicas (DESIGN §5).
+//! replicas (`docs/architecture.md`, "Snapshot protocol").
 //!
 //! - **Flush** ([`Snapshots::flush`], run by [`flusher`] every `SNAPSHOT_INTERVAL`,
 //!   beside ingestion, never inside a request): on the blocking pool, the dirty
@@ -24,6 +24,9 @@
 //! is logged once when it starts and once when it ends, and counted.
 
 pub mod codec;
+#[cfg(test)]
+mod fixtures;
+mod legacy;
 pub mod resp;
 pub mod store;
 
