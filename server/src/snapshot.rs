@@ -24,6 +24,7 @@
 //! is logged once when it starts and once when it ends, and counted.
 
 pub mod codec;
+mod error;
 #[cfg(test)]
 mod fixtures;
 mod legacy;

@@ -243,16 +243,16 @@ fn server_src_has_no_import_circle() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     read_tree(&root, &root, &mut files);
-    let edges = edges(&files);
+    let found = edges(&files);
     // The reading works: the engine is imported, and it imports its own parts.
-    assert!(edges.iter().any(|(_, to)| to == &["engine".to_owned()]));
+    assert!(found.iter().any(|(_, to)| to == &["engine".to_owned()]));
     assert!(
-        edges
+        found
             .iter()
             .any(|(from, _)| from.first().is_some_and(|m| m == "engine"))
     );
     for depth in [1, 2] {
-        if let Some(circle) = find_circle(&at_depth(&edges, depth)) {
+        if let Some(circle) = find_circle(&at_depth(&found, depth)) {
             panic!("import circle in server/src: {}", show(&circle));
         }
     }
@@ -275,18 +275,18 @@ fn a_circle_is_found() {
             "    use super::*;\nuse super::codec::{self, DecodeError as E};\n",
         ),
     ];
-    let edges = edges(&files);
+    let found = edges(&files);
     let m = |path: &str| path.split("::").map(str::to_owned).collect::<Module>();
-    assert!(edges.contains(&(m("engine::window"), m("snapshot::codec"))));
-    assert!(edges.contains(&(m("snapshot::codec"), m("engine"))));
-    assert!(edges.contains(&(m("snapshot::store"), m("snapshot::codec"))));
-    let circle = find_circle(&at_depth(&edges, 1)).expect("engine <-> snapshot");
+    assert!(found.contains(&(m("engine::window"), m("snapshot::codec"))));
+    assert!(found.contains(&(m("snapshot::codec"), m("engine"))));
+    assert!(found.contains(&(m("snapshot::store"), m("snapshot::codec"))));
+    let circle = find_circle(&at_depth(&found, 1)).expect("engine <-> snapshot");
     assert_eq!(
         show(&circle),
         "crate::engine -> crate::snapshot -> crate::engine"
     );
     // Between files, a parent's re-export named by its child is no circle.
-    assert_eq!(find_circle(&at_depth(&edges, 2)), None);
+    assert_eq!(find_circle(&at_depth(&found, 2)), None);
     let two = [
         file("lib.rs", "mod a;\n"),
         file("a.rs", "mod b;\nmod c;\n"),

@@ -11,8 +11,9 @@
 use prost::Message;
 use tidewatch_proto::v1::DeviceSnapshot;
 
+pub use super::error::DecodeError;
 use super::legacy;
-use crate::engine::{DeviceState, DirtyDevice, StateError};
+use crate::engine::{DeviceState, DirtyDevice};
 
 /// First bytes of every snapshot value: garbage rarely starts with them.
 pub const MAGIC: [u8; 2] = *b"TW";
@@ -22,50 +23,6 @@ pub const VERSION: u8 = 2;
 
 /// The fixed layout of earlier builds, still read.
 pub const LEGACY_VERSION: u8 = 1;
-
-/// Why a snapshot value could not be decoded. The device then starts fresh.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    /// The value does not start with [`MAGIC`].
-    #[error("not a tidewatch snapshot (bad magic)")]
-    Magic,
-    /// Written by another encoding version.
-    #[error(
-        "snapshot encoding version {0} is not supported (this build reads {LEGACY_VERSION} and {VERSION})"
-    )]
-    Version(u8),
-    /// The value ends in the middle of a field.
-    #[error("snapshot is truncated while reading {0}")]
-    Truncated(&'static str),
-    /// The message is not a valid `DeviceSnapshot` (what prost says of it).
-    #[error("snapshot message is malformed: {0}")]
-    Message(String),
-    /// A field holds a value the engine cannot have produced.
-    #[error("snapshot field {field} is invalid: {reason}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Bytes are left after the device.
-    #[error("snapshot has {0} trailing bytes")]
-    Trailing(usize),
-    /// The value under a device's key holds another device.
-    #[error("snapshot holds device {found:?}, expected {expected:?}")]
-    WrongDevice {
-        /// The device whose key was read.
-        expected: String,
-        /// The device the value holds.
-        found: String,
-    },
-}
-
-impl From<StateError> for DecodeError {
-    fn from(StateError { field, reason }: StateError) -> Self {
-        Self::Invalid { field, reason }
-    }
-}
 
 /// A device that can be written as a snapshot: the owned [`DeviceState`], or a device
 /// in the engine's memory as the flusher visits it (both write the same bytes).

@@ -17,7 +17,7 @@ use tidewatch_proto::v1::{
     DeviceSnapshot, MetricSnapshot, RobustSnapshot, SeasonBucket, WindowSnapshot,
 };
 
-use super::codec::DecodeError;
+use super::error::DecodeError;
 
 /// Version byte of the detector state inside a version-1 metric section.
 const DETECTOR_VERSION: u8 = 1;
