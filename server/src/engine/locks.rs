@@ -97,7 +97,7 @@ impl<'t, 'a> ShardTable<'t, 'a> {
     #[inline]
     pub(super) fn get(tables: &'t mut [Guard<'a>], shards: &'a [Shard], index: usize) -> Self {
         match tables.get_mut(index) {
-            Some(table) => Self::Held(&mut **table),
+            Some(table) => Self::Held(table),
             None => Self::Own(shards[index].lock()),
         }
     }

@@ -252,7 +252,7 @@ impl Ring {
     }
 
     /// The message [`Ring::write_snapshot`] writes.
-    pub(crate) fn to_snapshot(&self, slots: &[f64]) -> WindowSnapshot {
+    pub(crate) fn snapshot(&self, slots: &[f64]) -> WindowSnapshot {
         WindowSnapshot {
             values: slots[..self.len()].to_vec(),
             head: u32::from(self.head),
@@ -401,7 +401,7 @@ impl Window {
 
     /// The window as a snapshot message (see [`Ring::write_snapshot`]).
     pub fn to_snapshot(&self) -> WindowSnapshot {
-        self.ring.to_snapshot(&self.values)
+        self.ring.snapshot(&self.values)
     }
 
     /// The window a snapshot message holds.
