@@ -8,7 +8,10 @@ use std::{env, fs, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("tidewatch_descriptor.bin");
-    let protos = ["proto/tidewatch/v1/telemetry.proto"];
+    let protos = [
+        "proto/tidewatch/v1/telemetry.proto",
+        "proto/tidewatch/v1/snapshot.proto",
+    ];
 
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

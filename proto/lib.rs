@@ -1,6 +1,7 @@
-//! Generated code for the `tidewatch.v1` API: prost messages, tonic client and server
-//! stubs, serde impls that follow the canonical proto3 JSON mapping (pbjson), and the
-//! encoded file descriptor set for gRPC reflection. Nothing here is written by hand
+//! Generated code for the `tidewatch.v1` API and the snapshot message the server keeps
+//! in Redis (`snapshot.proto`): prost messages, tonic client and server stubs, serde
+//! impls that follow the canonical proto3 JSON mapping (pbjson), and the encoded file
+//! descriptor set for gRPC reflection. Nothing here is written by hand
 //! except this wrapper; edit `proto/tidewatch/v1/*.proto` instead.
 
 /// The `tidewatch.v1` package.
