@@ -1,8 +1,7 @@
 //! Helpers shared by the integration tests: the real server in-process on
 //! `127.0.0.1:0`, the real `tidewatch` binary as a child process, and gRPC clients.
-//! Each test binary uses a different subset, hence the `dead_code` allowance.
 
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(unreachable_pub)]
 
 use std::{
     io::{BufRead, BufReader},
