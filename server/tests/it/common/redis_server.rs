@@ -32,11 +32,6 @@ impl RedisServer {
         server
     }
 
-    /// The process id of the running `redis-server`.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
