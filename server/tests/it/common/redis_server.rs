@@ -32,6 +32,15 @@ impl RedisServer {
         server
     }
 
+    /// The process id of the running `redis-server`.
+    #[allow(
+        dead_code,
+        reason = "`benches/snapshot.rs` includes this file and reads the CPU time of the process"
+    )]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
