@@ -9,8 +9,8 @@
 //! experimental, skips the lookup but keeps the mutex). [`IngestHistogram::record`]
 //! is a bucket search by integer compares and two relaxed atomic adds. Every other
 //! latency (unary RPCs, HTTP, snapshot flushes) is recorded once per request and goes
-//! straight into OpenTelemetry. Measure again before folding this back (the numbers
-//! live in `BENCHMARKS.md` and the commit that introduced this module).
+//! straight into OpenTelemetry. Fold it back only after measuring both ways in one
+//! run (`BENCHMARKS.md` says how).
 //!
 //! # Contract
 //!
