@@ -2,11 +2,9 @@
 //! over `MAX_MESSAGE_BYTES`, too many open streams, a silent stream and a stream past
 //! its lifetime each end with their status and a message naming the setting.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestServer, drain, metric_total, one, run_ingest, sample, wait_until};
+use crate::common::{TestServer, drain, metric_total, one, run_ingest, sample, wait_until};
 use tidewatch_proto::v1::{IngestRequest, IngestResponse};
 use tidewatch_server::telemetry::Transport;
 use tokio::sync::mpsc;

@@ -2,11 +2,9 @@
 //! `NOT_FOUND`; a watcher sees the anomalies its filters select, and a watcher that
 //! never reads neither slows nor stops ingestion and is told how much it missed.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestServer, metric_total, one, run_ingest, small_window_channel, wait_until};
+use crate::common::{TestServer, metric_total, one, run_ingest, small_window_channel, wait_until};
 use tidewatch_proto::v1::{
     AnalyzeRequest, IngestRequest, Source, WatchAnomaliesRequest,
     telemetry_service_client::TelemetryServiceClient,

@@ -2,9 +2,7 @@
 //! stream's first message, its errors, and `tidewatch-eval`'s gRPC replay giving the
 //! same verdicts as the in-process one.
 
-mod common;
-
-use common::TestServer;
+use crate::common::TestServer;
 use tidewatch_proto::v1::{DetectorConfig, IngestRequest, Sample};
 use tidewatch_server::{
     engine::DetectorKind,

@@ -1,8 +1,7 @@
 //! Helpers shared by the integration tests: the real server in-process on
 //! `127.0.0.1:0`, the real `tidewatch` binary as a child process, and gRPC clients.
-//! Each test binary uses a different subset, hence the `dead_code` allowance.
 
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(unreachable_pub)]
 
 use std::{
     io::{BufRead, BufReader},
@@ -56,11 +55,6 @@ impl TestServer {
         }
     }
 
-    /// The HTTP gateway base URL.
-    pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
-    }
-
     /// The gRPC endpoint URL.
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc_addr)
@@ -92,9 +86,6 @@ impl TestServer {
 pub struct ServerProcess {
     pub child: Child,
     pub grpc_addr: SocketAddr,
-    /// The HTTP gateway address (from the "http listening" line, logged before
-    /// "grpc listening").
-    pub http_addr: SocketAddr,
     /// Every log line the server printed up to "grpc listening".
     pub startup_log: Vec<String>,
     /// Every log line the server printed after "grpc listening", as it arrives.
@@ -121,7 +112,9 @@ impl ServerProcess {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut startup_log = Vec::new();
-        let mut http_addr = None;
+        // The gateway binds first: "http listening", with its address, comes before
+        // "grpc listening".
+        let mut http_listening = false;
         let grpc_addr = loop {
             let line = lines
                 .next()
@@ -133,7 +126,9 @@ impl ServerProcess {
                 Err(_) => continue,
             };
             if value["message"] == "http listening" {
-                http_addr = value["http_addr"].as_str().and_then(|a| a.parse().ok());
+                http_listening = value["http_addr"]
+                    .as_str()
+                    .is_some_and(|a| a.parse::<SocketAddr>().is_ok());
             }
             if value["message"] == "grpc listening" {
                 break value["grpc_addr"]
@@ -143,6 +138,10 @@ impl ServerProcess {
                     .expect("socket address");
             }
         };
+        assert!(
+            http_listening,
+            "\"http listening\" logged before \"grpc listening\""
+        );
         // Keep draining stdout so the server never blocks on a full pipe.
         let log = LogLines::default();
         let sink = log.clone();
@@ -154,7 +153,6 @@ impl ServerProcess {
         Self {
             child,
             grpc_addr,
-            http_addr: http_addr.expect("\"http listening\" logged before \"grpc listening\""),
             startup_log,
             log,
         }
@@ -282,11 +280,6 @@ impl LogLines {
     /// The lines so far.
     pub fn lines(&self) -> Vec<String> {
         self.0.0.lock().expect("log lock").clone()
-    }
-
-    /// Waits up to `timeout` for a JSON line whose `message` field is `message`.
-    pub fn wait_for_message(&self, message: &str, timeout: Duration) -> Option<serde_json::Value> {
-        self.wait_for(|v| v["message"] == message, timeout)
     }
 
     /// Waits up to `timeout` for a JSON line for which `predicate` holds.

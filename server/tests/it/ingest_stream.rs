@@ -1,14 +1,12 @@
 //! `Ingest` over the real gRPC server: a 10,000-message stream with interleaved
 //! devices and retried `seq` numbers is answered in order, one response per request
 //! and one verdict per sample, and every verdict equals an independent naive
-//! reference of DESIGN §3 (two-pass mean and population stddev of the window before
-//! the value).
-
-mod common;
+//! reference of the engine semantics (`docs/architecture.md`, "Engine semantics"):
+//! two-pass mean and population stddev of the window before the value.
 
 use std::collections::HashMap;
 
-use common::{TestServer, drain, one, run_ingest, sample};
+use crate::common::{TestServer, drain, one, run_ingest, sample};
 use tidewatch_proto::v1::{IngestRequest, Sample, Verdict};
 
 const WINDOW: usize = 50;

@@ -1,9 +1,7 @@
 //! The seed check over the real gRPC server: 420, 430, 410, 440, 425 then 900 for
 //! `rps` is an anomaly with mean 425, stddev 10 and z-score 47.5.
 
-mod common;
-
-use common::{TestServer, one};
+use crate::common::{TestServer, one};
 use tokio_stream::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

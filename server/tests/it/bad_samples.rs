@@ -1,10 +1,8 @@
 //! Bad samples over the real gRPC server: each gets an error verdict with its stable
 //! reason prefix, changes nothing, and the stream goes on.
 
-mod common;
-
+use crate::common::{TestServer, drain, one, run_ingest, sample};
 use bytes::Bytes;
-use common::{TestServer, drain, one, run_ingest, sample};
 use prost::Message as _;
 use tidewatch_proto::v1::{IngestRequest, IngestResponse, Sample};
 use tidewatch_server::grpc::wire::WireEncoder;

@@ -33,6 +33,10 @@ impl RedisServer {
     }
 
     /// The process id of the running `redis-server`.
+    #[allow(
+        dead_code,
+        reason = "`benches/snapshot.rs` includes this file and reads the CPU time of the process"
+    )]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

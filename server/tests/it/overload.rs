@@ -4,12 +4,12 @@
 //! probes and health checks are never shed; long-lived streams do not hold a slot;
 //! `REQUEST_TIMEOUT` and `MAX_INGEST_STREAMS` hold.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{
+    TestServer, channel_body, http_get, http_send, ingest_json, metric_value, one,
+};
 use bytes::Bytes;
-use common::{TestServer, channel_body, http_get, http_send, ingest_json, metric_value, one};
 use http_body_util::BodyExt as _;
 use hyper::body::Frame;
 use prost::Message as _;
@@ -37,7 +37,10 @@ type FrameSender = mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>;
 fn slow_upload(
     server: &TestServer,
     first: &str,
-) -> (FrameSender, tokio::task::JoinHandle<common::HttpAnswer>) {
+) -> (
+    FrameSender,
+    tokio::task::JoinHandle<crate::common::HttpAnswer>,
+) {
     let (tx, body) = channel_body();
     tx.try_send(Ok(Frame::data(Bytes::from(first.to_string()))))
         .expect("first chunk");

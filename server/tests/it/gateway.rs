@@ -3,9 +3,7 @@
 //! NDJSON), the seed check, `/analyze`, refused bodies that ingest nothing, probes,
 //! readiness during shutdown, and verdict JSON byte-identical to gRPC's.
 
-mod common;
-
-use common::{TestServer, http_get, http_post, ingest_json, one, sample};
+use crate::common::{TestServer, http_get, http_post, ingest_json, one, sample};
 use serde_json::{Value, json};
 use tidewatch_proto::v1::{IngestRequest, IngestResponse, Sample};
 use tidewatch_server::telemetry::Transport;
@@ -338,7 +336,7 @@ async fn refused_bodies_ingest_nothing() {
     let message = ingest_json(addr, &big).await.assert_error(413, "too_large");
     assert!(message.contains("MAX_BODY_BYTES"), "{message}");
     // The same without Content-Length (chunked): refused once the bytes read pass it.
-    let (tx, body) = common::channel_body();
+    let (tx, body) = crate::common::channel_body();
     let feeder = tokio::spawn(async move {
         let chunk = bytes::Bytes::from(vec![b' '; 1024 * 1024]);
         for _ in 0..20 {
@@ -355,7 +353,7 @@ async fn refused_bodies_ingest_nothing() {
         .header("content-type", "application/json")
         .body(body)
         .unwrap();
-    common::http_send(addr, request)
+    crate::common::http_send(addr, request)
         .await
         .assert_error(413, "too_large");
     feeder.abort();
@@ -373,7 +371,7 @@ async fn refused_bodies_ingest_nothing() {
     // Non-finite values count as rejected samples (both samples of the NaN body, one
     // of the Infinity body).
     let exposition = http_get(addr, "/metrics").await.text();
-    let rejected = common::metric_value(
+    let rejected = crate::common::metric_value(
         &exposition,
         "tidewatch_samples_rejected_total",
         &[("transport", "http"), ("reason", "invalid_value")],

@@ -2,14 +2,12 @@
 //! there with the value the traffic implies, no device id or metric name is a label,
 //! and the real `promtool check metrics` (Debian package `prometheus`) finds nothing.
 
-mod common;
-
 use std::{
     io::Write as _,
     process::{Command, Stdio},
 };
 
-use common::{TestServer, http_get, ingest_json, metric_value, one};
+use crate::common::{TestServer, http_get, ingest_json, metric_value, one};
 use tidewatch_proto::v1::{AnalyzeRequest, IngestRequest, WatchAnomaliesRequest};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;

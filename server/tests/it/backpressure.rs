@@ -3,8 +3,6 @@
 //! server's memory stays bounded meanwhile; once the client reads, all 100,000 are
 //! answered, in order.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -13,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{ServerProcess, drain, one};
+use crate::common::{ServerProcess, drain, one};
 use futures::StreamExt as _;
 use tidewatch_proto::v1::IngestRequest;
 
@@ -60,7 +58,7 @@ fn message(seq: u64) -> IngestRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_stalls_and_server_memory_stays_bounded() {
     let process = ServerProcess::spawn(&[], &[]);
-    let mut client = common::connect(&process.grpc_url()).await;
+    let mut client = crate::common::connect(&process.grpc_url()).await;
 
     // Warm-up: one ordinary stream, so the baseline includes the allocator's and
     // the runtime's working set for a stream of these messages.

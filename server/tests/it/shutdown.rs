@@ -3,11 +3,9 @@
 //! `UNAVAILABLE`; the binary exits 0 on SIGTERM within `SHUTDOWN_TIMEOUT`, and its
 //! health turns NOT_SERVING while it drains.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{ServerProcess, TestServer, channel, drain, one, wait_until};
+use crate::common::{ServerProcess, TestServer, channel, drain, one, wait_until};
 use tidewatch_proto::v1::{IngestRequest, WatchAnomaliesRequest};
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
@@ -115,7 +113,7 @@ async fn a_stream_busy_during_shutdown_ends_answered_and_unavailable() {
 async fn sigterm_drains_reports_not_serving_and_exits_zero() {
     let mut process = ServerProcess::spawn(&[], &[("SHUTDOWN_TIMEOUT", "10s")]);
     let url = process.grpc_url();
-    let mut client = common::connect(&url).await;
+    let mut client = crate::common::connect(&url).await;
     let (tx, rx) = mpsc::channel::<IngestRequest>(16);
     let mut responses = client
         .ingest(ReceiverStream::new(rx))

@@ -2,9 +2,7 @@
 //! and server reflection in both versions (tonic-reflection's generated clients): v1
 //! for current tools, v1alpha for grpcurl 1.8.
 
-mod common;
-
-use common::{TestServer, channel};
+use crate::common::{TestServer, channel};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::{

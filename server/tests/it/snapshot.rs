@@ -3,15 +3,13 @@
 //! crash, Analyze from another replica, a Redis outage during a stream, corrupt
 //! values, restore-once under concurrent first samples, eviction, startup logs.
 
-mod common;
-
 use std::{
     future::Future,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use common::{ServerProcess, TestServer, connect, redis_server::RedisServer, sample};
+use crate::common::{ServerProcess, TestServer, connect, redis_server::RedisServer, sample};
 use tidewatch_proto::v1::{
     AnalyzeRequest, IngestRequest, Sample, Source, Verdict,
     telemetry_service_client::TelemetryServiceClient,

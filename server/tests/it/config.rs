@@ -2,14 +2,12 @@
 //! stderr naming the setting; no setting at all runs in memory without Redis (what
 //! `cargo run --release` does), and says so.
 
-mod common;
-
 use std::{
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::ServerProcess;
+use crate::common::ServerProcess;
 
 /// Runs the binary with only `envs` and `args` set; returns (exit code, stderr).
 fn run_invalid(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {

@@ -6,8 +6,6 @@
 //! grpcurl comes from `.venv/bin` of the workspace or from `PATH`; without it these
 //! tests fail (they are never skipped).
 
-mod common;
-
 use std::{
     io::{Read, Write},
     path::Path,
@@ -16,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use common::{TestServer, grpcurl, metric_total, wait_until};
+use crate::common::{TestServer, grpcurl, metric_total, wait_until};
 use serde_json::Value;
 
 /// The address the README's examples use.
