@@ -388,7 +388,12 @@ impl Server {
         // Closed connections linger until their peer has read everything (see
         // `grpc::incoming`); the drain waits for them too.
         let (lingering, mut lingered) = mpsc::channel::<()>(1);
-        let incoming = grpc::incoming(self.grpc, config.shutdown_timeout, lingering);
+        let incoming = grpc::incoming(
+            self.grpc,
+            config.shutdown_timeout,
+            config.flush_consolidation,
+            lingering,
+        );
         let grpc_server = builder
             .add_service(health_service)
             .add_service(reflection_v1)
