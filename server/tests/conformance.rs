@@ -338,14 +338,15 @@ fn case(name: impl Into<String>, frames: Vec<Vec<u8>>) -> Case {
 
 /// The corpus. Device ids are unique per case, so no verdict is a duplicate.
 fn corpus() -> Vec<Case> {
-    let mut cases = Vec::new();
-    cases.push(case("one message", vec![one_of("one")]));
-    cases.push(case("empty body", vec![]));
-    cases.push(case(
-        "an empty DATA frame",
-        vec![vec![], one_of("empty-frame"), vec![]],
-    ));
-    cases.push(case("an empty message", vec![framed(0, &[])]));
+    let mut cases = vec![
+        case("one message", vec![one_of("one")]),
+        case("empty body", vec![]),
+        case(
+            "an empty DATA frame",
+            vec![vec![], one_of("empty-frame"), vec![]],
+        ),
+        case("an empty message", vec![framed(0, &[])]),
+    ];
     let three: Vec<u8> = [
         framed(0, &request(&["three-a"], 1)),
         framed(0, &request(&["three-b", "three-c"], 2)),

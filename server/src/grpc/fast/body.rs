@@ -59,8 +59,10 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<tonic::codegen::StdError> + Send + 'static,
 {
-    if let Err(refused) = check_content_type(request.headers()) {
-        return refused;
+    if let Err(status) = check_content_type(request.headers()) {
+        let mut response = status.into_http();
+        *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        return response;
     }
     if let Err(status) = check_encoding(request.headers()) {
         return status.into_http();
@@ -88,10 +90,11 @@ where
 }
 
 /// Refuses a request that does not say it carries protobuf gRPC messages: as the
-/// gRPC HTTP/2 protocol asks (and grpc-go answers), HTTP 415 with `INTERNAL`, so
+/// gRPC HTTP/2 protocol asks (and grpc-go answers), HTTP 415 (set by the caller)
+/// with `INTERNAL`, so
 /// that neither a gRPC client nor another HTTP client takes it for a success. tonic
 /// serves any `content-type` as gRPC (see the contract in [`super`]).
-fn check_content_type(headers: &HeaderMap) -> Result<(), http::Response<tonic::body::Body>> {
+fn check_content_type(headers: &HeaderMap) -> Result<(), Status> {
     let value = headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes);
     if let Some(value) = value {
         let media = value.split(|&b| b == b';').next().unwrap_or_default();
@@ -106,10 +109,9 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), http::Response<tonic::b
         || "none".to_owned(),
         |v| format!("{:?}", String::from_utf8_lossy(v)),
     );
-    let mut response =
-        Status::internal(format!("invalid gRPC request content-type {shown}")).into_http();
-    *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-    Err(response)
+    Err(Status::internal(format!(
+        "invalid gRPC request content-type {shown}"
+    )))
 }
 
 /// Refuses a request whose messages are compressed: the server accepts no encoding
