@@ -162,6 +162,18 @@ pub struct Config {
     #[arg(help_heading = "Network", long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub max_connection_age_grace: Duration,
 
+    /// gRPC connections batch their writes across the streams that answer in one turn
+    /// of the runtime and send them with one system call, instead of one per stream
+    /// (`grpc::fast::connection`); `false` sends at every HTTP/2 flush.
+    #[arg(
+        long,
+        env = "FLUSH_CONSOLIDATION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub flush_consolidation: bool,
+
     /// Largest HTTP request body accepted, in bytes; larger bodies get `413`.
     #[arg(help_heading = "Limits", long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -603,6 +615,11 @@ mod tests {
                 .unwrap();
         assert_eq!(c.window_size, 10);
         assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert!(c.flush_consolidation, "on by default");
+        for (value, expected) in [("false", false), ("0", false), ("true", true), ("on", true)] {
+            let c = Config::try_parse_from(["tidewatch", "--flush-consolidation", value]).unwrap();
+            assert_eq!(c.flush_consolidation, expected, "{value}");
+        }
     }
 
     #[test]

@@ -5,7 +5,6 @@ use crate::common::{TestServer, drain, one, run_ingest, sample};
 use bytes::Bytes;
 use prost::Message as _;
 use tidewatch_proto::v1::{IngestRequest, IngestResponse, Sample};
-use tidewatch_server::grpc::wire::WireEncoder;
 
 fn many_metrics(count: usize) -> Sample {
     Sample {
@@ -182,14 +181,32 @@ impl tonic::codec::Decoder for ProstResponses {
     }
 }
 
+/// Sends each message's bytes as they are.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
 impl tonic::codec::Codec for RawIngest {
     type Encode = Bytes;
     type Decode = IngestResponse;
-    type Encoder = WireEncoder;
+    type Encoder = RawBytes;
     type Decoder = ProstResponses;
 
-    fn encoder(&mut self) -> WireEncoder {
-        WireEncoder
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
     }
 
     fn decoder(&mut self) -> ProstResponses {
