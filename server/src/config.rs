@@ -166,6 +166,7 @@ pub struct Config {
     /// of the runtime and send them with one system call, instead of one per stream
     /// (`grpc::fast::connection`); `false` sends at every HTTP/2 flush.
     #[arg(
+        help_heading = "Network",
         long,
         env = "FLUSH_CONSOLIDATION",
         default_value_t = true,
