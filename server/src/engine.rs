@@ -267,6 +267,38 @@ impl Engine {
         self.devices.load(Ordering::Relaxed)
     }
 
+    /// A page of the device ids in memory: up to `limit` ids that start with `prefix`
+    /// and sort after `after` (bytewise), in order, and whether more follow. Walks every
+    /// shard under its lock, one shard at a time: linear in the devices, so callers
+    /// with many devices run it on the blocking pool.
+    pub fn device_ids(&self, prefix: &str, after: &str, limit: usize) -> (Vec<String>, bool) {
+        let mut page = std::collections::BTreeSet::<Box<str>>::new();
+        for shard in &self.shards {
+            let table = shard.lock();
+            for device in table.iter() {
+                let id = device.id.as_str();
+                if !id.starts_with(prefix) || id <= after {
+                    continue;
+                }
+                // Keep the `limit + 1` smallest: the extra one says whether more follow.
+                if page.len() > limit {
+                    match page.last() {
+                        Some(last) if id < &**last => {
+                            page.pop_last();
+                        }
+                        _ => continue,
+                    }
+                }
+                page.insert(id.into());
+            }
+        }
+        let more = page.len() > limit;
+        (
+            page.into_iter().take(limit).map(String::from).collect(),
+            more,
+        )
+    }
+
     /// Whether the device is in memory.
     pub fn contains(&self, device_id: &str) -> bool {
         let id = normalize_device_id(device_id).as_bytes();
@@ -934,6 +966,43 @@ pub(crate) mod tests {
         let mut out = Vec::new();
         engine.ingest_batch(&[s], &engine.default_detector(), &mut out);
         out.pop().unwrap()
+    }
+
+    #[test]
+    fn device_ids_pages_in_order_by_prefix() {
+        let engine = Engine::new(EngineConfig {
+            shards: 4,
+            ..EngineConfig::default()
+        });
+        for id in ["pump-3", "pump-1", "fan-1", "pump-2", "pump-10", "fan-2"] {
+            ingest(&engine, sample(id, 0, &[("rps", 1.0)]));
+        }
+        assert_eq!(
+            engine.device_ids("pump-", "", 2),
+            (vec!["pump-1".to_owned(), "pump-10".to_owned()], true)
+        );
+        assert_eq!(
+            engine.device_ids("pump-", "pump-10", 2),
+            (vec!["pump-2".to_owned(), "pump-3".to_owned()], false)
+        );
+        assert_eq!(engine.device_ids("pump-", "pump-3", 2), (vec![], false));
+        let (all, more) = engine.device_ids("", "", 100);
+        assert_eq!(all.len(), 6);
+        assert!(!more);
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        // Every page size walks the same sequence.
+        for limit in 1..=7 {
+            let (mut after, mut walked) = (String::new(), Vec::new());
+            loop {
+                let (page, more) = engine.device_ids("", &after, limit);
+                walked.extend(page.iter().cloned());
+                match page.last() {
+                    Some(last) if more => after = last.clone(),
+                    _ => break,
+                }
+            }
+            assert_eq!(walked, all, "limit {limit}");
+        }
     }
 
     #[test]

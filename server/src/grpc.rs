@@ -5,7 +5,7 @@ pub(crate) mod analyze;
 mod incoming;
 mod ingest;
 mod ingest_body;
-mod watch;
+pub(crate) mod watch;
 pub mod wire;
 
 use std::{
@@ -115,10 +115,9 @@ impl TelemetryService for TelemetryApi {
         &self,
         request: Request<WatchAnomaliesRequest>,
     ) -> Result<Response<Self::WatchAnomaliesStream>, Status> {
-        Ok(Response::new(watch::watch(
-            &self.state,
-            request.into_inner(),
-        )))
+        watch::watch(&self.state, request.into_inner())
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 

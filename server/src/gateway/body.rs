@@ -199,6 +199,7 @@ fn sample(value: Value) -> Result<Sample, String> {
 /// every other field a numeric metric.
 fn flat(map: Map<String, Value>) -> Result<Sample, String> {
     let mut sample = Sample::default();
+    let mut seen_id = false;
     for (key, value) in map {
         match key.as_str() {
             "timestamp" | "time" => {
@@ -208,7 +209,15 @@ fn flat(map: Map<String, Value>) -> Result<Sample, String> {
                 sample.time = Some(timestamp(&key, value)?);
             }
             "device_id" | "deviceId" => match value {
-                Value::String(id) => sample.device_id = id,
+                // Both spellings at once are a conflict, as they are for a canonical
+                // sample (proto3 JSON calls it a duplicate field), not last-one-wins.
+                Value::String(_) if seen_id => {
+                    return Err("both \"device_id\" and \"deviceId\" given".into());
+                }
+                Value::String(id) => {
+                    seen_id = true;
+                    sample.device_id = id;
+                }
                 other => {
                     return Err(format!(
                         "field {key:?} must be a string, got {}",
@@ -346,6 +355,17 @@ mod tests {
         // snake_case field names are proto3 JSON too.
         let s = json(r#"{"device_id":"b","metrics":{"x":1},"seq":3}"#).unwrap();
         assert_eq!((s[0].device_id.as_str(), s[0].seq), ("b", 3));
+    }
+
+    #[test]
+    fn both_device_id_spellings_are_refused() {
+        let e = json(r#"{"device_id": "a", "deviceId": "b", "cpu": 1}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sample 0: both \"device_id\" and \"deviceId\" given"
+        );
+        let e = json(r#"{"device_id": "a", "deviceId": "b", "metrics": {}}"#).unwrap_err();
+        assert!(matches!(e, BodyError::WrongShape { .. }), "{e}");
     }
 
     #[test]
