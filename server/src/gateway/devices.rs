@@ -11,7 +11,10 @@ use axum::{
 };
 use serde::Serialize;
 use tidewatch_proto::json::{ProtoDouble, ProtoTimestamp};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{
+    IntoParams, ToSchema,
+    openapi::{Ref, schema::ArrayBuilder},
+};
 
 use super::{json_response, openapi::ErrorBody};
 use crate::{
@@ -151,14 +154,25 @@ pub(crate) struct MetricWindow {
     /// The metric's name.
     metric: String,
     /// The window's values, oldest first (the newest is the last applied value).
-    #[schema(value_type = Vec<f64>)]
+    #[schema(schema_with = doubles)]
     values: Vec<ProtoDouble>,
-    /// Mean of the values.
-    #[schema(value_type = f64)]
+    /// Mean of the values (`"NaN"` or an infinity where their sum overflows, as in
+    /// `GET /analyze`).
+    #[schema(schema_with = double)]
     mean: ProtoDouble,
     /// Population standard deviation of the values.
-    #[schema(value_type = f64)]
+    #[schema(schema_with = double)]
     stddev: ProtoDouble,
+}
+
+/// The proto3 JSON double schema of the document (`Double`).
+fn double() -> Ref {
+    Ref::from_schema_name("Double")
+}
+
+/// An array of [`double`]s.
+fn doubles() -> ArrayBuilder {
+    ArrayBuilder::new().items(double())
 }
 
 /// `GET /window?device_id=X`: the values in device `X`'s windows. Only devices in

@@ -248,15 +248,16 @@ fn proto_schemas() -> Vec<(&'static str, serde_json::Value)> {
             "Sample",
             json!({
                 "type": "object",
-                "description": "A canonical sample (tidewatch.v1.Sample): it has `metrics`",
+                "description": "A canonical sample (tidewatch.v1.Sample): it has `metrics`; \
+                                null stands for a field's default, as in proto3 JSON",
                 "required": ["metrics"],
                 "additionalProperties": false,
                 "properties": {
-                    "deviceId": {"type": "string"},
-                    "device_id": {"type": "string"},
-                    "time": time_in,
-                    "metrics": {"type": "object", "additionalProperties": finite},
-                    "seq": seq_in,
+                    "deviceId": {"type": ["string", "null"]},
+                    "device_id": {"type": ["string", "null"]},
+                    "time": {"anyOf": [time_in, {"type": "null"}]},
+                    "metrics": {"type": ["object", "null"], "additionalProperties": finite},
+                    "seq": {"anyOf": [seq_in, {"type": "null"}]},
                 },
                 "not": {"required": ["deviceId", "device_id"]},
             }),
