@@ -566,3 +566,40 @@ async fn console_files_are_served_same_origin_only() {
         .assert_error(404, "not_found");
     server.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_client_takes_over_the_recorders_watcher() {
+    let server = TestServer::start_with(|c| c.max_watchers = 1).await;
+    let addr = server.http_addr;
+    let feed = open_feed(addr, "/anomalies", None).await.unwrap();
+    anomaly(addr, "t-0", "rps").await;
+    drop(feed);
+    // Once the client is counted out, the recorder holds the only watcher; a feed
+    // client coming back takes it over (without the hand-over it would be refused for
+    // as long as the recorder runs) and resumes.
+    let started = std::time::Instant::now();
+    let mut feed = loop {
+        match open_feed(addr, "/anomalies", Some(0)).await {
+            Ok(feed) => break feed,
+            Err((503, _, _)) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(refused) => panic!("the returning client was refused: {refused:?}"),
+        }
+    };
+    assert_eq!(feed.expect().await.id, Some(1));
+    assert_eq!(
+        metric_total(&server.state, "tidewatch_watchers_active"),
+        1.0
+    );
+    // Meanwhile gRPC is at the limit.
+    let status = server
+        .client()
+        .await
+        .watch_anomalies(WatchAnomaliesRequest::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    server.stop().await.expect("clean shutdown");
+}
