@@ -281,6 +281,25 @@ pub struct Config {
     /// Detector choice and per-detector settings.
     #[command(flatten)]
     pub detectors: DetectorSettings,
+
+    /// Anomaly watchers open at once: `WatchAnomalies` streams and `GET /anomalies`
+    /// feeds together (0 means no limit); one more is refused as overloaded.
+    #[arg(long, env = "MAX_WATCHERS", default_value_t = 256)]
+    pub max_watchers: usize,
+
+    /// Device ids plus metrics in one watcher's filter; a larger filter is refused.
+    #[arg(long, env = "MAX_WATCH_FILTER", default_value_t = 1024)]
+    pub max_watch_filter: usize,
+
+    /// Anomaly events kept for `GET /anomalies` clients that resume with
+    /// `Last-Event-ID`.
+    #[arg(long, env = "FEED_REPLAY_BUFFER", default_value_t = 1024)]
+    pub feed_replay_buffer: usize,
+
+    /// How long the `GET /anomalies` feed keeps recording after its last client left,
+    /// so that a client reconnecting within it resumes without a gap.
+    #[arg(long, env = "FEED_RESUME_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub feed_resume_window: Duration,
 }
 
 /// The detector settings (shared with `tidewatch-eval`, which takes the same flags).
@@ -504,6 +523,12 @@ impl Config {
         }
         if self.watch_buffer == 0 {
             return fail("WATCH_BUFFER", "must be at least 1".into());
+        }
+        if self.max_watch_filter == 0 {
+            return fail("MAX_WATCH_FILTER", "must be at least 1".into());
+        }
+        if self.feed_replay_buffer == 0 {
+            return fail("FEED_REPLAY_BUFFER", "must be at least 1".into());
         }
         if self.shutdown_timeout.is_zero() {
             return fail("SHUTDOWN_TIMEOUT", "must be above 0".into());

@@ -3,7 +3,7 @@
 
 pub mod fast;
 mod ingest;
-mod watch;
+pub(crate) mod watch;
 
 use std::{
     convert::Infallible,
@@ -112,10 +112,9 @@ impl TelemetryService for TelemetryApi {
         &self,
         request: Request<WatchAnomaliesRequest>,
     ) -> Result<Response<Self::WatchAnomaliesStream>, Status> {
-        Ok(Response::new(watch::watch(
-            &self.state,
-            request.into_inner(),
-        )))
+        watch::watch(&self.state, request.into_inner())
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 

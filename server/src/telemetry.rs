@@ -319,6 +319,20 @@ impl Metrics {
         self.counters.watchers.load(Ordering::Relaxed) > 0
     }
 
+    /// Opens a watcher unless `limit` are open already (0 means no limit).
+    pub fn try_open_watcher(&self, limit: usize) -> Option<ActiveGauge> {
+        let watchers = &self.counters.watchers;
+        let previous = watchers.fetch_add(1, Ordering::Relaxed);
+        if limit > 0 && previous >= limit as i64 {
+            watchers.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ActiveGauge {
+            counters: Arc::clone(&self.counters),
+            watcher: true,
+        })
+    }
+
     /// Opens a watcher.
     pub fn open_watcher(&self) -> ActiveGauge {
         self.counters.watchers.fetch_add(1, Ordering::Relaxed);

@@ -77,6 +77,38 @@ impl Engine {
         self.devices.load(Ordering::Relaxed)
     }
 
+    /// A page of the device ids in memory: up to `limit` ids that start with `prefix`
+    /// and sort after `after` (bytewise), in order, and whether more follow. Walks every
+    /// shard under its lock, one shard at a time: linear in the devices, so callers
+    /// with many devices run it on the blocking pool.
+    pub fn device_ids(&self, prefix: &str, after: &str, limit: usize) -> (Vec<String>, bool) {
+        let mut page = std::collections::BTreeSet::<Box<str>>::new();
+        for shard in &self.shards {
+            let table = shard.lock();
+            for device in table.iter() {
+                let id = device.id.as_str();
+                if !id.starts_with(prefix) || id <= after {
+                    continue;
+                }
+                // Keep the `limit + 1` smallest: the extra one says whether more follow.
+                if page.len() > limit {
+                    match page.last() {
+                        Some(last) if id < &**last => {
+                            page.pop_last();
+                        }
+                        _ => continue,
+                    }
+                }
+                page.insert(id.into());
+            }
+        }
+        let more = page.len() > limit;
+        (
+            page.into_iter().take(limit).map(String::from).collect(),
+            more,
+        )
+    }
+
     /// Whether the device is in memory.
     pub fn contains(&self, device_id: &str) -> bool {
         let id = normalize_device_id(device_id).as_bytes();

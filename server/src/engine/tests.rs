@@ -26,6 +26,43 @@ fn ingest(engine: &Engine, s: Sample) -> Verdict {
 }
 
 #[test]
+fn device_ids_pages_in_order_by_prefix() {
+    let engine = Engine::new(EngineConfig {
+        shards: 4,
+        ..EngineConfig::default()
+    });
+    for id in ["pump-3", "pump-1", "fan-1", "pump-2", "pump-10", "fan-2"] {
+        ingest(&engine, sample(id, 0, &[("rps", 1.0)]));
+    }
+    assert_eq!(
+        engine.device_ids("pump-", "", 2),
+        (vec!["pump-1".to_owned(), "pump-10".to_owned()], true)
+    );
+    assert_eq!(
+        engine.device_ids("pump-", "pump-10", 2),
+        (vec!["pump-2".to_owned(), "pump-3".to_owned()], false)
+    );
+    assert_eq!(engine.device_ids("pump-", "pump-3", 2), (vec![], false));
+    let (all, more) = engine.device_ids("", "", 100);
+    assert_eq!(all.len(), 6);
+    assert!(!more);
+    assert!(all.windows(2).all(|w| w[0] < w[1]));
+    // Every page size walks the same sequence.
+    for limit in 1..=7 {
+        let (mut after, mut walked) = (String::new(), Vec::new());
+        loop {
+            let (page, more) = engine.device_ids("", &after, limit);
+            walked.extend(page.iter().cloned());
+            match page.last() {
+                Some(last) if more => after = last.clone(),
+                _ => break,
+            }
+        }
+        assert_eq!(walked, all, "limit {limit}");
+    }
+}
+
+#[test]
 fn one_clock_read_gives_wall_receive_time_and_tick() {
     let engine = Engine::new(EngineConfig::default());
     let before = now_timestamp();

@@ -24,3 +24,4 @@ mod overload;
 mod seed;
 mod shutdown;
 mod snapshot;
+mod sse;
