@@ -24,6 +24,7 @@ pub(crate) mod body;
 mod console;
 mod devices;
 pub(crate) mod openapi;
+mod schema_names;
 mod sse;
 
 use std::{
@@ -253,19 +254,19 @@ impl IngestQuery {
         description = "Samples: one, an array, or {\"samples\": [...]}; NDJSON takes one \
                        such document per line",
         content(
-            (openapi::IngestBody = "application/json"),
+            (schema_names::IngestBody = "application/json"),
             (String = "application/x-ndjson"),
         ),
     ),
     responses(
         (status = 200, description = "One verdict per sample, in order; a bad sample gets \
-                                      an `error` in its verdict", body = openapi::IngestResponseBody),
+                                      an `error` in its verdict", body = schema_names::IngestResponseBody),
         (status = 400, description = "Malformed body or query; nothing was ingested",
-         body = openapi::ErrorBody),
-        (status = 413, description = "Body larger than MAX_BODY_BYTES", body = openapi::ErrorBody),
+         body = schema_names::ErrorBody),
+        (status = 413, description = "Body larger than MAX_BODY_BYTES", body = schema_names::ErrorBody),
         (status = 503, description = "Overloaded (HTTP_CONCURRENCY_LIMIT) or shutting down; \
-                                      retry after Retry-After", body = openapi::ErrorBody),
-        (status = 504, description = "REQUEST_TIMEOUT passed", body = openapi::ErrorBody),
+                                      retry after Retry-After", body = schema_names::ErrorBody),
+        (status = 504, description = "REQUEST_TIMEOUT passed", body = schema_names::ErrorBody),
     )
 )]
 async fn ingest(
@@ -417,12 +418,12 @@ struct AnalyzeQuery {
     params(AnalyzeQuery),
     responses(
         (status = 200, description = "Current window statistics of the device",
-         body = openapi::AnalyzeBody),
-        (status = 400, description = "A bad query parameter", body = openapi::ErrorBody),
-        (status = 404, description = "Unknown device", body = openapi::ErrorBody),
+         body = schema_names::AnalyzeBody),
+        (status = 400, description = "A bad query parameter", body = schema_names::ErrorBody),
+        (status = 404, description = "Unknown device", body = schema_names::ErrorBody),
         (status = 503, description = "Overloaded, or Redis unreachable for a device only in \
-                                      a snapshot", body = openapi::ErrorBody),
-        (status = 504, description = "REQUEST_TIMEOUT passed", body = openapi::ErrorBody),
+                                      a snapshot", body = schema_names::ErrorBody),
+        (status = 504, description = "REQUEST_TIMEOUT passed", body = schema_names::ErrorBody),
     )
 )]
 async fn analyze(
@@ -478,7 +479,7 @@ impl<'a> AnalyzeDocument<'a> {
     get,
     path = "/health",
     tag = "operations",
-    responses((status = 200, description = "Alive", body = openapi::StatusBody))
+    responses((status = 200, description = "Alive", body = schema_names::StatusBody))
 )]
 async fn live() -> Response {
     json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -490,8 +491,8 @@ async fn live() -> Response {
     path = "/readyz",
     tag = "operations",
     responses(
-        (status = 200, description = "Serving", body = openapi::StatusBody),
-        (status = 503, description = "Starting or shutting down", body = openapi::ErrorBody),
+        (status = 200, description = "Serving", body = schema_names::StatusBody),
+        (status = 503, description = "Starting or shutting down", body = schema_names::ErrorBody),
     )
 )]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {

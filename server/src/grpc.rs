@@ -150,6 +150,20 @@ where
         if request.uri().path() != INGEST_PATH {
             return self.generated.call(request);
         }
-        Box::pin(ready(Ok(fast::serve(&self.state, request))))
+        Box::pin(ready(Ok(serve_ingest(&self.state, request))))
     }
+}
+
+/// Serves an `Ingest` call through the [`fast`] path, carrying the service's stream.
+pub(crate) fn serve_ingest<B>(
+    state: &Arc<AppState>,
+    request: http::Request<B>,
+) -> http::Response<Body>
+where
+    B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    fast::serve(request, state.config.max_message_bytes, |_| {
+        ingest::StreamCore::start(state)
+    })
 }

@@ -9,7 +9,7 @@ use axum::{
     response::{IntoResponse, Redirect, Response},
 };
 
-use super::openapi::ErrorBody;
+use super::schema_names::ErrorBody;
 use crate::error::{ApiError, ErrorKind};
 
 /// The page.

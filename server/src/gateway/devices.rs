@@ -16,7 +16,7 @@ use utoipa::{
     openapi::{Ref, schema::ArrayBuilder},
 };
 
-use super::{json_response, openapi::ErrorBody};
+use super::{json_response, schema_names::ErrorBody};
 use crate::{
     AppState,
     engine::normalize_device_id,

@@ -10,7 +10,7 @@
 //! ending in `Z`. `scripts/checks/openapi.sh` holds the real server to the document with
 //! schemathesis; the integration tests check that every route is in it.
 
-use std::{borrow::Cow, sync::OnceLock};
+use std::sync::OnceLock;
 
 use axum::{
     http::{HeaderValue, StatusCode, header},
@@ -20,13 +20,15 @@ use serde_json::json;
 use utoipa::{
     Modify, OpenApi,
     openapi::{
-        OpenApi as Document, RefOr,
+        OpenApi as Document,
         path::{HttpMethod, PathItem},
-        schema::Schema,
     },
 };
 
-use super::devices::{DevicePage, MetricWindow, WindowDocument};
+use super::{
+    devices::{DevicePage, MetricWindow, WindowDocument},
+    schema_names::AnomalyEventBody,
+};
 
 /// The document.
 #[derive(OpenApi)]
@@ -138,37 +140,6 @@ impl Modify for Aliases {
         }
     }
 }
-
-/// Types that stand for a schema of [`proto_schemas`] in the handlers'
-/// `#[utoipa::path]` attributes: utoipa refers to them by name, and [`document`] puts
-/// in the schema itself.
-macro_rules! schema_types {
-    ($($ty:ident => $name:literal),* $(,)?) => {$(
-        #[doc = concat!("The `", $name, "` schema in `#[utoipa::path]` attributes.")]
-        pub(crate) struct $ty;
-
-        impl utoipa::PartialSchema for $ty {
-            fn schema() -> RefOr<Schema> {
-                RefOr::T(Schema::default())
-            }
-        }
-
-        impl utoipa::ToSchema for $ty {
-            fn name() -> Cow<'static, str> {
-                Cow::Borrowed($name)
-            }
-        }
-    )*};
-}
-
-schema_types!(
-    ErrorBody => "Error",
-    StatusBody => "Status",
-    IngestBody => "IngestBody",
-    IngestResponseBody => "IngestResponse",
-    AnalyzeBody => "AnalyzeDocument",
-    AnomalyEventBody => "WatchAnomaliesResponse",
-);
 
 /// Largest finite double: JSON numbers past it do not fit one and are refused.
 const MAX_DOUBLE: f64 = f64::MAX;

@@ -38,7 +38,7 @@ use futures::Stream;
 use tidewatch_proto::v1::{WatchAnomaliesRequest, WatchAnomaliesResponse};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::openapi::ErrorBody;
+use super::schema_names::ErrorBody;
 use crate::{
     AnomalyEvent, AppState,
     error::{ApiError, ErrorKind},

@@ -85,6 +85,15 @@ mod encode;
 mod test_support;
 
 pub(crate) use body::serve;
+
+use std::{
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use tonic::Status;
+
+use crate::error::{ApiError, ErrorKind};
 pub(crate) use connection::incoming;
 pub use decode::{Samples, WireError, WireMetrics, WireRequest, WireSample};
 pub use encode::WireSink;
@@ -103,3 +112,36 @@ pub const GRPC_HEADER: usize = 5;
 /// tonic's default yield threshold: encoded responses are handed to HTTP/2 once this
 /// much is ready.
 pub(crate) const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// What the [`serve`]d body needs of the stream it carries: judging one message into
+/// the sink, the asynchronous rest of a message, and the stream's end when the client
+/// is quiet (idle and lifetime limits, shutdown). The service's `Ingest` stream
+/// (`grpc::ingest::StreamCore`) is it; the fast path knows nothing of the service.
+pub(crate) trait IngestCore: std::fmt::Debug + Send + Unpin + 'static {
+    /// Judges one request into `sink`. `Ok(Some(t))`: answered whole at `t`;
+    /// `Ok(None)`: the rest is pending; `Err` ends the stream.
+    fn judge(
+        &mut self,
+        request: &WireRequest,
+        received: Instant,
+        sink: &mut WireSink,
+    ) -> Result<Option<Instant>, Status>;
+    /// Whether a message is being judged asynchronously.
+    fn has_pending(&self) -> bool;
+    /// Drives the pending message; ready once its verdicts are in `sink`.
+    fn poll_pending(&mut self, cx: &mut Context<'_>, sink: &mut WireSink) -> Poll<()>;
+    /// Ready with the status to end the stream with while the client sends nothing.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<Status>;
+}
+
+/// The status of a message over `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` naming the
+/// setting, as the issue asks, with tonic's text.
+pub(crate) fn too_large(len: usize, limit: usize) -> Status {
+    ApiError::new(
+        ErrorKind::TooLarge,
+        format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes (MAX_MESSAGE_BYTES)"
+        ),
+    )
+    .into()
+}

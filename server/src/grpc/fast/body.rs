@@ -22,7 +22,6 @@
 
 use std::{
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
@@ -32,11 +31,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header::CONTENT_TYPE};
 use hyper::body::Frame;
 use tonic::{Code, Status, codegen::Body};
 
-use super::{GRPC_HEADER, WireRequest, WireSink, YIELD_THRESHOLD};
-use crate::{
-    AppState,
-    grpc::ingest::{StreamCore, too_large},
-};
+use super::{GRPC_HEADER, IngestCore, WireRequest, WireSink, YIELD_THRESHOLD, too_large};
 
 #[cfg(test)]
 mod tests;
@@ -51,13 +46,15 @@ const ENCODING_HEADER: &str = "grpc-encoding";
 /// messages as HTTP/2 asks for answers. Errors before the stream starts (a
 /// `content-type` that is not gRPC, an unknown `grpc-encoding`, `MAX_INGEST_STREAMS`
 /// reached) are trailers-only responses.
-pub(crate) fn serve<B>(
-    state: &Arc<AppState>,
+pub(crate) fn serve<B, C>(
     request: http::Request<B>,
+    max_message: usize,
+    start: impl FnOnce(&http::Request<B>) -> Result<C, Status>,
 ) -> http::Response<tonic::body::Body>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+    C: IngestCore,
 {
     if let Err(status) = check_content_type(request.headers()) {
         let mut response = status.into_http();
@@ -67,7 +64,7 @@ where
     if let Err(status) = check_encoding(request.headers()) {
         return status.into_http();
     }
-    let core = match StreamCore::start(state) {
+    let core = match start(&request) {
         Ok(core) => core,
         Err(status) => return status.into_http(),
     };
@@ -77,7 +74,7 @@ where
         inbox: Inbox::default(),
         sink: WireSink::new(),
         request: WireRequest::default(),
-        max_message: state.config.max_message_bytes,
+        max_message,
         chunk_hint: MIN_CHUNK,
         end: None,
         done: false,
@@ -137,11 +134,11 @@ fn check_encoding(headers: &HeaderMap) -> Result<(), Status> {
 }
 
 /// The response body of one `Ingest` call; see the module documentation.
-pub(crate) struct IngestBody<B> {
+pub(crate) struct IngestBody<B, C> {
     /// The request body: length-prefixed `IngestRequest`s.
     inbound: Pin<Box<B>>,
     /// Limits, timers, detector, the asynchronous path.
-    core: StreamCore,
+    core: C,
     /// Received bytes not yet judged.
     inbox: Inbox,
     /// Framed responses not yet handed to HTTP/2.
@@ -161,7 +158,7 @@ pub(crate) struct IngestBody<B> {
     done: bool,
 }
 
-impl<B> std::fmt::Debug for IngestBody<B> {
+impl<B, C: std::fmt::Debug> std::fmt::Debug for IngestBody<B, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IngestBody")
             .field("core", &self.core)
@@ -267,7 +264,7 @@ enum Judged {
     Pending,
 }
 
-impl<B> IngestBody<B> {
+impl<B, C: IngestCore> IngestBody<B, C> {
     /// Judges the complete messages held, into the sink. `clock` is the last clock
     /// read of this poll (the end of the previous message's latency and the start of
     /// the next one's), `None` when none is fresh.
@@ -310,10 +307,11 @@ impl<B> IngestBody<B> {
     }
 }
 
-impl<B> Body for IngestBody<B>
+impl<B, C> Body for IngestBody<B, C>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<tonic::codegen::StdError>,
+    C: IngestCore,
 {
     type Data = Bytes;
     type Error = Status;

@@ -14,8 +14,11 @@ use tidewatch_proto::v1::{IngestRequest, IngestResponse, Sample};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use std::sync::Arc;
+
 use super::*;
 use crate::config::Config;
+use crate::service::AppState;
 
 fn state_with(configure: impl FnOnce(&mut Config)) -> Arc<AppState> {
     let mut config = Config::for_tests();
@@ -128,7 +131,7 @@ async fn every_split_of_the_body_gives_the_same_answers() {
     splits.push(body.iter().map(|&b| vec![b]).collect());
     for chunks in splits {
         let described = format!("{:?}", chunks.iter().map(Vec::len).collect::<Vec<_>>());
-        let got = answer(serve(&state, frames(chunks))).await;
+        let got = answer(crate::grpc::serve_ingest(&state, frames(chunks))).await;
         assert_eq!(got.status.code(), Code::Ok, "{described}: {:?}", got.status);
         assert_eq!(devices(&got.responses), expected, "{described}");
     }
@@ -142,7 +145,11 @@ async fn an_oversized_prefix_ends_the_stream_before_its_bytes_arrive() {
     first.extend_from_slice(&[0, 0, 0, 4, 1]); // 1025 bytes announced
     tx.send(Ok(Frame::data(Bytes::from(first)))).await.unwrap();
     // The sender stays open: the server must not wait for the 1025 bytes.
-    let got = answer(serve(&state, request_of(ReceiverStream::new(rx)))).await;
+    let got = answer(crate::grpc::serve_ingest(
+        &state,
+        request_of(ReceiverStream::new(rx)),
+    ))
+    .await;
     assert_eq!(devices(&got.responses), ["small"]);
     assert_eq!(
         got.status.code(),
@@ -164,14 +171,22 @@ async fn an_oversized_prefix_ends_the_stream_before_its_bytes_arrive() {
 async fn streams_beyond_the_limit_get_a_trailers_only_answer() {
     let state = state_with(|c| c.max_ingest_streams = 1);
     let (_tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let open = serve(&state, request_of(ReceiverStream::new(rx)));
+    let open = crate::grpc::serve_ingest(&state, request_of(ReceiverStream::new(rx)));
     assert!(Status::from_header_map(open.headers()).is_none());
-    let refused = answer(serve(&state, frames(vec![framed("x", 1.0)]))).await;
+    let refused = answer(crate::grpc::serve_ingest(
+        &state,
+        frames(vec![framed("x", 1.0)]),
+    ))
+    .await;
     assert_eq!(refused.status.code(), Code::ResourceExhausted);
     assert!(refused.status.message().contains("MAX_INGEST_STREAMS"));
     assert!(!state.engine.contains("x"));
     drop(open);
-    let got = answer(serve(&state, frames(vec![framed("x", 1.0)]))).await;
+    let got = answer(crate::grpc::serve_ingest(
+        &state,
+        frames(vec![framed("x", 1.0)]),
+    ))
+    .await;
     assert_eq!(got.status.code(), Code::Ok);
 }
 
@@ -187,7 +202,7 @@ async fn one_poll_reads_no_more_than_it_can_answer() {
         counted.fetch_add(1, Ordering::Relaxed);
         Ok::<_, Infallible>(Frame::data(Bytes::from(chunk.clone())))
     });
-    let mut body = serve(&state, request_of(stream)).into_body();
+    let mut body = crate::grpc::serve_ingest(&state, request_of(stream)).into_body();
     let frame = body.frame().await.expect("a frame").expect("data");
     let data = frame.into_data().expect("data");
     assert!(data.len() >= YIELD_THRESHOLD, "{}", data.len());
@@ -210,7 +225,11 @@ async fn shutdown_answers_what_was_received_then_ends_with_unavailable() {
     tx.send(Ok(Frame::data(Bytes::from(two)))).await.unwrap();
     state.shutdown.cancel();
     // The client is still connected and quiet.
-    let got = answer(serve(&state, request_of(ReceiverStream::new(rx)))).await;
+    let got = answer(crate::grpc::serve_ingest(
+        &state,
+        request_of(ReceiverStream::new(rx)),
+    ))
+    .await;
     assert_eq!(devices(&got.responses), ["s1", "s2"]);
     assert_eq!(got.status.code(), Code::Unavailable);
     assert!(got.status.message().contains("shutting down"));
@@ -224,7 +243,11 @@ async fn a_quiet_stream_ends_at_the_idle_timeout() {
     tx.send(Ok(Frame::data(Bytes::from(framed("idle", 1.0)))))
         .await
         .unwrap();
-    let got = answer(serve(&state, request_of(ReceiverStream::new(rx)))).await;
+    let got = answer(crate::grpc::serve_ingest(
+        &state,
+        request_of(ReceiverStream::new(rx)),
+    ))
+    .await;
     assert_eq!(devices(&got.responses), ["idle"]);
     assert_eq!(got.status.code(), Code::DeadlineExceeded);
     drop(tx);
