@@ -278,8 +278,9 @@ pub struct DetectorState {
     pub robust: Option<Box<RobustState>>,
 }
 
-/// Version byte of [`DetectorState::encode`].
-const ENCODING_VERSION: u8 = 1;
+/// Version byte of [`DetectorState::encode`]. Version 2 appends the envelope of the
+/// robust detector's short average to its state; version 1 is still read.
+pub(crate) const ENCODING_VERSION: u8 = 2;
 
 impl DetectorState {
     /// Appends the binary encoding (versioned, little-endian) to `out`.
@@ -301,7 +302,7 @@ impl DetectorState {
     /// Reads what [`DetectorState::encode`] wrote, advancing `buf`.
     pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
         let version = get_u8(buf, "detector encoding version")?;
-        if version != ENCODING_VERSION {
+        if version == 0 || version > ENCODING_VERSION {
             return Err(invalid("detector encoding version", version));
         }
         let flags = get_u8(buf, "detector flags")?;
@@ -310,7 +311,7 @@ impl DetectorState {
         }
         let quiet = get_u32(buf, "alert episode")?;
         let robust = if flags & 0b10 != 0 {
-            Some(Box::new(RobustState::decode(buf)?))
+            Some(Box::new(RobustState::decode_version(buf, version)?))
         } else {
             None
         };
