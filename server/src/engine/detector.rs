@@ -1,7 +1,7 @@
 //! Detectors: which rule turns a metric's values into `anomaly`, `score` and `alert`.
 //!
-//! - `zscore` is the seed rule of DESIGN §3, unchanged: `anomaly` is `|z| > threshold`
-//!   over the last `window_size` values. Its `score` is `|z| / (|z| + threshold)`
+//! - `zscore` is the seed rule (README, "Detectors"), unchanged: `anomaly` is
+//!   `|z| > threshold` over the last `window_size` values. Its `score` is `|z| / (|z| + threshold)`
 //!   (0.5 exactly at the threshold, towards 1 far beyond it).
 //! - `robust` ([`robust`]) judges a value against the median and interquartile range of
 //!   a longer window (outliers do not drag the baseline along), and adds a sustained
@@ -34,7 +34,7 @@ pub const DETECTOR_NAMES: [&str; 2] = ["zscore", "robust"];
 /// A detector family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DetectorKind {
-    /// The seed z-score of DESIGN §3 (the default).
+    /// The seed z-score (the default).
     ZScore,
     /// Median/IQR baseline plus a sustained-surprise likelihood (recommended).
     Robust,
@@ -280,7 +280,7 @@ pub struct DetectorState {
 
 /// Version byte of [`DetectorState::encode`]. Version 2 appends the envelope of the
 /// robust detector's short average to its state; version 1 is still read.
-pub(crate) const ENCODING_VERSION: u8 = 2;
+const ENCODING_VERSION: u8 = 2;
 
 impl DetectorState {
     /// Appends the binary encoding (versioned, little-endian) to `out`.
@@ -311,7 +311,7 @@ impl DetectorState {
         }
         let quiet = get_u32(buf, "alert episode")?;
         let robust = if flags & 0b10 != 0 {
-            Some(Box::new(RobustState::decode_version(buf, version)?))
+            Some(Box::new(RobustState::decode(buf, version)?))
         } else {
             None
         };
@@ -445,5 +445,28 @@ mod tests {
             );
         }
         assert!(DetectorState::decode(&mut &[9u8, 0, 0, 0, 0, 0][..]).is_err());
+    }
+
+    #[test]
+    fn version_1_states_still_decode() {
+        let params = RobustParams::default();
+        let mut robust = RobustState::new(params.window);
+        for i in 0..300 {
+            robust.observe(f64::from(i % 17), i64::from(i) * 600, &params, 4.0, 16);
+        }
+        let state = DetectorState {
+            episode: Episode::default(),
+            robust: Some(Box::new(robust)),
+        };
+        let mut bytes = Vec::new();
+        state.encode(&mut bytes);
+        // Version 1 wrote the same fields without the trailing envelope.
+        bytes[0] = 1;
+        bytes.truncate(bytes.len() - 8);
+        let back = DetectorState::decode(&mut &bytes[..]).unwrap();
+        let mut again = Vec::new();
+        back.encode(&mut again);
+        assert_eq!(again[1..again.len() - 8], bytes[1..]);
+        assert_eq!(DetectorState::decode(&mut &again[..]).unwrap(), back);
     }
 }

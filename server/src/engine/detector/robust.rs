@@ -437,14 +437,9 @@ impl RobustState {
         put_f64(out, self.short_hi);
     }
 
-    /// Reads what [`RobustState::encode`] wrote.
-    pub(crate) fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        Self::decode_version(buf, super::ENCODING_VERSION)
-    }
-
-    /// Reads a robust state written under detector encoding `version` (version 1 had
-    /// no envelope of the short average: it restarts at the average itself).
-    pub(crate) fn decode_version(buf: &mut &[u8], version: u8) -> Result<Self, DecodeError> {
+    /// Reads what [`RobustState::encode`] wrote under detector encoding `version`
+    /// (version 1 had no envelope of the short average: it restarts at the average).
+    pub(crate) fn decode(buf: &mut &[u8], version: u8) -> Result<Self, DecodeError> {
         let capacity = get_u32(buf, "robust window capacity")? as usize;
         let len = get_u32(buf, "robust window length")? as usize;
         if capacity == 0 || capacity > super::MAX_WINDOW {
