@@ -107,6 +107,12 @@ impl Default for Season {
     }
 }
 
+/// `v` in single precision, saturating at the largest finite f32 (a value beyond it
+/// must not turn a bucket into infinity and then NaN).
+fn single(v: f64) -> f32 {
+    v.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32
+}
+
 /// Smallest long-run deviation of the averaged surprise: keeps a perfectly regular
 /// metric from paging on the first rounding error.
 const MIN_LIKELIHOOD_SD: f64 = 0.05;
@@ -281,9 +287,14 @@ impl RobustState {
         let mut sustained_news = false;
         if warm {
             let z = self.seasonal(x - median, time).unwrap_or(raw_z);
-            // Capped (NaN included): one value off by 10^300 against a zero scale must
-            // not make the long-run statistics infinite, and then NaN for good.
-            let surprise = z.min(MAX_SURPRISE_Z).max(0.0).ln_1p();
+            // Capped: one value off by 10^300 against a zero scale must not make the
+            // long-run statistics infinite, and then NaN for good.
+            let z = if z.is_nan() {
+                0.0
+            } else {
+                z.clamp(0.0, MAX_SURPRISE_Z)
+            };
+            let surprise = z.ln_1p();
             self.short += (surprise - self.short) / f64::from(params.short_span.max(1));
             let long = f64::from(params.long_span.max(2));
             if self.lt_count >= LIKELIHOOD_WARM {
@@ -331,16 +342,16 @@ impl RobustState {
         let mean = f64::from(season.mean[b]);
         let d = x - mean;
         if visits == 0 {
-            season.mean[b] = x as f32;
+            season.mean[b] = single(x);
         } else {
             let alpha = (1.0 / (f64::from(visits) + 1.0)).max(1.0 / SEASON_SPAN);
             // Clipped once trusted: an anomaly barely moves what is normal at this
             // time of day.
             let limit = 4.0 * dev;
             let step = if trusted { d.clamp(-limit, limit) } else { d };
-            season.mean[b] = (mean + alpha * step) as f32;
+            season.mean[b] = single(mean + alpha * step);
             let old = f64::from(season.dev[b]);
-            season.dev[b] = (old + alpha * (step.abs() * 1.2533 - old)) as f32;
+            season.dev[b] = single(old + alpha * (step.abs() * 1.2533 - old));
         }
         season.visits[b] = visits.saturating_add(1);
         trusted.then(|| d.abs() / dev)
@@ -466,8 +477,8 @@ impl RobustState {
         if buckets == BUCKETS {
             let mut season = Box::<Season>::default();
             for b in 0..BUCKETS {
-                season.mean[b] = get_f64(buf, "robust season mean")? as f32;
-                season.dev[b] = get_f64(buf, "robust season deviation")? as f32;
+                season.mean[b] = single(get_f64(buf, "robust season mean")?);
+                season.dev[b] = single(get_f64(buf, "robust season deviation")?);
                 let visits = get_u32(buf, "robust season count")?;
                 season.visits[b] = visits.min(u32::from(u8::MAX)) as u8;
             }
@@ -528,6 +539,31 @@ mod tests {
         let p8 = RobustParams { window: 8, ..p };
         s.observe(0.0, 0, &p8, 6.0, 4);
         assert_eq!(s.len(), 8);
+    }
+
+    #[test]
+    fn extreme_values_do_not_poison_the_state() {
+        let p = RobustParams::default();
+        let mut s = RobustState::new(p.window);
+        // A flat metric, then values far beyond f32 and the scale, then flat again.
+        for i in 0..400 {
+            let x = match i {
+                200 => 1e300,
+                201 => -1e39,
+                _ => 0.0,
+            };
+            let j = s.observe(x, i * 60, &p, 3.0, 32);
+            assert!(
+                j.score.is_finite() && j.likelihood_z.is_finite(),
+                "{i}: {j:?}"
+            );
+        }
+        assert!(s.short.is_finite() && s.lt_mean.is_finite() && s.lt_var.is_finite());
+        let season = s.season.as_ref().unwrap();
+        assert!(season.mean.iter().chain(&season.dev).all(|v| v.is_finite()));
+        // The sustained signal still works: a lasting change pages.
+        let paged = (400..600).any(|i| s.observe(5.0, i * 60, &p, 3.0, 32).anomaly);
+        assert!(paged);
     }
 
     #[test]
