@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod nab;
+pub mod plot;
 pub mod score;
 pub mod synthetic;
 
