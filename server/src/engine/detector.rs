@@ -385,4 +385,33 @@ mod tests {
             assert!(RobustState::from_snapshot(bad).is_err());
         }
     }
+
+    #[test]
+    fn robust_messages_without_the_envelope_start_it_at_the_short_average() {
+        use tidewatch_proto::v1::RobustSnapshot;
+        let params = RobustParams::default();
+        let mut robust = RobustState::new(params.window);
+        for i in 0..300 {
+            robust.observe(f64::from(i % 17), i64::from(i) * 600, &params, 4.0, 16);
+        }
+        let mut message = robust.to_snapshot();
+        assert!(message.short_term_high.is_some());
+        // Version-1 snapshots, and version-2 ones written before the envelope existed.
+        message.short_term_high = None;
+        let again = RobustState::from_snapshot(message.clone())
+            .unwrap()
+            .to_snapshot();
+        assert_eq!(again.short_term_high, message.short_term);
+        assert_eq!(
+            RobustSnapshot {
+                short_term_high: None,
+                ..again
+            },
+            message
+        );
+        // Memory counts visits up to 255.
+        message.season[5].count = 1000;
+        let again = RobustState::from_snapshot(message).unwrap().to_snapshot();
+        assert_eq!(again.season[5].count, 255);
+    }
 }

@@ -140,13 +140,58 @@ mod tests {
             .collect()
     }
 
+    /// The message a version-1 value holds once restored: the robust detector keeps its
+    /// daily profile in single precision with visits up to 255, and starts the envelope
+    /// of the short average (which version 1 did not hold) at the average.
+    fn as_restored(mut message: DeviceSnapshot) -> DeviceSnapshot {
+        for robust in message.metrics.iter_mut().filter_map(|m| m.robust.as_mut()) {
+            for b in &mut robust.season {
+                b.mean = b.mean.map(|v| f64::from(v as f32));
+                b.deviation = b.deviation.map(|v| f64::from(v as f32));
+                b.count = b.count.min(255);
+            }
+            robust.short_term_high = robust.short_term;
+        }
+        message
+    }
+
+    /// A message without what the robust detector decides: its verdicts, episodes and
+    /// statistics. Left: the device, the windows, the last values and z-scores, and the
+    /// robust baseline's values, spread and range.
+    fn undecided(mut message: DeviceSnapshot) -> DeviceSnapshot {
+        for m in &mut message.metrics {
+            m.last_anomaly = false;
+            m.anomalies_total = 0;
+            m.episode_active = false;
+            m.episode_quiet = 0;
+            if let Some(robust) = &mut m.robust {
+                robust.short_term = None;
+                robust.short_term_high = None;
+                robust.long_term_mean = None;
+                robust.long_term_variance = None;
+                robust.long_term_count = 0;
+                robust.season.clear();
+            }
+        }
+        message
+    }
+
     #[test]
     fn version_1_values_restore_to_the_state_that_wrote_them() {
         for (device, bytes) in v1_fixtures() {
             assert_eq!(bytes[2], LEGACY_VERSION);
             let restored = decode_value(bytes, &device.id).unwrap();
-            assert_eq!(restored, device, "{}", device.id);
             assert!(!restored.dirty);
+            if device.metrics.iter().any(|m| m.detector.robust.is_some()) {
+                // The robust detector judges differently from the build that wrote
+                // version 1, so today's engine no longer reaches this state: the value
+                // restores to what it holds, and holds what today's engine agrees on.
+                let written = decode_message(bytes).unwrap();
+                assert_eq!(restored.to_snapshot(), as_restored(written.clone()));
+                assert_eq!(undecided(written), undecided(device.to_snapshot()));
+                continue;
+            }
+            assert_eq!(restored, device, "{}", device.id);
             // Bit for bit, negative zeros and all: the version-2 bytes are the same.
             assert_eq!(encoded(&restored), encoded(&device), "{}", device.id);
         }
@@ -203,7 +248,10 @@ mod tests {
                 out.extend_from_slice(metric);
                 out.extend_from_slice(&[9; 5]);
             }
-            assert_eq!(decode_value(&out, &device.id).unwrap(), device);
+            assert_eq!(
+                decode_value(&out, &device.id).unwrap(),
+                decode_value(full, &device.id).unwrap()
+            );
         }
     }
 

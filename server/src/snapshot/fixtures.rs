@@ -1,6 +1,8 @@
 //! Devices whose version-1 snapshot values are committed in `testdata/`: each is
 //! rebuilt here from public engine calls, so a test can check that the committed bytes
-//! still restore to exactly the state the engine reaches today.
+//! still restore to exactly the state the engine reaches today. The robust detector
+//! has changed how it judges since then: its device restores to what its value holds,
+//! which agrees with today's engine on everything but the detector's own judgement.
 
 use tidewatch_proto::pbjson_types::Timestamp;
 use tidewatch_proto::v1::{DetectorConfig, Sample};

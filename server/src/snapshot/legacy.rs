@@ -114,6 +114,9 @@ fn read_robust(buf: &mut &[u8]) -> Result<RobustSnapshot, DecodeError> {
         range_low: Some(get_f64(buf, "robust range low")?),
         long_term_count: get_u64(buf, "robust long-term count")?,
         season: Vec::new(),
+        // Version 1 had no envelope of the short average: the reader starts it at
+        // the average.
+        short_term_high: None,
     };
     let buckets = get_u32(buf, "robust season buckets")? as usize;
     // Each bucket takes 20 bytes.
