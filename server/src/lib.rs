@@ -39,6 +39,7 @@ pub mod eval;
 pub mod gateway;
 pub mod grpc;
 pub mod overload;
+pub mod security;
 pub mod shutdown;
 pub mod snapshot;
 pub mod telemetry;
