@@ -9,8 +9,11 @@
 //!     "api_keys_sha256": ["<hex SHA-256 of the key>"],
 //!     "quota": {"devices": 10000, "samples_per_second": 50000, "burst": 100000,
 //!               "streams": 64, "watchers": 4}
-//! }]}
+//! }],
+//!  "default_quota": {"samples_per_second": 10000, "streams": 16, "watchers": 2}}
 //! ```
+//!
+//! `default_quota` applies to JWT principals that have no entry of their own.
 //!
 //! API keys are stored as their SHA-256 only: the server never holds a key it could
 //! leak. Keys are random tokens of at least 128 bits, so a plain hash is the right
@@ -254,6 +257,8 @@ pub enum PolicyError {
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     principals: Vec<PrincipalEntry>,
+    #[serde(default)]
+    default_quota: QuotaLimits,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +278,8 @@ struct PrincipalEntry {
 pub struct Policy {
     by_name: HashMap<Arc<str>, Arc<Principal>>,
     by_key: HashMap<[u8; 32], Arc<Principal>>,
+    /// The quota of a JWT principal without an entry.
+    pub default_quota: QuotaLimits,
 }
 
 impl Policy {
@@ -280,7 +287,10 @@ impl Policy {
     pub fn parse(bytes: &[u8]) -> Result<Self, PolicyError> {
         let file: PolicyFile =
             serde_json::from_slice(bytes).map_err(|e| PolicyError::Syntax(e.to_string()))?;
-        let mut policy = Self::default();
+        let mut policy = Self {
+            default_quota: file.default_quota,
+            ..Self::default()
+        };
         for entry in file.principals {
             let principal = Arc::new(Principal {
                 name: Arc::from(entry.name.as_str()),

@@ -9,7 +9,7 @@
 //! A token wins over the certificate: the certificate then only proved the channel.
 //! A JWT whose `sub` names a policy entry gets that entry's scopes, namespace and
 //! quota; otherwise its `scope` claim (space-separated) and `devices` claim (a list of
-//! patterns) decide, with the default quota.
+//! patterns) decide, with the policy's `default_quota`.
 
 use std::{
     collections::HashMap,
@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::{
     Stamps,
-    policy::{DeviceNamespace, MAX_TOKEN_LEN, Policy, PolicyError, Principal, QuotaLimits, Scopes},
+    policy::{DeviceNamespace, MAX_TOKEN_LEN, Policy, PolicyError, Principal, Scopes},
 };
 
 /// Where the credentials come from and what a JWT must say.
@@ -38,8 +38,6 @@ pub struct TokenSettings {
     pub audiences: Vec<String>,
     /// Seconds of clock skew allowed on `exp` and `nbf`.
     pub leeway_secs: u64,
-    /// The quota of a JWT principal without a policy entry.
-    pub default_quota: QuotaLimits,
 }
 
 /// Why a caller is not authenticated (gRPC `UNAUTHENTICATED`, HTTP 401).
@@ -199,7 +197,7 @@ impl Authenticator {
             name: Arc::from(claims.sub.as_str()),
             scopes,
             devices,
-            quota: self.settings.default_quota,
+            quota: keys.policy.default_quota,
         }))
     }
 }
