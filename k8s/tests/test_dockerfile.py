@@ -1,16 +1,20 @@
-"""The Dockerfile, checked without a container engine (none on this machine): its
-stages chain, every COPY --from names an earlier stage, the binary it copies is the one
-the build produces, the runtime is distroless and non-root with only the binary, the
+"""The Dockerfile, checked without a container engine (none on this machine): hadolint
+finds nothing; every base image is named in full (registry/repository:tag); its stages
+chain, every COPY --from names an earlier stage, the binary it copies is the one the
+build produces, the runtime is distroless and non-root with only the binary, the
 cargo-chef recipe layer comes before the sources, and .dockerignore keeps out nothing
-the Cargo build needs."""
+the Cargo build needs. The image the release workflow publishes is the one k8s/base
+deploys."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import subprocess
 import tomllib
 
-from conftest import REPO
+import yaml
+from conftest import REPO, kustomize, tool
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -67,14 +71,15 @@ def test_dependencies_are_cooked_before_the_sources_arrive():
     assert recipe < cook < copy_all
     # The cook and the build agree on profile, target and package (or the cache misses).
     build = next(a for op, a in ops if op == "RUN" and "cargo build" in a)
-    for flag in ("--release", "--locked", "--target x86_64-unknown-linux-musl",
-                 "--package tidewatch-server"):
+    for flag in ("--release", "--locked", "--package tidewatch-server"):
         assert flag in ops[cook][1] and flag in build, flag
+    # No target triple: buildx builds each platform of the multi-arch image natively.
+    assert "--target" not in ops[cook][1] and "--target" not in build
 
 
 def test_runtime_is_distroless_nonroot_with_only_the_binary():
     name, base, body = stages()[-1]
-    assert base.startswith("gcr.io/distroless/static")
+    assert base.startswith("gcr.io/distroless/cc-debian12")
     assert base.endswith(":nonroot")
     copies = [a for op, a in body if op in ("COPY", "ADD")]
     assert copies == ["--from=builder /tidewatch /usr/local/bin/tidewatch"]
@@ -84,7 +89,7 @@ def test_runtime_is_distroless_nonroot_with_only_the_binary():
     _, _, builder = stages()[2]
     build = next(a for op, a in builder if op == "RUN" and "cargo build" in a)
     assert "--bin tidewatch" in build
-    assert "target/x86_64-unknown-linux-musl/release/tidewatch /tidewatch" in build
+    assert "target/release/tidewatch /tidewatch" in build
     server = tomllib.loads((REPO / "server" / "Cargo.toml").read_text())
     assert server["package"]["name"] == "tidewatch-server"
     bins = {b["name"] for b in server.get("bin", [])} or {server["package"]["name"]}
@@ -124,5 +129,37 @@ def test_dockerignore_keeps_what_cargo_needs():
     for path in needed:
         assert (REPO / path).exists(), path
         assert not ignored(path), f".dockerignore drops {path}"
-    for path in ("target/release/tidewatch", ".git/HEAD", ".venv/bin/python"):
+    for path in ("target/release/tidewatch", ".git/HEAD", ".venv/bin/python",
+                 "data/nab-dev/windows.json", "clients/typescript/node_modules/x"):
         assert ignored(path), f".dockerignore keeps {path}"
+
+
+def test_hadolint_finds_nothing():
+    result = subprocess.run([tool("hadolint"), "--no-color", str(DOCKERFILE)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_base_images_are_fully_qualified():
+    # podman and buildah refuse short names (`rust:...`) unless a registry alias exists:
+    # a base image names its registry host (with a dot), repository and tag.
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1]
+            for op, a in instructions() if op == "ARG" and "=" in a}
+    names = [s[0] for s in stages()]
+    for _name, base, _body in stages():
+        if base in names:
+            continue
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+        host, _, rest = image.partition("/")
+        assert "." in host, f"{base}: no registry host"
+        assert re.fullmatch(r"[a-z0-9./_-]+:[\w.-]+", rest), f"{base}: no tag"
+
+
+def test_k8s_base_deploys_the_image_the_release_publishes():
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "release.yml").read_text())
+    image = workflow["env"]["IMAGE"]
+    version = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    deploy = next(o for o in kustomize(REPO / "k8s" / "base")
+                  if o["kind"] == "Deployment" and o["metadata"]["name"] == "tidewatch")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"{image}:{version}"

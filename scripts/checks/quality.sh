@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Detection quality (issue 8): runs tidewatch-eval on the synthetic data set and on the
+# Detection quality: runs tidewatch-eval on the synthetic data set and on the
 # NAB development subset, and fails when the recommended detector (`robust`) misses a
 # bar: synthetic event recall >= 90 % with <= 1 % false positives over normal samples;
 # NAB `alert` standard score >= 60 and reward_low_FP score > 0. Then replays everything
 # through the real `tidewatch` binary over gRPC and fails if any verdict differs from
-# the in-process replay. The NAB subset lives outside the repository: NAB_DIR, else
-# ../shared/data/nab-dev (relative to the repository root), else /work/shared/data/nab-dev.
+# the in-process replay. The NAB subset travels with the repository (data/nab-dev, with
+# its source and MIT licence in data/nab-dev/README.md); NAB_DIR points elsewhere.
 # A missing corpus is a failure, not a skip.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,14 +16,9 @@ for b in "$eval_bin" "$server_bin"; do
   [ -x "$b" ] || { echo "quality: $b is missing (cargo build --release first)" >&2; exit 1; }
 done
 
-nab_dir="${NAB_DIR:-}"
-if [ -z "$nab_dir" ]; then
-  for candidate in ../shared/data/nab-dev /work/shared/data/nab-dev; do
-    if [ -f "$candidate/windows.json" ]; then nab_dir="$candidate"; break; fi
-  done
-fi
-if [ -z "$nab_dir" ] || [ ! -f "$nab_dir/windows.json" ]; then
-  echo "quality: NAB development subset not found (set NAB_DIR, or put it at ../shared/data/nab-dev)" >&2
+nab_dir="${NAB_DIR:-data/nab-dev}"
+if [ ! -f "$nab_dir/windows.json" ]; then
+  echo "quality: no NAB corpus at $nab_dir (data/nab-dev is part of the repository; NAB_DIR overrides it)" >&2
   exit 1
 fi
 

@@ -34,150 +34,235 @@ pub enum LogFormat {
 )]
 pub struct Config {
     /// Address of the gRPC server (TelemetryService, health, reflection).
-    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "GRPC_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
     pub grpc_addr: SocketAddr,
 
     /// Address of the HTTP/JSON gateway (REST, /metrics, health probes).
-    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "LISTEN_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen_addr: SocketAddr,
 
     /// Values kept per (device, metric).
-    #[arg(long, env = "WINDOW_SIZE", default_value_t = 50)]
+    #[arg(
+        help_heading = "Engine",
+        long,
+        env = "WINDOW_SIZE",
+        default_value_t = 50
+    )]
     pub window_size: usize,
 
     /// Values in the window before a value can be an anomaly.
-    #[arg(long, env = "MIN_SAMPLES", default_value_t = 5)]
+    #[arg(
+        help_heading = "Engine",
+        long,
+        env = "MIN_SAMPLES",
+        default_value_t = 5
+    )]
     pub min_samples: usize,
 
     /// A value whose |z-score| is strictly above this is an anomaly.
-    #[arg(long, env = "Z_THRESHOLD", default_value_t = 2.0)]
+    #[arg(
+        help_heading = "Engine",
+        long,
+        env = "Z_THRESHOLD",
+        default_value_t = 2.0
+    )]
     pub z_threshold: f64,
 
     /// Shards of the device table; 0 means 4 × available cores.
-    #[arg(long, env = "SHARDS", default_value_t = 0)]
+    #[arg(help_heading = "Engine", long, env = "SHARDS", default_value_t = 0)]
     pub shards: usize,
 
     /// Devices held in memory at most; samples of further new devices are refused.
-    #[arg(long, env = "MAX_DEVICES", default_value_t = 1_000_000)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_DEVICES",
+        default_value_t = 1_000_000
+    )]
     pub max_devices: usize,
 
     /// Distinct metrics per device at most.
-    #[arg(long, env = "MAX_METRICS_PER_DEVICE", default_value_t = 32)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_METRICS_PER_DEVICE",
+        default_value_t = 32
+    )]
     pub max_metrics_per_device: usize,
 
     /// Longest device id in bytes.
-    #[arg(long, env = "MAX_DEVICE_ID_LEN", default_value_t = 128)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_DEVICE_ID_LEN",
+        default_value_t = 128
+    )]
     pub max_device_id_len: usize,
 
     /// Longest metric name in bytes.
-    #[arg(long, env = "MAX_METRIC_NAME_LEN", default_value_t = 64)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_METRIC_NAME_LEN",
+        default_value_t = 64
+    )]
     pub max_metric_name_len: usize,
 
     /// Devices without samples for this long are evicted from memory (e.g. `1h`).
-    #[arg(long, env = "IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    #[arg(help_heading = "Engine", long, env = "IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
     /// Samples per request (Ingest message or HTTP body) at most.
-    #[arg(long, env = "MAX_SAMPLES_PER_REQUEST", default_value_t = 10_000)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_SAMPLES_PER_REQUEST",
+        default_value_t = 10_000
+    )]
     pub max_samples_per_request: usize,
 
     /// Largest gRPC message accepted, in bytes.
-    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(help_heading = "Limits", long, env = "MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
     /// Ingest streams open at once at most; further ones get RESOURCE_EXHAUSTED; 0 means
     /// no limit.
-    #[arg(long, env = "MAX_INGEST_STREAMS", default_value_t = 50_000)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_INGEST_STREAMS",
+        default_value_t = 50_000
+    )]
     pub max_ingest_streams: usize,
 
     /// An Ingest stream with no message for this long is ended; 0 disables.
-    #[arg(long, env = "STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    #[arg(help_heading = "Network", long, env = "STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
 
     /// An Ingest stream older than this is ended with UNAVAILABLE after answering what
     /// it received, so the client reconnects (possibly to another replica); 0 disables.
-    #[arg(long, env = "STREAM_MAX_LIFETIME", default_value = "0s", value_parser = parse_duration)]
+    #[arg(help_heading = "Network", long, env = "STREAM_MAX_LIFETIME", default_value = "0s", value_parser = parse_duration)]
     pub stream_max_lifetime: Duration,
 
     /// HTTP/2 connections older than this get a GOAWAY so load rebalances; 0 disables.
-    #[arg(long, env = "MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
+    #[arg(help_heading = "Network", long, env = "MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
     pub max_connection_age: Duration,
 
     /// Time a connection past `MAX_CONNECTION_AGE` gets to finish before it is closed.
-    #[arg(long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(help_heading = "Network", long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub max_connection_age_grace: Duration,
 
     /// Largest HTTP request body accepted, in bytes; larger bodies get `413`.
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(help_heading = "Limits", long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
     /// Time one HTTP request or unary gRPC call may take, body upload included (HTTP
     /// `504`, gRPC `DEADLINE_EXCEEDED`); streams only count their opening; 0 disables.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(help_heading = "Limits", long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
     /// HTTP API requests (`/ingest`, `/metric`, `/analyze`) handled at once at most;
     /// further ones are shed at once with `503` and `Retry-After`; 0 means no limit.
     /// Probes and `/metrics` are never shed.
-    #[arg(long, env = "HTTP_CONCURRENCY_LIMIT", default_value_t = 1024)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "HTTP_CONCURRENCY_LIMIT",
+        default_value_t = 1024
+    )]
     pub http_concurrency_limit: usize,
 
     /// `TelemetryService` calls being handled at once at most (unary calls for their
     /// whole duration, streams while they open); further ones are shed at once with
     /// `RESOURCE_EXHAUSTED`; 0 means no limit. Health checks are never shed.
-    #[arg(long, env = "GRPC_CONCURRENCY_LIMIT", default_value_t = 1024)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "GRPC_CONCURRENCY_LIMIT",
+        default_value_t = 1024
+    )]
     pub grpc_concurrency_limit: usize,
 
     /// Time between failing readiness (`/readyz` 503, gRPC health NOT_SERVING) and
     /// closing the listeners at shutdown, so load balancers stop sending first; part
     /// of `SHUTDOWN_TIMEOUT`.
-    #[arg(long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    #[arg(help_heading = "Network", long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
 
     /// Anomaly events buffered per watcher before it starts missing events.
-    #[arg(long, env = "WATCH_BUFFER", default_value_t = 1024)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "WATCH_BUFFER",
+        default_value_t = 1024
+    )]
     pub watch_buffer: usize,
 
     /// Time allowed for a graceful shutdown (drain streams, flush snapshots).
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[arg(help_heading = "Network", long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
     /// Redis for window snapshots (`redis://[:password@]host:port[/db]`); unset or
     /// empty runs in memory only.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
     /// How often changed devices are written to Redis; a crash loses at most this much.
-    #[arg(long, env = "SNAPSHOT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "SNAPSHOT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
 
     /// Expiry of a device snapshot in Redis (whole seconds), renewed at every write.
-    #[arg(long, env = "SNAPSHOT_TTL", default_value = "1h", value_parser = parse_duration)]
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "SNAPSHOT_TTL", default_value = "1h", value_parser = parse_duration)]
     pub snapshot_ttl: Duration,
 
     /// Devices per pipelined Redis write.
-    #[arg(long, env = "SNAPSHOT_BATCH", default_value_t = 1000)]
+    #[arg(
+        help_heading = "Snapshots (Redis)",
+        long,
+        env = "SNAPSHOT_BATCH",
+        default_value_t = 1000
+    )]
     pub snapshot_batch: usize,
 
     /// Redis connections in the pool (flush batches run this many at once).
-    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 8)]
+    #[arg(
+        help_heading = "Snapshots (Redis)",
+        long,
+        env = "REDIS_POOL_SIZE",
+        default_value_t = 8
+    )]
     pub redis_pool_size: u32,
 
     /// Longest wait for a Redis connection (bb8's connection timeout).
-    #[arg(long, env = "REDIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub redis_connect_timeout: Duration,
 
     /// Longest wait for one Redis operation (restore read, Analyze read, one flush
     /// batch), connection included: a caller never waits longer on Redis.
-    #[arg(long, env = "REDIS_COMMAND_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_COMMAND_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub redis_command_timeout: Duration,
 
     /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(help_heading = "Logging", long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// Log filter in `tracing` `EnvFilter` syntax (`RUST_LOG` is honoured too).
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    #[arg(
+        help_heading = "Logging",
+        long,
+        env = "LOG_LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
 
     /// Detector choice and per-detector settings.
@@ -187,6 +272,7 @@ pub struct Config {
 
 /// The detector settings (shared with `tidewatch-eval`, which takes the same flags).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Detectors")]
 pub struct DetectorSettings {
     /// Detector of streams that name none: `zscore` (the seed rule, default) or
     /// `robust` (median/IQR baseline and sustained-surprise likelihood; recommended).

@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod nab;
+pub mod progress;
 pub mod score;
 pub mod synthetic;
 
@@ -113,11 +114,22 @@ pub fn replay_in_process(
     detector: &DetectorSpec,
     series: &[Series<'_>],
 ) -> Vec<Judged> {
+    replay_in_process_with(config, detector, series, &mut |_| {})
+}
+
+/// [`replay_in_process`], calling `done(n)` after the n-th series (for progress).
+pub fn replay_in_process_with(
+    config: &EngineConfig,
+    detector: &DetectorSpec,
+    series: &[Series<'_>],
+    done: &mut dyn FnMut(usize),
+) -> Vec<Judged> {
     let engine = Engine::new(config.clone());
     let mut verdicts = Vec::with_capacity(BATCH);
     series
         .iter()
-        .map(|(name, times, values)| {
+        .enumerate()
+        .map(|(n, (name, times, values))| {
             let mut judged = Judged::default();
             for (c, chunk) in values.chunks(BATCH).enumerate() {
                 let batch: Vec<Sample> = chunk
@@ -132,6 +144,7 @@ pub fn replay_in_process(
                 engine.ingest_batch(&batch, detector, &mut verdicts);
                 verdicts.iter().for_each(|v| judged.push(v));
             }
+            done(n + 1);
             judged
         })
         .collect()
@@ -190,6 +203,17 @@ pub async fn replay_grpc(
     detector: &DetectorSpec,
     series: &[Series<'_>],
 ) -> Result<Vec<Judged>, ReplayError> {
+    replay_grpc_with(url, run_id, detector, series, &mut |_| {}).await
+}
+
+/// [`replay_grpc`], calling `done(n)` after the n-th series (for progress).
+pub async fn replay_grpc_with(
+    url: &str,
+    run_id: &str,
+    detector: &DetectorSpec,
+    series: &[Series<'_>],
+    done: &mut (dyn FnMut(usize) + Send),
+) -> Result<Vec<Judged>, ReplayError> {
     let mut client = TelemetryServiceClient::connect(url.to_owned())
         .await
         .map_err(|source| ReplayError::Connect {
@@ -247,6 +271,7 @@ pub async fn replay_grpc(
             });
         }
         out.push(judged);
+        done(out.len());
     }
     Ok(out)
 }

@@ -11,8 +11,10 @@
 //! The JSON is the proto3 JSON mapping of the gRPC messages (the generated pbjson
 //! impls), so grpcurl and REST clients read the same documents. Every error is
 //! `{"error":{"code","message"}}` with the status of its [`ErrorKind`]. Ingestion goes
-//! through [`AppState::answer`] like every transport; a body is parsed and checked as a
-//! whole first, so nothing of a refused request is ingested.
+//! through [`AppState::judge_now`] and [`AppState::judge`] like every transport; a body
+//! is parsed and checked as a whole first, so nothing of a refused request is ingested.
+//! How each route maps onto the gRPC messages is in `docs/architecture.md`, "Gateway
+//! mapping".
 
 pub(crate) mod body;
 
@@ -45,11 +47,10 @@ use tower::{
 };
 
 use crate::{
-    AppState,
     config::nonzero,
     error::{ApiError, ErrorKind},
-    grpc::analyze::analyze as analyze_device,
     overload::{self, RETRY_AFTER_SECONDS},
+    service::AppState,
     telemetry::Transport,
 };
 
@@ -236,7 +237,7 @@ async fn ingest(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     );
-    let samples = match body::parse(&bytes, framing, state.config.max_samples_per_request) {
+    let mut samples = match body::parse(&bytes, framing, state.config.max_samples_per_request) {
         Ok(samples) => samples,
         Err(e) => {
             if let Some((reason, samples)) = e.rejected_samples() {
@@ -248,14 +249,27 @@ async fn ingest(
         }
     };
     drop(bytes);
-    let verdicts = match state.try_answer_now(&samples, &detector, Transport::Http) {
-        Some(verdicts) => verdicts,
-        None => {
-            Arc::clone(&state)
-                .answer(samples, detector, Transport::Http)
-                .await
+    let mut verdicts = Vec::new();
+    let judged = state.judge_now(
+        &samples,
+        &detector,
+        Transport::Http,
+        Instant::now(),
+        &mut verdicts,
+    );
+    if judged.count < samples.len() {
+        // A device to restore first, or a batch for the blocking pool: the rest waits,
+        // and its verdicts follow the ones judged so far.
+        let rest = samples.split_off(judged.count);
+        let later = Arc::clone(&state)
+            .judge(rest, detector, Transport::Http)
+            .await;
+        if verdicts.is_empty() {
+            verdicts = later;
+        } else {
+            verdicts.extend(later);
         }
-    };
+    }
     json_response(StatusCode::OK, &IngestResponse { verdicts })
 }
 
@@ -354,7 +368,7 @@ async fn analyze(
     let request = AnalyzeRequest {
         device_id: query.device_id,
     };
-    let found = match analyze_device(&state, &request).await {
+    let found = match state.analyze(&request).await {
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };

@@ -1,7 +1,6 @@
 //! The gRPC server: `tidewatch.v1.TelemetryService`, gRPC health and reflection (v1 and
 //! v1alpha, since grpcurl 1.8 speaks only v1alpha).
 
-pub(crate) mod analyze;
 mod incoming;
 mod ingest;
 mod ingest_body;
@@ -31,7 +30,7 @@ use tonic::{
     server::NamedService,
 };
 
-use crate::AppState;
+use crate::service::AppState;
 pub(crate) use incoming::incoming;
 use wire::WireRequest;
 
@@ -103,7 +102,8 @@ impl TelemetryService for TelemetryApi {
         &self,
         request: Request<AnalyzeRequest>,
     ) -> Result<Response<AnalyzeResponse>, Status> {
-        analyze::analyze(&self.state, request.get_ref())
+        self.state
+            .analyze(request.get_ref())
             .await
             .map(Response::new)
             .map_err(Status::from)

@@ -38,10 +38,10 @@ use tower::{
 };
 
 use crate::{
-    AppState,
     config::nonzero,
     error::{ApiError, ErrorKind},
     grpc::TelemetryRouter,
+    service::AppState,
     telemetry::Transport,
 };
 

@@ -1,8 +1,9 @@
 //! Shutdown: the OS signals that start it, and the token every long task selects on.
 //!
-//! The sequence (DESIGN §6) lives in `lib.rs::Server::serve`: health NOT_SERVING and
-//! `/readyz` 503, stop accepting, let open streams answer what they received and end
-//! with `UNAVAILABLE`, flush snapshots, all inside `SHUTDOWN_TIMEOUT`.
+//! The sequence lives in [`crate::server::Server::serve`] (`docs/architecture.md`,
+//! "Shutdown and drain"): health NOT_SERVING and `/readyz` 503, stop accepting, let
+//! open streams answer what they received and end with `UNAVAILABLE`, flush snapshots,
+//! all inside `SHUTDOWN_TIMEOUT`.
 
 /// Listens for SIGTERM and SIGINT (Ctrl-C) from this call on; the future resolves on
 /// the first of them. Call it before binding: until a handler is installed, SIGTERM

@@ -1,7 +1,7 @@
 //! Redis snapshots: window state follows a device across restarts, rolling updates and
 //! replicas (DESIGN §5).
 //!
-//! - **Flush** ([`Snapshots::flush`], run by [`flusher`] every `SNAPSHOT_INTERVAL`,
+//! - **Flush** ([`Snapshots::flush`], run by the flusher task every `SNAPSHOT_INTERVAL`,
 //!   beside ingestion, never inside a request): on the blocking pool, the dirty
 //!   devices of each shard are encoded under the shard lock a few hundred at a time
 //!   (so ingestion on that shard waits at most that long) and their `dirty` flag is
@@ -34,7 +34,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::{
@@ -43,10 +43,8 @@ use futures::{
 };
 use tidewatch_proto::v1::Sample;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
-    AppState,
     config::Config,
     engine::{DeviceKey, DeviceState, Engine, normalize_device_id},
     telemetry::Counters,
@@ -512,60 +510,6 @@ fn decode_all(
             (id, decoded)
         })
         .collect()
-}
-
-/// The flusher: flushes every `SNAPSHOT_INTERVAL` and evicts idle (clean) devices,
-/// until `stop` is cancelled. The final flush at shutdown is the caller's.
-pub async fn flusher(state: Arc<AppState>, snapshots: Arc<Snapshots>, stop: CancellationToken) {
-    // The first flush is one interval after start, not at once (`interval`'s first
-    // tick is immediate): at start nothing is dirty, and a flush racing with the first
-    // samples would write them earlier than SNAPSHOT_INTERVAL says.
-    let period = snapshots.config.interval;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let evict_every = crate::eviction_period(&state.config);
-    let mut last_eviction = Instant::now();
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        flush_and_record(&state, &snapshots).await;
-        if last_eviction.elapsed() >= evict_every {
-            last_eviction = Instant::now();
-            let engine = Arc::clone(&state.engine);
-            let evicted = tokio::task::spawn_blocking(move || {
-                engine.evict_idle_flushed(Instant::now()).len()
-            })
-            .await
-            .unwrap_or_default();
-            if evicted > 0 {
-                tracing::debug!(
-                    devices = evicted,
-                    "evicted idle devices (snapshots written)"
-                );
-            }
-        }
-    }
-}
-
-/// One flush with its duration and result recorded in metrics.
-pub async fn flush_and_record(state: &AppState, snapshots: &Arc<Snapshots>) -> FlushReport {
-    let started = Instant::now();
-    let report = snapshots.flush().await;
-    if report.written + report.failed > 0 {
-        state
-            .metrics
-            .record_snapshot_flush(started.elapsed(), report.failed == 0);
-        tracing::debug!(
-            written = report.written,
-            failed = report.failed,
-            elapsed = ?started.elapsed(),
-            "snapshot flush"
-        );
-    }
-    report
 }
 
 #[cfg(test)]

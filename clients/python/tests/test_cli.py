@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import tidewatch
+from tidewatch.cli import Progress
 
 from .conftest import Server
 
@@ -68,3 +72,26 @@ def test_bad_csv_and_unreachable_server(server: Server, tmp_path: Path) -> None:
     result = send(server, "--max-attempts", "2", str(good))
     assert result.returncode == 1
     assert "unavailable" in result.stderr
+
+
+def test_version_and_own_description(server: Server) -> None:
+    version = send(server, "--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"tidewatch-send {tidewatch.__version__}"
+    usage = send(server, "--help")
+    assert "Stream a CSV file of samples to tidewatch" in usage.stdout
+
+
+def test_progress_only_on_a_terminal(server: Server, tmp_path: Path) -> None:
+    # Off a terminal (here: a pipe) stderr stays empty on success.
+    csv = tmp_path / "quiet.csv"
+    csv.write_text("".join(f"{1767323040 + i},{400 + i % 3}\n" for i in range(50)))
+    result = send(server, "--device", "cli-quiet", str(csv))
+    assert result.returncode == 0 and result.stderr == ""
+    # On a terminal it draws, then erases, its line.
+    out = io.StringIO()
+    progress = Progress(out, enabled=True)
+    progress.add(tidewatch.Verdict(anomaly=True))
+    progress.finish()
+    assert out.getvalue().startswith("\r\x1b[2Ktidewatch-send: 1 verdicts, 1 anomalies")
+    assert out.getvalue().endswith("\r\x1b[2K")

@@ -1,10 +1,15 @@
 /**
- * The client: one HTTP/2 connection to a tidewatch server (Connect's gRPC transport for
- * Node) and its calls: health, analyze, watchAnomalies, ingest sessions.
+ * The client: calls to one tidewatch server (health, analyze, watchAnomalies, ingest
+ * sessions) over a Connect transport: one the caller built (interceptors, headers, TLS,
+ * any runtime), or Connect's gRPC transport for Node made from an address on first use.
  */
 import { create } from "@bufbuild/protobuf";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import {
+  createGrpcTransport,
+  Http2SessionManager,
+  type GrpcTransportOptions,
+} from "@connectrpc/connect-node";
 
 import { DEFAULT_BACKOFF, type Backoff } from "./backoff.js";
 import { toTidewatchError } from "./errors.js";
@@ -22,8 +27,17 @@ import {
 } from "./gen/tidewatch/v1/telemetry_pb.js";
 import { IngestSession, type SampleInit, type SessionOptions } from "./session.js";
 
+/**
+ * Options of the transport made from an address: those of `createGrpcTransport` of
+ * `@connectrpc/connect-node` but `baseUrl` and `sessionManager`, e.g. `interceptors`
+ * (headers, auth, logging) and `nodeOptions` (TLS: `ca`, `cert`, `key`).
+ */
+export type NodeTransportOptions = Omit<GrpcTransportOptions, "baseUrl" | "sessionManager">;
+
 /** Options of a client. */
 export interface ClientOptions {
+  /** How to build the transport when the client is given an address. */
+  transport?: NodeTransportOptions;
   /** Default reconnect backoff of ingest sessions. */
   backoff?: Backoff;
   /** Deadline of unary calls (health, analyze), in ms (default 10000). */
@@ -106,29 +120,74 @@ export class AnomalyWatch implements AsyncIterable<WatchAnomaliesResponse> {
 
 /** A connection to one tidewatch server. */
 export class TidewatchClient {
-  /** The server's base URL. */
-  readonly baseUrl: string;
-  private readonly sessions: Http2SessionManager;
-  private readonly transport: Transport;
-  private readonly rpc: Client<typeof TelemetryService>;
-  private readonly health: Client<typeof Health>;
+  /** The server's base URL, when the client was given an address. */
+  readonly baseUrl: string | undefined;
+  private readonly given: Transport | undefined;
+  private readonly transportOptions: NodeTransportOptions;
+  private sessions: Http2SessionManager | undefined;
+  private made: Transport | undefined;
+  private rpcClient: Client<typeof TelemetryService> | undefined;
+  private healthClient: Client<typeof Health> | undefined;
   private readonly backoff: Backoff;
   private readonly timeoutMs: number;
 
-  /** `address` is `host:port` (plaintext) or a URL (`http://...`, `https://...`). */
-  constructor(address: string, options: ClientOptions = {}) {
-    this.baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
-    this.sessions = new Http2SessionManager(this.baseUrl);
-    this.transport = createGrpcTransport({ baseUrl: this.baseUrl, sessionManager: this.sessions });
-    this.rpc = createClient(TelemetryService, this.transport);
-    this.health = createClient(Health, this.transport);
+  /**
+   * `target` is `host:port` (plaintext), a URL (`http://...`, `https://...`), or a
+   * Connect `Transport` the caller built (interceptors, headers, TLS, a gRPC-Web
+   * transport...). The constructor starts nothing: an address's transport is made and
+   * dialled by the first call.
+   */
+  constructor(target: string | Transport, options: ClientOptions = {}) {
+    if (typeof target === "string") {
+      this.baseUrl = /^https?:\/\//.test(target) ? target : `http://${target}`;
+    } else {
+      this.given = target;
+    }
+    this.transportOptions = options.transport ?? {};
     this.backoff = options.backoff ?? DEFAULT_BACKOFF;
     this.timeoutMs = options.timeoutMs ?? 10_000;
   }
 
-  /** Close the connection; running calls fail. */
+  /** The transport: the caller's, or the one made from the address on first use. */
+  get transport(): Transport {
+    if (this.given) return this.given;
+    if (!this.made) {
+      const o = this.transportOptions;
+      this.sessions = new Http2SessionManager(
+        this.baseUrl!,
+        {
+          pingIntervalMs: o.pingIntervalMs,
+          pingIdleConnection: o.pingIdleConnection,
+          pingTimeoutMs: o.pingTimeoutMs,
+          idleConnectionTimeoutMs: o.idleConnectionTimeoutMs,
+        },
+        o.nodeOptions,
+      );
+      this.made = createGrpcTransport({
+        ...this.transportOptions,
+        baseUrl: this.baseUrl!,
+        sessionManager: this.sessions,
+      });
+    }
+    return this.made;
+  }
+
+  private get rpc(): Client<typeof TelemetryService> {
+    this.rpcClient ??= createClient(TelemetryService, this.transport);
+    return this.rpcClient;
+  }
+
+  private get health(): Client<typeof Health> {
+    this.healthClient ??= createClient(Health, this.transport);
+    return this.healthClient;
+  }
+
+  /**
+   * Close the connection the client made; running calls fail. A caller's transport is
+   * the caller's to close.
+   */
   close(): void {
-    this.sessions.abort();
+    this.sessions?.abort();
   }
 
   /** `close`, for `using client = connect(...)` (TypeScript 5.2+). */
@@ -165,7 +224,7 @@ export class TidewatchClient {
 
   /** An ingest session: `send` samples, iterate verdicts, `close` when done. */
   session(options: SessionOptions = {}): IngestSession {
-    return new IngestSession(this.rpc, { backoff: this.backoff, ...options });
+    return new IngestSession(() => this.rpc, { backoff: this.backoff, ...options });
   }
 
   /**
@@ -198,7 +257,10 @@ export class TidewatchClient {
   }
 }
 
-/** A client for the server at `address` (`host:port` or a URL). */
-export function connect(address: string, options: ClientOptions = {}): TidewatchClient {
-  return new TidewatchClient(address, options);
+/**
+ * A client for the server at `target` (`host:port` or a URL), or over a transport the
+ * caller built. Nothing is dialled until the first call.
+ */
+export function connect(target: string | Transport, options: ClientOptions = {}): TidewatchClient {
+  return new TidewatchClient(target, options);
 }

@@ -3,7 +3,7 @@
  * over gRPC. The messages are the protoc-gen-es types of tidewatch.v1, re-exported.
  */
 export { connect, TidewatchClient, AnomalyWatch } from "./client.js";
-export type { ClientOptions, WatchFilter, HealthStatus } from "./client.js";
+export type { ClientOptions, NodeTransportOptions, WatchFilter, HealthStatus } from "./client.js";
 export { IngestSession, DEFAULT_DEVICE } from "./session.js";
 export type { SampleInit, SessionOptions } from "./session.js";
 export { DEFAULT_BACKOFF, backoffCap, backoffDelay } from "./backoff.js";

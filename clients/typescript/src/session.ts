@@ -142,11 +142,13 @@ export class IngestSession implements AsyncIterable<Verdict> {
   private closing = false;
   private error: TidewatchError | undefined;
   private readonly stop = new AbortController();
-  private readonly driver: Promise<void>;
+  /** Started by the first send, close or iteration: constructing starts nothing. */
+  private driver: Promise<void> | undefined;
 
   /** Use `TidewatchClient.session` rather than this constructor. */
   constructor(
-    private readonly rpc: Client<typeof TelemetryService>,
+    /** The service client, or a function that makes it (when the stream first opens). */
+    private readonly rpc: Client<typeof TelemetryService> | (() => Client<typeof TelemetryService>),
     options: SessionOptions = {},
   ) {
     this.batchSize = options.batchSize ?? 100;
@@ -160,11 +162,20 @@ export class IngestSession implements AsyncIterable<Verdict> {
     this.detector = options.detector
       ? create(IngestRequestSchema, { detector: options.detector }).detector
       : undefined;
-    this.driver = this.drive();
+  }
+
+  private start(): Promise<void> {
+    this.driver ??= this.drive();
+    return this.driver;
   }
 
   [Symbol.asyncIterator](): AsyncIterator<Verdict, undefined> {
-    return { next: () => this.verdicts.next() };
+    return {
+      next: () => {
+        void this.start();
+        return this.verdicts.next();
+      },
+    };
   }
 
   /**
@@ -176,6 +187,7 @@ export class IngestSession implements AsyncIterable<Verdict> {
   async send(init: SampleInit | Sample): Promise<void> {
     if (this.error) throw this.error;
     if (this.closing) throw new SessionClosedError("the ingest session is closed", Code.FailedPrecondition);
+    void this.start();
     const sample = create(SampleSchema, {
       deviceId: init.deviceId ?? "",
       metrics: { ...init.metrics },
@@ -231,7 +243,7 @@ export class IngestSession implements AsyncIterable<Verdict> {
       this.closing = true;
       this.changed.notify();
     }
-    await this.driver;
+    await this.start();
     if (this.error) throw this.error;
   }
 
@@ -244,7 +256,7 @@ export class IngestSession implements AsyncIterable<Verdict> {
     }
     this.stop.abort();
     this.changed.notify();
-    await this.driver;
+    if (this.driver) await this.driver;
     this.verdicts.end();
   }
 
@@ -266,7 +278,8 @@ export class IngestSession implements AsyncIterable<Verdict> {
         this.streamsOpened += 1;
         let failure: TidewatchError;
         try {
-          const responses = this.rpc.ingest(this.requests(call.signal), { signal: call.signal });
+          const rpc = typeof this.rpc === "function" ? this.rpc() : this.rpc;
+          const responses = rpc.ingest(this.requests(call.signal), { signal: call.signal });
           for await (const response of responses) {
             const batch = this.pending.shift();
             if (batch === undefined) throw new ProtocolError("a response arrived for no request", Code.Internal);

@@ -1,5 +1,6 @@
 //! `tidewatch-eval`: detection quality of the tidewatch detectors on labeled data
-//! (synthetic series and NAB-format files). See `QUALITY.md`.
+//! (synthetic series and NAB-format files). See `QUALITY.md`; its description is
+//! `EvalArgs`'s doc comment, not the package's (which is the server's).
 
 use clap::Parser;
 use tidewatch_server::eval::app::{EvalArgs, run};

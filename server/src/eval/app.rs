@@ -7,20 +7,32 @@ use clap::Parser;
 
 use super::{
     Bars, Judged, NabResult, Series, Signal, SyntheticResult, describe, nab, nab_table,
-    replay_grpc, replay_in_process, score_nab, score_synthetic, synthetic, synthetic_table,
+    progress::Progress, replay_grpc_with, replay_in_process_with, score_nab, score_synthetic,
+    synthetic, synthetic_table,
 };
 use crate::{
     config::DetectorSettings,
     engine::{DetectorKind, DetectorSpec, Engine, EngineConfig},
 };
 
-/// Replays labeled series through the tidewatch engine and scores the verdicts.
+/// The corpus used when neither `--nab-dir` nor `NAB_DIR` names one, relative to the
+/// working directory: the repository's copy of the NAB development subset.
+pub const DEFAULT_NAB_DIR: &str = "data/nab-dev";
+
+/// Detection quality of the tidewatch detectors on labeled data: replays synthetic
+/// series and NAB-format files through the engine (and optionally a running server)
+/// and scores the verdicts.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "tidewatch-eval", version, about)]
+#[command(name = "tidewatch-eval", version)]
 pub struct EvalArgs {
-    /// NAB-format corpus (a directory with windows.json); without it NAB is skipped.
+    /// NAB-format corpus (a directory with windows.json). Default: data/nab-dev when
+    /// it exists under the working directory (the repository root), else NAB is skipped.
     #[arg(long, env = "NAB_DIR")]
     pub nab_dir: Option<PathBuf>,
+
+    /// Skip the NAB corpus, even data/nab-dev.
+    #[arg(long, conflicts_with = "nab_dir")]
+    pub no_nab: bool,
 
     /// Skip the synthetic data set.
     #[arg(long)]
@@ -79,8 +91,23 @@ pub struct EvalArgs {
     pub settings: DetectorSettings,
 }
 
+impl EvalArgs {
+    /// The NAB corpus to score: `--nab-dir`/`NAB_DIR`, else [`DEFAULT_NAB_DIR`] if it
+    /// holds a `windows.json`, else none.
+    pub fn nab_corpus(&self) -> Option<PathBuf> {
+        if self.no_nab {
+            return None;
+        }
+        self.nab_dir.clone().or_else(|| {
+            let default = PathBuf::from(DEFAULT_NAB_DIR);
+            default.join("windows.json").is_file().then_some(default)
+        })
+    }
+}
+
 /// Runs the evaluation and prints the tables; `Ok(false)` when a bar was missed.
 pub fn run(args: &EvalArgs) -> anyhow::Result<bool> {
+    let nab_dir = args.nab_corpus();
     args.settings
         .validate()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -101,8 +128,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<bool> {
     drop(defaults);
     let recommended = DetectorKind::parse(&args.recommended)
         .with_context(|| format!("unknown detector {:?} in --recommended", args.recommended))?;
-    if args.check_bars && args.nab_dir.is_none() {
-        anyhow::bail!("--check-bars needs the NAB corpus: pass --nab-dir or set NAB_DIR");
+    if args.check_bars && nab_dir.is_none() {
+        anyhow::bail!(
+            "--check-bars needs the NAB corpus: run from the repository root (data/nab-dev), pass --nab-dir or set NAB_DIR"
+        );
     }
     let runtime = match &args.grpc {
         Some(_) => Some(
@@ -126,10 +155,27 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<bool> {
         }
         ok &= failed.is_empty();
     };
-    let replay = |spec: &DetectorSpec, series: &[Series<'_>]| -> anyhow::Result<Vec<Judged>> {
-        let local = replay_in_process(&config, spec, series);
+    let replay = |data: &str,
+                  spec: &DetectorSpec,
+                  series: &[Series<'_>]|
+     -> anyhow::Result<Vec<Judged>> {
+        let mut progress = Progress::new(
+            format!("{data}: {} in process", spec.kind.as_str()),
+            series.len(),
+            "series",
+        );
+        let local = replay_in_process_with(&config, spec, series, &mut |n| progress.update(n));
+        progress.finish();
         if let (Some(url), Some(rt)) = (&args.grpc, &runtime) {
-            let remote = rt.block_on(replay_grpc(url, &run_id, spec, series))?;
+            let mut progress = Progress::new(
+                format!("{data}: {} over gRPC", spec.kind.as_str()),
+                series.len(),
+                "series",
+            );
+            let remote = rt.block_on(replay_grpc_with(url, &run_id, spec, series, &mut |n| {
+                progress.update(n)
+            }))?;
+            progress.finish();
             let rows: usize = local.iter().map(|j| j.anomaly.len()).sum();
             let mismatches: usize = local
                 .iter()
@@ -163,7 +209,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<bool> {
         let mut rows: Vec<(String, Signal, SyntheticResult)> = Vec::new();
         for d in &specs {
             let started = Instant::now();
-            let judged = replay(d, &series)?;
+            let judged = replay("synthetic", d, &series)?;
             let elapsed = started.elapsed();
             for signal in Signal::ALL {
                 let result = score_synthetic(&data, &judged, signal, spec.warm_up);
@@ -181,7 +227,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<bool> {
         print!("{}", synthetic_table(&rows));
     }
 
-    if let Some(dir) = &args.nab_dir {
+    if let Some(dir) = &nab_dir {
         let files =
             nab::load(dir).with_context(|| format!("loading NAB corpus {}", dir.display()))?;
         let series: Vec<Series<'_>> = files
@@ -191,7 +237,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<bool> {
         let rows_total: usize = files.iter().map(|f| f.values.len()).sum();
         let mut rows: Vec<(String, Signal, NabResult)> = Vec::new();
         for d in &specs {
-            let judged = replay(d, &series)?;
+            let judged = replay("NAB", d, &series)?;
             for signal in Signal::ALL {
                 let result = score_nab(&files, &judged, signal);
                 if args.check_bars && d.kind == recommended && signal == Signal::Alert {

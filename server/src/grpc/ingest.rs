@@ -30,10 +30,10 @@ use tonic::{Code, Request, Status};
 use super::wire::{WireRequest, WireSink};
 
 use crate::{
-    AppState,
     config::nonzero,
     engine::DetectorSpec,
     error::{ApiError, ErrorKind},
+    service::AppState,
     telemetry::{ActiveGauge, Transport},
 };
 
@@ -138,21 +138,21 @@ impl StreamCore {
             )
             .into());
         }
-        let (answered, finished) = self.state.try_answer_prefix(
+        let judged = self.state.judge_now(
             request.samples(),
             &detector,
             Transport::Grpc,
             received,
             sink,
         );
-        if answered == request.len() {
-            return Ok(Some(finished));
+        if judged.count == request.len() {
+            return Ok(Some(judged.finished));
         }
         // The rest waits for a restore (or is a large batch for the blocking pool);
         // the sink keeps the verdicts so far, and theirs follow in the same response.
         let state = Arc::clone(&self.state);
-        self.pending = Some(Box::pin(state.answer(
-            request.to_samples_from(answered),
+        self.pending = Some(Box::pin(state.judge(
+            request.to_samples_from(judged.count),
             detector,
             Transport::Grpc,
         )));

@@ -39,7 +39,7 @@ use super::{
     ingest::{StreamCore, too_large},
     wire::{GRPC_HEADER, WireRequest, WireSink, YIELD_THRESHOLD},
 };
-use crate::AppState;
+use crate::service::AppState;
 
 /// The least a new output chunk reserves.
 const MIN_CHUNK: usize = 512;

@@ -12,8 +12,8 @@ use tonic::Status;
 
 use super::BoxStream;
 use crate::{
-    AnomalyEvent, AppState,
     error::{ApiError, ErrorKind},
+    service::{AnomalyEvent, AppState},
 };
 
 /// Whether `event` passes the watcher's filters.

@@ -1,13 +1,22 @@
-"""tidewatch: an asyncio client for the tidewatch anomaly-detection service.
+"""tidewatch: clients for the tidewatch anomaly-detection service.
+
+The asyncio client:
 
 >>> async with tidewatch.connect("127.0.0.1:50051") as client:
 ...     async for verdict in client.ingest(samples):
+...         print(verdict.anomaly)
+
+The synchronous one (``tidewatch.sync``), for scripts and notebooks:
+
+>>> with tidewatch.sync.connect("127.0.0.1:50051") as client:
+...     for verdict in client.ingest(samples):
 ...         print(verdict.anomaly)
 
 The messages (``Sample``, ``Verdict``, ...) are the generated protobuf classes of
 ``tidewatch.v1`` (``tidewatch.v1.telemetry_pb2``), re-exported here.
 """
 
+from . import sync
 from .backoff import Backoff
 from .client import AnomalyWatch, Client, IngestSession, connect
 from .errors import (
@@ -57,6 +66,7 @@ __all__ = [
     "Verdict",
     "WatchAnomaliesResponse",
     "connect",
+    "sync",
 ]
 
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ Two layouts, with or without a header line:
   cell leaves that metric out of the sample.
 
 A timestamp is RFC 3339 (``2026-01-02T03:04:05Z``) or Unix seconds; empty means the
-server's receive time. Exit code 0 when every sample was answered, 1 on an error (a
+server's receive time. On a terminal, stderr shows how many verdicts arrived (and how
+many were anomalies) as they arrive; redirected, stderr carries only errors. Exit code 0 when every sample was answered, 1 on an error (a
 sample's own error is printed in its verdict and is not one), 2 on bad usage.
 """
 
@@ -20,12 +21,14 @@ import csv
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import TextIO
 
 from google.protobuf.json_format import MessageToDict
 
+from . import __version__
 from .backoff import Backoff
 from .client import connect
 from .errors import TidewatchError
@@ -114,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="tidewatch-send",
         description="Stream a CSV file of samples to tidewatch; print verdicts as JSON lines.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("file", help="CSV file, or - for standard input")
     parser.add_argument(
         "--addr", default="127.0.0.1:50051", help="server host:port (default %(default)s)"
@@ -136,6 +140,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Progress:
+    """One stderr line, redrawn at most ten times a second, only on a terminal."""
+
+    def __init__(self, out: TextIO, enabled: bool | None = None) -> None:
+        self._out = out
+        self._enabled = out.isatty() if enabled is None else enabled
+        self._started = time.monotonic()
+        self._drawn = 0.0
+        self.verdicts = 0
+        self.anomalies = 0
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        return (
+            f"tidewatch-send: {self.verdicts} verdicts, {self.anomalies} anomalies "
+            f"({self.verdicts / elapsed:.0f}/s)"
+        )
+
+    def add(self, verdict: pb.Verdict) -> None:
+        self.verdicts += 1
+        self.anomalies += verdict.anomaly
+        now = time.monotonic()
+        if self._enabled and now - self._drawn >= 0.1:
+            self._drawn = now
+            self._out.write("\r\x1b[2K" + self.line())
+            self._out.flush()
+
+    def finish(self) -> None:
+        if self._enabled and self._drawn:
+            self._out.write("\r\x1b[2K")
+            self._out.flush()
+
+
 async def _send(args: argparse.Namespace, stream: TextIO) -> None:
     detector = None
     if args.detector or args.window_size or args.threshold or args.min_samples:
@@ -153,9 +190,14 @@ async def _send(args: argparse.Namespace, stream: TextIO) -> None:
             detector=detector,
             backoff=Backoff(max_attempts=args.max_attempts),
         )
-        async for verdict in verdicts:
-            line = MessageToDict(verdict, always_print_fields_with_no_presence=True)
-            print(json.dumps(line, separators=(",", ":")), flush=True)
+        progress = Progress(sys.stderr)
+        try:
+            async for verdict in verdicts:
+                line = MessageToDict(verdict, always_print_fields_with_no_presence=True)
+                print(json.dumps(line, separators=(",", ":")), flush=True)
+                progress.add(verdict)
+        finally:
+            progress.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

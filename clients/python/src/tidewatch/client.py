@@ -47,7 +47,8 @@ class Client:
 
     ``target`` is ``host:port``. ``credentials`` makes a TLS channel (plaintext without).
     ``reconnect_backoff`` also bounds how fast the channel itself re-dials a lost server.
-    The channel connects lazily; ``wait_ready`` waits for it.
+    The constructor starts nothing: the channel is made by the first call and connects
+    in the background; ``wait_ready`` waits for it.
     """
 
     def __init__(
@@ -67,14 +68,41 @@ class Client:
             ("grpc.max_reconnect_backoff_ms", max(1, int(backoff.max * 1000))),
             *channel_options,
         ]
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._credentials = credentials
+        self._channel_options = options
         self.target = target
-        self._stub = pb_grpc.TelemetryServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._backoff = backoff
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: pb_grpc.TelemetryServiceStub | None = None
+        self._health_: health_pb2_grpc.HealthStub | None = None
+
+    def _connect(self) -> grpc.aio.Channel:
+        # The channel is made on first use (in the running event loop), never by the
+        # constructor; gRPC then dials in the background.
+        if self._channel is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(
+                    self.target, options=self._channel_options
+                )
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=self._channel_options
+                )
+            self._stub_ = pb_grpc.TelemetryServiceStub(self._channel)
+            self._health_ = health_pb2_grpc.HealthStub(self._channel)
+        return self._channel
+
+    @property
+    def _stub(self) -> pb_grpc.TelemetryServiceStub:
+        self._connect()
+        assert self._stub_ is not None
+        return self._stub_
+
+    @property
+    def _health(self) -> health_pb2_grpc.HealthStub:
+        self._connect()
+        assert self._health_ is not None
+        return self._health_
 
     async def __aenter__(self) -> Client:
         return self
@@ -89,12 +117,13 @@ class Client:
 
     async def close(self) -> None:
         """Close the channel; calls still running end with ``CANCELLED``."""
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the channel is connected; ``UnavailableError`` after ``timeout`` s."""
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+            await asyncio.wait_for(self._connect().channel_ready(), timeout)
         except asyncio.TimeoutError:
             raise UnavailableError(
                 f"no connection to {self.target} within {timeout}s",
@@ -294,7 +323,13 @@ class IngestSession:
         self.streams_opened = 0
         #: Samples re-sent because their stream broke before answering them.
         self.resent = 0
-        self._driver = asyncio.create_task(self._drive())
+        # Started by the first send, close or iteration: constructing starts nothing.
+        self._driver: asyncio.Task[None] | None = None
+
+    def _start(self) -> asyncio.Task[None]:
+        if self._driver is None:
+            self._driver = asyncio.create_task(self._drive())
+        return self._driver
 
     async def __aenter__(self) -> IngestSession:
         return self
@@ -314,6 +349,7 @@ class IngestSession:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[pb.Verdict]:
+        self._start()
         while True:
             item = await self._verdicts.get()
             if isinstance(item, _End):
@@ -336,6 +372,7 @@ class IngestSession:
             raise self._error
         if self._closing:
             raise SessionClosedError("the ingest session is closed")
+        self._start()
         copy = pb.Sample()
         copy.CopyFrom(sample)
         device = copy.device_id or DEFAULT_DEVICE
@@ -392,10 +429,11 @@ class IngestSession:
             async with self._changed:
                 self._closing = True
                 self._changed.notify_all()
+        driver = self._start()
         try:
-            await asyncio.shield(self._driver)
+            await asyncio.shield(driver)
         except asyncio.CancelledError:
-            if not self._driver.cancelled():
+            if not driver.cancelled():
                 raise
         if self._error is not None:
             raise self._error
@@ -408,7 +446,7 @@ class IngestSession:
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
-        if not self._driver.done():
+        if self._driver is not None and not self._driver.done():
             self._driver.cancel()
             try:
                 await self._driver

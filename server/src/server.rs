@@ -1,0 +1,344 @@
+//! The process lifecycle: bind both sockets, start the gRPC server (with health and
+//! reflection), the background tasks and the HTTP gateway, serve until the shutdown
+//! future resolves, then drain and write the final snapshot flush, all inside
+//! `SHUTDOWN_TIMEOUT` (`docs/architecture.md`, "Shutdown and drain").
+
+use std::{
+    future::{Future, IntoFuture as _},
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
+use tidewatch_proto::v1::telemetry_service_server::TelemetryServiceServer;
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Router;
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::{Health, HealthServer},
+    server::HealthReporter,
+};
+
+use crate::{
+    config::{Config, nonzero},
+    gateway, grpc, overload,
+    service::AppState,
+    snapshot,
+    tasks::Background,
+};
+
+/// A server whose sockets are bound; [`Server::serve`] runs it.
+#[derive(Debug)]
+pub struct Server {
+    /// Shared by every handler.
+    state: Arc<AppState>,
+    /// The gRPC listener.
+    grpc: TcpListener,
+    /// The HTTP gateway listener.
+    http: TcpListener,
+}
+
+/// The running gRPC server.
+struct GrpcTask {
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Ends when every closed connection has finished lingering (see
+    /// `grpc::incoming`): the drain waits for them too.
+    lingered: mpsc::Receiver<()>,
+}
+
+/// The running HTTP gateway.
+struct HttpTask {
+    task: JoinHandle<io::Result<()>>,
+    /// Stops accepting; in-flight requests finish.
+    stop: CancellationToken,
+}
+
+impl Server {
+    /// Binds the gRPC and HTTP sockets (port 0 picks a free port).
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("cannot bind GRPC_ADDR {}", config.grpc_addr))?;
+        let http = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot bind LISTEN_ADDR {}", config.listen_addr))?;
+        let state = Arc::new(AppState::new(config)?);
+        Ok(Self { state, grpc, http })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .unwrap_or(self.state.config.grpc_addr)
+    }
+
+    /// The bound HTTP gateway address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .unwrap_or(self.state.config.listen_addr)
+    }
+
+    /// The shared state (tests read counters through it).
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Serves until `shutdown` resolves, then drains within `SHUTDOWN_TIMEOUT`:
+    ///
+    /// 1. readiness fails (`/readyz` 503, gRPC health NOT_SERVING) while both servers
+    ///    keep serving for `SHUTDOWN_DELAY`, so load balancers stop sending first;
+    /// 2. gRPC stops accepting; open streams answer what they received and end with
+    ///    `UNAVAILABLE`; the HTTP server stays up meanwhile, so probes keep seeing 503;
+    /// 3. HTTP stops accepting and finishes its in-flight requests;
+    /// 4. with both servers closed nothing can change a window any more: the final
+    ///    snapshot flush writes what is dirty.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self { state, grpc, http } = self;
+        let config = Arc::clone(&state.config);
+        let grpc_addr = grpc.local_addr()?;
+        let http_addr = http.local_addr()?;
+
+        let (health, grpc) = start_grpc(&state, grpc).await?;
+        let background = Background::start(&state);
+        announce_storage(&state);
+        // Ready before the gateway answers its first request: `/readyz` is 503 only
+        // while the server is not serving yet (connections wait in the backlog until
+        // here) and while it drains.
+        state.ready.store(true, Ordering::Relaxed);
+        let http = start_http(&state, http);
+        tracing::info!(%http_addr, "http listening");
+        tracing::info!(%grpc_addr, "grpc listening");
+
+        shutdown.await;
+        let started = Instant::now();
+        tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: draining streams");
+        not_ready(&state, &health).await;
+        let reserve = flush_reserve(&state);
+        drain(
+            &state,
+            grpc,
+            http,
+            &background,
+            config.shutdown_timeout - reserve,
+        )
+        .await;
+        final_flush(&state, background, started, reserve).await;
+        state.metrics.shutdown();
+        tracing::info!(elapsed = ?started.elapsed(), "shutdown complete");
+        Ok(())
+    }
+}
+
+/// Binds and serves until `shutdown` resolves: what the binary runs.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Server::bind(config).await?.serve(shutdown).await
+}
+
+/// Starts the gRPC server on `listener`, reporting the API as serving in gRPC health;
+/// it stops accepting when `state.shutdown` is cancelled.
+async fn start_grpc(
+    state: &Arc<AppState>,
+    listener: TcpListener,
+) -> anyhow::Result<(HealthReporter, GrpcTask)> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<TelemetryServiceServer<grpc::TelemetryApi>>()
+        .await;
+    let services = grpc_services(state, health_service)?;
+    let drained = state.shutdown.clone();
+    let (lingering, lingered) = mpsc::channel::<()>(1);
+    let incoming = grpc::incoming(listener, state.config.shutdown_timeout, lingering);
+    let server = services.serve_with_incoming_shutdown(incoming, async move {
+        drained.cancelled().await;
+    });
+    let task = tokio::spawn(server);
+    Ok((health, GrpcTask { task, lingered }))
+}
+
+/// The gRPC services: health, reflection (v1, and v1alpha since grpcurl 1.8 speaks
+/// only that) and the API behind its overload guard, with keepalive and the
+/// connection age limit.
+fn grpc_services(
+    state: &Arc<AppState>,
+    health: HealthServer<impl Health>,
+) -> anyhow::Result<Router> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tidewatch_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let config = &state.config;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(age) = nonzero(config.max_connection_age) {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(config.max_connection_age_grace);
+    }
+    let api = grpc::TelemetryApi::new(Arc::clone(state)).into_server();
+    Ok(builder
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(overload::guard_grpc(state, api)))
+}
+
+/// Starts the HTTP gateway on `listener`; it runs until its `stop` is cancelled.
+fn start_http(state: &Arc<AppState>, listener: TcpListener) -> HttpTask {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let server = axum::serve(
+        listener.tap_io(|tcp| {
+            // Small JSON answers: send them now, not after Nagle's delay.
+            let _ = tcp.set_nodelay(true);
+        }),
+        gateway::router(Arc::clone(state)).into_make_service(),
+    )
+    .with_graceful_shutdown(async move { stopped.cancelled().await });
+    let task = tokio::spawn(server.into_future());
+    HttpTask { task, stop }
+}
+
+/// Logs where window state lives; with snapshots, also checks Redis in the background
+/// so that an unreachable Redis is reported at start without delaying it.
+fn announce_storage(state: &AppState) {
+    let config = &state.config;
+    match &state.snapshots {
+        Some(snapshots) => {
+            let sc = snapshots.config();
+            tracing::info!(
+                redis = %snapshot::store::redact(&sc.url),
+                interval = ?sc.interval,
+                ttl_secs = sc.ttl_secs,
+                window_size = config.window_size,
+                z_threshold = config.z_threshold,
+                min_samples = config.min_samples,
+                detector = %config.detectors.detector,
+                "snapshots on: window state is written to Redis every SNAPSHOT_INTERVAL and restored on a device's first sample"
+            );
+            let snapshots = Arc::clone(snapshots);
+            tokio::spawn(async move {
+                let _ = snapshots.check().await;
+            });
+        }
+        None => tracing::info!(
+            window_size = config.window_size,
+            z_threshold = config.z_threshold,
+            min_samples = config.min_samples,
+            detector = %config.detectors.detector,
+            "running in memory without Redis (REDIS_URL unset): window state is lost on restart"
+        ),
+    }
+}
+
+/// Drain step 1: `/readyz` answers 503 and gRPC health NOT_SERVING.
+async fn not_ready(state: &AppState, health: &HealthReporter) {
+    state.ready.store(false, Ordering::Relaxed);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<TelemetryServiceServer<grpc::TelemetryApi>>()
+        .await;
+}
+
+/// What the drain leaves of `SHUTDOWN_TIMEOUT` for the final snapshot flush.
+fn flush_reserve(state: &AppState) -> Duration {
+    if state.snapshots.is_some() {
+        (state.config.shutdown_timeout / 4).min(Duration::from_secs(5))
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Drain steps 1 to 3 within `budget`; past it, whatever is still open is closed.
+async fn drain(
+    state: &AppState,
+    mut grpc: GrpcTask,
+    mut http: HttpTask,
+    background: &Background,
+    budget: Duration,
+) {
+    let closing = close(state, &mut grpc, &mut http, background);
+    if tokio::time::timeout(budget, closing).await.is_err() {
+        tracing::warn!(timeout = ?state.config.shutdown_timeout, "shutdown timed out; closing what is left");
+        state.shutdown.cancel();
+        background.stop_evictor();
+        grpc.task.abort();
+        http.task.abort();
+    }
+}
+
+/// Drain steps 1 to 3 in order: serve on for `SHUTDOWN_DELAY` while not ready, close
+/// gRPC (open streams answer what they received and end), wait for its lingering
+/// connections, then close HTTP.
+async fn close(
+    state: &AppState,
+    grpc: &mut GrpcTask,
+    http: &mut HttpTask,
+    background: &Background,
+) {
+    if let Some(delay) = nonzero(state.config.shutdown_delay) {
+        tracing::info!(?delay, "not ready; serving on while load balancers notice");
+        tokio::time::sleep(delay).await;
+    }
+    state.shutdown.cancel();
+    background.stop_evictor();
+    match (&mut grpc.task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "grpc server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "grpc server task failed"),
+    }
+    // Every sender is gone once the last connection finished lingering.
+    while grpc.lingered.recv().await.is_some() {}
+    http.stop.cancel();
+    match (&mut http.task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "http server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "http server task failed"),
+    }
+}
+
+/// Drain step 4, with snapshots: streams are drained and nothing changes any more, so
+/// the flusher stops and everything still dirty is written, within what is left of
+/// `SHUTDOWN_TIMEOUT` (at least `reserve`).
+async fn final_flush(
+    state: &AppState,
+    background: Background,
+    started: Instant,
+    reserve: Duration,
+) {
+    let Some(flush) = background.final_flush(state) else {
+        return;
+    };
+    let left = state
+        .config
+        .shutdown_timeout
+        .saturating_sub(started.elapsed());
+    match tokio::time::timeout(left.max(reserve), flush).await {
+        Ok(report) if report.failed == 0 => {
+            tracing::info!(devices = report.written, "final snapshot flush done");
+        }
+        Ok(report) => tracing::warn!(
+            written = report.written,
+            failed = report.failed,
+            "final snapshot flush incomplete: the failed devices lose their updates since the last flush"
+        ),
+        Err(_) => tracing::warn!("final snapshot flush timed out (SHUTDOWN_TIMEOUT)"),
+    }
+}

@@ -1,0 +1,364 @@
+//! The request core: what every transport shares ([`AppState`]) and the one way each
+//! request is judged or analyzed, whether it came over gRPC or the HTTP gateway.
+//!
+//! Judging has two entry points:
+//!
+//! - [`AppState::judge_now`], synchronous: judges as much of a request as can be
+//!   judged without waiting, in one pass, into any [`VerdictSink`]. The gRPC fast path
+//!   calls it per message with its wire samples and encoder; the gateway calls it with
+//!   the parsed `Sample`s.
+//! - [`AppState::judge`], asynchronous: judges what [`AppState::judge_now`] left,
+//!   restoring missing devices from their snapshots first and moving large batches to
+//!   the blocking pool.
+//!
+//! Both end in the same private core, so restore-before-judge, metrics and the
+//! anomaly broadcast happen the same way for every transport. The rules the engine
+//! applies are in `docs/architecture.md`, "Engine semantics"; why a device is restored
+//! before its first sample is judged is in its "Snapshot protocol".
+
+use std::{
+    sync::{Arc, atomic::AtomicBool},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use tidewatch_proto::{
+    pbjson_types::Timestamp,
+    v1::{AnalyzeRequest, AnalyzeResponse, Sample, Source, Verdict},
+};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    engine::{
+        DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response, normalize_device_id,
+        now_timestamp,
+    },
+    error::{ApiError, ErrorKind},
+    snapshot::{SnapshotConfig, Snapshots},
+    telemetry::{Metrics, Transport},
+};
+
+/// Requests with at least this many samples are judged on the blocking pool, so that
+/// a 10,000-sample batch does not hold a runtime worker for milliseconds.
+const BLOCKING_BATCH: usize = 2048;
+
+/// One anomalous verdict on its way to watchers.
+#[derive(Debug, Clone)]
+pub struct AnomalyEvent {
+    /// The verdict, as the ingesting client got it.
+    pub verdict: Verdict,
+    /// When the server judged it.
+    pub time: Timestamp,
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// The settings the server runs with.
+    pub config: Arc<Config>,
+    /// The windows.
+    pub engine: Arc<Engine>,
+    /// Metrics and their exposition.
+    pub metrics: Metrics,
+    /// The anomaly feed; ingestion sends, watchers subscribe.
+    pub anomalies: broadcast::Sender<Arc<AnomalyEvent>>,
+    /// Cancelled when shutdown starts; every stream selects on it.
+    pub shutdown: CancellationToken,
+    /// Readiness: false while starting and while draining (`/readyz`).
+    pub ready: AtomicBool,
+    /// Redis snapshots, when `REDIS_URL` is set.
+    pub snapshots: Option<Arc<Snapshots>>,
+}
+
+/// How far [`AppState::judge_now`] got through a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Judged {
+    /// How many samples, from the start, were judged; the rest goes to
+    /// [`AppState::judge`].
+    pub count: usize,
+    /// The clock read that ended the judging (the message's latency, when it was
+    /// judged whole). A caller judging its next message right away starts that one
+    /// from it: one clock read per message.
+    pub finished: Instant,
+}
+
+impl AppState {
+    /// Builds the shared state for `config`.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let engine = Arc::new(Engine::new(config.engine()));
+        let metrics = Metrics::new(Arc::clone(&engine))?;
+        let (anomalies, _) = broadcast::channel(config.watch_buffer);
+        let snapshots = match SnapshotConfig::from_config(&config) {
+            Some(snapshot_config) => Some(Arc::new(
+                Snapshots::new(
+                    snapshot_config,
+                    Arc::clone(&engine),
+                    metrics.shared_counters(),
+                )
+                .context("REDIS_URL")?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            engine,
+            metrics,
+            anomalies,
+            shutdown: CancellationToken::new(),
+            ready: AtomicBool::new(false),
+            snapshots,
+        })
+    }
+
+    /// Judges the samples of one request into `out`, from the start, as far as that
+    /// needs no waiting: all of them in the usual case (a small batch of devices in
+    /// memory). It stops before the first sample of a device that must be restored from
+    /// its snapshot first (with snapshots on), and judges nothing of a batch of
+    /// `BLOCKING_BATCH` samples or more (that one belongs on the blocking pool). What
+    /// is left goes to [`AppState::judge`], its verdicts after the ones in `out`.
+    ///
+    /// `received` is the message's one clock read: the engine's idle tick, the receive
+    /// time and the start of its latency. `detector` comes from
+    /// [`Engine::detector`] (the stream's or request's detector section, or the
+    /// server default).
+    pub fn judge_now<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        transport: Transport,
+        received: Instant,
+        out: &mut impl VerdictSink,
+    ) -> Judged {
+        let samples = samples.into_iter();
+        if samples.len() >= BLOCKING_BATCH {
+            return Judged {
+                count: 0,
+                finished: received,
+            };
+        }
+        let restore = self.snapshots.is_some();
+        self.judge_into(samples, detector, transport, received, out, restore)
+    }
+
+    /// Judges what [`AppState::judge_now`] left of a request, waiting where needed:
+    /// devices that are not in memory are restored from their snapshots first (a
+    /// device's first sample here continues the window its snapshot holds), and a
+    /// batch of `BLOCKING_BATCH` samples or more runs on the blocking pool.
+    pub async fn judge(
+        self: Arc<Self>,
+        samples: Vec<Sample>,
+        detector: DetectorSpec,
+        transport: Transport,
+    ) -> Vec<Verdict> {
+        if let Some(snapshots) = &self.snapshots {
+            snapshots.restore_missing(&samples).await;
+        }
+        if samples.len() < BLOCKING_BATCH {
+            return self.judge_all(&samples, &detector, transport);
+        }
+        let state = Arc::clone(&self);
+        match tokio::task::spawn_blocking(move || state.judge_all(&samples, &detector, transport))
+            .await
+        {
+            Ok(verdicts) => verdicts,
+            Err(e) => {
+                // Only a panic in the engine gets here; the task is gone with its batch.
+                tracing::error!(error = %e, "ingest batch task failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// `Analyze`: the device's statistics from memory, else from its snapshot (`source`
+    /// says which), else `NOT_FOUND`; `UNAVAILABLE` when only Redis could tell and it
+    /// does not answer. The gRPC method and the gateway's `GET /analyze` both serve it.
+    pub async fn analyze(&self, request: &AnalyzeRequest) -> Result<AnalyzeResponse, ApiError> {
+        let id = normalize_device_id(&request.device_id);
+        if let Some(found) = self.engine.analyze(id) {
+            return Ok(found);
+        }
+        if let Some(snapshots) = &self.snapshots {
+            match snapshots.read(id).await {
+                Ok(Some(device)) => return Ok(analyze_response(&device, Source::Snapshot)),
+                Ok(None) => {}
+                Err(_) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "device {id:?} is not in memory and the snapshot store does not answer; retry"
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("device {id:?} is unknown: no sample in memory and no snapshot"),
+        ))
+    }
+
+    /// Every sample of `samples`, none held back for a restore (the caller restored
+    /// them), starting the clock now.
+    fn judge_all(
+        &self,
+        samples: &[Sample],
+        detector: &DetectorSpec,
+        transport: Transport,
+    ) -> Vec<Verdict> {
+        let mut verdicts = Vec::with_capacity(samples.len());
+        let _ = self.judge_into(
+            samples,
+            detector,
+            transport,
+            Instant::now(),
+            &mut verdicts,
+            false,
+        );
+        verdicts
+    }
+
+    /// The core under both entry points: engine, metrics once per message, anomaly
+    /// broadcast. Judges all of `samples` unless `stop_at_unknown` (see
+    /// [`Engine::ingest_batch_with`]). While anomaly watchers are subscribed, the
+    /// verdicts are also kept as prost messages for them (unless `out` keeps them
+    /// already). The message's latency is recorded when it is judged whole here.
+    fn judge_into<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        transport: Transport,
+        started: Instant,
+        out: &mut impl VerdictSink,
+        stop_at_unknown: bool,
+    ) -> Judged {
+        let samples = samples.into_iter();
+        let total = samples.len();
+        let engine = &self.engine;
+        let (outcome, count) = if !self.metrics.watching() {
+            engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown)
+        } else if let Some(before) = out.verdicts().map(<[Verdict]>::len) {
+            let result = engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown);
+            let verdicts = out.verdicts().unwrap_or_default();
+            self.publish_anomalies(&verdicts[before.min(verdicts.len())..], result.0.anomalies);
+            result
+        } else {
+            let mut kept: Vec<Verdict> = Vec::new();
+            let result = engine.ingest_batch_with(
+                samples,
+                detector,
+                &mut Tee(out, &mut kept),
+                started,
+                stop_at_unknown,
+            );
+            self.publish_anomalies(&kept, result.0.anomalies);
+            result
+        };
+        let finished = Instant::now();
+        let latency = (count == total).then(|| finished.saturating_duration_since(started));
+        self.metrics.record_batch(transport, &outcome, latency);
+        Judged { count, finished }
+    }
+
+    /// Sends the anomalous verdicts of a batch to watchers, if there are any.
+    fn publish_anomalies(&self, verdicts: &[Verdict], anomalies: u64) {
+        if anomalies == 0 || self.anomalies.receiver_count() == 0 {
+            return;
+        }
+        let time = now_timestamp();
+        for verdict in verdicts.iter().filter(|v| v.anomaly) {
+            // An error means no watcher is left; nobody to tell.
+            let _ = self.anomalies.send(Arc::new(AnomalyEvent {
+                verdict: verdict.clone(),
+                time,
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn sample(device: &str, seq: u64) -> Sample {
+        Sample {
+            device_id: device.into(),
+            time: None,
+            metrics: [("t".to_owned(), seq as f64)].into(),
+            seq,
+        }
+    }
+
+    fn state(redis_url: Option<&str>) -> Arc<AppState> {
+        let mut config = Config::defaults();
+        config.redis_url = redis_url.map(str::to_owned);
+        config.redis_connect_timeout = Duration::from_millis(200);
+        config.redis_command_timeout = Duration::from_millis(200);
+        Arc::new(AppState::new(config).expect("state"))
+    }
+
+    fn judge_now(state: &AppState, samples: &[Sample], out: &mut Vec<Verdict>) -> usize {
+        let detector = state.engine.default_detector();
+        state
+            .judge_now(samples, &detector, Transport::Http, Instant::now(), out)
+            .count
+    }
+
+    #[tokio::test]
+    async fn without_snapshots_a_small_request_is_judged_at_once() {
+        let state = state(None);
+        let samples = [sample("a", 1), sample("b", 1), sample("a", 2)];
+        let mut out = Vec::new();
+        assert_eq!(judge_now(&state, &samples, &mut out), 3);
+        assert_eq!(out.len(), 3);
+        assert_eq!(state.metrics.samples(Transport::Http), 3);
+    }
+
+    #[tokio::test]
+    async fn a_large_batch_waits_for_the_blocking_pool() {
+        let state = state(None);
+        let samples: Vec<Sample> = (1..=BLOCKING_BATCH as u64)
+            .map(|seq| sample("a", seq))
+            .collect();
+        let mut out = Vec::new();
+        assert_eq!(judge_now(&state, &samples, &mut out), 0);
+        assert!(out.is_empty() && !state.engine.contains("a"));
+        let detector = state.engine.default_detector();
+        let verdicts = Arc::clone(&state)
+            .judge(samples, detector, Transport::Http)
+            .await;
+        assert_eq!(verdicts.len(), BLOCKING_BATCH);
+        assert_eq!(verdicts.last().map(|v| v.seq), Some(BLOCKING_BATCH as u64));
+    }
+
+    /// With snapshots, the sync way stops before the first sample of a device that is
+    /// not in memory; the async way restores (here: Redis refuses, so the device starts
+    /// fresh) and judges the rest, in order.
+    #[tokio::test]
+    async fn with_snapshots_an_unknown_device_is_left_to_the_async_way() {
+        let state = state(Some("redis://127.0.0.1:1"));
+        state.engine.ingest_batch(
+            &[sample("a", 1)],
+            &state.engine.default_detector(),
+            &mut Vec::new(),
+        );
+        let mut samples = vec![sample("a", 2), sample("b", 1), sample("a", 3)];
+        let mut out = Vec::new();
+        let count = judge_now(&state, &samples, &mut out);
+        assert_eq!(count, 1);
+        assert!(!state.engine.contains("b"));
+        let rest = samples.split_off(count);
+        let detector = state.engine.default_detector();
+        out.extend(
+            Arc::clone(&state)
+                .judge(rest, detector, Transport::Http)
+                .await,
+        );
+        let order: Vec<(&str, u64)> = out.iter().map(|v| (&*v.device_id, v.seq)).collect();
+        assert_eq!(order, [("a", 2), ("b", 1), ("a", 3)]);
+        assert!(state.engine.contains("b"));
+    }
+}
