@@ -19,6 +19,8 @@
 //!   servers.
 //! - [`engine`]: the sharded per-(device, metric) windows, the detectors
 //!   ([`engine::detector`]) and their semantics; it knows no transport.
+//! - [`security`]: TLS with certificates reloaded from disk, mutual TLS, bearer
+//!   tokens (API keys, JWTs), principals with scopes, device namespaces and quotas.
 //! - [`snapshot`]: Redis snapshots of the windows (flush, restore, a device's snapshot
 //!   for `Analyze`), on when `REDIS_URL` is set.
 //! - `tasks` (private): the background tasks: the snapshot flusher, or the idle
@@ -48,6 +50,7 @@ pub mod eval;
 pub mod gateway;
 pub mod grpc;
 pub mod overload;
+pub mod security;
 pub mod server;
 pub mod service;
 pub mod shutdown;
