@@ -51,6 +51,14 @@ pub enum SampleError {
         /// The configured limit.
         limit: usize,
     },
+    /// Another replica holds the device and did not hand it over in time (it is
+    /// busy, or it died and its lease has not run out): nothing was applied, and
+    /// sending the sample again is safe (`docs/architecture.md`, "Replicas").
+    #[error("moved: device {device:?} is held by another replica; retry")]
+    Moved {
+        /// The device.
+        device: String,
+    },
 }
 
 fn describe(value: f64) -> &'static str {
@@ -65,13 +73,14 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 6] = [
+    pub const REASONS: [&'static str; 7] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
         "invalid_value",
         "too_many_metrics",
         "device_limit",
+        "moved",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -83,6 +92,7 @@ impl SampleError {
             Self::InvalidValue { .. } => 3,
             Self::TooManyMetrics { .. } => 4,
             Self::DeviceLimit { .. } => 5,
+            Self::Moved { .. } => 6,
         }
     }
 

@@ -17,6 +17,7 @@
 //! before its first sample is judged is in its "Snapshot protocol".
 
 use std::{
+    collections::HashSet,
     sync::{Arc, atomic::AtomicBool},
     time::Instant,
 };
@@ -35,7 +36,7 @@ use crate::{
         DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response, normalize_device_id,
         now_timestamp,
     },
-    error::{ApiError, ErrorKind},
+    error::{ApiError, ErrorKind, SampleError},
     snapshot::{SnapshotConfig, Snapshots},
     telemetry::{Metrics, Transport},
 };
@@ -153,7 +154,10 @@ impl AppState {
         transport: Transport,
     ) -> Vec<Verdict> {
         if let Some(snapshots) = &self.snapshots {
-            snapshots.restore_missing(&samples).await;
+            let moved = snapshots.restore_missing(&samples).await;
+            if !moved.is_empty() {
+                return self.judge_except(&samples, &detector, transport, &moved);
+            }
         }
         if samples.len() < BLOCKING_BATCH {
             return self.judge_all(&samples, &detector, transport);
@@ -197,6 +201,41 @@ impl AppState {
             ErrorKind::NotFound,
             format!("device {id:?} is unknown: no sample in memory and no snapshot"),
         ))
+    }
+
+    /// Like [`AppState::judge_all`], but the samples of the devices in `moved`
+    /// (another replica holds them) are not judged: their verdicts carry the `moved`
+    /// error, and the client sends them again (`docs/architecture.md`, "Replicas").
+    fn judge_except(
+        &self,
+        samples: &[Sample],
+        detector: &DetectorSpec,
+        transport: Transport,
+        moved: &HashSet<Box<str>>,
+    ) -> Vec<Verdict> {
+        let mut verdicts = Vec::with_capacity(samples.len());
+        let mut rest = samples;
+        while !rest.is_empty() {
+            let held = |s: &Sample| moved.contains(normalize_device_id(&s.device_id));
+            let run = rest.iter().position(held).unwrap_or(rest.len());
+            if run > 0 {
+                verdicts.extend(self.judge_all(&rest[..run], detector, transport));
+                rest = &rest[run..];
+                continue;
+            }
+            let sample = &rest[0];
+            let device = normalize_device_id(&sample.device_id);
+            verdicts.error(
+                device.as_bytes(),
+                sample.seq,
+                &SampleError::Moved {
+                    device: device.to_owned(),
+                },
+            );
+            self.metrics.record_rejected_request(transport, "moved", 1);
+            rest = &rest[1..];
+        }
+        verdicts
     }
 
     /// Every sample of `samples`, none held back for a restore (the caller restored

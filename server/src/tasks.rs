@@ -26,6 +26,8 @@ pub(crate) struct Background {
     /// With snapshots: flushes and evicts until `stop_flusher` is cancelled.
     flusher: Option<JoinHandle<()>>,
     stop_flusher: CancellationToken,
+    /// With snapshots: answers other replicas' hand-off requests until shutdown.
+    handoffs: Option<JoinHandle<()>>,
 }
 
 impl Background {
@@ -35,6 +37,9 @@ impl Background {
         match &state.snapshots {
             Some(snapshots) => Self {
                 evictor: None,
+                handoffs: Some(tokio::spawn(
+                    Arc::clone(snapshots).serve_handoffs(state.shutdown.clone()),
+                )),
                 flusher: Some(tokio::spawn(flusher(
                     Arc::clone(state),
                     Arc::clone(snapshots),
@@ -44,6 +49,7 @@ impl Background {
             },
             None => Self {
                 evictor: Some(tokio::spawn(evict_idle(Arc::clone(state)))),
+                handoffs: None,
                 flusher: None,
                 stop_flusher,
             },
@@ -68,9 +74,17 @@ impl Background {
             return None;
         };
         self.stop_flusher.cancel();
+        if let Some(handoffs) = self.handoffs {
+            handoffs.abort();
+        }
         Some(async move {
             let _ = flusher.await;
-            flush_and_record(state, snapshots).await
+            let report = flush_and_record(state, snapshots).await;
+            if report.failed == 0 {
+                // Everything is written: other replicas may take every device now.
+                snapshots.retire().await;
+            }
+            report
         })
     }
 }
