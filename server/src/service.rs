@@ -45,6 +45,9 @@ use crate::{
 /// a 10,000-sample batch does not hold a runtime worker for milliseconds.
 const BLOCKING_BATCH: usize = 2048;
 
+/// Restore-then-judge rounds for one request with snapshots (see [`AppState::judge`]).
+const RESTORE_ROUNDS: usize = 3;
+
 /// One anomalous verdict on its way to watchers.
 #[derive(Debug, Clone)]
 pub struct AnomalyEvent {
@@ -153,12 +156,69 @@ impl AppState {
         detector: DetectorSpec,
         transport: Transport,
     ) -> Vec<Verdict> {
-        if let Some(snapshots) = &self.snapshots {
-            let moved = snapshots.restore_missing(&samples).await;
-            if !moved.is_empty() {
-                return self.judge_except(&samples, &detector, transport, &moved);
+        let Some(snapshots) = self.snapshots.clone() else {
+            return self.judge_blocking(samples, detector, transport).await;
+        };
+        // A device restored here can be handed to another replica before its samples
+        // are judged: judging stops at a device that is no longer in memory, and that
+        // device is taken back (restored again) first. The last round judges what is
+        // left whatever happens (a device Redis could not give starts fresh).
+        let mut verdicts = Vec::with_capacity(samples.len());
+        let mut moved = HashSet::new();
+        let mut at = 0;
+        for round in 0..RESTORE_ROUNDS {
+            moved.extend(snapshots.restore_missing(&samples[at..]).await);
+            let last = round + 1 == RESTORE_ROUNDS;
+            at += if samples.len() - at >= BLOCKING_BATCH && moved.is_empty() {
+                let state = Arc::clone(&self);
+                let (detector, rest) = (detector.clone(), samples[at..].to_vec());
+                let judged = tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::with_capacity(rest.len());
+                    let count = state.judge_except(
+                        &rest,
+                        &detector,
+                        transport,
+                        &HashSet::new(),
+                        !last,
+                        &mut out,
+                    );
+                    (out, count)
+                })
+                .await;
+                match judged {
+                    Ok((out, count)) => {
+                        verdicts.extend(out);
+                        count
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "ingest batch task failed");
+                        return Vec::new();
+                    }
+                }
+            } else {
+                self.judge_except(
+                    &samples[at..],
+                    &detector,
+                    transport,
+                    &moved,
+                    !last,
+                    &mut verdicts,
+                )
+            };
+            if at == samples.len() {
+                break;
             }
         }
+        verdicts
+    }
+
+    /// Judges `samples` without snapshots: on the blocking pool when there are many.
+    async fn judge_blocking(
+        self: Arc<Self>,
+        samples: Vec<Sample>,
+        detector: DetectorSpec,
+        transport: Transport,
+    ) -> Vec<Verdict> {
         if samples.len() < BLOCKING_BATCH {
             return self.judge_all(&samples, &detector, transport);
         }
@@ -203,29 +263,49 @@ impl AppState {
         ))
     }
 
-    /// Like [`AppState::judge_all`], but the samples of the devices in `moved`
-    /// (another replica holds them) are not judged: their verdicts carry the `moved`
-    /// error, and the client sends them again (`docs/architecture.md`, "Replicas").
+    /// Judges `samples` into `out` in order, except that the samples of the devices
+    /// in `moved` (another replica holds them) are not judged: their verdicts carry
+    /// the `moved` error, and the client sends them again (`docs/architecture.md`,
+    /// "Replicas"). With `stop_at_unknown`, stops before the first sample of a device
+    /// not in memory. Returns how many samples it answered.
     fn judge_except(
         &self,
         samples: &[Sample],
         detector: &DetectorSpec,
         transport: Transport,
         moved: &HashSet<Box<str>>,
-    ) -> Vec<Verdict> {
-        let mut verdicts = Vec::with_capacity(samples.len());
-        let mut rest = samples;
-        while !rest.is_empty() {
+        stop_at_unknown: bool,
+        out: &mut Vec<Verdict>,
+    ) -> usize {
+        let mut at = 0;
+        while at < samples.len() {
+            let rest = &samples[at..];
             let held = |s: &Sample| moved.contains(normalize_device_id(&s.device_id));
-            let run = rest.iter().position(held).unwrap_or(rest.len());
+            let run = if moved.is_empty() {
+                rest.len()
+            } else {
+                rest.iter().position(held).unwrap_or(rest.len())
+            };
             if run > 0 {
-                verdicts.extend(self.judge_all(&rest[..run], detector, transport));
-                rest = &rest[run..];
+                let judged = self
+                    .judge_into(
+                        &rest[..run],
+                        detector,
+                        transport,
+                        Instant::now(),
+                        out,
+                        stop_at_unknown,
+                    )
+                    .count;
+                at += judged;
+                if judged < run {
+                    return at;
+                }
                 continue;
             }
             let sample = &rest[0];
             let device = normalize_device_id(&sample.device_id);
-            verdicts.error(
+            out.error(
                 device.as_bytes(),
                 sample.seq,
                 &SampleError::Moved {
@@ -233,9 +313,9 @@ impl AppState {
                 },
             );
             self.metrics.record_rejected_request(transport, "moved", 1);
-            rest = &rest[1..];
+            at += 1;
         }
-        verdicts
+        at
     }
 
     /// Every sample of `samples`, none held back for a restore (the caller restored

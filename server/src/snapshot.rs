@@ -176,9 +176,9 @@ struct Batch {
     commands: Vec<u8>,
     /// The devices in it, in command order, to mark dirty again if a write fails.
     keys: Vec<DeviceKey>,
-    /// Their ids, in command order, to record the new version or drop a device whose
-    /// write lost.
-    ids: Vec<Box<str>>,
+    /// Their ids and fence tokens, in command order, to record the new version or
+    /// drop a device whose write lost.
+    ids: Vec<(Box<str>, u64)>,
 }
 
 /// Emptied batches, back from the writers for the encoder to fill again: a batch of
@@ -266,6 +266,15 @@ impl Snapshots {
         }
     }
 
+    /// Forgets the fences of devices that left memory (idle eviction). Their
+    /// ownership stays in Redis until another replica asks for them: this replica
+    /// then releases it without a write.
+    pub fn forget(&self, evicted: &[DeviceState]) {
+        for device in evicted {
+            self.versions.remove(&device.id);
+        }
+    }
+
     /// This replica's id, as Redis knows it.
     pub fn replica(&self) -> &str {
         &self.replica
@@ -350,12 +359,16 @@ impl Snapshots {
                 rest = tail;
                 self.versions.with(|versions| {
                     engine.visit_dirty(shard, chunk, |mut device| {
-                        let base = versions.get(device.id()).copied().unwrap_or(0);
-                        sets.push(&mut batch.commands, device.id(), base, false, |out| {
-                            codec::encode_value(&device, out);
-                        });
+                        let fence = fence::Versions::begin_write(versions, device.id());
+                        sets.push(
+                            &mut batch.commands,
+                            device.id(),
+                            fence.version,
+                            false,
+                            |out| codec::encode_value(&device, out),
+                        );
                         batch.keys.push(device.key());
-                        batch.ids.push(device.id().into());
+                        batch.ids.push((device.id().into(), fence.token));
                         device.mark_clean();
                     });
                 });
@@ -394,23 +407,43 @@ impl Snapshots {
         let devices = batch.keys.len() as u64;
         let mut refused = Vec::new();
         let mut lost = Vec::new();
+        let mut answered = vec![false; batch.ids.len()];
         let result = self
             .store
-            .write_commands(&batch.commands, batch.keys.len(), |i, reply| match reply {
-                resp::Reply::Integer(version) if version > 0 => {
-                    self.versions.set(&batch.ids[i], version as u64);
+            .write_commands(&batch.commands, batch.keys.len(), |i, reply| {
+                answered[i] = true;
+                let (id, token) = &batch.ids[i];
+                match reply {
+                    resp::Reply::Integer(version) if version > 0 => {
+                        self.versions.end_write(id, *token, Some(version as u64));
+                    }
+                    resp::Reply::Integer(_) => {
+                        // Another replica wrote this device after the state this
+                        // one started from: its history wins, and this copy leaves
+                        // memory (unless it was taken again since the write began).
+                        if self.versions.end_write(id, *token, None) {
+                            lost.push(i);
+                        }
+                    }
+                    resp::Reply::Error(e) => {
+                        self.versions.end_write(id, *token, None);
+                        refused.push((i, e));
+                    }
+                    other => {
+                        self.versions.end_write(id, *token, None);
+                        refused.push((i, format!("unexpected reply {other:?}")));
+                    }
                 }
-                resp::Reply::Integer(_) => lost.push(i),
-                resp::Reply::Error(e) => refused.push((i, e)),
-                other => refused.push((i, format!("unexpected reply {other:?}"))),
             })
             .await;
-        if result.is_ok() && !lost.is_empty() {
-            // Another replica wrote this device after the state this one started
-            // from: its history wins, this copy leaves memory and the next sample
-            // here loads the newer one.
+        for (i, (id, token)) in batch.ids.iter().enumerate() {
+            if !answered[i] {
+                self.versions.end_write(id, *token, None);
+            }
+        }
+        if !lost.is_empty() {
             for &i in &lost {
-                let id = &batch.ids[i];
+                let (id, _) = &batch.ids[i];
                 self.engine.remove(id);
                 self.versions.remove(id);
             }
@@ -553,6 +586,11 @@ impl Snapshots {
     /// Acquires, reads, decodes and inserts the snapshots of `ids`, then forgets the
     /// restore.
     async fn load(&self, ids: &[Box<str>]) -> Arc<Settled> {
+        if !self.renewed.load(Ordering::Relaxed) {
+            // Others must see this replica live before it owns anything, or they
+            // would take its devices for a dead replica's.
+            self.renew().await;
+        }
         let mut settled = Settled::default();
         for chunk in ids.chunks(self.config.batch) {
             let acquired = futures::future::join_all(chunk.iter().map(|id| self.acquire(id))).await;
@@ -563,7 +601,7 @@ impl Snapshots {
                         self.link.succeeded();
                         match value {
                             Some(value) => found.push((id.clone(), version, value)),
-                            None => self.versions.set(id, version),
+                            None => self.start_fresh(id, Some(version)),
                         }
                     }
                     Ok(Acquired::Held) => settled.blocked.push(id.clone()),
@@ -572,6 +610,7 @@ impl Snapshots {
                             .snapshot_read_failures
                             .fetch_add(1, Ordering::Relaxed);
                         self.link.failed("restore", &e);
+                        self.start_fresh(id, None);
                     }
                 }
             }
@@ -603,7 +642,8 @@ impl Snapshots {
         ];
         let keys = [keys[0].as_str(), keys[1].as_str(), keys[2].as_str()];
         let ttl = self.config.ttl_secs.to_string();
-        let deadline = Instant::now() + HANDOFF_WAIT;
+        let started = Instant::now();
+        let mut deadline: Option<Instant> = None;
         let mut asked: Option<Instant> = None;
         loop {
             let reply: redis::Value = self
@@ -618,16 +658,24 @@ impl Snapshots {
                 Ok(mine) => return Ok(mine),
                 Err(owner) => owner,
             };
-            if !self.store.exists(&fence::replica_key(&owner)).await? {
+            let Some(alive_for) = self.store.ttl(&fence::replica_key(&owner)).await? else {
                 // The owner's lease ran out: it died, or lost Redis for a whole lease
                 // (and then drops what it holds when its writes lose).
                 self.store
                     .eval::<i64>(fence::TAKE_OVER, &[keys[2]], &[owner.as_bytes()])
                     .await?;
                 continue;
-            }
+            };
+            // A live owner answers within milliseconds; one that does not is likely
+            // dead, and its lease runs out within `alive_for`: wait for whichever
+            // comes first, but never longer than a lease and a second.
+            let lease = fence::lease(self.config.interval);
+            let limit = *deadline.get_or_insert_with(|| {
+                let until_dead = alive_for.saturating_add(HANDOFF_POLL * 5);
+                started + HANDOFF_WAIT.max(until_dead.min(lease + Duration::from_secs(1)))
+            });
             let now = Instant::now();
-            if now >= deadline {
+            if now >= limit {
                 return Ok(Acquired::Held);
             }
             if asked.is_none_or(|at| now.duration_since(at) >= HANDOFF_WAIT / 4) {
@@ -709,9 +757,17 @@ impl Snapshots {
         restores.insert(device_id, handoff);
     }
 
-    /// The work of [`Snapshots::hand_off`].
+    /// The work of [`Snapshots::hand_off`]. The device leaves memory first (so the
+    /// flusher cannot begin another write of it), then the writes of it in flight
+    /// are waited for (a hand-off written before an older flush would lose to it),
+    /// then the final write goes with ownership.
     async fn give_up(&self, device_id: &str) {
-        let Some(mut state) = self.engine.remove(device_id) else {
+        let removed = self.engine.remove(device_id);
+        let deadline = Instant::now() + self.config.command_timeout;
+        while self.versions.get(device_id).in_flight > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let Some(mut state) = removed else {
             let owner = fence::owner_key(device_id);
             let _ = self
                 .store
@@ -720,7 +776,7 @@ impl Snapshots {
             self.versions.remove(device_id);
             return;
         };
-        let base = self.versions.get(device_id);
+        let base = self.versions.get(device_id).version;
         let mut command = Vec::new();
         fence::FlushCommands::new(self.config.ttl_secs, &self.replica).push(
             &mut command,
@@ -757,7 +813,7 @@ impl Snapshots {
             match result {
                 Ok(device) => {
                     if self.engine.insert_if_absent(device) {
-                        self.versions.set(&id, version);
+                        self.versions.taken(&id, version);
                         self.counters
                             .snapshot_restores
                             .fetch_add(1, Ordering::Relaxed);
@@ -766,10 +822,19 @@ impl Snapshots {
                 Err(e) => {
                     // The device starts fresh here, and its first write replaces
                     // what could not be read.
-                    self.versions.set(&id, version);
                     self.decode_failed(&id, &e);
+                    self.start_fresh(&id, Some(version));
                 }
             }
+        }
+    }
+
+    /// Puts a device with no history into memory (it had no snapshot, or Redis could
+    /// not give it), so that the request that asked judges it as settled; `version`
+    /// is what its first write expects, when Redis answered.
+    fn start_fresh(&self, device_id: &str, version: Option<u64>) {
+        if self.engine.insert_if_absent(DeviceState::new(device_id)) {
+            self.versions.taken(device_id, version.unwrap_or(0));
         }
     }
 

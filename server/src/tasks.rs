@@ -132,11 +132,12 @@ async fn flusher(state: Arc<AppState>, snapshots: Arc<Snapshots>, stop: Cancella
         if last_eviction.elapsed() >= evict_every {
             last_eviction = Instant::now();
             let engine = Arc::clone(&state.engine);
-            let evicted = tokio::task::spawn_blocking(move || {
-                engine.evict_idle_flushed(Instant::now()).len()
-            })
-            .await
-            .unwrap_or_default();
+            let evicted =
+                tokio::task::spawn_blocking(move || engine.evict_idle_flushed(Instant::now()))
+                    .await
+                    .unwrap_or_default();
+            snapshots.forget(&evicted);
+            let evicted = evicted.len();
             if evicted > 0 {
                 tracing::debug!(
                     devices = evicted,

@@ -117,32 +117,80 @@ pub fn new_replica_id() -> String {
     format!("{host}-{}-{nanos:x}", std::process::id())
 }
 
-/// The snapshot version each device in memory was restored from or last written as
-/// (0: none in Redis when it was taken). A flush expects it; a device missing here
-/// counts as 0.
+/// What a replica knows of one device's snapshot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fence {
+    /// The version this copy started from, or last wrote (0: none in Redis).
+    pub version: u64,
+    /// Writes of this device sent and not answered yet.
+    pub in_flight: u32,
+    /// Which taking of the device this is: a reply to a write of an earlier copy
+    /// must not touch a copy taken since.
+    pub token: u64,
+}
+
+/// The [`Fence`] of each device in memory. A device missing here has version 0.
 #[derive(Debug, Default)]
-pub struct Versions(Mutex<HashMap<Box<str>, u64>>);
+pub struct Versions {
+    map: Mutex<HashMap<Box<str>, Fence>>,
+    tokens: std::sync::atomic::AtomicU64,
+}
 
 impl Versions {
-    /// The version `device_id` started from.
-    pub fn get(&self, device_id: &str) -> u64 {
-        self.lock().get(device_id).copied().unwrap_or(0)
+    /// The fence of `device_id`.
+    pub fn get(&self, device_id: &str) -> Fence {
+        self.lock().get(device_id).copied().unwrap_or_default()
     }
 
-    /// Runs `f` with the table locked (the flusher looks up a chunk at a time).
-    pub fn with<T>(&self, f: impl FnOnce(&HashMap<Box<str>, u64>) -> T) -> T {
-        f(&self.lock())
+    /// Runs `f` with the table locked (the flusher takes a chunk of writes at a time).
+    pub fn with<T>(&self, f: impl FnOnce(&mut HashMap<Box<str>, Fence>) -> T) -> T {
+        f(&mut self.lock())
     }
 
-    /// Records the version of `device_id`.
-    pub fn set(&self, device_id: &str, version: u64) {
+    /// Records that this replica took `device_id` at `version` (a restore, or a
+    /// fresh start): a new token, nothing in flight.
+    pub fn taken(&self, device_id: &str, version: u64) {
+        let token = self
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.lock().insert(
+            device_id.into(),
+            Fence {
+                version,
+                in_flight: 0,
+                token,
+            },
+        );
+    }
+
+    /// Takes a write of `device_id` out: its base version and token.
+    pub fn begin_write(map: &mut HashMap<Box<str>, Fence>, device_id: &str) -> Fence {
+        let fence = match map.get_mut(device_id) {
+            Some(fence) => fence,
+            None => map.entry(device_id.into()).or_default(),
+        };
+        let before = *fence;
+        fence.in_flight += 1;
+        before
+    }
+
+    /// The answer to a write begun by [`Versions::begin_write`] with `token`:
+    /// `Some(version)` when written, `None` when it failed or lost. Returns whether
+    /// the copy it was about is still the one in memory.
+    pub fn end_write(&self, device_id: &str, token: u64, written: Option<u64>) -> bool {
         let mut map = self.lock();
-        match map.get_mut(device_id) {
-            Some(v) => *v = version,
-            None => {
-                map.insert(device_id.into(), version);
-            }
+        let Some(fence) = map.get_mut(device_id) else {
+            return false;
+        };
+        if fence.token != token {
+            return false;
         }
+        fence.in_flight = fence.in_flight.saturating_sub(1);
+        if let Some(version) = written {
+            fence.version = fence.version.max(version);
+        }
+        true
     }
 
     /// Forgets `device_id` (it left memory).
@@ -150,8 +198,8 @@ impl Versions {
         self.lock().remove(device_id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, u64>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Fence>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

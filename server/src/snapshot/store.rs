@@ -211,10 +211,16 @@ impl Store {
         .await
     }
 
-    /// Whether `key` exists.
-    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        self.run(async |conn| redis::cmd("EXISTS").arg(key).query_async(conn).await)
-            .await
+    /// How long `key` lives on, or `None` when it does not exist.
+    pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, StoreError> {
+        let millis: i64 = self
+            .run(async |conn| redis::cmd("PTTL").arg(key).query_async(conn).await)
+            .await?;
+        Ok(match millis {
+            -2 => None,
+            -1 => Some(Duration::MAX),
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+        })
     }
 
     /// The URL this store connects to (the hand-off listener opens its own
