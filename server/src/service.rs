@@ -171,7 +171,7 @@ impl AppState {
             let last = round + 1 == RESTORE_ROUNDS;
             at += if samples.len() - at >= BLOCKING_BATCH && moved.is_empty() {
                 let state = Arc::clone(&self);
-                let (detector, rest) = (detector.clone(), samples[at..].to_vec());
+                let rest = samples[at..].to_vec();
                 let judged = tokio::task::spawn_blocking(move || {
                     let mut out = Vec::with_capacity(rest.len());
                     let count = state.judge_except(
