@@ -11,7 +11,9 @@
 //! O(n) once per n updates: O(1) amortized, and within 1e-9 (relative) of an exact
 //! two-pass computation (see the property tests).
 
-use crate::snapshot::codec::{DecodeError, get_finite, get_u32, put_f64, put_u32, take};
+use tidewatch_proto::v1::WindowSnapshot;
+
+use super::persist::{self, StateError, finite};
 
 /// Re-centre when the mean is this many standard deviations away from the shift:
 /// beyond it, `s2/n - (s1/n)²` would cancel away more than ~1e-9 of the variance.
@@ -226,51 +228,70 @@ impl Ring {
         self.s2 = s2;
     }
 
-    /// Appends the window (with its values `slots`) to a snapshot: the ring exactly as
-    /// it is in memory (storage order, head, shift, sums), so that a restored window
-    /// rounds exactly as this one would have and verdicts after a restore equal those
-    /// of an uninterrupted run.
-    pub(crate) fn encode(&self, slots: &[f64], out: &mut Vec<u8>) {
-        put_u32(out, u32::from(self.len));
-        put_u32(out, u32::from(self.head));
-        put_u32(out, u32::from(self.since_exact));
-        put_f64(out, self.k);
-        put_f64(out, self.s1);
-        put_f64(out, self.s2);
-        // One resize and a copy loop the compiler turns into wide moves, instead of
-        // a capacity check per value.
-        let at = out.len();
-        out.resize(at + self.len() * 8, 0);
-        for (slot, v) in out[at..].chunks_exact_mut(8).zip(&slots[..self.len()]) {
-            slot.copy_from_slice(&v.to_bits().to_le_bytes());
+    /// Length of the `WindowSnapshot` body [`Ring::write_snapshot`] writes.
+    #[inline]
+    pub(crate) fn snapshot_len(&self) -> usize {
+        persist::doubles_len(self.len())
+            + persist::varint_len(u64::from(self.head))
+            + persist::varint_len(u64::from(self.since_exact))
+            + 3 * persist::DOUBLE_LEN
+    }
+
+    /// Writes the window (with its values `slots`) as a `WindowSnapshot` body: the
+    /// ring exactly as it is in memory (storage order, head, shift, sums), so that a
+    /// restored window rounds exactly as this one would have and verdicts after a
+    /// restore equal those of an uninterrupted run.
+    #[inline]
+    pub(crate) fn write_snapshot(&self, slots: &[f64], out: &mut Vec<u8>) {
+        persist::doubles(out, 1, &slots[..self.len()]);
+        persist::varint(out, 2, u64::from(self.head));
+        persist::varint(out, 3, u64::from(self.since_exact));
+        persist::double(out, 4, self.k);
+        persist::double(out, 5, self.s1);
+        persist::double(out, 6, self.s2);
+    }
+
+    /// The message [`Ring::write_snapshot`] writes.
+    pub(crate) fn snapshot(&self, slots: &[f64]) -> WindowSnapshot {
+        WindowSnapshot {
+            values: slots[..self.len()].to_vec(),
+            head: u32::from(self.head),
+            since_exact: u32::from(self.since_exact),
+            shift: Some(self.k),
+            sum: Some(self.s1),
+            sum_of_squares: Some(self.s2),
         }
     }
 
-    /// Reads a window written by [`Ring::encode`]: the ring and its values (exactly
-    /// as many slots as values).
-    fn decode(buf: &mut &[u8]) -> Result<(Self, Vec<f64>), DecodeError> {
-        let len = get_u32(buf, "window length")? as usize;
-        let head = get_u32(buf, "window head")? as usize;
-        let since_exact = get_u32(buf, "window since_exact")? as usize;
-        let k = get_finite(buf, "window shift")?;
-        let s1 = get_finite(buf, "window sum")?;
-        let s2 = get_finite(buf, "window sum of squares")?;
+    /// The ring and its values (exactly as many slots as values) of a window message.
+    fn from_snapshot(window: WindowSnapshot) -> Result<(Self, Vec<f64>), StateError> {
+        let WindowSnapshot {
+            values,
+            head,
+            since_exact,
+            shift,
+            sum,
+            sum_of_squares,
+        } = window;
+        let k = finite(shift.unwrap_or_default(), "window shift")?;
+        let s1 = finite(sum.unwrap_or_default(), "window sum")?;
+        let s2 = finite(sum_of_squares.unwrap_or_default(), "window sum of squares")?;
+        let len = values.len();
         if len > MAX_WINDOW_SIZE {
-            return Err(DecodeError::Invalid {
+            return Err(StateError {
                 field: "window length",
                 reason: format!("{len} is above the largest window, {MAX_WINDOW_SIZE}"),
             });
         }
+        let head = head as usize;
         if head >= len.max(1) {
-            return Err(DecodeError::Invalid {
+            return Err(StateError {
                 field: "window head",
                 reason: format!("{head} is outside a window of {len} values"),
             });
         }
-        let bytes = take(buf, len * 8, "window values")?;
-        let mut values = Vec::with_capacity(len);
-        for mut chunk in bytes.chunks_exact(8) {
-            values.push(get_finite(&mut chunk, "window value")?);
+        for &v in &values {
+            finite(v, "window value")?;
         }
         let ring = Self {
             k,
@@ -280,7 +301,7 @@ impl Ring {
             head: head as u16,
             // A count at or above the length means "recompute at the next eviction",
             // which one below the length says as well (and cannot overflow).
-            since_exact: since_exact.min(len.saturating_sub(1)) as u16,
+            since_exact: (since_exact as usize).min(len.saturating_sub(1)) as u16,
             slots: len as u16,
         };
         Ok((ring, values))
@@ -378,14 +399,14 @@ impl Window {
         self.ring.push(x, capacity, &mut self.values);
     }
 
-    /// Appends the window to a snapshot (see [`Ring::encode`]).
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        self.ring.encode(&self.values, out);
+    /// The window as a snapshot message (see [`Ring::write_snapshot`]).
+    pub fn to_snapshot(&self) -> WindowSnapshot {
+        self.ring.snapshot(&self.values)
     }
 
-    /// Reads a window written by [`Window::encode`].
-    pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let (ring, values) = Ring::decode(buf)?;
+    /// The window a snapshot message holds.
+    pub fn from_snapshot(window: WindowSnapshot) -> Result<Self, StateError> {
+        let (ring, values) = Ring::from_snapshot(window)?;
         Ok(Self { ring, values })
     }
 }

@@ -3,8 +3,8 @@
 //! [`StreamCore`] is what every `Ingest` stream has whatever carries its messages: the
 //! stream limit, the detector, the idle and lifetime timers, the shutdown drain and
 //! the asynchronous path of a request that must wait (a restore, a large batch).
-//! [`super::ingest_body`] serves the method with it as an HTTP body of its own (what
-//! the server mounts); [`IngestStream`] maps a tonic request stream through it (the
+//! [`super::fast`] serves the method with it as an HTTP body of its own (what the
+//! server mounts); [`IngestStream`] maps a tonic request stream through it (the
 //! generated server's `Ingest`, for hosts that mount that instead).
 //!
 //! Either way the response stream *is* the request stream mapped through the engine:
@@ -27,7 +27,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Code, Request, Status};
 
-use super::wire::{WireRequest, WireSink};
+use super::fast::{WireRequest, WireSink};
 
 use crate::{
     config::nonzero,

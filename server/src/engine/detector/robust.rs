@@ -19,10 +19,10 @@
 //! Memory per metric: two arrays of `window` f64 (the ring and its sorted copy), a
 //! daily profile of 48 buckets (20 bytes each), and a dozen numbers. Cost per value: two binary searches and two short memmoves.
 
-use super::{invalid, squash};
-use crate::snapshot::codec::{
-    DecodeError, get_f64, get_finite, get_u32, get_u64, put_f64, put_u32, put_u64,
-};
+use tidewatch_proto::v1::{RobustSnapshot, SeasonBucket};
+
+use super::score::{MAX_WINDOW, squash};
+use crate::engine::persist::{self, StateError, finite};
 
 /// Default `ROBUST_THRESHOLD` (instantaneous robust z).
 pub const DEFAULT_THRESHOLD: f64 = 3.0;
@@ -327,64 +327,114 @@ impl RobustState {
         }
     }
 
-    /// Appends the encoding: capacity, values oldest first, then the statistics.
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        put_u32(out, self.capacity as u32);
-        put_u32(out, self.ring.len() as u32);
-        for v in self.values() {
-            put_f64(out, v);
+    /// Length of the `RobustSnapshot` body [`RobustState::write_snapshot`] writes.
+    pub(crate) fn snapshot_len(&self) -> usize {
+        let bucket = |b: &Bucket| 2 * persist::DOUBLE_LEN + persist::varint_len(u64::from(b.count));
+        persist::varint_len(self.capacity as u64)
+            + persist::doubles_len(self.ring.len())
+            + 6 * persist::DOUBLE_LEN
+            + persist::varint_len(self.lt_count)
+            + self
+                .season
+                .iter()
+                .map(|b| persist::message_len(bucket(b)))
+                .sum::<usize>()
+    }
+
+    /// Writes the state as a `RobustSnapshot` body: capacity, values oldest first,
+    /// then the statistics.
+    pub(crate) fn write_snapshot(&self, out: &mut Vec<u8>) {
+        persist::varint(out, 1, self.capacity as u64);
+        let (newer, older) = self.ring.split_at(self.head);
+        if !self.ring.is_empty() {
+            persist::message(out, 2, self.ring.len() * 8);
+            for v in older.iter().chain(newer) {
+                out.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
         }
-        for v in [
-            self.mad,
-            self.short,
-            self.lt_mean,
-            self.lt_var,
-            self.hi,
-            self.lo,
+        for (tag, v) in [
+            (3, self.mad),
+            (4, self.short),
+            (5, self.lt_mean),
+            (6, self.lt_var),
+            (7, self.hi),
+            (8, self.lo),
         ] {
-            put_f64(out, v);
+            persist::double(out, tag, v);
         }
-        put_u64(out, self.lt_count);
-        put_u32(out, self.season.len() as u32);
+        persist::varint(out, 9, self.lt_count);
         for b in &self.season {
-            put_f64(out, b.mean);
-            put_f64(out, b.dev);
-            put_u32(out, b.count);
+            persist::message(
+                out,
+                10,
+                2 * persist::DOUBLE_LEN + persist::varint_len(u64::from(b.count)),
+            );
+            persist::double(out, 1, b.mean);
+            persist::double(out, 2, b.dev);
+            persist::varint(out, 3, u64::from(b.count));
         }
     }
 
-    /// Reads what [`RobustState::encode`] wrote.
-    pub(crate) fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let capacity = get_u32(buf, "robust window capacity")? as usize;
-        let len = get_u32(buf, "robust window length")? as usize;
-        if capacity == 0 || capacity > super::MAX_WINDOW {
-            return Err(invalid("robust window capacity", capacity));
+    /// The message [`RobustState::write_snapshot`] writes.
+    pub(crate) fn to_snapshot(&self) -> RobustSnapshot {
+        RobustSnapshot {
+            capacity: self.capacity as u32,
+            values: self.values().collect(),
+            spread: Some(self.mad),
+            short_term: Some(self.short),
+            long_term_mean: Some(self.lt_mean),
+            long_term_variance: Some(self.lt_var),
+            range_high: Some(self.hi),
+            range_low: Some(self.lo),
+            long_term_count: self.lt_count,
+            season: self
+                .season
+                .iter()
+                .map(|b| SeasonBucket {
+                    mean: Some(b.mean),
+                    deviation: Some(b.dev),
+                    count: b.count,
+                })
+                .collect(),
         }
-        if len > capacity {
-            return Err(invalid("robust window length", len));
+    }
+
+    /// The state a `RobustSnapshot` holds.
+    pub(crate) fn from_snapshot(message: RobustSnapshot) -> Result<Self, StateError> {
+        let capacity = message.capacity as usize;
+        if capacity == 0 || capacity > MAX_WINDOW {
+            return Err(StateError::unexpected("robust window capacity", capacity));
+        }
+        if message.values.len() > capacity {
+            return Err(StateError::unexpected(
+                "robust window length",
+                message.values.len(),
+            ));
         }
         let mut state = Self::new(capacity);
-        for _ in 0..len {
-            state.push(get_finite(buf, "robust window value")?);
+        for &v in &message.values {
+            state.push(finite(v, "robust window value")?);
         }
-        state.mad = get_f64(buf, "robust spread")?;
-        state.short = get_f64(buf, "robust short-term surprise")?;
-        state.lt_mean = get_f64(buf, "robust long-term mean")?;
-        state.lt_var = get_f64(buf, "robust long-term variance")?;
-        state.hi = get_f64(buf, "robust range high")?;
-        state.lo = get_f64(buf, "robust range low")?;
-        state.lt_count = get_u64(buf, "robust long-term count")?;
-        let buckets = get_u32(buf, "robust season buckets")? as usize;
+        state.mad = message.spread.unwrap_or_default();
+        state.short = message.short_term.unwrap_or_default();
+        state.lt_mean = message.long_term_mean.unwrap_or_default();
+        state.lt_var = message.long_term_variance.unwrap_or_default();
+        state.hi = message.range_high.unwrap_or_default();
+        state.lo = message.range_low.unwrap_or_default();
+        state.lt_count = message.long_term_count;
+        let buckets = message.season.len();
         if buckets != 0 && buckets != BUCKETS {
-            return Err(invalid("robust season buckets", buckets));
+            return Err(StateError::unexpected("robust season buckets", buckets));
         }
-        for _ in 0..buckets {
-            state.season.push(Bucket {
-                mean: get_f64(buf, "robust season mean")?,
-                dev: get_f64(buf, "robust season deviation")?,
-                count: get_u32(buf, "robust season count")?,
-            });
-        }
+        state.season = message
+            .season
+            .iter()
+            .map(|b| Bucket {
+                mean: b.mean.unwrap_or_default(),
+                dev: b.deviation.unwrap_or_default(),
+                count: b.count,
+            })
+            .collect();
         Ok(state)
     }
 }
