@@ -62,6 +62,14 @@ pub enum SampleError {
         /// Who sent the sample.
         principal: String,
     },
+    /// Another replica holds the device and did not hand it over in time (it is
+    /// busy, or it died and its lease has not run out): nothing was applied, and
+    /// sending the sample again is safe (`docs/architecture.md`, "Replicas").
+    #[error("moved: device {device:?} is held by another replica; retry")]
+    Moved {
+        /// The device.
+        device: String,
+    },
 }
 
 fn describe(value: f64) -> &'static str {
@@ -76,7 +84,7 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
@@ -84,6 +92,7 @@ impl SampleError {
         "too_many_metrics",
         "device_limit",
         "permission_denied",
+        "moved",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -96,6 +105,7 @@ impl SampleError {
             Self::TooManyMetrics { .. } => 4,
             Self::DeviceLimit { .. } => 5,
             Self::PermissionDenied { .. } => 6,
+            Self::Moved { .. } => 7,
         }
     }
 

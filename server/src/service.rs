@@ -17,6 +17,7 @@
 //! before its first sample is judged is in its "Snapshot protocol".
 
 use std::{
+    collections::HashSet,
     sync::{Arc, atomic::AtomicBool},
     time::Instant,
 };
@@ -47,6 +48,9 @@ use crate::{
 /// Requests with at least this many samples are judged on the blocking pool, so that
 /// a 10,000-sample batch does not hold a runtime worker for milliseconds.
 const BLOCKING_BATCH: usize = 2048;
+
+/// Restore-then-judge rounds for one request with snapshots (see [`AppState::judge`]).
+const RESTORE_ROUNDS: usize = 3;
 
 /// One anomalous verdict on its way to watchers.
 #[derive(Debug, Clone)]
@@ -164,19 +168,86 @@ impl AppState {
         detector: DetectorSpec,
         transport: Transport,
     ) -> Vec<Verdict> {
-        if let Some(snapshots) = &self.snapshots {
+        let Some(snapshots) = self.snapshots.clone() else {
+            return self
+                .judge_blocking(principal, samples, detector, transport)
+                .await;
+        };
+        // A device restored here can be handed to another replica before its samples
+        // are judged: judging stops at a device that is no longer in memory, and that
+        // device is taken back (restored again) first. The last round judges what is
+        // left whatever happens (a device Redis could not give starts fresh).
+        let mut verdicts = Vec::with_capacity(samples.len());
+        let mut moved = HashSet::new();
+        let mut at = 0;
+        for round in 0..RESTORE_ROUNDS {
+            let rest = &samples[at..];
             if principal.devices.is_everything() {
-                snapshots.restore_missing(&samples).await;
+                moved.extend(snapshots.restore_missing(rest).await);
             } else {
                 // A device outside the caller's namespace is refused, never loaded.
-                let allowed: Vec<Sample> = samples
+                let allowed: Vec<Sample> = rest
                     .iter()
                     .filter(|s| principal.may_touch(normalize_device_id(&s.device_id)))
                     .cloned()
                     .collect();
-                snapshots.restore_missing(&allowed).await;
+                moved.extend(snapshots.restore_missing(&allowed).await);
+            }
+            let last = round + 1 == RESTORE_ROUNDS;
+            at += if samples.len() - at >= BLOCKING_BATCH && moved.is_empty() {
+                let state = Arc::clone(&self);
+                let principal = Arc::clone(&principal);
+                let rest = samples[at..].to_vec();
+                let judged = tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::with_capacity(rest.len());
+                    let count = state.judge_except(
+                        &principal,
+                        &rest,
+                        &detector,
+                        transport,
+                        &HashSet::new(),
+                        !last,
+                        &mut out,
+                    );
+                    (out, count)
+                })
+                .await;
+                match judged {
+                    Ok((out, count)) => {
+                        verdicts.extend(out);
+                        count
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "ingest batch task failed");
+                        return Vec::new();
+                    }
+                }
+            } else {
+                self.judge_except(
+                    &principal,
+                    &samples[at..],
+                    &detector,
+                    transport,
+                    &moved,
+                    !last,
+                    &mut verdicts,
+                )
+            };
+            if at == samples.len() {
+                break;
             }
         }
+        verdicts
+    }
+
+    /// Judges `samples` without snapshots: on the blocking pool when there are many.
+    async fn judge_blocking(
+        self: Arc<Self>,
+        principal: Arc<Principal>,
+        samples: Vec<Sample>,
+        detector: DetectorSpec,
+        transport: Transport,
+    ) -> Vec<Verdict> {
         if samples.len() < BLOCKING_BATCH {
             return self.judge_all(&principal, &samples, &detector, transport);
         }
@@ -234,6 +305,64 @@ impl AppState {
             ErrorKind::NotFound,
             format!("device {id:?} is unknown: no sample in memory and no snapshot"),
         ))
+    }
+
+    /// Judges `samples` into `out` in order, except that the samples of the devices
+    /// in `moved` (another replica holds them) are not judged: their verdicts carry
+    /// the `moved` error, and the client sends them again (`docs/architecture.md`,
+    /// "Replicas"). With `stop_at_unknown`, stops before the first sample of a device
+    /// not in memory. Returns how many samples it answered.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_except(
+        &self,
+        principal: &Principal,
+        samples: &[Sample],
+        detector: &DetectorSpec,
+        transport: Transport,
+        moved: &HashSet<Box<str>>,
+        stop_at_unknown: bool,
+        out: &mut Vec<Verdict>,
+    ) -> usize {
+        let mut at = 0;
+        while at < samples.len() {
+            let rest = &samples[at..];
+            let held = |s: &Sample| moved.contains(normalize_device_id(&s.device_id));
+            let run = if moved.is_empty() {
+                rest.len()
+            } else {
+                rest.iter().position(held).unwrap_or(rest.len())
+            };
+            if run > 0 {
+                let judged = self
+                    .judge_into(
+                        principal,
+                        &rest[..run],
+                        detector,
+                        transport,
+                        Instant::now(),
+                        out,
+                        stop_at_unknown,
+                    )
+                    .count;
+                at += judged;
+                if judged < run {
+                    return at;
+                }
+                continue;
+            }
+            let sample = &rest[0];
+            let device = normalize_device_id(&sample.device_id);
+            out.error(
+                device.as_bytes(),
+                sample.seq,
+                &SampleError::Moved {
+                    device: device.to_owned(),
+                },
+            );
+            self.metrics.record_rejected_request(transport, "moved", 1);
+            at += 1;
+        }
+        at
     }
 
     /// Every sample of `samples`, none held back for a restore (the caller restored

@@ -25,6 +25,7 @@
 
 pub mod codec;
 mod error;
+pub mod fence;
 #[cfg(test)]
 mod fixtures;
 mod legacy;
@@ -38,15 +39,17 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+use bb8_redis::redis;
 use futures::{
     FutureExt, StreamExt,
     future::{BoxFuture, Shared},
 };
 use tidewatch_proto::v1::Sample;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
@@ -65,6 +68,13 @@ const LOCK_CHUNK: usize = 32;
 
 /// Restores of at least this many devices decode on the blocking pool.
 const BLOCKING_DECODE: usize = 64;
+
+/// How long a first sample waits for another live replica to hand its device over
+/// before its verdict says `moved` (the client sends it again).
+const HANDOFF_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a waiting replica asks the owner again whether it has let go.
+const HANDOFF_POLL: Duration = Duration::from_millis(10);
 
 /// Snapshot settings, from [`Config`].
 #[derive(Debug, Clone)]
@@ -141,8 +151,27 @@ impl Link {
     }
 }
 
-/// A restore in flight, awaited by every request that needs one of its devices.
-type Restore = Shared<BoxFuture<'static, ()>>;
+/// A restore (or a hand-off to another replica) in flight, awaited by every request
+/// that needs one of its devices.
+type Restore = Shared<BoxFuture<'static, Arc<Settled>>>;
+
+/// How a restore or a hand-off ended.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Devices another live replica still holds: their samples are answered `moved`.
+    pub blocked: Vec<Box<str>>,
+    /// This was a hand-off: the device left memory, and a request that waited for it
+    /// must take it back (acquire it again) before judging.
+    pub handoff: bool,
+}
+
+/// What acquiring one device found.
+enum Acquired {
+    /// This replica owns it now: its version, and its snapshot if it has one.
+    Mine(u64, Option<Vec<u8>>),
+    /// Another live replica kept it past [`HANDOFF_WAIT`].
+    Held,
+}
 
 /// One pipeline of encoded devices on its way to Redis.
 #[derive(Default)]
@@ -151,6 +180,9 @@ struct Batch {
     commands: Vec<u8>,
     /// The devices in it, in command order, to mark dirty again if a write fails.
     keys: Vec<DeviceKey>,
+    /// Their ids and fence tokens, in command order, to record the new version or
+    /// drop a device whose write lost.
+    ids: Vec<(Box<str>, u64)>,
 }
 
 /// Emptied batches, back from the writers for the encoder to fill again: a batch of
@@ -175,6 +207,13 @@ pub struct Snapshots {
     link: Link,
     /// Longer ids are refused by validation; no point reading them.
     max_device_id_len: usize,
+    /// This replica's id: the owner it writes into Redis.
+    replica: String,
+    /// The snapshot version each device in memory started from.
+    versions: fence::Versions,
+    /// The liveness key was renewed at least once (a later renewal that finds it gone
+    /// means Redis lost it, and every device is written again).
+    renewed: AtomicBool,
 }
 
 impl Snapshots {
@@ -201,6 +240,9 @@ impl Snapshots {
                 up: AtomicBool::new(true),
             },
             max_device_id_len,
+            replica: fence::new_replica_id(),
+            versions: fence::Versions::default(),
+            renewed: AtomicBool::new(false),
         })
     }
 
@@ -228,9 +270,56 @@ impl Snapshots {
         }
     }
 
+    /// Forgets the fences of devices that left memory (idle eviction). Their
+    /// ownership stays in Redis until another replica asks for them: this replica
+    /// then releases it without a write.
+    pub fn forget(&self, evicted: &[DeviceState]) {
+        for device in evicted {
+            self.versions.remove(&device.id);
+        }
+    }
+
+    /// This replica's id, as Redis knows it.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Renews this replica's liveness key; when Redis had lost it (Redis restarted
+    /// empty, or this replica could not reach it for a whole lease), marks every
+    /// device dirty so that this flush writes them all again.
+    async fn renew(&self) {
+        let lease = fence::lease(self.config.interval).as_millis().to_string();
+        let key = fence::replica_key(&self.replica);
+        match self
+            .store
+            .eval::<i64>(fence::RENEW, &[&key], &[lease.as_bytes()])
+            .await
+        {
+            Ok(existed) => {
+                if existed == 0 && self.renewed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "this replica's lease was gone from redis: writing every device again"
+                    );
+                    self.engine.mark_all_dirty();
+                }
+            }
+            Err(e) => {
+                self.link.failed("renew", &e);
+            }
+        }
+    }
+
+    /// Gives up this replica's lease (after the final flush): other replicas take
+    /// its devices at once instead of waiting for the lease to run out.
+    pub async fn retire(&self) {
+        let key = fence::replica_key(&self.replica);
+        let _ = self.store.eval::<i64>(fence::RENEW, &[&key], &[b"1"]).await;
+    }
+
     /// Writes every dirty device to Redis; returns once every batch has been answered
     /// (or has failed and been marked dirty again).
     pub async fn flush(self: &Arc<Self>) -> FlushReport {
+        self.renew().await;
         let concurrency = self.config.pool_size as usize;
         let (tx, rx) = mpsc::channel::<Batch>(concurrency);
         let recycled = Arc::new(Recycled::default());
@@ -261,8 +350,7 @@ impl Snapshots {
     /// Encodes the dirty devices shard by shard into batches (blocking pool).
     fn collect_dirty(&self, tx: &mpsc::Sender<Batch>, recycled: &Recycled) {
         let engine = &*self.engine;
-        let mut sets = resp::SetCommands::new(self.config.ttl_secs);
-        let prefix = store::KEY_PREFIX.as_bytes();
+        let mut sets = fence::FlushCommands::new(self.config.ttl_secs, &self.replica);
         let mut keys = Vec::new();
         let mut batch = Batch::default();
         for shard in 0..engine.shard_count() {
@@ -273,12 +361,20 @@ impl Snapshots {
                 let room = (self.config.batch - batch.keys.len()).clamp(1, LOCK_CHUNK);
                 let (chunk, tail) = rest.split_at(room.min(rest.len()));
                 rest = tail;
-                engine.visit_dirty(shard, chunk, |mut device| {
-                    sets.push(&mut batch.commands, prefix, device.id().as_bytes(), |out| {
-                        codec::encode_value(&device, out);
+                self.versions.with(|versions| {
+                    engine.visit_dirty(shard, chunk, |mut device| {
+                        let fence = fence::Versions::begin_write(versions, device.id());
+                        sets.push(
+                            &mut batch.commands,
+                            device.id(),
+                            fence.version,
+                            false,
+                            |out| codec::encode_value(&device, out),
+                        );
+                        batch.keys.push(device.key());
+                        batch.ids.push((device.id().into(), fence.token));
+                        device.mark_clean();
                     });
-                    batch.keys.push(device.key());
-                    device.mark_clean();
                 });
                 if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch, recycled) {
                     return;
@@ -314,10 +410,52 @@ impl Snapshots {
     async fn write_batch(&self, mut batch: Batch, recycled: &Recycled) -> (u64, u64) {
         let devices = batch.keys.len() as u64;
         let mut refused = Vec::new();
+        let mut lost = Vec::new();
+        let mut answered = vec![false; batch.ids.len()];
         let result = self
             .store
-            .write_sets(&batch.commands, batch.keys.len(), &mut refused)
+            .write_commands(&batch.commands, batch.keys.len(), |i, reply| {
+                answered[i] = true;
+                let (id, token) = &batch.ids[i];
+                match reply {
+                    resp::Reply::Integer(version) if version > 0 => {
+                        self.versions.end_write(id, *token, Some(version as u64));
+                    }
+                    resp::Reply::Integer(_) => {
+                        // Another replica wrote this device after the state this
+                        // one started from: its history wins, and this copy leaves
+                        // memory (unless it was taken again since the write began).
+                        if self.versions.end_write(id, *token, None) {
+                            lost.push(i);
+                        }
+                    }
+                    resp::Reply::Error(e) => {
+                        self.versions.end_write(id, *token, None);
+                        refused.push((i, e));
+                    }
+                    other => {
+                        self.versions.end_write(id, *token, None);
+                        refused.push((i, format!("unexpected reply {other:?}")));
+                    }
+                }
+            })
             .await;
+        for (i, (id, token)) in batch.ids.iter().enumerate() {
+            if !answered[i] {
+                self.versions.end_write(id, *token, None);
+            }
+        }
+        if !lost.is_empty() {
+            for &i in &lost {
+                let (id, _) = &batch.ids[i];
+                self.engine.remove(id);
+                self.versions.remove(id);
+            }
+            tracing::info!(
+                devices = lost.len(),
+                "snapshot writes lost to another replica: those devices reload on their next sample"
+            );
+        }
         let counts = match result {
             Ok(()) if refused.is_empty() => {
                 self.link.succeeded();
@@ -344,6 +482,7 @@ impl Snapshots {
             .fetch_add(counts.0, Ordering::Relaxed);
         batch.commands.clear();
         batch.keys.clear();
+        batch.ids.clear();
         recycled
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -373,23 +512,50 @@ impl Snapshots {
     }
 
     /// Restores every device of `samples` that is not in memory, from its snapshot if
-    /// it has one, and returns when all of them are settled. A device already being
-    /// restored for another request is waited for, not read again.
-    pub async fn restore_missing(self: &Arc<Self>, samples: &[Sample]) {
+    /// it has one, taking ownership of it in Redis, and returns when all of them are
+    /// settled, with the devices another live replica would not hand over (their
+    /// samples are answered `moved`). A device already being restored for another
+    /// request is waited for, not read again; one being handed to another replica is
+    /// waited for and then taken back.
+    pub async fn restore_missing(self: &Arc<Self>, samples: &[Sample]) -> HashSet<Box<str>> {
+        let mut blocked = HashSet::new();
+        let mut ids: Vec<&str> = Vec::new();
         let mut seen = HashSet::new();
-        let mut waits: Vec<Restore> = Vec::new();
+        for sample in samples {
+            let id = normalize_device_id(&sample.device_id);
+            if id.len() <= self.max_device_id_len && seen.insert(id) {
+                ids.push(id);
+            }
+        }
+        // A hand-off waited for sends its devices round again; two rounds are enough
+        // unless the device keeps bouncing, and then its samples wait for the next try.
+        for _ in 0..3 {
+            let waited = self.restore_round(&ids).await;
+            let mut again = Vec::new();
+            for (id, settled) in waited {
+                blocked.extend(settled.blocked.iter().cloned());
+                if settled.handoff {
+                    again.push(id);
+                }
+            }
+            if again.is_empty() {
+                return blocked;
+            }
+            ids = again;
+        }
+        blocked
+    }
+
+    /// One round of [`Snapshots::restore_missing`]: starts what is missing, waits for
+    /// everything in flight, and returns each waited id with how it settled.
+    async fn restore_round<'a>(self: &Arc<Self>, ids: &[&'a str]) -> Vec<(&'a str, Arc<Settled>)> {
+        let mut waits: Vec<(&'a str, Restore)> = Vec::new();
         let mut mine: Vec<Box<str>> = Vec::new();
         {
             let mut restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
-            for sample in samples {
-                let id = normalize_device_id(&sample.device_id);
-                if id.len() > self.max_device_id_len || !seen.insert(id) {
-                    continue;
-                }
+            for &id in ids {
                 if let Some(restore) = restores.get(id) {
-                    if !waits.last().is_some_and(|w| w.ptr_eq(restore)) {
-                        waits.push(restore.clone());
-                    }
+                    waits.push((id, restore.clone()));
                     continue;
                 }
                 // Checked under the restores lock: a finished restore inserts the
@@ -407,63 +573,272 @@ impl Snapshots {
                 });
                 // The read runs as its own task: a client that goes away does not
                 // cancel a restore that other requests wait for.
-                let restore: Restore = task.map(drop).boxed().shared();
+                let restore: Restore = task
+                    .map(|settled| settled.unwrap_or_default())
+                    .boxed()
+                    .shared();
                 for id in ids.iter() {
                     restores.insert(id.clone(), restore.clone());
                 }
-                waits.push(restore);
+                waits.push(("", restore));
             }
         }
-        futures::future::join_all(waits).await;
+        let outcomes = futures::future::join_all(waits.iter().map(|(_, w)| w.clone())).await;
+        waits.into_iter().map(|(id, _)| id).zip(outcomes).collect()
     }
 
-    /// Reads, decodes and inserts the snapshots of `ids`, then forgets the restore.
-    async fn load(&self, ids: &[Box<str>]) {
+    /// Acquires, reads, decodes and inserts the snapshots of `ids`, then forgets the
+    /// restore.
+    async fn load(&self, ids: &[Box<str>]) -> Arc<Settled> {
+        if !self.renewed.load(Ordering::Relaxed) {
+            // Others must see this replica live before it owns anything, or they
+            // would take its devices for a dead replica's.
+            self.renew().await;
+        }
+        let mut settled = Settled::default();
         for chunk in ids.chunks(self.config.batch) {
-            match self.store.read(chunk).await {
-                Ok(values) => {
-                    self.link.succeeded();
-                    let found: Vec<(Box<str>, Vec<u8>)> = chunk
-                        .iter()
-                        .cloned()
-                        .zip(values)
-                        .filter_map(|(id, value)| Some((id, value?)))
-                        .collect();
-                    if found.len() >= BLOCKING_DECODE {
-                        let decoded = tokio::task::spawn_blocking(move || decode_all(found)).await;
-                        if let Ok(decoded) = decoded {
-                            self.insert_all(decoded);
+            let acquired = futures::future::join_all(chunk.iter().map(|id| self.acquire(id))).await;
+            let mut found = Vec::new();
+            for (id, result) in chunk.iter().zip(acquired) {
+                match result {
+                    Ok(Acquired::Mine(version, value)) => {
+                        self.link.succeeded();
+                        match value {
+                            Some(value) => found.push((id.clone(), version, value)),
+                            None => self.start_fresh(id, Some(version)),
                         }
-                    } else {
-                        self.insert_all(decode_all(found));
+                    }
+                    Ok(Acquired::Held) => settled.blocked.push(id.clone()),
+                    Err(e) => {
+                        self.counters
+                            .snapshot_read_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.link.failed("restore", &e);
+                        self.start_fresh(id, None);
                     }
                 }
-                Err(e) => {
-                    self.counters
-                        .snapshot_read_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.link.failed("restore", &e);
+            }
+            if found.len() >= BLOCKING_DECODE {
+                let decoded = tokio::task::spawn_blocking(move || decode_all(found)).await;
+                if let Ok(decoded) = decoded {
+                    self.insert_all(decoded);
                 }
+            } else {
+                self.insert_all(decode_all(found));
             }
         }
         let mut restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
         for id in ids {
             restores.remove(id);
         }
+        Arc::new(settled)
     }
 
-    fn insert_all(&self, decoded: Vec<(Box<str>, Result<DeviceState, codec::DecodeError>)>) {
-        for (id, result) in decoded {
+    /// Makes this replica the owner of `device_id` and reads its snapshot, in one
+    /// round trip when nobody else owns it. When a live replica does, asks it to hand
+    /// the device over and waits up to [`HANDOFF_WAIT`]; when the owner is dead (its
+    /// lease ran out), takes the device from it.
+    async fn acquire(&self, device_id: &str) -> Result<Acquired, StoreError> {
+        let keys = [
+            store::key(device_id),
+            fence::version_key(device_id),
+            fence::owner_key(device_id),
+        ];
+        let keys = [keys[0].as_str(), keys[1].as_str(), keys[2].as_str()];
+        let ttl = self.config.ttl_secs.to_string();
+        let started = Instant::now();
+        let mut deadline: Option<Instant> = None;
+        let mut asked: Option<Instant> = None;
+        loop {
+            let reply: redis::Value = self
+                .store
+                .eval(
+                    fence::ACQUIRE,
+                    &keys,
+                    &[self.replica.as_bytes(), ttl.as_bytes()],
+                )
+                .await?;
+            let owner = match parse_acquired(reply)? {
+                Ok(mine) => return Ok(mine),
+                Err(owner) => owner,
+            };
+            let Some(alive_for) = self.store.ttl(&fence::replica_key(&owner)).await? else {
+                // The owner's lease ran out: it died, or lost Redis for a whole lease
+                // (and then drops what it holds when its writes lose).
+                self.store
+                    .eval::<i64>(fence::TAKE_OVER, &[keys[2]], &[owner.as_bytes()])
+                    .await?;
+                continue;
+            };
+            // A live owner answers within milliseconds; one that does not is likely
+            // dead, and its lease runs out within `alive_for`: wait for whichever
+            // comes first, but never longer than a lease and a second.
+            let lease = fence::lease(self.config.interval);
+            let limit = *deadline.get_or_insert_with(|| {
+                let until_dead = alive_for.saturating_add(HANDOFF_POLL * 5);
+                started + HANDOFF_WAIT.max(until_dead.min(lease + Duration::from_secs(1)))
+            });
+            let now = Instant::now();
+            if now >= limit {
+                return Ok(Acquired::Held);
+            }
+            if asked.is_none_or(|at| now.duration_since(at) >= HANDOFF_WAIT / 4) {
+                self.store
+                    .publish(&fence::handoff_channel(&owner), device_id)
+                    .await?;
+                asked = Some(now);
+            }
+            tokio::time::sleep(HANDOFF_POLL).await;
+        }
+    }
+
+    /// Listens for hand-off requests addressed to this replica until `stop`, and
+    /// hands each device asked for over (see [`Snapshots::hand_off`]).
+    pub async fn serve_handoffs(self: Arc<Self>, stop: CancellationToken) {
+        let channel = fence::handoff_channel(&self.replica);
+        loop {
+            let listen = async {
+                let client = redis::Client::open(self.store.url())?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                let mut messages = pubsub.into_on_message();
+                while let Some(message) = messages.next().await {
+                    if let Ok(id) = message.get_payload::<String>() {
+                        self.hand_off(id.into());
+                    }
+                }
+                Ok::<(), redis::RedisError>(())
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                result = listen => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "hand-off subscription lost; reconnecting");
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Hands `device_id` to the replica that asked: takes it out of memory, writes
+    /// its final snapshot and gives ownership up in one fenced write (or only gives
+    /// ownership up when it is not in memory). Requests here for that device wait
+    /// until it is done and then take it back. When Redis does not answer, the device
+    /// goes back into memory, still owned here.
+    fn hand_off(self: &Arc<Self>, device_id: Box<str>) {
+        let mut restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
+        if restores.contains_key(&device_id) {
+            // Being restored here right now: this replica is not the owner yet, or
+            // is becoming it; the asker asks again.
+            return;
+        }
+        let this = Arc::clone(self);
+        let id = device_id.clone();
+        let task = tokio::spawn(async move {
+            this.give_up(&id).await;
+            let mut restores = this.restores.lock().unwrap_or_else(PoisonError::into_inner);
+            restores.remove(&id);
+            Arc::new(Settled {
+                blocked: Vec::new(),
+                handoff: true,
+            })
+        });
+        let handoff: Restore = task
+            .map(|settled| {
+                settled.unwrap_or_else(|_| {
+                    Arc::new(Settled {
+                        blocked: Vec::new(),
+                        handoff: true,
+                    })
+                })
+            })
+            .boxed()
+            .shared();
+        restores.insert(device_id, handoff);
+    }
+
+    /// The work of [`Snapshots::hand_off`]. The device leaves memory first (so the
+    /// flusher cannot begin another write of it), then the writes of it in flight
+    /// are waited for (a hand-off written before an older flush would lose to it),
+    /// then the final write goes with ownership.
+    async fn give_up(&self, device_id: &str) {
+        let removed = self.engine.remove(device_id);
+        let deadline = Instant::now() + self.config.command_timeout;
+        while self.versions.get(device_id).in_flight > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let Some(mut state) = removed else {
+            let owner = fence::owner_key(device_id);
+            let _ = self
+                .store
+                .eval::<i64>(fence::RELEASE, &[&owner], &[self.replica.as_bytes()])
+                .await;
+            self.versions.remove(device_id);
+            return;
+        };
+        let base = self.versions.get(device_id).version;
+        let mut command = Vec::new();
+        fence::FlushCommands::new(self.config.ttl_secs, &self.replica).push(
+            &mut command,
+            device_id,
+            base,
+            true,
+            |out| codec::encode_value(&state, out),
+        );
+        let mut answer = None;
+        let result = self
+            .store
+            .write_commands(&command, 1, |_, reply| answer = Some(reply))
+            .await;
+        match (result, answer) {
+            (Ok(()), Some(resp::Reply::Integer(version))) => {
+                // Written (or lost to a newer history): either way not held here.
+                self.versions.remove(device_id);
+                if version > 0 {
+                    self.counters
+                        .snapshot_writes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (result, answer) => {
+                tracing::warn!(device_id, ?answer, error = ?result.err(), "hand-off write failed; the device stays here");
+                state.dirty = true;
+                self.engine.insert_if_absent(state);
+            }
+        }
+    }
+
+    fn insert_all(&self, decoded: Decoded) {
+        for (id, version, result) in decoded {
             match result {
                 Ok(device) => {
                     if self.engine.insert_if_absent(device) {
+                        self.versions.taken(&id, version);
                         self.counters
                             .snapshot_restores
                             .fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Err(e) => self.decode_failed(&id, &e),
+                Err(e) => {
+                    // The device starts fresh here, and its first write replaces
+                    // what could not be read.
+                    self.decode_failed(&id, &e);
+                    self.start_fresh(&id, Some(version));
+                }
             }
+        }
+    }
+
+    /// Puts a device with no history into memory (it had no snapshot, or Redis could
+    /// not give it), so that the request that asked judges it as settled; `version`
+    /// is what its first write expects, when Redis answered.
+    fn start_fresh(&self, device_id: &str, version: Option<u64>) {
+        if self.engine.insert_if_absent(DeviceState::new(device_id)) {
+            self.versions.taken(device_id, version.unwrap_or(0));
         }
     }
 
@@ -504,16 +879,53 @@ impl Snapshots {
     }
 }
 
-fn decode_all(
-    found: Vec<(Box<str>, Vec<u8>)>,
-) -> Vec<(Box<str>, Result<DeviceState, codec::DecodeError>)> {
+/// Decoded snapshots: device id, the version they were read at, the device.
+type Decoded = Vec<(Box<str>, u64, Result<DeviceState, codec::DecodeError>)>;
+
+fn decode_all(found: Vec<(Box<str>, u64, Vec<u8>)>) -> Decoded {
     found
         .into_iter()
-        .map(|(id, value)| {
+        .map(|(id, version, value)| {
             let decoded = codec::decode_value(&value, &id);
-            (id, decoded)
+            (id, version, decoded)
         })
         .collect()
+}
+
+/// The reply of [`fence::ACQUIRE`]: `Ok` when this replica owns the device now,
+/// `Err(owner)` when another one does.
+fn parse_acquired(reply: redis::Value) -> Result<Result<Acquired, String>, StoreError> {
+    let bad = || StoreError::Refused("unexpected reply to the acquire script".into());
+    let redis::Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    let mut items = items.into_iter();
+    let status = items.next().ok_or_else(bad)?;
+    let text = |value: redis::Value| -> Result<Option<Vec<u8>>, StoreError> {
+        match value {
+            redis::Value::BulkString(bytes) => Ok(Some(bytes)),
+            redis::Value::Nil => Ok(None),
+            redis::Value::Int(n) => Ok(Some(n.to_string().into_bytes())),
+            _ => Err(bad()),
+        }
+    };
+    match status {
+        redis::Value::Int(1) => {
+            let version = text(items.next().ok_or_else(bad)?)?
+                .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+                .ok_or_else(bad)?;
+            let value = match items.next() {
+                Some(value) => text(value)?,
+                None => None,
+            };
+            Ok(Ok(Acquired::Mine(version, value)))
+        }
+        redis::Value::Int(0) => {
+            let owner = text(items.next().ok_or_else(bad)?)?.ok_or_else(bad)?;
+            Ok(Err(String::from_utf8_lossy(&owner).into_owned()))
+        }
+        _ => Err(bad()),
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@ pub(crate) struct Background {
     /// With snapshots: flushes and evicts until `stop_flusher` is cancelled.
     flusher: Option<JoinHandle<()>>,
     stop_flusher: CancellationToken,
+    /// With snapshots: answers other replicas' hand-off requests until shutdown.
+    handoffs: Option<JoinHandle<()>>,
 }
 
 impl Background {
@@ -42,6 +44,9 @@ impl Background {
         match &state.snapshots {
             Some(snapshots) => Self {
                 evictor: None,
+                handoffs: Some(tokio::spawn(
+                    Arc::clone(snapshots).serve_handoffs(state.shutdown.clone()),
+                )),
                 flusher: Some(tokio::spawn(flusher(
                     Arc::clone(state),
                     Arc::clone(snapshots),
@@ -51,6 +56,7 @@ impl Background {
             },
             None => Self {
                 evictor: Some(tokio::spawn(evict_idle(Arc::clone(state)))),
+                handoffs: None,
                 flusher: None,
                 stop_flusher,
             },
@@ -75,9 +81,17 @@ impl Background {
             return None;
         };
         self.stop_flusher.cancel();
+        if let Some(handoffs) = self.handoffs {
+            handoffs.abort();
+        }
         Some(async move {
             let _ = flusher.await;
-            flush_and_record(state, snapshots).await
+            let report = flush_and_record(state, snapshots).await;
+            if report.failed == 0 {
+                // Everything is written: other replicas may take every device now.
+                snapshots.retire().await;
+            }
+            report
         })
     }
 }
@@ -125,11 +139,12 @@ async fn flusher(state: Arc<AppState>, snapshots: Arc<Snapshots>, stop: Cancella
         if last_eviction.elapsed() >= evict_every {
             last_eviction = Instant::now();
             let engine = Arc::clone(&state.engine);
-            let evicted = tokio::task::spawn_blocking(move || {
-                engine.evict_idle_flushed(Instant::now()).len()
-            })
-            .await
-            .unwrap_or_default();
+            let evicted =
+                tokio::task::spawn_blocking(move || engine.evict_idle_flushed(Instant::now()))
+                    .await
+                    .unwrap_or_default();
+            snapshots.forget(&evicted);
+            let evicted = evicted.len();
             if evicted > 0 {
                 tracing::debug!(
                     devices = evicted,

@@ -76,6 +76,13 @@ impl Default for SessionConfig {
     }
 }
 
+/// The reason a server gives for a sample whose device another replica holds
+/// (`docs/architecture.md`, "Ownership"): nothing was applied, send it again.
+const MOVED: &str = "moved:";
+
+/// How long a sample answered `moved` waits before it is sent again.
+const MOVED_RETRY: Duration = Duration::from_millis(50);
+
 /// A sample and the server's verdict for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answered {
@@ -147,6 +154,8 @@ impl IngestSession {
             linger_deadline: None,
             waiting: VecDeque::new(),
             to_send: VecDeque::new(),
+            moved: Vec::new(),
+            retry_at: None,
             unanswered: 0,
             stream: None,
             failures: 0,
@@ -258,7 +267,12 @@ struct Worker {
     waiting: VecDeque<Batch>,
     /// Batches to send when a stream is open, oldest first.
     to_send: VecDeque<Batch>,
-    /// Samples in `waiting`, `to_send` and `batch`.
+    /// Samples answered `moved` (their device is held by another replica of the
+    /// server), to send again once `retry_at` comes.
+    moved: Vec<Sample>,
+    /// When `moved` goes out again.
+    retry_at: Option<Instant>,
+    /// Samples in `waiting`, `to_send`, `batch` and `moved`.
     unanswered: usize,
     /// The current stream, if one is open.
     stream: Option<Open>,
@@ -308,6 +322,7 @@ impl Worker {
                 && self.batch.is_empty()
                 && self.to_send.is_empty()
                 && self.waiting.is_empty()
+                && self.moved.is_empty()
             {
                 return Ok(());
             }
@@ -322,6 +337,7 @@ impl Worker {
     async fn step(&mut self) -> Result<Step, Error> {
         let can_take = self.input_open && self.unanswered < self.config.max_in_flight;
         let linger = self.linger_deadline;
+        let retry_at = self.retry_at;
         let has_stream = self.stream.is_some();
         tokio::select! {
             biased;
@@ -348,6 +364,18 @@ impl Worker {
                 }
             }, if linger.is_some() => {
                 self.flush();
+                Ok(Step::Continue)
+            }
+            () = async {
+                match retry_at {
+                    Some(deadline) => sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            }, if retry_at.is_some() => {
+                self.retry_at = None;
+                let samples = std::mem::take(&mut self.moved);
+                self.to_send.push_back(Batch { samples, attempts: 1 });
+                self.send_queued();
                 Ok(Step::Continue)
             }
         }
@@ -446,6 +474,15 @@ impl Worker {
                             "verdict for seq {} where seq {} was sent",
                             verdict.seq, sample.seq
                         )));
+                    }
+                    if verdict.error.starts_with(MOVED) {
+                        // Nothing was applied: the device is moving between replicas
+                        // of the server. Sent again shortly, in order.
+                        self.moved.push(sample);
+                        self.unanswered += 1;
+                        self.retry_at
+                            .get_or_insert_with(|| Instant::now() + MOVED_RETRY);
+                        continue;
                     }
                     let answered = Answered {
                         sample,

@@ -74,6 +74,15 @@ class Notifier {
   }
 }
 
+/**
+ * The reason a server gives for a sample whose device another replica holds
+ * (docs/architecture.md, "Ownership"): nothing was applied; the session sends it again.
+ */
+const MOVED = "moved:";
+
+/** How long a sample answered `moved` waits before it is sent again. */
+const MOVED_RETRY_MS = 50;
+
 /** Verdicts in order, then the end or the session's error. */
 class VerdictQueue {
   private items: Verdict[] = [];
@@ -136,6 +145,8 @@ export class IngestSession implements AsyncIterable<Verdict> {
   private unsent: Sample[][] = [];
   /** Messages written to the current stream and not yet answered, oldest first. */
   private pending: Sample[][] = [];
+  /** Samples answered `moved`, waiting to be sent again. */
+  private moved = 0;
   private readonly changed = new Notifier();
   private readonly verdicts = new VerdictQueue();
   private readonly lastSeq = new Map<string, bigint>();
@@ -261,7 +272,23 @@ export class IngestSession implements AsyncIterable<Verdict> {
   }
 
   private finished(): boolean {
-    return this.closing && this.unsent.length === 0 && this.pending.length === 0 && this.buffer.length === 0;
+    return (
+      this.closing &&
+      this.unsent.length === 0 &&
+      this.pending.length === 0 &&
+      this.buffer.length === 0 &&
+      this.moved === 0
+    );
+  }
+
+  /** Queues samples answered `moved` again after `MOVED_RETRY_MS`. */
+  private sendAgain(samples: Sample[]): void {
+    this.moved += samples.length;
+    setTimeout(() => {
+      this.moved -= samples.length;
+      this.unsent.push(samples);
+      this.changed.notify();
+    }, MOVED_RETRY_MS);
   }
 
   /** Open streams until every message is answered; reconnect on retryable errors. */
@@ -287,7 +314,15 @@ export class IngestSession implements AsyncIterable<Verdict> {
               throw new ProtocolError(`${response.verdicts.length} verdicts for ${batch.length} samples`, Code.Internal);
             }
             attempt = 0;
-            for (const verdict of response.verdicts) this.verdicts.push(verdict);
+            const moved: Sample[] = [];
+            response.verdicts.forEach((verdict, i) => {
+              // Nothing was applied: the device is moving between replicas of the
+              // server. Sent again shortly, in order.
+              const sample = batch[i];
+              if (sample !== undefined && verdict.error.startsWith(MOVED)) moved.push(sample);
+              else this.verdicts.push(verdict);
+            });
+            if (moved.length > 0) this.sendAgain(moved);
             this.changed.notify();
           }
           if (this.finished()) break;
@@ -326,7 +361,10 @@ export class IngestSession implements AsyncIterable<Verdict> {
       let first = true;
       for (;;) {
         await this.changed.until(
-          () => signal.aborted || this.unsent.length > 0 || (this.closing && this.buffer.length === 0),
+          () =>
+            signal.aborted ||
+            this.unsent.length > 0 ||
+            (this.closing && this.buffer.length === 0 && this.moved === 0),
         );
         if (signal.aborted) return;
         const batch = this.unsent.shift();

@@ -12,6 +12,21 @@ use super::resident::Device;
 use super::sharded::Engine;
 
 impl Engine {
+    /// Takes a device out of memory and returns its state (a replica hands it to
+    /// another, or its snapshot write lost to another replica's).
+    pub fn remove(&self, device_id: &str) -> Option<DeviceState> {
+        let id = super::normalize_device_id(device_id).as_bytes();
+        let hash = self.hash_id(id);
+        let mut table = self.shard(hash).lock();
+        let pos = table.find(hash, id)?;
+        let device = table.remove(pos);
+        let state = device.to_state(&table.pool, &table.names);
+        let table = &mut *table;
+        device.release(&mut table.pool, &mut table.names);
+        self.devices.fetch_sub(1, Ordering::Relaxed);
+        Some(state)
+    }
+
     /// Marks every device in memory dirty (the next flush writes them all).
     pub fn mark_all_dirty(&self) {
         for shard in &self.shards {

@@ -104,6 +104,10 @@ pub enum Reply {
     /// `-...`: Redis refused the command (out of memory, read-only replica, ...); the
     /// connection is still usable.
     Error(String),
+    /// `:n`: what a fenced write returns (the new version, or -1 when it lost).
+    Integer(i64),
+    /// `$n`: what `SCRIPT LOAD` returns (the script's SHA-1).
+    Bulk(Vec<u8>),
 }
 
 /// Redis answered something a `SET ... EX` (or `AUTH`/`SELECT`) cannot answer, or a
@@ -135,7 +139,11 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ProtocolError> 
         return Ok(Some((Reply::Ok, 5)));
     }
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-        if buf.len() > MAX_LINE || buf.first().is_some_and(|&b| b != b'+' && b != b'-') {
+        if buf.len() > MAX_LINE
+            || buf
+                .first()
+                .is_some_and(|&b| !matches!(b, b'+' | b'-' | b':' | b'$'))
+        {
             return Err(ProtocolError::unexpected(buf));
         }
         return Ok(None);
@@ -146,6 +154,25 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ProtocolError> 
             Reply::Error(String::from_utf8_lossy(&line[1..]).into_owned()),
             end + 2,
         ))),
+        Some(b':') => std::str::from_utf8(&line[1..])
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .map(|n| Some((Reply::Integer(n), end + 2)))
+            .ok_or_else(|| ProtocolError::unexpected(line)),
+        Some(b'$') => {
+            let len: usize = std::str::from_utf8(&line[1..])
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| ProtocolError::unexpected(line))?;
+            let start = end + 2;
+            if buf.len() < start + len + 2 {
+                return Ok(None);
+            }
+            Ok(Some((
+                Reply::Bulk(buf[start..start + len].to_vec()),
+                start + len + 2,
+            )))
+        }
         _ => Err(ProtocolError::unexpected(line)),
     }
 }
@@ -223,17 +250,20 @@ mod tests {
         assert_eq!(parse_reply(&buf[36..]).unwrap(), None);
         assert_eq!(parse_reply(b"").unwrap(), None);
         assert_eq!(parse_reply(b"-ERR partial").unwrap(), None);
+        assert_eq!(
+            parse_reply(b":-1\r\n").unwrap(),
+            Some((Reply::Integer(-1), 5))
+        );
+        assert_eq!(
+            parse_reply(b"$3\r\nabc\r\n").unwrap(),
+            Some((Reply::Bulk(b"abc".to_vec()), 9))
+        );
+        assert_eq!(parse_reply(b"$3\r\nab").unwrap(), None);
     }
 
     #[test]
     fn other_replies_are_protocol_errors() {
-        for reply in [
-            &b"$3\r\nabc\r\n"[..],
-            b":1\r\n",
-            b"*0\r\n",
-            b"+QUEUED\r\n",
-            b"$-1",
-        ] {
+        for reply in [&b"*0\r\n"[..], b"+QUEUED\r\n", b"$-1\r\n", b":x\r\n"] {
             assert!(parse_reply(reply).is_err(), "{reply:?}");
         }
         assert!(parse_reply(&vec![b'-'; MAX_LINE + 1]).is_err());

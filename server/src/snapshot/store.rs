@@ -16,7 +16,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::resp::{self, ProtocolError, Reply};
+use super::{
+    fence,
+    resp::{self, ProtocolError, Reply},
+};
 
 /// Prefix of every device key; the device id follows as is.
 pub const KEY_PREFIX: &str = "tidewatch:v1:device:";
@@ -89,6 +92,8 @@ pub struct Store {
     writers: Pool<WriteManager>,
     /// Bound on one operation, connection wait included.
     command_timeout: Duration,
+    /// `REDIS_URL`.
+    url: String,
 }
 
 impl Store {
@@ -123,6 +128,7 @@ impl Store {
             pool,
             writers,
             command_timeout,
+            url: url.to_owned(),
         })
     }
 
@@ -140,27 +146,87 @@ impl Store {
             .map_err(|_| StoreError::Timeout(self.command_timeout))?
     }
 
-    /// Sends `count` `SET` commands packed by [`resp::SetCommands`] and reads every
-    /// reply. `refused` gets the index and Redis' error of each `SET` that Redis
-    /// refused; an `Err` means none of them is known to be written.
-    pub async fn write_sets(
+    /// Sends `count` commands packed by the flusher and hands each reply to
+    /// `on_reply` with its command's index; an `Err` means none of them is known to
+    /// be written.
+    pub async fn write_commands(
         &self,
         commands: &[u8],
         count: usize,
-        refused: &mut Vec<(usize, String)>,
+        on_reply: impl FnMut(usize, Reply),
     ) -> Result<(), StoreError> {
         let work = async {
             let mut conn = self.writers.get().await?;
-            conn.request(commands, count, |i, reply| {
-                if let Reply::Error(e) = reply {
-                    refused.push((i, e));
-                }
-            })
-            .await
+            conn.request(commands, count, on_reply).await
         };
         tokio::time::timeout(self.command_timeout, work)
             .await
             .map_err(|_| StoreError::Timeout(self.command_timeout))?
+    }
+
+    /// Runs a script of [`fence`] by `EVALSHA`, loading it first when Redis does not
+    /// know it (a restarted Redis forgets scripts).
+    pub async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &'static str,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        let sha = fence::sha1_hex(script.as_bytes());
+        self.run(async |conn| {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&sha).arg(keys.len());
+            for key in keys {
+                cmd.arg(*key);
+            }
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            match cmd.query_async(conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(script)
+                        .query_async::<String>(conn)
+                        .await?;
+                    cmd.query_async(conn).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// Publishes `message` on `channel`; returns how many subscribers got it.
+    pub async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
+        self.run(async |conn| {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async(conn)
+                .await
+        })
+        .await
+    }
+
+    /// How long `key` lives on, or `None` when it does not exist.
+    pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, StoreError> {
+        let millis: i64 = self
+            .run(async |conn| redis::cmd("PTTL").arg(key).query_async(conn).await)
+            .await?;
+        Ok(match millis {
+            -2 => None,
+            -1 => Some(Duration::MAX),
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+        })
+    }
+
+    /// The URL this store connects to (the hand-off listener opens its own
+    /// subscription connection).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Reads the values of `ids` in one `MGET`, in order; `None` where there is none.
@@ -300,6 +366,10 @@ impl WriteConnection {
             login.extend_from_slice(&redis::cmd("SELECT").arg(settings.db()).get_packed_command());
             count += 1;
         }
+        // Every connection loads the scripts: a restarted Redis has forgotten them.
+        let (scripts, script_count) = fence::load_scripts();
+        login.extend_from_slice(&scripts);
+        count += script_count;
         if count > 0 {
             let mut refused = None;
             conn.request(&login, count, |_, reply| {

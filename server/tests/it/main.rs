@@ -21,6 +21,7 @@ mod limits;
 mod metrics;
 mod module_graph;
 mod overload;
+mod replicas;
 mod security;
 mod security_tls;
 mod seed;

@@ -33,6 +33,13 @@ __all__ = ["Client", "connect", "IngestSession", "AnomalyWatch"]
 #: The device the server uses for samples without one.
 DEFAULT_DEVICE = "default"
 
+# The reason a server gives for a sample whose device another replica holds
+# (docs/architecture.md, "Ownership"): nothing was applied; the session sends it again.
+MOVED = "moved:"
+
+# Seconds a sample answered ``moved`` waits before it is sent again.
+MOVED_RETRY = 0.05
+
 
 def connect(target: str, **options: Any) -> Client:
     """A client for the server at ``target`` (``host:port``); see ``Client``.
@@ -319,6 +326,8 @@ class IngestSession:
         self._closing = False
         self._aborted = False
         self._error: TidewatchError | None = None
+        # Samples answered ``moved``, waiting to be sent again.
+        self._moved = 0
         #: Streams opened so far (1 + reconnects); for observability and tests.
         self.streams_opened = 0
         #: Samples re-sent because their stream broke before answering them.
@@ -457,7 +466,21 @@ class IngestSession:
         self._verdicts.put_nowait(_End())
 
     def _finished(self) -> bool:
-        return self._closing and not self._unsent and not self._pending and not self._buffer
+        return (
+            self._closing
+            and not self._unsent
+            and not self._pending
+            and not self._buffer
+            and not self._moved
+        )
+
+    async def _send_again(self, samples: list[pb.Sample]) -> None:
+        """Queue samples answered ``moved`` again after ``MOVED_RETRY`` seconds."""
+        await asyncio.sleep(MOVED_RETRY)
+        async with self._changed:
+            self._moved -= len(samples)
+            self._unsent.append(samples)
+            self._changed.notify_all()
 
     async def _drive(self) -> None:
         """Open streams until every message is answered; reconnect on retryable errors."""
@@ -485,8 +508,17 @@ class IngestSession:
                                 f"{len(response.verdicts)} verdicts for {len(batch)} samples"
                             )
                         attempt = 0
-                        for verdict in response.verdicts:
-                            self._verdicts.put_nowait(verdict)
+                        moved = []
+                        for sample, verdict in zip(batch, response.verdicts):
+                            if verdict.error.startswith(MOVED):
+                                # Nothing was applied: the device is moving between
+                                # replicas of the server. Sent again shortly, in order.
+                                moved.append(sample)
+                            else:
+                                self._verdicts.put_nowait(verdict)
+                        if moved:
+                            self._moved += len(moved)
+                            asyncio.create_task(self._send_again(moved))
                         async with self._changed:
                             self._changed.notify_all()
                     if self._finished():
@@ -542,7 +574,7 @@ class IngestSession:
         while True:
             async with self._changed:
                 await self._changed.wait_for(
-                    lambda: self._unsent or (self._closing and not self._buffer)
+                    lambda: self._unsent or (self._closing and not self._buffer and not self._moved)
                 )
                 if not self._unsent:
                     break
