@@ -58,6 +58,10 @@ use crate::{
 };
 pub use store::{Store, StoreError};
 
+/// Prefix of every device key; the device id follows as is. The snapshot store and
+/// the fencing keys both build on it.
+pub const KEY_PREFIX: &str = "tidewatch:v1:device:";
+
 /// Devices encoded per shard-lock hold: bounds how long a flush can make an ingest
 /// request on that shard wait. A message of many samples touches every shard, so
 /// during a flush nearly every message meets the shard being encoded: with 256

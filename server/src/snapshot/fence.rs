@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use super::store::KEY_PREFIX;
+use super::KEY_PREFIX;
 
 /// `KEYS`: snapshot, version, owner. `ARGV`: value, ttl seconds, base version, this
 /// replica, `1` to give ownership up with the write. Returns the new version, or -1.

@@ -21,8 +21,7 @@ use super::{
     resp::{self, ProtocolError, Reply},
 };
 
-/// Prefix of every device key; the device id follows as is.
-pub const KEY_PREFIX: &str = "tidewatch:v1:device:";
+pub use super::KEY_PREFIX;
 
 /// The Redis key of a device's snapshot.
 pub fn key(device_id: &str) -> String {
