@@ -364,6 +364,12 @@ pub struct Config {
     )]
     pub allow_insecure: bool,
 
+    /// Address of the admin listener: plain HTTP with only `/healthz`, `/readyz` and
+    /// `/metrics`, never authenticated and outside every connection and concurrency
+    /// limit of the API, for the kubelet and Prometheus. Unset: none.
+    #[arg(help_heading = "Security", long, env = "ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+
     /// Serve gRPC reflection (it describes the API, never device data).
     #[arg(
         help_heading = "Security",

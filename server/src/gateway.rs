@@ -121,6 +121,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The admin listener's routes: probes and metrics only (see `ADMIN_ADDR`).
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(live))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
 /// Finds the caller of an API request from its `authorization` header and its
 /// connection's client certificate, and hands it to the handler; `401` without valid
 /// credentials. Probes, `/metrics`, the OpenAPI document and the console's files are
@@ -143,7 +153,18 @@ async fn authenticate(
             request.extensions_mut().insert(principal);
             next.run(request).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // Read what the client is still uploading, as for a 413: answering an
+            // upload early otherwise ends in a reset stream instead of the 401.
+            let declared = request
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            let (parts, body) = request.into_parts();
+            linger(&parts.headers, body, declared);
+            e.into_response()
+        }
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Server {
     grpc: TcpListener,
     /// The HTTP gateway listener.
     http: TcpListener,
+    /// The admin listener (`ADMIN_ADDR`), when set.
+    admin: Option<TcpListener>,
 }
 
 /// The running gRPC server.
@@ -66,8 +68,21 @@ impl Server {
         let http = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot bind LISTEN_ADDR {}", config.listen_addr))?;
+        let admin = match config.admin_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot bind ADMIN_ADDR {addr}"))?,
+            ),
+            None => None,
+        };
         let state = Arc::new(AppState::new(config)?);
-        Ok(Self { state, grpc, http })
+        Ok(Self {
+            state,
+            grpc,
+            http,
+            admin,
+        })
     }
 
     /// The bound gRPC address.
@@ -102,7 +117,22 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Self { state, grpc, http } = self;
+        let Self {
+            state,
+            grpc,
+            http,
+            admin,
+        } = self;
+        // Probes and scrapes answer until the process ends, draining included.
+        let admin = match admin {
+            Some(listener) => {
+                let addr = listener.local_addr()?;
+                tracing::info!(%addr, "admin listening");
+                let router = gateway::admin_router(Arc::clone(&state));
+                Some(tokio::spawn(axum::serve(listener, router).into_future()))
+            }
+            None => None,
+        };
         let config = Arc::clone(&state.config);
         let grpc_addr = grpc.local_addr()?;
         let http_addr = http.local_addr()?;
@@ -134,6 +164,9 @@ impl Server {
         .await;
         final_flush(&state, background, started, reserve).await;
         state.metrics.shutdown();
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         tracing::info!(elapsed = ?started.elapsed(), "shutdown complete");
         Ok(())
     }

@@ -410,7 +410,8 @@ async fn curl_over_tls_with_a_bearer_token() {
             .expect("curl");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
-        (code.to_owned(), body.to_owned())
+        let body = format!("{body}{}", String::from_utf8_lossy(&out.stderr));
+        (code.to_owned(), body)
     };
     let url = |path: &str| format!("https://localhost:{}{path}", f.server.http_addr.port());
     let ingest = url("/ingest");
@@ -475,5 +476,39 @@ fn a_public_address_without_tls_and_auth_refuses_to_start() {
         "{:?}",
         server.startup_log
     );
+    server.kill9();
+}
+
+/// The admin listener answers probes and scrapes without credentials while the API
+/// wants them, and serves nothing else.
+#[test]
+fn the_admin_listener_serves_probes_and_metrics_without_credentials() {
+    let dir = tempdir("admin-it");
+    let policy = write(&dir, "policy.json", &policy());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    let server = ServerProcess::spawn(
+        &[],
+        &[
+            ("ADMIN_ADDR", admin.as_str()),
+            ("AUTH_POLICY", policy.to_str().unwrap()),
+        ],
+    );
+    let status = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{admin}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status("/healthz"), "200");
+    assert_eq!(status("/readyz"), "200");
+    assert_eq!(status("/metrics"), "200");
+    assert_eq!(status("/analyze?device_id=a/1"), "404");
     server.kill9();
 }
