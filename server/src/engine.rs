@@ -67,6 +67,11 @@ pub struct EngineConfig {
     pub max_devices: usize,
     /// Distinct metrics per device at most.
     pub max_metrics_per_device: usize,
+    /// How far a `seq` may jump past its device's last one (`MAX_SEQ_JUMP`).
+    pub max_seq_jump: u64,
+    /// How far a `seq` may run ahead of the server's clock in microseconds when it
+    /// jumps further than `max_seq_jump` (`MAX_SEQ_CLOCK_SKEW`).
+    pub max_seq_clock_skew: Duration,
     /// Longest device id, in bytes.
     pub max_device_id_len: usize,
     /// Longest metric name, in bytes.
@@ -113,6 +118,8 @@ impl Default for EngineConfig {
             hold_shards: cores == 1,
             max_devices: 1_000_000,
             max_metrics_per_device: 32,
+            max_seq_jump: 1 << 32,
+            max_seq_clock_skew: Duration::from_secs(3600),
             max_device_id_len: 128,
             max_metric_name_len: 64,
             idle_timeout: Duration::from_secs(3600),
@@ -590,6 +597,13 @@ impl Engine {
                 });
             }
         }
+        let seq = sample.seq();
+        if seq > 0 {
+            let last = found.map_or(0, |p| table.device(p).last_seq);
+            if seq > last.saturating_add(self.config.max_seq_jump) {
+                self.check_seq_against_clock(seq, last, received)?;
+            }
+        }
         let pos = match found {
             Some(pos) => pos,
             None => {
@@ -613,7 +627,6 @@ impl Engine {
         };
         let (device, pool, names) = table.entry(pos);
         device.last_seen = tick;
-        let seq = sample.seq();
         if seq > 0 && seq <= device.last_seq {
             outcome.duplicates += 1;
             out.duplicate(id, seq);
@@ -660,6 +673,30 @@ impl Engine {
         device.set_updated_at(time);
         device.dirty = true;
         Ok(Judged::Yes)
+    }
+
+    /// The slow half of the `seq` rule (docs/architecture.md, "Engine semantics"): a
+    /// `seq` past its device's last plus `MAX_SEQ_JUMP` is still accepted up to the
+    /// server's clock (`received`) in microseconds plus `MAX_SEQ_CLOCK_SKEW`.
+    #[cold]
+    fn check_seq_against_clock(
+        &self,
+        seq: u64,
+        last: u64,
+        received: &Timestamp,
+    ) -> Result<(), SampleError> {
+        let now_us = u64::try_from(received.seconds)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::try_from(received.nanos / 1000).unwrap_or(0));
+        let skew = u64::try_from(self.config.max_seq_clock_skew.as_micros()).unwrap_or(u64::MAX);
+        let limit = now_us
+            .saturating_add(skew)
+            .max(last.saturating_add(self.config.max_seq_jump));
+        if seq > limit {
+            return Err(SampleError::InvalidSeq { seq, last, limit });
+        }
+        Ok(())
     }
 
     /// Current statistics of a device in memory, or `None`.

@@ -45,6 +45,20 @@ pub enum SampleError {
         /// The configured limit.
         limit: usize,
     },
+    /// The sequence number jumps further ahead than the device may go: above both its
+    /// last `seq` plus `MAX_SEQ_JUMP` and the server's clock in microseconds plus
+    /// `MAX_SEQ_CLOCK_SKEW` (docs/architecture.md, "Engine semantics").
+    #[error(
+        "invalid_seq: seq {seq} is above {limit} (last seq {last} plus MAX_SEQ_JUMP, or the server's clock in microseconds plus MAX_SEQ_CLOCK_SKEW)"
+    )]
+    InvalidSeq {
+        /// The offending sequence number.
+        seq: u64,
+        /// The device's last applied `seq` (0 for a new device).
+        last: u64,
+        /// The largest `seq` the device could have sent.
+        limit: u64,
+    },
     /// `MAX_DEVICES` devices are in memory already.
     #[error("device_limit: {limit} devices are in memory; no room for a new one")]
     DeviceLimit {
@@ -65,13 +79,14 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 6] = [
+    pub const REASONS: [&'static str; 7] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
         "invalid_value",
         "too_many_metrics",
         "device_limit",
+        "invalid_seq",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -83,6 +98,7 @@ impl SampleError {
             Self::InvalidValue { .. } => 3,
             Self::TooManyMetrics { .. } => 4,
             Self::DeviceLimit { .. } => 5,
+            Self::InvalidSeq { .. } => 6,
         }
     }
 
