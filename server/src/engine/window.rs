@@ -209,7 +209,7 @@ impl Ring {
             store.values(self.slots())[n] = x;
             self.len += 1;
             let d = (x - self.k) * pow2(-i32::from(self.scale));
-            if !(d.abs() <= HIGH) {
+            if d.abs() > HIGH {
                 // Far outside the scale (or beyond a double's range from the shift).
                 self.recompute(store.values(self.slots()));
                 return;
@@ -248,10 +248,10 @@ impl Ring {
             self.s1 += dx - dold;
             self.s2 += (dx - dold) * (dx + dold);
             self.since_exact += 1;
-            // The negated comparisons also catch a deviation that overflowed.
+            // An overflowed deviation is infinite (never NaN: both operands are finite).
             if usize::from(self.since_exact) >= n
-                || !(dx.abs() <= HIGH)
-                || !(dold.abs() <= HIGH)
+                || dx.abs() > HIGH
+                || dold.abs() > HIGH
                 || (self.s2 < LOW && dx != 0.0 && self.scale > -MAX_SCALE)
             {
                 self.recompute(values);
