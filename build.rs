@@ -8,7 +8,10 @@ use std::{env, fs, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("tidewatch_descriptor.bin");
-    let protos = ["proto/tidewatch/v1/telemetry.proto"];
+    let protos = [
+        "proto/tidewatch/v1/telemetry.proto",
+        "proto/tidewatch/v1/snapshot.proto",
+    ];
 
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
@@ -27,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .emit_fields()
         .build(&[".tidewatch.v1"])?;
     finite_safe_doubles(&out_dir.join("tidewatch.v1.serde.rs"))?;
+    z_timestamps(&out_dir.join("tidewatch.v1.serde.rs"))?;
 
     println!("cargo:rerun-if-changed=proto/tidewatch");
     Ok(())
@@ -54,6 +58,25 @@ fn finite_safe_doubles(path: &std::path::Path) -> Result<(), Box<dyn std::error:
         let to = format!("serialize_field(\"{json}\", &crate::json::ProtoDouble(self.{field}))?");
         if !code.contains(&from) {
             return Err(format!("pbjson output has no double field {field}").into());
+        }
+        code = code.replace(&from, &to);
+    }
+    fs::write(path, code)?;
+    Ok(())
+}
+
+/// pbjson-types writes a `Timestamp` with chrono's `to_rfc3339`, which ends in
+/// `+00:00`; the proto3 JSON mapping (and grpcurl) writes `Z` with 0, 3, 6 or 9
+/// fractional digits, so every timestamp field is serialized through
+/// `crate::json::ProtoTimestamp`.
+fn z_timestamps(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    const TIMESTAMP_FIELDS: [&str; 2] = ["updatedAt", "time"];
+    let mut code = fs::read_to_string(path)?;
+    for json in TIMESTAMP_FIELDS {
+        let from = format!("serialize_field(\"{json}\", v)?");
+        let to = format!("serialize_field(\"{json}\", &crate::json::ProtoTimestamp(*v))?");
+        if !code.contains(&from) {
+            return Err(format!("pbjson output has no timestamp field {json}").into());
         }
         code = code.replace(&from, &to);
     }

@@ -7,10 +7,13 @@
 # saturated and its queueing is in the numbers) and its CPU time per answered message,
 # and the server's share of its core over the run (a server near 100 % queues, and
 # that is its tail).
+# The traffic is tidewatch-bench's default fleet (realistic ids, timestamps, 2-8
+# metrics, 1 % injected anomalies) with one WatchAnomalies subscriber; bare-tonic
+# shares tidewatch's allocator, runtime and socket options (see scripts/bench.sh).
 # Needs the release binaries (`cargo build --release -p tidewatch-server -p
-# tidewatch-client --bins`); BIN (target/release) is where they are, BARE the bare
-# tonic binary (default $BIN/bare-tonic). Environment such as MIMALLOC_PURGE_DELAY
-# reaches the tidewatch server (bare tonic and the bench do not use mimalloc).
+# tidewatch-loadgen`); BIN (target/release) is where they are, BARE the bare tonic
+# binary (default $BIN/bare-tonic). Environment such as MIMALLOC_PURGE_DELAY reaches
+# both servers (the load generator does not use mimalloc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVER_CPU=${SERVER_CPU:-0}
@@ -40,7 +43,7 @@ run() { # name url rate run server-pid
   t0=$(cpu_ticks "$5")
   s0=$(date +%s.%N)
   /usr/bin/time -f "loadgen cpu %P user %U sys %S wall %e" \
-    taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "$2" -c 2 -s 4 --threads 1 \
+    taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "$2" -c 2 -s 4 --threads 1 --watchers 1 \
     --rate "$3" --batch 1 --devices 10000 --duration "$DURATION" --output "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
   t1=$(cpu_ticks "$5")
   s1=$(date +%s.%N)

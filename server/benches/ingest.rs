@@ -27,7 +27,7 @@ use prost::Message;
 use tidewatch_proto::v1::{IngestRequest, Sample};
 use tidewatch_server::{
     engine::{Engine, EngineConfig},
-    grpc::wire::{WireRequest, WireSink},
+    grpc::fast::{WireRequest, WireSink},
 };
 
 const DEVICES: usize = 10_000;

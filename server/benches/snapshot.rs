@@ -15,7 +15,7 @@
 //! `MESSAGES=10000` for runs four times as long as the default 2,500 messages per
 //! stream).
 
-#[path = "../tests/common/redis_server.rs"]
+#[path = "../tests/it/common/redis_server.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod redis_server;
 

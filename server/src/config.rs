@@ -177,6 +177,19 @@ pub struct Config {
     #[arg(help_heading = "Network", long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub max_connection_age_grace: Duration,
 
+    /// gRPC connections batch their writes across the streams that answer in one turn
+    /// of the runtime and send them with one system call, instead of one per stream
+    /// (`grpc::fast::connection`); `false` sends at every HTTP/2 flush.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "FLUSH_CONSOLIDATION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub flush_consolidation: bool,
+
     /// Largest HTTP request body accepted, in bytes; larger bodies get `413`.
     #[arg(help_heading = "Limits", long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -283,6 +296,25 @@ pub struct Config {
     /// Detector choice and per-detector settings.
     #[command(flatten)]
     pub detectors: DetectorSettings,
+
+    /// Anomaly watchers open at once: `WatchAnomalies` streams and `GET /anomalies`
+    /// feeds together (0 means no limit); one more is refused as overloaded.
+    #[arg(long, env = "MAX_WATCHERS", default_value_t = 256)]
+    pub max_watchers: usize,
+
+    /// Device ids plus metrics in one watcher's filter; a larger filter is refused.
+    #[arg(long, env = "MAX_WATCH_FILTER", default_value_t = 1024)]
+    pub max_watch_filter: usize,
+
+    /// Anomaly events kept for `GET /anomalies` clients that resume with
+    /// `Last-Event-ID`.
+    #[arg(long, env = "FEED_REPLAY_BUFFER", default_value_t = 1024)]
+    pub feed_replay_buffer: usize,
+
+    /// How long the `GET /anomalies` feed keeps recording after its last client left,
+    /// so that a client reconnecting within it resumes without a gap.
+    #[arg(long, env = "FEED_RESUME_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub feed_resume_window: Duration,
 }
 
 /// The detector settings (shared with `tidewatch-eval`, which takes the same flags).
@@ -507,6 +539,12 @@ impl Config {
         if self.watch_buffer == 0 {
             return fail("WATCH_BUFFER", "must be at least 1".into());
         }
+        if self.max_watch_filter == 0 {
+            return fail("MAX_WATCH_FILTER", "must be at least 1".into());
+        }
+        if self.feed_replay_buffer == 0 {
+            return fail("FEED_REPLAY_BUFFER", "must be at least 1".into());
+        }
         if self.shutdown_timeout.is_zero() {
             return fail("SHUTDOWN_TIMEOUT", "must be above 0".into());
         }
@@ -620,6 +658,11 @@ mod tests {
                 .unwrap();
         assert_eq!(c.window_size, 10);
         assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert!(c.flush_consolidation, "on by default");
+        for (value, expected) in [("false", false), ("0", false), ("true", true), ("on", true)] {
+            let c = Config::try_parse_from(["tidewatch", "--flush-consolidation", value]).unwrap();
+            assert_eq!(c.flush_consolidation, expected, "{value}");
+        }
     }
 
     #[test]

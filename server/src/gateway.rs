@@ -7,6 +7,10 @@
 //! | `GET /health`, `GET /healthz` | liveness: `200` while the process serves |
 //! | `GET /readyz` | readiness: `503` while starting and while draining |
 //! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /anomalies` | the live anomaly feed as Server-Sent Events ([`sse`]) |
+//! | `GET /devices`, `GET /window` | device ids by prefix, one device's window values ([`devices`]) |
+//! | `GET /console/` | the web console ([`console`]) |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of all of these ([`openapi`]) |
 //!
 //! The JSON is the proto3 JSON mapping of the gRPC messages (the generated pbjson
 //! impls), so grpcurl and REST clients read the same documents. Every error is
@@ -17,6 +21,11 @@
 //! mapping".
 
 pub(crate) mod body;
+mod console;
+mod devices;
+pub(crate) mod openapi;
+mod schema_names;
+mod sse;
 
 use std::{
     collections::BTreeMap,
@@ -58,11 +67,18 @@ use crate::{
 pub fn router(state: Arc<AppState>) -> Router {
     let config = &state.config;
     let shed_state = Arc::clone(&state);
+    // The feed is a long-lived stream: bounded by MAX_WATCHERS, not by the API's
+    // concurrency limit and timeout.
+    let feed = Router::new()
+        .route("/anomalies", get(sse::anomalies))
+        .with_state(sse::Feed::new(Arc::clone(&state)));
     // Shedding and the timeout apply to the API only; probes and scrapes always answer.
     let api = Router::new()
         .route("/ingest", post(ingest))
         .route("/metric", post(ingest))
         .route("/analyze", get(analyze))
+        .route("/devices", get(devices::devices))
+        .route("/window", get(devices::window))
         .route_layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(move |e: BoxError| {
@@ -79,10 +95,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         );
     Router::new()
         .merge(api)
+        .merge(feed)
         .route("/health", get(live))
         .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/console", get(console::redirect))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::asset))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .with_state(state)
@@ -115,6 +136,11 @@ fn route_label(path: Option<&str>) -> &'static str {
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",
+        Some("/anomalies") => "/anomalies",
+        Some("/devices") => "/devices",
+        Some("/window") => "/window",
+        Some("/openapi.json") => "/openapi.json",
+        Some("/console" | "/console/" | "/console/{file}") => "/console",
         _ => "unmatched",
     }
 }
@@ -185,18 +211,23 @@ fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
 
 /// Query of `POST /ingest`: the detector for this request's samples, as the
 /// `detector` section of an Ingest stream's first message does over gRPC.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct IngestQuery {
     /// Detector name (`zscore`, `robust`); absent means the server's `DETECTOR`.
+    #[param(pattern = "^(zscore|robust)?$")]
     detector: Option<String>,
-    /// Window size override.
+    /// Window size override (0 keeps the detector's).
     #[serde(default)]
+    #[param(minimum = 0, maximum = 4096)]
     window_size: u32,
-    /// Threshold override.
+    /// Threshold override (0 keeps the detector's).
     #[serde(default)]
+    #[param(minimum = 0)]
     threshold: f64,
-    /// Warm-up override.
+    /// Warm-up override (0 keeps the detector's); at most the window size.
     #[serde(default)]
+    #[param(minimum = 0)]
     min_samples: u32,
 }
 
@@ -214,6 +245,30 @@ impl IngestQuery {
 }
 
 /// `POST /ingest` and `POST /metric`.
+#[utoipa::path(
+    post,
+    path = "/ingest",
+    tag = "ingest",
+    params(IngestQuery),
+    request_body(
+        description = "Samples: one, an array, or {\"samples\": [...]}; NDJSON takes one \
+                       such document per line",
+        content(
+            (schema_names::IngestBody = "application/json"),
+            (String = "application/x-ndjson"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "One verdict per sample, in order; a bad sample gets \
+                                      an `error` in its verdict", body = schema_names::IngestResponseBody),
+        (status = 400, description = "Malformed body or query; nothing was ingested",
+         body = schema_names::ErrorBody),
+        (status = 413, description = "Body larger than MAX_BODY_BYTES", body = schema_names::ErrorBody),
+        (status = 503, description = "Overloaded (HTTP_CONCURRENCY_LIMIT) or shutting down; \
+                                      retry after Retry-After", body = schema_names::ErrorBody),
+        (status = 504, description = "REQUEST_TIMEOUT passed", body = schema_names::ErrorBody),
+    )
+)]
 async fn ingest(
     State(state): State<Arc<AppState>>,
     query: Result<Query<IngestQuery>, QueryRejection>,
@@ -347,7 +402,8 @@ fn linger(headers: &HeaderMap, mut body: Body, declared: u64) {
 }
 
 /// Query of `GET /analyze`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AnalyzeQuery {
     /// The device; absent or empty means `default`.
     #[serde(default, alias = "deviceId")]
@@ -355,6 +411,21 @@ struct AnalyzeQuery {
 }
 
 /// `GET /analyze?device_id=X`: the `AnalyzeResponse` JSON plus the seed's flat fields.
+#[utoipa::path(
+    get,
+    path = "/analyze",
+    tag = "query",
+    params(AnalyzeQuery),
+    responses(
+        (status = 200, description = "Current window statistics of the device",
+         body = schema_names::AnalyzeBody),
+        (status = 400, description = "A bad query parameter", body = schema_names::ErrorBody),
+        (status = 404, description = "Unknown device", body = schema_names::ErrorBody),
+        (status = 503, description = "Overloaded, or Redis unreachable for a device only in \
+                                      a snapshot", body = schema_names::ErrorBody),
+        (status = 504, description = "REQUEST_TIMEOUT passed", body = schema_names::ErrorBody),
+    )
+)]
 async fn analyze(
     State(state): State<Arc<AppState>>,
     query: Result<Query<AnalyzeQuery>, QueryRejection>,
@@ -404,11 +475,26 @@ impl<'a> AnalyzeDocument<'a> {
 }
 
 /// `GET /health` and `GET /healthz`: the process is alive and serving.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = schema_names::StatusBody))
+)]
 async fn live() -> Response {
     json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: `200` when serving, `503` while starting or draining.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Serving", body = schema_names::StatusBody),
+        (status = 503, description = "Starting or shutting down", body = schema_names::ErrorBody),
+    )
+)]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(std::sync::atomic::Ordering::Relaxed) {
         json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
@@ -422,6 +508,13 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `GET /metrics`: the Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4",
+               content_type = "text/plain", body = String))
+)]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(

@@ -1,11 +1,9 @@
 //! The gRPC server: `tidewatch.v1.TelemetryService`, gRPC health and reflection (v1 and
 //! v1alpha, since grpcurl 1.8 speaks only v1alpha).
 
-mod incoming;
+pub mod fast;
 mod ingest;
-mod ingest_body;
-mod watch;
-pub mod wire;
+pub(crate) mod watch;
 
 use std::{
     convert::Infallible,
@@ -31,11 +29,11 @@ use tonic::{
 };
 
 use crate::service::AppState;
-pub(crate) use incoming::incoming;
-use wire::WireRequest;
+use fast::WireRequest;
+pub(crate) use fast::incoming;
 
 /// The path of the `Ingest` method, which [`TelemetryRouter`] serves with its own body
-/// (`ingest_body`).
+/// ([`fast`]).
 const INGEST_PATH: &str = "/tidewatch.v1.TelemetryService/Ingest";
 
 /// The name under which health reports the service.
@@ -54,8 +52,7 @@ impl TelemetryApi {
         Self { state }
     }
 
-    /// The tonic service: `Ingest` through its own HTTP body (`ingest_body`, with the
-    /// [`wire`] codec), the other methods through the generated server, with message
+    /// The tonic service: `Ingest` through the [`fast`] path, the other methods through the generated server, with message
     /// size limits applied.
     pub fn into_server(self) -> TelemetryRouter {
         let max = self.state.config.max_message_bytes;
@@ -115,16 +112,15 @@ impl TelemetryService for TelemetryApi {
         &self,
         request: Request<WatchAnomaliesRequest>,
     ) -> Result<Response<Self::WatchAnomaliesStream>, Status> {
-        Ok(Response::new(watch::watch(
-            &self.state,
-            request.into_inner(),
-        )))
+        watch::watch(&self.state, request.into_inner())
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 
-/// `tidewatch.v1.TelemetryService` as tonic serves it: `Ingest` by its own HTTP body
-/// (`ingest_body`: framing and the [`wire`] codec, no allocation per sample or
-/// verdict, one output chunk per batch of received messages), `Analyze` and
+/// `tidewatch.v1.TelemetryService` as tonic serves it: `Ingest` by the [`fast`] path
+/// (its own HTTP body and codec: no allocation per sample or verdict, one output
+/// chunk per batch of received messages; its contract is in [`fast`]), `Analyze` and
 /// `WatchAnomalies` by the generated prost server. Health, reflection and every client
 /// see one ordinary service.
 #[derive(Debug, Clone)]
@@ -154,6 +150,20 @@ where
         if request.uri().path() != INGEST_PATH {
             return self.generated.call(request);
         }
-        Box::pin(ready(Ok(ingest_body::serve(&self.state, request))))
+        Box::pin(ready(Ok(serve_ingest(&self.state, request))))
     }
+}
+
+/// Serves an `Ingest` call through the [`fast`] path, carrying the service's stream.
+pub(crate) fn serve_ingest<B>(
+    state: &Arc<AppState>,
+    request: http::Request<B>,
+) -> http::Response<Body>
+where
+    B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    fast::serve(request, state.config.max_message_bytes, |_| {
+        ingest::StreamCore::start(state)
+    })
 }

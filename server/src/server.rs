@@ -159,7 +159,12 @@ async fn start_grpc(
     let services = grpc_services(state, health_service)?;
     let drained = state.shutdown.clone();
     let (lingering, lingered) = mpsc::channel::<()>(1);
-    let incoming = grpc::incoming(listener, state.config.shutdown_timeout, lingering);
+    let incoming = grpc::incoming(
+        listener,
+        state.config.shutdown_timeout,
+        state.config.flush_consolidation,
+        lingering,
+    );
     let server = services.serve_with_incoming_shutdown(incoming, async move {
         drained.cancelled().await;
     });

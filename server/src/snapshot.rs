@@ -1,5 +1,5 @@
 //! Redis snapshots: window state follows a device across restarts, rolling updates and
-//! replicas (DESIGN §5).
+//! replicas (`docs/architecture.md`, "Snapshot protocol").
 //!
 //! - **Flush** ([`Snapshots::flush`], run by the flusher task every `SNAPSHOT_INTERVAL`,
 //!   beside ingestion, never inside a request): on the blocking pool, the dirty
@@ -24,6 +24,10 @@
 //! is logged once when it starts and once when it ends, and counted.
 
 pub mod codec;
+mod error;
+#[cfg(test)]
+mod fixtures;
+mod legacy;
 pub mod resp;
 pub mod store;
 

@@ -2,11 +2,13 @@
 //!
 //! Counters on the ingest path are plain atomics added to once per message (never once
 //! per sample) and handed to OpenTelemetry as observable instruments read at scrape
-//! time, so recording costs a few relaxed atomic adds. The per-message latency of
-//! `Ingest` goes into an [`AtomicHistogram`] (two relaxed atomic adds) that `/metrics`
-//! merges into the OpenTelemetry histogram family it belongs to; every other latency
-//! goes straight into OpenTelemetry histograms, once per request. No device id and no
-//! metric name is ever a label: their cardinality is unbounded.
+//! time, so recording costs a few relaxed atomic adds. Latencies go into OpenTelemetry
+//! histograms, once per request, except the per-message latency of `Ingest`: it has
+//! one lock-free histogram of its own that `/metrics` merges into the family it
+//! belongs to (`ingest_histogram`, which holds the reason and the contract). No device
+//! id and no metric name is ever a label: their cardinality is unbounded.
+
+mod ingest_histogram;
 
 use std::{
     sync::{
@@ -21,11 +23,9 @@ use opentelemetry::{
     metrics::{Histogram, Meter, MeterProvider},
 };
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use prometheus::{
-    Encoder, TextEncoder,
-    proto::{LabelPair, MetricFamily, MetricType},
-};
+use prometheus::{Encoder, TextEncoder};
 
+use self::ingest_histogram::IngestHistogram;
 use crate::{
     config::{Config, LogFormat},
     engine::{BatchOutcome, Engine},
@@ -59,124 +59,6 @@ const GRPC_DURATION: &str = "tidewatch_grpc_duration";
 
 /// Its description (`# HELP`).
 const GRPC_DURATION_HELP: &str = "Time to answer one gRPC unary call or one Ingest stream message";
-
-/// A latency histogram over [`LATENCY_BUCKETS`] that records with two relaxed atomic
-/// adds and no lock, for a latency taken once per message. It has no labels of its
-/// own: [`AtomicHistogram::merge_into`] exports it as one series of an OpenTelemetry
-/// histogram family, in the form the Prometheus exporter gives that family's other
-/// series.
-#[derive(Debug, Default)]
-pub struct AtomicHistogram {
-    /// Observations per bucket (not cumulative): `buckets[i]` counts values in
-    /// `(LATENCY_BUCKETS[i - 1], LATENCY_BUCKETS[i]]`, the last one those above 10 s.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    /// Sum of all observations, in nanoseconds (exact, unlike a float sum).
-    sum_nanos: AtomicU64,
-}
-
-/// [`LATENCY_BUCKETS`] in nanoseconds, to place a `Duration` without float maths.
-const LATENCY_BUCKETS_NANOS: [u64; LATENCY_BUCKETS.len()] = {
-    let mut nanos = [0; LATENCY_BUCKETS.len()];
-    let mut i = 0;
-    while i < nanos.len() {
-        nanos[i] = (LATENCY_BUCKETS[i] * 1e9) as u64;
-        i += 1;
-    }
-    nanos
-};
-
-impl AtomicHistogram {
-    /// Records one observation. A value equal to a bound counts in that bound's
-    /// bucket (Prometheus `le`), as in OpenTelemetry.
-    pub fn record(&self, elapsed: Duration) {
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        let bucket = LATENCY_BUCKETS_NANOS
-            .iter()
-            .position(|&bound| nanos <= bound)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
-    /// Adds this histogram to `families` (a gathered, name-sorted exposition) as the
-    /// series with `labels` of the histogram family `name`, creating the family with
-    /// `help` when no other series has been recorded yet. Nothing is added before the
-    /// first observation (as OpenTelemetry exports no series before its first).
-    fn merge_into(
-        &self,
-        families: &mut Vec<MetricFamily>,
-        name: &str,
-        help: &str,
-        labels: &[(&str, &str)],
-    ) {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let count: u64 = counts.iter().sum();
-        if count == 0 {
-            return;
-        }
-        let mut cumulative = 0;
-        let buckets = LATENCY_BUCKETS
-            .iter()
-            .zip(&counts)
-            .map(|(&bound, &n)| {
-                cumulative += n;
-                let mut bucket = prometheus::proto::Bucket::default();
-                bucket.set_upper_bound(bound);
-                bucket.set_cumulative_count(cumulative);
-                bucket
-            })
-            .collect();
-        let mut histogram = prometheus::proto::Histogram::default();
-        histogram.set_sample_sum(self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9);
-        histogram.set_sample_count(count);
-        histogram.set_bucket(buckets);
-        let mut metric = prometheus::proto::Metric::default();
-        metric.set_label(
-            labels
-                .iter()
-                .map(|&(name, value)| {
-                    let mut pair = LabelPair::default();
-                    pair.set_name(name.to_owned());
-                    pair.set_value(value.to_owned());
-                    pair
-                })
-                .collect(),
-        );
-        metric.set_histogram(histogram);
-        let at = match families.binary_search_by(|f| f.name().cmp(name)) {
-            Ok(at) => at,
-            Err(at) => {
-                let mut family = MetricFamily::default();
-                family.set_name(name.to_owned());
-                family.set_help(help.to_owned());
-                family.set_field_type(MetricType::HISTOGRAM);
-                families.insert(at, family);
-                at
-            }
-        };
-        let metrics = families[at].mut_metric();
-        metrics.push(metric);
-        // The registry's order: by label names and values.
-        metrics.sort_by(|a, b| {
-            let key = |m: &prometheus::proto::Metric| {
-                m.get_label()
-                    .iter()
-                    .map(|l| (l.name().to_owned(), l.value().to_owned()))
-                    .collect::<Vec<_>>()
-            };
-            key(a).cmp(&key(b))
-        });
-    }
-}
 
 /// The transport a sample or request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,11 +137,9 @@ pub struct Metrics {
     provider: SdkMeterProvider,
     /// Time to answer one unary RPC (`Ingest` messages go to `ingest_latency`).
     grpc_latency: Histogram<f64>,
-    /// Time to judge one Ingest message: recorded once per message, so it is an
-    /// atomic histogram (an OpenTelemetry `record` hashes its attributes and takes a
-    /// lock, ≈ 5 % of a single-sample message); exported as the `method="Ingest"`
-    /// series of `tidewatch_grpc_duration_seconds`.
-    ingest_latency: AtomicHistogram,
+    /// Time to judge one Ingest message, the `method="Ingest"` series of
+    /// `tidewatch_grpc_duration_seconds`.
+    ingest_latency: IngestHistogram,
     /// Time to answer one HTTP request.
     http_latency: Histogram<f64>,
     /// Time one snapshot flush took.
@@ -309,7 +189,7 @@ impl Metrics {
         };
         Ok(Self {
             grpc_latency: histogram(GRPC_DURATION, GRPC_DURATION_HELP),
-            ingest_latency: AtomicHistogram::default(),
+            ingest_latency: IngestHistogram::default(),
             http_latency: histogram(
                 "tidewatch_http_request_duration",
                 "Time to answer one HTTP request",
@@ -439,6 +319,20 @@ impl Metrics {
         self.counters.watchers.load(Ordering::Relaxed) > 0
     }
 
+    /// Opens a watcher unless `limit` are open already (0 means no limit).
+    pub fn try_open_watcher(&self, limit: usize) -> Option<ActiveGauge> {
+        let watchers = &self.counters.watchers;
+        let previous = watchers.fetch_add(1, Ordering::Relaxed);
+        if limit > 0 && previous >= limit as i64 {
+            watchers.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ActiveGauge {
+            counters: Arc::clone(&self.counters),
+            watcher: true,
+        })
+    }
+
     /// Opens a watcher.
     pub fn open_watcher(&self) -> ActiveGauge {
         self.counters.watchers.fetch_add(1, Ordering::Relaxed);
@@ -460,12 +354,7 @@ impl Metrics {
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();
         let mut families = self.registry.gather();
-        self.ingest_latency.merge_into(
-            &mut families,
-            &format!("{GRPC_DURATION}_seconds"),
-            GRPC_DURATION_HELP,
-            &[("method", "Ingest"), ("otel_scope_name", METER_NAME)],
-        );
+        self.ingest_latency.merge_into(&mut families);
         if let Err(e) = encoder.encode(&families, &mut buffer) {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
@@ -657,24 +546,5 @@ mod tests {
         m.record_batch(Transport::Grpc, &BatchOutcome::default(), None);
         assert!(grpc_duration_lines(&m.render()).is_empty());
         assert_eq!(m.ingest_latency.count(), 0);
-    }
-
-    #[test]
-    fn a_value_on_a_bound_counts_in_that_bucket() {
-        let h = AtomicHistogram::default();
-        h.record(Duration::from_micros(50));
-        h.record(Duration::from_nanos(50_001));
-        h.record(Duration::from_secs(10));
-        h.record(Duration::from_secs(11));
-        let counts: Vec<u64> = h
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(counts[0], 1, "{counts:?}");
-        assert_eq!(counts[1], 1, "{counts:?}");
-        assert_eq!(counts[LATENCY_BUCKETS.len() - 1], 1, "{counts:?}");
-        assert_eq!(counts[LATENCY_BUCKETS.len()], 1, "{counts:?}");
-        assert_eq!(h.count(), 4);
     }
 }

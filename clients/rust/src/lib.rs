@@ -49,8 +49,8 @@
 //! - [`backoff`]: reconnect delays.
 //! - [`error`]: the typed [`Error`].
 //!
-//! The crate also builds `tidewatch-bench`, the load generator, and `bare-tonic`, the
-//! baseline server of the benchmark suite (see `clients/rust/README.md`).
+//! The load generator and the baseline servers of the benchmark suite live in
+//! `tools/loadgen`, so an SDK user compiles none of their dependencies.
 
 pub mod backoff;
 pub mod error;

@@ -1,8 +1,8 @@
 //! Detectors: which rule turns a metric's values into `anomaly`, `score` and `alert`.
 //!
-//! - `zscore` is the seed rule of DESIGN §3, unchanged: `anomaly` is `|z| > threshold`
-//!   over the last `window_size` values. Its `score` is `|z| / (|z| + threshold)`
-//!   (0.5 exactly at the threshold, towards 1 far beyond it).
+//! - `zscore` is the seed rule (`docs/architecture.md`, "Engine semantics"), unchanged:
+//!   `anomaly` is `|z| > threshold` over the last `window_size` values. Its `score` is
+//!   `|z| / (|z| + threshold)` (0.5 exactly at the threshold, towards 1 far beyond it).
 //! - `robust` ([`robust`]) judges a value against the median and interquartile range of
 //!   a longer window (outliers do not drag the baseline along), and adds a sustained
 //!   signal in the spirit of Numenta's anomaly likelihood: a short average of the
@@ -14,19 +14,18 @@
 //! the anomaly level (hysteresis) and ends only after `cooldown` quiet samples. One
 //! page per incident, not one per sample.
 //!
-//! Per-metric state beyond the rolling window lives in one [`DetectorState`], with its
-//! own binary encoding for snapshots.
+//! Per-metric state beyond the rolling window lives in one [`DetectorState`], which a
+//! snapshot holds beside the window.
 
 pub mod robust;
+mod score;
 
 use tidewatch_proto::v1::DetectorConfig;
 
-use crate::{
-    error::{ApiError, ErrorKind},
-    snapshot::codec::{DecodeError, get_u8, get_u32, put_u8, put_u32},
-};
+use crate::error::{ApiError, ErrorKind};
 
 pub use robust::{RobustParams, RobustState};
+pub use score::{MAX_WINDOW, squash};
 
 /// Names accepted in `DetectorConfig.name` and `DETECTOR`.
 pub const DETECTOR_NAMES: [&str; 2] = ["zscore", "robust"];
@@ -34,7 +33,7 @@ pub const DETECTOR_NAMES: [&str; 2] = ["zscore", "robust"];
 /// A detector family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DetectorKind {
-    /// The seed z-score of DESIGN §3 (the default).
+    /// The seed z-score (`docs/architecture.md`, "Engine semantics"; the default).
     ZScore,
     /// Median/IQR baseline plus a sustained-surprise likelihood (recommended).
     Robust,
@@ -119,9 +118,6 @@ impl Default for DetectorDefaults {
 
 /// Default `ALERT_COOLDOWN`: quiet samples that end an episode.
 pub const DEFAULT_COOLDOWN: u32 = 60;
-
-/// Largest window a stream may ask for (bounded memory per metric).
-pub const MAX_WINDOW: usize = 4096;
 
 impl DetectorDefaults {
     /// The spec of a named detector with the server's settings.
@@ -215,19 +211,6 @@ impl DetectorDefaults {
     }
 }
 
-/// `|z| / (|z| + threshold)`: 0 for a perfectly ordinary value, 0.5 at the
-/// threshold, towards 1 far beyond it.
-#[inline]
-pub fn squash(ratio: f64) -> f64 {
-    if ratio.is_nan() || ratio <= 0.0 {
-        0.0
-    } else if ratio.is_infinite() {
-        1.0
-    } else {
-        ratio / (1.0 + ratio)
-    }
-}
-
 /// A score at or above this keeps an episode going (half the anomaly level: the
 /// hysteresis that stops a value hovering around the threshold from paging again
 /// and again).
@@ -276,60 +259,6 @@ pub struct DetectorState {
     pub episode: Episode,
     /// The robust detector's baseline and likelihood state.
     pub robust: Option<Box<RobustState>>,
-}
-
-/// Version byte of [`DetectorState::encode`].
-const ENCODING_VERSION: u8 = 1;
-
-impl DetectorState {
-    /// Appends the binary encoding (versioned, little-endian) to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        Self::encode_parts(self.episode, self.robust.as_deref(), out);
-    }
-
-    /// [`DetectorState::encode`] of an episode and a robust state kept apart.
-    pub(crate) fn encode_parts(episode: Episode, robust: Option<&RobustState>, out: &mut Vec<u8>) {
-        put_u8(out, ENCODING_VERSION);
-        let flags = u8::from(episode.active) | (u8::from(robust.is_some()) << 1);
-        put_u8(out, flags);
-        put_u32(out, episode.quiet);
-        if let Some(robust) = robust {
-            robust.encode(out);
-        }
-    }
-
-    /// Reads what [`DetectorState::encode`] wrote, advancing `buf`.
-    pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let version = get_u8(buf, "detector encoding version")?;
-        if version != ENCODING_VERSION {
-            return Err(invalid("detector encoding version", version));
-        }
-        let flags = get_u8(buf, "detector flags")?;
-        if flags & !0b11 != 0 {
-            return Err(invalid("detector flags", flags));
-        }
-        let quiet = get_u32(buf, "alert episode")?;
-        let robust = if flags & 0b10 != 0 {
-            Some(Box::new(RobustState::decode(buf)?))
-        } else {
-            None
-        };
-        Ok(Self {
-            episode: Episode {
-                active: flags & 1 != 0,
-                quiet,
-            },
-            robust,
-        })
-    }
-}
-
-/// A field of the detector encoding holding a value the detector cannot have written.
-pub(crate) fn invalid(field: &'static str, value: impl std::fmt::Display) -> DecodeError {
-    DecodeError::Invalid {
-        field,
-        reason: format!("unexpected value {value}"),
-    }
 }
 
 #[cfg(test)]
@@ -416,33 +345,73 @@ mod tests {
     }
 
     #[test]
-    fn state_round_trips_and_rejects_garbage() {
-        let mut state = DetectorState {
-            episode: Episode {
-                active: true,
-                quiet: 7,
-            },
-            robust: None,
-        };
+    fn robust_state_round_trips_through_its_message_and_rejects_garbage() {
+        use tidewatch_proto::v1::RobustSnapshot;
         let params = RobustParams::default();
         let mut robust = RobustState::new(params.window);
         for i in 0..300 {
             robust.observe(f64::from(i % 17), i64::from(i) * 600, &params, 4.0, 16);
         }
-        state.robust = Some(Box::new(robust));
-        let mut bytes = Vec::new();
-        state.encode(&mut bytes);
-        bytes.extend_from_slice(b"tail");
-        let mut buf = &bytes[..];
-        let back = DetectorState::decode(&mut buf).unwrap();
-        assert_eq!(back, state);
-        assert_eq!(buf, b"tail");
-        for cut in [0, 1, 5, bytes.len() - 10] {
-            assert!(
-                DetectorState::decode(&mut &bytes[..cut]).is_err(),
-                "cut {cut}"
-            );
+        let message = robust.to_snapshot();
+        assert_eq!(message.season.len(), 48);
+        let back = RobustState::from_snapshot(message.clone()).unwrap();
+        assert_eq!(back, robust);
+        let mut written = Vec::new();
+        robust.write_snapshot(&mut written);
+        assert_eq!(written.len(), robust.snapshot_len());
+        assert_eq!(written, prost::Message::encode_to_vec(&message));
+        for bad in [
+            RobustSnapshot {
+                capacity: 0,
+                ..message.clone()
+            },
+            RobustSnapshot {
+                capacity: 8,
+                ..message.clone()
+            },
+            RobustSnapshot {
+                capacity: MAX_WINDOW as u32 + 1,
+                ..message.clone()
+            },
+            RobustSnapshot {
+                season: message.season[..3].to_vec(),
+                ..message.clone()
+            },
+            RobustSnapshot {
+                values: vec![f64::NAN],
+                ..message.clone()
+            },
+        ] {
+            assert!(RobustState::from_snapshot(bad).is_err());
         }
-        assert!(DetectorState::decode(&mut &[9u8, 0, 0, 0, 0, 0][..]).is_err());
+    }
+
+    #[test]
+    fn robust_messages_without_the_envelope_start_it_at_the_short_average() {
+        use tidewatch_proto::v1::RobustSnapshot;
+        let params = RobustParams::default();
+        let mut robust = RobustState::new(params.window);
+        for i in 0..300 {
+            robust.observe(f64::from(i % 17), i64::from(i) * 600, &params, 4.0, 16);
+        }
+        let mut message = robust.to_snapshot();
+        assert!(message.short_term_high.is_some());
+        // Version-1 snapshots, and version-2 ones written before the envelope existed.
+        message.short_term_high = None;
+        let again = RobustState::from_snapshot(message.clone())
+            .unwrap()
+            .to_snapshot();
+        assert_eq!(again.short_term_high, message.short_term);
+        assert_eq!(
+            RobustSnapshot {
+                short_term_high: None,
+                ..again
+            },
+            message
+        );
+        // Memory counts visits up to 255.
+        message.season[5].count = 1000;
+        let again = RobustState::from_snapshot(message).unwrap().to_snapshot();
+        assert_eq!(again.season[5].count, 255);
     }
 }

@@ -1,16 +1,14 @@
 //! A device and its metrics as a snapshot holds them (the owned form: restore,
-//! eviction, `Analyze` from a snapshot, tests), and the snapshot encoding shared with
-//! the compact form the engine keeps in memory (`resident.rs`).
+//! eviction, `Analyze` from a snapshot, tests), their conversion to and from the
+//! generated snapshot message, and the message's bytes written from either this form
+//! or the compact form the engine keeps in memory (`resident.rs`).
 
 use tidewatch_proto::pbjson_types::Timestamp;
-use tidewatch_proto::v1::{AnalyzeResponse, MetricStats, Source};
+use tidewatch_proto::v1::{AnalyzeResponse, DeviceSnapshot, MetricSnapshot, MetricStats, Source};
 
 use super::detector::{DetectorState, Episode, RobustState};
+use super::persist::{self, StateError, finite};
 use super::window::{Ring, Window};
-use crate::snapshot::codec::{
-    DecodeError, begin_section, end_section, get_bool, get_f64, get_finite, get_i64, get_str,
-    get_u32, get_u64, put_f64, put_i64, put_str, put_u8, put_u32, put_u64, section,
-};
 
 /// State of one metric of one device, as a snapshot holds it (the engine keeps the
 /// compact form in `resident.rs`, and converts at restore, eviction and `Analyze` of a
@@ -47,49 +45,63 @@ impl MetricState {
         }
     }
 
-    /// Appends the metric to a snapshot as one length-prefixed section. A field added
-    /// later goes at the end of the section; older readers skip what they do not know.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        encode_metric(
-            out,
-            MetricFields {
-                name: &self.name,
-                last_value: self.last_value,
-                last_z: self.last_z,
-                last_anomaly: self.last_anomaly,
-                anomalies_total: self.anomalies_total,
-                ring: &self.window.ring,
-                values: &self.window.values,
-                episode: self.detector.episode,
-                robust: self.detector.robust.as_deref(),
-            },
-        );
+    /// The metric as a snapshot message.
+    pub fn to_snapshot(&self) -> MetricSnapshot {
+        MetricSnapshot {
+            name: String::from(&*self.name),
+            last_value: Some(self.last_value),
+            last_z_score: Some(self.last_z),
+            last_anomaly: self.last_anomaly,
+            anomalies_total: self.anomalies_total,
+            window: Some(self.window.to_snapshot()),
+            episode_active: self.detector.episode.active,
+            episode_quiet: self.detector.episode.quiet,
+            robust: self
+                .detector
+                .robust
+                .as_deref()
+                .map(RobustState::to_snapshot),
+        }
     }
 
-    /// Reads a metric section written by [`MetricState::encode`].
-    pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let mut section = section(buf, "metric")?;
-        let name = get_str(&mut section, "metric name")?;
-        if name.is_empty() {
-            return Err(DecodeError::Invalid {
-                field: "metric name",
-                reason: "empty".into(),
-            });
+    /// The metric a snapshot message holds.
+    pub fn from_snapshot(message: MetricSnapshot) -> Result<Self, StateError> {
+        if message.name.is_empty() {
+            return Err(StateError::empty("metric name"));
         }
         Ok(Self {
-            name: name.into(),
-            last_value: get_finite(&mut section, "last value")?,
-            last_z: get_f64(&mut section, "last z-score")?,
-            last_anomaly: get_bool(&mut section, "last anomaly")?,
-            anomalies_total: get_u64(&mut section, "anomalies total")?,
-            window: Window::decode(&mut section)?,
-            detector: if section.is_empty() {
-                DetectorState::default()
-            } else {
-                DetectorState::decode(&mut section)?
+            name: message.name.into(),
+            last_value: finite(message.last_value.unwrap_or_default(), "last value")?,
+            last_z: message.last_z_score.unwrap_or_default(),
+            last_anomaly: message.last_anomaly,
+            anomalies_total: message.anomalies_total,
+            window: Window::from_snapshot(message.window.unwrap_or_default())?,
+            detector: DetectorState {
+                episode: Episode {
+                    active: message.episode_active,
+                    quiet: message.episode_quiet,
+                },
+                robust: match message.robust {
+                    Some(robust) => Some(Box::new(RobustState::from_snapshot(robust)?)),
+                    None => None,
+                },
             },
-            // Whatever is left belongs to fields of a later version.
         })
+    }
+
+    /// The fields [`write_device`] writes.
+    fn fields(&self) -> MetricFields<'_> {
+        MetricFields {
+            name: &self.name,
+            last_value: self.last_value,
+            last_z: self.last_z,
+            last_anomaly: self.last_anomaly,
+            anomalies_total: self.anomalies_total,
+            ring: &self.window.ring,
+            values: &self.window.values,
+            episode: self.detector.episode,
+            robust: self.detector.robust.as_deref(),
+        }
     }
 
     /// The metric's statistics as `Analyze` reports them.
@@ -134,39 +146,46 @@ impl DeviceState {
         }
     }
 
-    /// Appends the device to a snapshot: a length-prefixed header section (id, `seq`,
-    /// `updated_at`), the metric count, then one section per metric.
+    /// Appends the device's `DeviceSnapshot` message: exactly the bytes prost
+    /// writes for [`DeviceState::to_snapshot`], without building it.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        encode_header(out, &self.id, self.last_seq, &self.updated_at);
-        put_u32(out, self.metrics.len() as u32);
-        for metric in &self.metrics {
-            metric.encode(out);
+        write_device(
+            out,
+            &self.id,
+            self.last_seq,
+            &self.updated_at,
+            self.metrics.iter().map(MetricState::fields),
+        );
+    }
+
+    /// The device as a snapshot message.
+    pub fn to_snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot {
+            device_id: String::from(&*self.id),
+            last_seq: self.last_seq,
+            updated_at_seconds: self.updated_at.seconds,
+            updated_at_nanos: self.updated_at.nanos,
+            metrics: self.metrics.iter().map(MetricState::to_snapshot).collect(),
         }
     }
 
-    /// Reads a device written by [`DeviceState::encode`]. The result is clean (not
-    /// dirty); the engine sets its clock when it takes it in.
-    pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let mut header = section(buf, "device header")?;
-        let id = get_str(&mut header, "device id")?;
-        if id.is_empty() {
-            return Err(DecodeError::Invalid {
-                field: "device id",
-                reason: "empty".into(),
-            });
+    /// The device a snapshot message holds, if the engine can have written it. The
+    /// result is clean (not dirty); the engine sets its clock when it takes it in.
+    pub fn from_snapshot(message: DeviceSnapshot) -> Result<Self, StateError> {
+        if message.device_id.is_empty() {
+            return Err(StateError::empty("device id"));
         }
-        let mut device = Self::new(id);
-        device.last_seq = get_u64(&mut header, "last seq")?;
-        device.updated_at.seconds = get_i64(&mut header, "updated_at seconds")?;
-        device.updated_at.nanos = get_u32(&mut header, "updated_at nanos")? as i32;
-        let count = get_u32(buf, "metric count")? as usize;
-        // Each metric takes at least its 4-byte length: a huge count in a short value
-        // is garbage, not a reason to allocate.
-        device.metrics.reserve(count.min(buf.len() / 4));
-        for _ in 0..count {
-            let metric = MetricState::decode(buf)?;
+        let mut device = Self::new(&message.device_id);
+        device.last_seq = message.last_seq;
+        device.updated_at = Timestamp {
+            seconds: message.updated_at_seconds,
+            nanos: message.updated_at_nanos,
+        };
+        device.metrics.reserve_exact(message.metrics.len());
+        for metric in message.metrics {
+            let metric = MetricState::from_snapshot(metric)?;
             if device.metric_index(&metric.name).is_some() {
-                return Err(DecodeError::Invalid {
+                return Err(StateError {
                     field: "metric name",
                     reason: format!("{:?} appears twice", metric.name),
                 });
@@ -183,17 +202,27 @@ impl DeviceState {
     }
 }
 
-/// The device header section of a snapshot: id, `seq`, `updated_at`.
-pub(crate) fn encode_header(out: &mut Vec<u8>, id: &str, last_seq: u64, updated_at: &Timestamp) {
-    let at = begin_section(out);
-    put_str(out, id);
-    put_u64(out, last_seq);
-    put_i64(out, updated_at.seconds);
-    put_u32(out, updated_at.nanos as u32);
-    end_section(out, at);
+/// Writes a `DeviceSnapshot` message (see `persist.rs`): id, `seq`, `updated_at`, then
+/// each metric.
+#[inline]
+pub(crate) fn write_device<'a>(
+    out: &mut Vec<u8>,
+    id: &str,
+    last_seq: u64,
+    updated_at: &Timestamp,
+    metrics: impl Iterator<Item = MetricFields<'a>>,
+) {
+    persist::string(out, 1, id);
+    persist::varint(out, 2, last_seq);
+    persist::varint(out, 3, updated_at.seconds as u64);
+    // An `int32` is sign-extended to 64 bits on the wire.
+    persist::varint(out, 4, i64::from(updated_at.nanos) as u64);
+    for metric in metrics {
+        write_metric(out, 5, metric);
+    }
 }
 
-/// What a metric's snapshot section holds, wherever the metric lives.
+/// What a metric's snapshot message holds, wherever the metric lives.
 pub(crate) struct MetricFields<'a> {
     pub(crate) name: &'a str,
     pub(crate) last_value: f64,
@@ -207,20 +236,44 @@ pub(crate) struct MetricFields<'a> {
     pub(crate) robust: Option<&'a RobustState>,
 }
 
-/// Appends a metric as one length-prefixed section. A field added later goes at the
-/// end of the section; older readers skip what they do not know.
-pub(crate) fn encode_metric(out: &mut Vec<u8>, m: MetricFields<'_>) {
-    let at = begin_section(out);
-    put_str(out, m.name);
-    put_f64(out, m.last_value);
-    put_f64(out, m.last_z);
-    put_u8(out, u8::from(m.last_anomaly));
-    put_u64(out, m.anomalies_total);
-    m.ring.encode(m.values, out);
-    // Episode and detector state; a section without it (written before detectors
-    // had state) decodes to a fresh detector over the restored window.
-    DetectorState::encode_parts(m.episode, m.robust, out);
-    end_section(out, at);
+/// Writes a metric as the `MetricSnapshot` field `tag`.
+#[inline]
+fn write_metric(out: &mut Vec<u8>, tag: u8, m: MetricFields<'_>) {
+    let window = m.ring.snapshot_len();
+    let robust = m.robust.map(RobustState::snapshot_len);
+    let len = persist::string_len(m.name)
+        + 2 * persist::DOUBLE_LEN
+        + persist::boolean_len(m.last_anomaly)
+        + persist::varint_len(m.anomalies_total)
+        + persist::message_len(window)
+        + persist::boolean_len(m.episode.active)
+        + persist::varint_len(u64::from(m.episode.quiet))
+        + robust.map_or(0, persist::message_len);
+    persist::message(out, tag, len);
+    persist::string(out, 1, m.name);
+    persist::double(out, 2, m.last_value);
+    persist::double(out, 3, m.last_z);
+    persist::boolean(out, 4, m.last_anomaly);
+    persist::varint(out, 5, m.anomalies_total);
+    persist::message(out, 6, window);
+    m.ring.write_snapshot(m.values, out);
+    persist::boolean(out, 7, m.episode.active);
+    persist::varint(out, 8, u64::from(m.episode.quiet));
+    if let (Some(state), Some(len)) = (m.robust, robust) {
+        persist::message(out, 9, len);
+        state.write_snapshot(out);
+    }
+}
+
+/// The `AnalyzeResponse` of a device state.
+pub fn analyze_response(device: &DeviceState, source: Source) -> AnalyzeResponse {
+    analyze_response_of(
+        &device.id,
+        device.metrics.iter().map(MetricState::stats).collect(),
+        device.updated_at,
+        device.last_seq,
+        source,
+    )
 }
 
 /// The `AnalyzeResponse` of a device, whichever form it is in: its metrics' statistics

@@ -6,22 +6,19 @@
 //! names in the shard's [`Names`] (one copy per distinct name, 4 bytes per metric),
 //! short device ids inline, and the first two metrics inline in the device. The
 //! owned [`DeviceState`] is what snapshots hold; a device converts to and from it at
-//! restore and eviction, and encodes to exactly its bytes.
+//! restore and eviction, and writes exactly its snapshot bytes.
 
 use smallvec::SmallVec;
 use tidewatch_proto::pbjson_types::Timestamp;
 use tidewatch_proto::v1::{AnalyzeResponse, MetricStats, Source};
 
-use super::MetricOutcome;
 use super::detector::{DetectorKind, DetectorSpec, DetectorState, Episode, RobustState, squash};
-use super::device::{
-    DeviceState, MetricFields, MetricState, analyze_response_of, encode_header, encode_metric,
-};
+use super::device::{DeviceState, MetricFields, MetricState, analyze_response_of, write_device};
+use super::io::MetricOutcome;
 use super::names::Names;
 use super::pool::ValuePool;
 use super::prefetch::prefetch;
 use super::window::{Ring, Slots, Window};
-use crate::snapshot::codec::put_u32;
 
 /// Longest device id kept inline.
 const INLINE_ID: usize = 22;
@@ -176,8 +173,9 @@ impl Metric {
 
     /// Judges `x` (seen at `time`, unix seconds) with `spec`'s detector against the
     /// state as it is, then pushes `x`.
-    /// For `zscore` this is exactly DESIGN §3; every detector also keeps the rolling
-    /// window behind `mean`, `stddev` and `z_score`.
+    /// For `zscore` this is exactly the seed rule (`docs/architecture.md`, "Engine
+    /// semantics"); every detector also keeps the rolling window behind `mean`,
+    /// `stddev` and `z_score`.
     #[inline]
     pub(crate) fn observe(
         &mut self,
@@ -189,8 +187,9 @@ impl Metric {
         let n = self.ring.len();
         let mean = self.ring.mean();
         let stddev = self.ring.stddev();
-        // Warm-up as DESIGN §3 (a robust stream may ask for a warm-up longer than the
-        // rolling window; the z-score it reports then starts once the window is full).
+        // Warm-up as `docs/architecture.md` ("Engine semantics") says (a robust stream
+        // may ask for a warm-up longer than the rolling window; the z-score it reports
+        // then starts once the window is full).
         let z = if n < spec.min_samples.min(spec.window_size.max(1)) {
             0.0
         } else if stddev == 0.0 {
@@ -463,15 +462,16 @@ impl Device {
         }
     }
 
-    /// Appends the device to a snapshot: exactly the bytes of
+    /// Appends the device's snapshot message: exactly the bytes of
     /// `self.to_state(..).encode(out)`, without building the copy.
     pub(crate) fn encode(&self, pool: &ValuePool, names: &Names, out: &mut Vec<u8>) {
-        encode_header(out, self.id.as_str(), self.last_seq, &self.updated_at());
-        put_u32(out, self.metrics.len() as u32);
-        for m in &self.metrics {
-            let values = m.values(pool);
-            encode_metric(
-                out,
+        write_device(
+            out,
+            self.id.as_str(),
+            self.last_seq,
+            &self.updated_at(),
+            self.metrics.iter().map(|m| {
+                let values = m.values(pool);
                 MetricFields {
                     name: names.get(m.name),
                     last_value: m.ring.newest(values),
@@ -482,9 +482,9 @@ impl Device {
                     values,
                     episode: m.episode(),
                     robust: m.robust.as_deref(),
-                },
-            );
-        }
+                }
+            }),
+        );
     }
 
     /// The device's statistics as `Analyze` reports them.

@@ -19,7 +19,9 @@
 //! 1e-12 of the window's largest magnitude when that is larger (the rounding of the
 //! values themselves); see the property tests.
 
-use crate::snapshot::codec::{DecodeError, get_finite, get_u32, put_f64, put_u32, take};
+use tidewatch_proto::v1::WindowSnapshot;
+
+use super::persist::{self, StateError, finite};
 
 /// Re-centre when the mean is this many standard deviations away from the shift:
 /// beyond it, `s2/n - (s1/n)²` would cancel away more than ~1e-9 of the variance.
@@ -55,6 +57,12 @@ fn exponent(v: f64) -> i32 {
     } else {
         e - 1023
     }
+}
+
+/// The protobuf `sint32` encoding of `v`.
+fn zigzag(v: i16) -> u64 {
+    let v = i32::from(v);
+    u64::from(((v << 1) ^ (v >> 31)) as u32)
 }
 
 /// Windows of at most this many values (512 bytes) are allocated whole at their first
@@ -328,64 +336,80 @@ impl Ring {
         self.s2 = s2;
     }
 
-    /// Appends the window (with its values `slots`) to a snapshot: the ring exactly as
-    /// it is in memory (storage order, head, shift, sums), so that a restored window
-    /// rounds exactly as this one would have and verdicts after a restore equal those
-    /// of an uninterrupted run.
-    pub(crate) fn encode(&self, slots: &[f64], out: &mut Vec<u8>) {
-        put_u32(out, u32::from(self.len));
-        put_u32(out, u32::from(self.head));
-        // The scale shares the field with the evictions count: its high 16 bits, so
-        // that a window written before scales existed reads as scale 0.
-        put_u32(
-            out,
-            u32::from(self.since_exact) | u32::from(self.scale as u16) << 16,
-        );
-        put_f64(out, self.k);
-        put_f64(out, self.s1);
-        put_f64(out, self.s2);
-        // One resize and a copy loop the compiler turns into wide moves, instead of
-        // a capacity check per value.
-        let at = out.len();
-        out.resize(at + self.len() * 8, 0);
-        for (slot, v) in out[at..].chunks_exact_mut(8).zip(&slots[..self.len()]) {
-            slot.copy_from_slice(&v.to_bits().to_le_bytes());
+    /// Length of the `WindowSnapshot` body [`Ring::write_snapshot`] writes.
+    #[inline]
+    pub(crate) fn snapshot_len(&self) -> usize {
+        persist::doubles_len(self.len())
+            + persist::varint_len(u64::from(self.head))
+            + persist::varint_len(u64::from(self.since_exact))
+            + 3 * persist::DOUBLE_LEN
+            + persist::varint_len(zigzag(self.scale))
+    }
+
+    /// Writes the window (with its values `slots`) as a `WindowSnapshot` body: the
+    /// ring exactly as it is in memory (storage order, head, shift, sums), so that a
+    /// restored window rounds exactly as this one would have and verdicts after a
+    /// restore equal those of an uninterrupted run.
+    #[inline]
+    pub(crate) fn write_snapshot(&self, slots: &[f64], out: &mut Vec<u8>) {
+        persist::doubles(out, 1, &slots[..self.len()]);
+        persist::varint(out, 2, u64::from(self.head));
+        persist::varint(out, 3, u64::from(self.since_exact));
+        persist::double(out, 4, self.k);
+        persist::double(out, 5, self.s1);
+        persist::double(out, 6, self.s2);
+        persist::varint(out, 7, zigzag(self.scale));
+    }
+
+    /// The message [`Ring::write_snapshot`] writes.
+    pub(crate) fn snapshot(&self, slots: &[f64]) -> WindowSnapshot {
+        WindowSnapshot {
+            values: slots[..self.len()].to_vec(),
+            head: u32::from(self.head),
+            since_exact: u32::from(self.since_exact),
+            shift: Some(self.k),
+            sum: Some(self.s1),
+            sum_of_squares: Some(self.s2),
+            scale: self.scale.into(),
         }
     }
 
-    /// Reads a window written by [`Ring::encode`]: the ring and its values (exactly
-    /// as many slots as values).
-    fn decode(buf: &mut &[u8]) -> Result<(Self, Vec<f64>), DecodeError> {
-        let len = get_u32(buf, "window length")? as usize;
-        let head = get_u32(buf, "window head")? as usize;
-        let packed = get_u32(buf, "window since_exact")?;
-        let since_exact = (packed & 0xffff) as usize;
-        let scale = (packed >> 16) as u16 as i16;
-        let k = get_finite(buf, "window shift")?;
-        let s1 = get_finite(buf, "window sum")?;
-        let s2 = get_finite(buf, "window sum of squares")?;
+    /// The ring and its values (exactly as many slots as values) of a window message.
+    fn from_snapshot(window: WindowSnapshot) -> Result<(Self, Vec<f64>), StateError> {
+        let WindowSnapshot {
+            values,
+            head,
+            since_exact,
+            shift,
+            sum,
+            sum_of_squares,
+            scale,
+        } = window;
+        let k = finite(shift.unwrap_or_default(), "window shift")?;
+        let s1 = finite(sum.unwrap_or_default(), "window sum")?;
+        let s2 = finite(sum_of_squares.unwrap_or_default(), "window sum of squares")?;
+        let len = values.len();
         if len > MAX_WINDOW_SIZE {
-            return Err(DecodeError::Invalid {
+            return Err(StateError {
                 field: "window length",
                 reason: format!("{len} is above the largest window, {MAX_WINDOW_SIZE}"),
             });
         }
+        let head = head as usize;
         if head >= len.max(1) {
-            return Err(DecodeError::Invalid {
+            return Err(StateError {
                 field: "window head",
                 reason: format!("{head} is outside a window of {len} values"),
             });
         }
-        if !(-MAX_SCALE..=MAX_SCALE).contains(&scale) {
-            return Err(DecodeError::Invalid {
+        if !(-i32::from(MAX_SCALE)..=i32::from(MAX_SCALE)).contains(&scale) {
+            return Err(StateError {
                 field: "window scale",
                 reason: format!("2^{scale} is outside 2^±{MAX_SCALE}"),
             });
         }
-        let bytes = take(buf, len * 8, "window values")?;
-        let mut values = Vec::with_capacity(len);
-        for mut chunk in bytes.chunks_exact(8) {
-            values.push(get_finite(&mut chunk, "window value")?);
+        for &v in &values {
+            finite(v, "window value")?;
         }
         let ring = Self {
             k,
@@ -395,9 +419,9 @@ impl Ring {
             head: head as u16,
             // A count at or above the length means "recompute at the next eviction",
             // which one below the length says as well (and cannot overflow).
-            since_exact: since_exact.min(len.saturating_sub(1)) as u16,
+            since_exact: (since_exact as usize).min(len.saturating_sub(1)) as u16,
             slots: len as u16,
-            scale,
+            scale: scale as i16,
         };
         Ok((ring, values))
     }
@@ -494,14 +518,14 @@ impl Window {
         self.ring.push(x, capacity, &mut self.values);
     }
 
-    /// Appends the window to a snapshot (see [`Ring::encode`]).
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        self.ring.encode(&self.values, out);
+    /// The window as a snapshot message (see [`Ring::write_snapshot`]).
+    pub fn to_snapshot(&self) -> WindowSnapshot {
+        self.ring.snapshot(&self.values)
     }
 
-    /// Reads a window written by [`Window::encode`].
-    pub fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let (ring, values) = Ring::decode(buf)?;
+    /// The window a snapshot message holds.
+    pub fn from_snapshot(window: WindowSnapshot) -> Result<Self, StateError> {
+        let (ring, values) = Ring::from_snapshot(window)?;
         Ok(Self { ring, values })
     }
 }
@@ -587,13 +611,18 @@ mod tests {
                 w.stddev(),
                 stddev
             );
+            // The flusher's hand-written encoding is the message, and restores.
             let mut out = Vec::new();
-            w.encode(&mut out);
-            let back = Window::decode(&mut out.as_slice());
+            w.ring.write_snapshot(&w.values, &mut out);
+            prop_assert_eq!(out.len(), w.ring.snapshot_len());
+            let message = <WindowSnapshot as prost::Message>::decode(out.as_slice());
+            prop_assert_eq!(message.as_ref().ok(), Some(&w.to_snapshot()));
+            let back = Window::from_snapshot(message.unwrap());
             prop_assert!(
                 back.is_ok(),
                 "the decoder refused what the encoder wrote: {back:?}"
             );
+            prop_assert!(back.unwrap() == w);
         }
         Ok(())
     }

@@ -61,6 +61,8 @@ pub struct FileScore {
     pub false_rows: usize,
     /// Rows after probation.
     pub scored_rows: usize,
+    /// Rows after probation outside every window (the normal rows).
+    pub normal_rows: usize,
 }
 
 /// Scores one file: `windows` are inclusive row ranges, sorted and disjoint;
@@ -68,8 +70,14 @@ pub struct FileScore {
 pub fn score_file(detections: &[bool], windows: &[(usize, usize)], profile: &Profile) -> FileScore {
     let n = detections.len();
     let start = probation(n);
+    let in_windows: usize = windows
+        .iter()
+        .filter(|&&(_, e)| e >= start && e < n)
+        .map(|&(s, e)| e - s.max(start) + 1)
+        .sum();
     let mut out = FileScore {
         scored_rows: n.saturating_sub(start),
+        normal_rows: n.saturating_sub(start).saturating_sub(in_windows),
         ..FileScore::default()
     };
     let mut best: Vec<Option<f64>> = vec![None; windows.len()];

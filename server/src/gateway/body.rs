@@ -184,7 +184,13 @@ fn is_wrapper(map: &Map<String, Value>) -> bool {
 /// One sample, canonical (it has `metrics`) or flat.
 fn sample(value: Value) -> Result<Sample, String> {
     match value {
-        Value::Object(map) if map.contains_key("metrics") => {
+        Value::Object(mut map) if map.contains_key("metrics") => {
+            // proto3 JSON: null is a field's default value (pbjson refuses it for some
+            // types); `seq` by the same rules as a flat sample's (pbjson takes no `7.0`).
+            map.retain(|_, value| !value.is_null());
+            if let Some(value) = map.get_mut("seq") {
+                *value = Value::String(seq(value.take())?.to_string());
+            }
             Sample::deserialize(Value::Object(map)).map_err(|e| e.to_string())
         }
         Value::Object(map) => flat(map),
@@ -199,6 +205,7 @@ fn sample(value: Value) -> Result<Sample, String> {
 /// every other field a numeric metric.
 fn flat(map: Map<String, Value>) -> Result<Sample, String> {
     let mut sample = Sample::default();
+    let mut seen_id = false;
     for (key, value) in map {
         match key.as_str() {
             "timestamp" | "time" => {
@@ -208,7 +215,15 @@ fn flat(map: Map<String, Value>) -> Result<Sample, String> {
                 sample.time = Some(timestamp(&key, value)?);
             }
             "device_id" | "deviceId" => match value {
-                Value::String(id) => sample.device_id = id,
+                // Both spellings at once are a conflict, as they are for a canonical
+                // sample (proto3 JSON calls it a duplicate field), not last-one-wins.
+                Value::String(_) if seen_id => {
+                    return Err("both \"device_id\" and \"deviceId\" given".into());
+                }
+                Value::String(id) => {
+                    seen_id = true;
+                    sample.device_id = id;
+                }
                 other => {
                     return Err(format!(
                         "field {key:?} must be a string, got {}",
@@ -263,10 +278,17 @@ fn timestamp(key: &str, value: Value) -> Result<Timestamp, String> {
 }
 
 /// `seq` as a non-negative integer, a number or a decimal string (proto3 JSON writes
-/// uint64 as a string).
+/// uint64 as a string). A number written with a zero fraction or an exponent (`7.0`,
+/// `7e2`) is an integer too, as JSON Schema and proto3 JSON parsers take it.
 fn seq(value: Value) -> Result<u64, String> {
+    // 2^64: every integral double below it converts to u64 exactly.
+    const END: f64 = 18_446_744_073_709_551_616.0;
     let parsed = match &value {
-        Value::Number(n) => n.as_u64(),
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < END)
+                .map(|f| f as u64)
+        }),
         Value::String(s) => s.parse().ok(),
         _ => None,
     };
@@ -346,6 +368,34 @@ mod tests {
         // snake_case field names are proto3 JSON too.
         let s = json(r#"{"device_id":"b","metrics":{"x":1},"seq":3}"#).unwrap();
         assert_eq!((s[0].device_id.as_str(), s[0].seq), ("b", 3));
+    }
+
+    #[test]
+    fn integral_float_seq_is_an_integer() {
+        let s = json(r#"[{"seq": 7.0, "cpu": 1}, {"seq": 8.0, "metrics": {"cpu": 1}}]"#).unwrap();
+        assert_eq!((s[0].seq, s[1].seq), (7, 8));
+        let s = json(r#"{"seq": null, "time": null, "deviceId": null, "metrics": {"cpu": 1}}"#);
+        assert_eq!(s.unwrap()[0].seq, 0, "proto3 JSON: null is the default");
+        for bad in [
+            r#"{"seq": 7.5, "cpu": 1}"#,
+            r#"{"seq": 1e300, "metrics": {}}"#,
+        ] {
+            assert!(
+                matches!(json(bad), Err(BodyError::WrongShape { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_device_id_spellings_are_refused() {
+        let e = json(r#"{"device_id": "a", "deviceId": "b", "cpu": 1}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sample 0: both \"device_id\" and \"deviceId\" given"
+        );
+        let e = json(r#"{"device_id": "a", "deviceId": "b", "metrics": {}}"#).unwrap_err();
+        assert!(matches!(e, BodyError::WrongShape { .. }), "{e}");
     }
 
     #[test]

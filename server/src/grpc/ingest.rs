@@ -3,8 +3,8 @@
 //! [`StreamCore`] is what every `Ingest` stream has whatever carries its messages: the
 //! stream limit, the detector, the idle and lifetime timers, the shutdown drain and
 //! the asynchronous path of a request that must wait (a restore, a large batch).
-//! [`super::ingest_body`] serves the method with it as an HTTP body of its own (what
-//! the server mounts); [`IngestStream`] maps a tonic request stream through it (the
+//! [`super::fast`] serves the method with it as an HTTP body of its own (what the
+//! server mounts); [`IngestStream`] maps a tonic request stream through it (the
 //! generated server's `Ingest`, for hosts that mount that instead).
 //!
 //! Either way the response stream *is* the request stream mapped through the engine:
@@ -27,7 +27,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Code, Request, Status};
 
-use super::wire::{WireRequest, WireSink};
+use super::fast::{IngestCore, WireRequest, WireSink};
 
 use crate::{
     config::nonzero,
@@ -225,20 +225,8 @@ impl StreamCore {
     }
 }
 
-/// The status of a message over `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` naming the
-/// setting, as the issue asks, with tonic's text.
-pub(crate) fn too_large(len: usize, limit: usize) -> Status {
-    ApiError::new(
-        ErrorKind::TooLarge,
-        format!(
-            "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes (MAX_MESSAGE_BYTES)"
-        ),
-    )
-    .into()
-}
-
 /// Maps a receive error of tonic's decoder to the status the client sees: a message
-/// over the size limit is [`too_large`].
+/// over the size limit is [`super::fast::too_large`].
 fn receive_error(status: Status) -> Status {
     if status.code() == Code::OutOfRange && status.message().contains("too large") {
         return ApiError::new(
@@ -330,5 +318,28 @@ where
                 Poll::Pending => Poll::Pending,
             },
         }
+    }
+}
+
+impl IngestCore for StreamCore {
+    fn judge(
+        &mut self,
+        request: &WireRequest,
+        received: Instant,
+        sink: &mut WireSink,
+    ) -> Result<Option<Instant>, Status> {
+        StreamCore::judge(self, request, received, sink)
+    }
+
+    fn has_pending(&self) -> bool {
+        StreamCore::has_pending(self)
+    }
+
+    fn poll_pending(&mut self, cx: &mut Context<'_>, sink: &mut WireSink) -> Poll<()> {
+        StreamCore::poll_pending(self, cx, sink)
+    }
+
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<Status> {
+        StreamCore::poll_quiet(self, cx)
     }
 }

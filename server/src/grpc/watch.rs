@@ -3,6 +3,10 @@
 //! The feed is a `tokio::sync::broadcast` channel: ingestion sends into a ring of
 //! `WATCH_BUFFER` events and never waits for a watcher. A watcher that falls behind
 //! loses the oldest events; its next event carries how many it missed.
+//!
+//! Watchers are bounded the same way over gRPC and HTTP (`GET /anomalies`, see
+//! `gateway/sse.rs`): at most `MAX_WATCHERS` open at once, refused as overloaded past
+//! it, and at most `MAX_WATCH_FILTER` device ids plus metrics in one filter.
 
 use std::sync::Arc;
 
@@ -14,10 +18,39 @@ use super::BoxStream;
 use crate::{
     error::{ApiError, ErrorKind},
     service::{AnomalyEvent, AppState},
+    telemetry::ActiveGauge,
 };
 
+/// Admits one more watcher whose filter has `filter_len` device ids plus metrics, or
+/// refuses it: `InvalidArgument` past `MAX_WATCH_FILTER`, `Overloaded` when
+/// `MAX_WATCHERS` are open. The gauge counts the watcher while it lives.
+pub(crate) fn admit(state: &AppState, filter_len: usize) -> Result<ActiveGauge, ApiError> {
+    let max_filter = state.config.max_watch_filter;
+    if filter_len > max_filter {
+        return Err(ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "filter has {filter_len} device ids and metrics, more than {max_filter} \
+                 (MAX_WATCH_FILTER)"
+            ),
+        ));
+    }
+    state
+        .metrics
+        .try_open_watcher(state.config.max_watchers)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "{} anomaly watchers are open (MAX_WATCHERS); retry later",
+                    state.config.max_watchers
+                ),
+            )
+        })
+}
+
 /// Whether `event` passes the watcher's filters.
-fn wanted(filter: &WatchAnomaliesRequest, event: &AnomalyEvent) -> bool {
+pub(crate) fn wanted(filter: &WatchAnomaliesRequest, event: &AnomalyEvent) -> bool {
     let verdict = &event.verdict;
     (filter.device_ids.is_empty() || filter.device_ids.contains(&verdict.device_id))
         && (filter.metrics.is_empty()
@@ -27,15 +60,15 @@ fn wanted(filter: &WatchAnomaliesRequest, event: &AnomalyEvent) -> bool {
                 .any(|m| m.anomaly && filter.metrics.contains(&m.metric)))
 }
 
-/// The stream of one watcher; ends with `UNAVAILABLE` at shutdown.
+/// The stream of one watcher, once [`admit`]ted; ends with `UNAVAILABLE` at shutdown.
 pub(crate) fn watch(
     state: &Arc<AppState>,
     filter: WatchAnomaliesRequest,
-) -> BoxStream<WatchAnomaliesResponse> {
+) -> Result<BoxStream<WatchAnomaliesResponse>, ApiError> {
+    let gauge = admit(state, filter.device_ids.len() + filter.metrics.len())?;
     let mut receiver = state.anomalies.subscribe();
-    let gauge = state.metrics.open_watcher();
     let state = Arc::clone(state);
-    Box::pin(async_stream::stream! {
+    Ok(Box::pin(async_stream::stream! {
         let _gauge = gauge;
         let mut missed = 0u64;
         loop {
@@ -66,7 +99,7 @@ pub(crate) fn watch(
                 },
             }
         }
-    })
+    }))
 }
 
 #[cfg(test)]

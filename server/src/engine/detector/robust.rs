@@ -5,24 +5,31 @@
 //! 1. **Instantaneous**: `s = |x − median| / scale` over the last `window` values,
 //!    where `scale` is IQR/1.349 (the normal-equivalent standard deviation, blind to
 //!    the outliers themselves), floored by a slow mean absolute deviation so that
-//!    quantized or mostly-flat metrics do not divide by zero. Spikes, dips and fresh
-//!    level shifts show up here at once.
+//!    quantized or mostly-flat metrics do not divide by zero. It counts only when `x`
+//!    also leaves the metric's recent range. Spikes, dips and fresh level shifts show
+//!    up here at once.
 //! 2. **Sustained** (after Numenta's anomaly likelihood, Ahmad & Purdy 2016): the
-//!    surprise `ln(1 + s)` is averaged over a short span, and that average is compared
-//!    with its own long-run mean and deviation (exponentially weighted). A metric that is
-//!    always jittery has a high long-run surprise and stops paging; a quiet one pages
-//!    on a modest but lasting change (variance bursts, slow drifts).
+//!    surprise `ln(1 + s)` (against the daily profile once a bucket is trusted) is
+//!    averaged over a short span, and that average is compared with its own long-run
+//!    mean and deviation (exponentially weighted). A metric that is always jittery has
+//!    a high long-run surprise and stops paging; a quiet one pages on a modest but
+//!    lasting change (variance bursts, slow drifts). It is an anomaly only while the
+//!    short average stands above everything it reached recently (a decaying envelope,
+//!    as for the values): a metric whose bursts come back again and again pages for
+//!    the first, not for each.
 //!
 //! `anomaly` is `s > threshold` or `likelihood z > sustained_threshold`; `score` is the
 //! larger of the two squashed ratios, so 0.5 sits exactly at the anomaly level.
 //!
-//! Memory per metric: two arrays of `window` f64 (the ring and its sorted copy), a
-//! daily profile of 48 buckets (20 bytes each), and a dozen numbers. Cost per value: two binary searches and two short memmoves.
+//! Memory per metric at the default window of 128: the ring of values (8 bytes each),
+//! their order (2-byte positions), a daily profile of 48 buckets (9 bytes each) and a
+//! dozen numbers: about 1.85 KB. Cost per value: two binary searches and one memmove
+//! of at most `2 × window` bytes.
 
-use super::{invalid, squash};
-use crate::snapshot::codec::{
-    DecodeError, get_f64, get_finite, get_u32, get_u64, put_f64, put_u32, put_u64,
-};
+use tidewatch_proto::v1::{RobustSnapshot, SeasonBucket};
+
+use super::score::{MAX_WINDOW, squash};
+use crate::engine::persist::{self, StateError, finite};
 
 /// Default `ROBUST_THRESHOLD` (instantaneous robust z).
 pub const DEFAULT_THRESHOLD: f64 = 3.0;
@@ -40,7 +47,7 @@ pub struct RobustParams {
     /// Span (in samples) of the short average of surprise (`ROBUST_SHORT_SPAN`).
     pub short_span: u32,
     /// Span (in samples) of the long-run distribution of that average, and of the
-    /// decay of the recent-range envelope (`ROBUST_LONG_SPAN`).
+    /// decay of the recent-range envelopes (`ROBUST_LONG_SPAN`).
     pub long_span: u32,
     /// How far beyond the recent range, as a fraction of that range, a value must go
     /// to be an instantaneous surprise (`ROBUST_TOLERANCE`).
@@ -63,20 +70,47 @@ impl Default for RobustParams {
 const BUCKETS: usize = 48;
 /// Seconds per bucket.
 const BUCKET_SECS: i64 = 86_400 / BUCKETS as i64;
-/// Days a bucket needs before its profile is trusted.
-const SEASON_WARM: u32 = 3;
+/// Visits a bucket needs before it is trusted. With samples every few minutes a
+/// bucket is visited several times a day, so on the first day a trusted bucket is a
+/// short local baseline (the last half hour's typical offset), and it becomes a
+/// time-of-day profile as the days repeat.
+const SEASON_WARM: u8 = 3;
 /// Slowest learning rate of a bucket: roughly the last 32 visits count.
 const SEASON_SPAN: f64 = 16.0;
+/// Values the long-run statistics of the sustained signal need before it can page
+/// (after `min_samples`): with the defaults, the sustained signal is live from the
+/// 97th value of a series.
+const LIKELIHOOD_WARM: u64 = 64;
+/// Largest z that feeds the sustained signal (its surprise is at most ln 1001 ≈ 6.9).
+const MAX_SURPRISE_Z: f64 = 1000.0;
 
-/// One time-of-day bucket of the daily profile.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Bucket {
-    /// Typical value at this time of day.
-    mean: f64,
+/// The daily profile: per time-of-day bucket, the typical offset from the rolling
+/// median and its typical absolute deviation, in single precision (offsets and
+/// deviations need no more than 7 digits), and the bucket's visits.
+#[derive(Debug, Clone, PartialEq)]
+struct Season {
+    /// Typical offset from the rolling median at this time of day.
+    mean: [f32; BUCKETS],
     /// Typical absolute deviation from it (normal-equivalent).
-    dev: f64,
-    /// Visits (saturating), for warm-up and the early running mean.
-    count: u32,
+    dev: [f32; BUCKETS],
+    /// Visits (saturating), for trust and the early running mean.
+    visits: [u8; BUCKETS],
+}
+
+impl Default for Season {
+    fn default() -> Self {
+        Self {
+            mean: [0.0; BUCKETS],
+            dev: [0.0; BUCKETS],
+            visits: [0; BUCKETS],
+        }
+    }
+}
+
+/// `v` in single precision, saturating at the largest finite f32 (a value beyond it
+/// must not turn a bucket into infinity and then NaN).
+fn single(v: f64) -> f32 {
+    v.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32
 }
 
 /// Smallest long-run deviation of the averaged surprise: keeps a perfectly regular
@@ -86,7 +120,8 @@ const MIN_LIKELIHOOD_SD: f64 = 0.05;
 /// What the robust detector says about one value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RobustJudgement {
-    /// Instantaneous robust z (`|x − median| / scale`; 0 during warm-up).
+    /// Instantaneous robust z (`|x − median| / scale`; 0 during warm-up and inside
+    /// the recent range).
     pub robust_z: f64,
     /// Likelihood z of the short-term surprise (0 until the long run is warm).
     pub likelihood_z: f64,
@@ -101,16 +136,20 @@ pub struct RobustJudgement {
 pub struct RobustState {
     /// The last values in arrival order (a ring once full).
     ring: Vec<f64>,
+    /// Positions in `ring`, ordered by value: median and quartiles are lookups, and
+    /// keeping the order moves 2-byte positions instead of 8-byte values.
+    order: Vec<u16>,
     /// Index of the oldest value in `ring` once it is full.
     head: usize,
-    /// The same values, sorted: median and quartiles are lookups.
-    sorted: Vec<f64>,
-    /// Window capacity the ring was built for.
+    /// Window capacity the ring was built for (at most `MAX_WINDOW`, so a position
+    /// fits in u16).
     capacity: usize,
     /// Slow mean absolute deviation from the median (scale floor).
     mad: f64,
     /// Short exponentially weighted average of `ln(1 + s)`.
     short: f64,
+    /// Envelope of `short`: its highest recent value, decaying towards `lt_mean`.
+    short_hi: f64,
     /// Long-run mean of `short`.
     lt_mean: f64,
     /// Long-run variance of `short`.
@@ -121,8 +160,8 @@ pub struct RobustState {
     hi: f64,
     /// Lower envelope: the lowest value seen, decaying slowly towards the median.
     lo: f64,
-    /// Daily profile (time-of-day buckets); empty until the first judged value.
-    season: Vec<Bucket>,
+    /// Daily profile; absent until the first judged value.
+    season: Option<Box<Season>>,
 }
 
 impl PartialEq for RobustState {
@@ -133,6 +172,7 @@ impl PartialEq for RobustState {
             && self.values().eq(other.values())
             && self.mad == other.mad
             && self.short == other.short
+            && self.short_hi == other.short_hi
             && self.lt_mean == other.lt_mean
             && self.lt_var == other.lt_var
             && self.lt_count == other.lt_count
@@ -147,17 +187,18 @@ impl RobustState {
     pub fn new(capacity: usize) -> Self {
         Self {
             ring: Vec::new(),
+            order: Vec::new(),
             head: 0,
-            sorted: Vec::new(),
-            capacity: capacity.max(1),
+            capacity: capacity.clamp(1, super::MAX_WINDOW),
             mad: 0.0,
             short: 0.0,
+            short_hi: 0.0,
             lt_mean: 0.0,
             lt_var: 0.0,
             lt_count: 0,
             hi: f64::NEG_INFINITY,
             lo: f64::INFINITY,
-            season: Vec::new(),
+            season: None,
         }
     }
 
@@ -171,13 +212,27 @@ impl RobustState {
         self.ring.is_empty()
     }
 
+    /// Bytes this state holds on the heap beside itself (its allocations as sized).
+    pub fn heap_bytes(&self) -> usize {
+        self.ring.capacity() * size_of::<f64>()
+            + self.order.capacity() * size_of::<u16>()
+            + self.season.as_ref().map_or(0, |_| size_of::<Season>())
+    }
+
+    /// The `k`-th smallest value of the window.
+    #[inline]
+    fn ranked(&self, k: usize) -> f64 {
+        self.ring[usize::from(self.order[k])]
+    }
+
     fn quantile(&self, q: f64) -> f64 {
-        let n = self.sorted.len();
+        let n = self.order.len();
         let pos = q * (n - 1) as f64;
         let lo = pos.floor() as usize;
         let hi = (lo + 1).min(n - 1);
         let frac = pos - lo as f64;
-        self.sorted[lo] + (self.sorted[hi] - self.sorted[lo]) * frac
+        let low = self.ranked(lo);
+        low + (self.ranked(hi) - low) * frac
     }
 
     /// Judges `x`, seen at `time` (unix seconds), then adds it to the baseline.
@@ -190,8 +245,9 @@ impl RobustState {
         threshold: f64,
         min_samples: usize,
     ) -> RobustJudgement {
-        if params.window.max(1) != self.capacity {
-            self.resize(params.window.max(1));
+        let window = params.window.clamp(1, super::MAX_WINDOW);
+        if window != self.capacity {
+            self.resize(window);
         }
         let n = self.ring.len();
         let mut robust_z = 0.0;
@@ -223,25 +279,33 @@ impl RobustState {
             let clipped = deviation.min(4.0 * scale * 1.2533);
             let alpha = 1.0 / self.capacity as f64;
             self.mad += (clipped * 1.2533 - self.mad) * alpha;
-        }
-        if !warm {
+        } else {
             self.hi = self.hi.max(x);
             self.lo = self.lo.min(x);
         }
-        let seasonal_z = if warm {
-            self.seasonal(x - median, time)
-        } else {
-            None
-        };
-        let surprise = seasonal_z.unwrap_or(raw_z).ln_1p();
         let mut likelihood_z = 0.0;
+        let mut sustained_news = false;
         if warm {
+            let z = self.seasonal(x - median, time).unwrap_or(raw_z);
+            // Capped: one value off by 10^300 against a zero scale must not make the
+            // long-run statistics infinite, and then NaN for good.
+            let z = if z.is_nan() {
+                0.0
+            } else {
+                z.clamp(0.0, MAX_SURPRISE_Z)
+            };
+            let surprise = z.ln_1p();
             self.short += (surprise - self.short) / f64::from(params.short_span.max(1));
             let long = f64::from(params.long_span.max(2));
-            if self.lt_count >= u64::from(params.long_span.max(2) / 4) {
+            if self.lt_count >= LIKELIHOOD_WARM {
                 let sd = self.lt_var.sqrt().max(MIN_LIKELIHOOD_SD);
                 likelihood_z = (self.short - self.lt_mean) / sd;
+                // News only above everything the average reached recently: bursts
+                // that come back again and again page once, not each time.
+                sustained_news = self.short > self.short_hi;
             }
+            self.short_hi = self.short_hi.max(self.short);
+            self.short_hi -= (self.short_hi - self.lt_mean).max(0.0) / long;
             // Exponentially weighted mean/variance (West 1979), with a running mean
             // during the first `long` values so the start is not biased towards 0.
             self.lt_count = self.lt_count.saturating_add(1);
@@ -252,7 +316,11 @@ impl RobustState {
         }
         self.push(x);
         let r1 = robust_z / threshold;
-        let r2 = likelihood_z.max(0.0) / params.sustained_threshold;
+        let mut r2 = likelihood_z.max(0.0) / params.sustained_threshold;
+        if !sustained_news {
+            // At most the anomaly level: keeps an episode alive without being one.
+            r2 = r2.min(1.0);
+        }
         RobustJudgement {
             robust_z,
             likelihood_z,
@@ -261,51 +329,71 @@ impl RobustState {
         }
     }
 
-    /// Compares `x` with the daily profile at its time of day (once that bucket has
-    /// seen `SEASON_WARM` days), then updates the bucket. A quarter of the slow
-    /// deviation is the floor of a bucket's deviation.
+    /// Compares `x` (an offset from the rolling median) with the daily profile at its
+    /// time of day once that bucket has `SEASON_WARM` visits, then updates the
+    /// bucket. A quarter of the slow deviation is the floor of a bucket's deviation.
     fn seasonal(&mut self, x: f64, time: i64) -> Option<f64> {
-        if self.season.is_empty() {
-            self.season = vec![Bucket::default(); BUCKETS];
-        }
-        let index = (time.rem_euclid(86_400) / BUCKET_SECS) as usize % BUCKETS;
         let floor = (self.mad * 0.25).max(1e-9 * x.abs()).max(f64::MIN_POSITIVE);
-        let bucket = &mut self.season[index];
-        let dev = bucket.dev.max(floor);
-        let d = x - bucket.mean;
-        let z = (bucket.count >= SEASON_WARM).then(|| d.abs() / dev);
-        if bucket.count == 0 {
-            bucket.mean = x;
+        let season = self.season.get_or_insert_with(Box::default);
+        let b = (time.rem_euclid(86_400) / BUCKET_SECS) as usize % BUCKETS;
+        let visits = season.visits[b];
+        let trusted = visits >= SEASON_WARM;
+        let dev = f64::from(season.dev[b]).max(floor);
+        let mean = f64::from(season.mean[b]);
+        let d = x - mean;
+        if visits == 0 {
+            season.mean[b] = single(x);
         } else {
-            let alpha = (1.0 / f64::from(bucket.count + 1)).max(1.0 / SEASON_SPAN);
-            // Clipped: an anomaly barely moves what is normal at this time of day.
+            let alpha = (1.0 / (f64::from(visits) + 1.0)).max(1.0 / SEASON_SPAN);
+            // Clipped once trusted: an anomaly barely moves what is normal at this
+            // time of day.
             let limit = 4.0 * dev;
-            let step = if bucket.count >= SEASON_WARM {
-                d.clamp(-limit, limit)
-            } else {
-                d
-            };
-            bucket.mean += alpha * step;
-            bucket.dev += alpha * (step.abs() * 1.2533 - bucket.dev);
+            let step = if trusted { d.clamp(-limit, limit) } else { d };
+            season.mean[b] = single(mean + alpha * step);
+            let old = f64::from(season.dev[b]);
+            season.dev[b] = single(old + alpha * (step.abs() * 1.2533 - old));
         }
-        bucket.count = bucket.count.saturating_add(1);
-        z
+        season.visits[b] = visits.saturating_add(1);
+        trusted.then(|| d.abs() / dev)
     }
 
     fn push(&mut self, x: f64) {
-        if self.ring.len() < self.capacity {
-            self.ring.push(x);
-        } else {
-            let old = std::mem::replace(&mut self.ring[self.head], x);
-            self.head += 1;
-            if self.head == self.capacity {
-                self.head = 0;
+        let ring = &mut self.ring;
+        if ring.len() < self.capacity {
+            if ring.capacity() == 0 {
+                // Exact sizes: a window that grows by doubling leaves freed blocks behind.
+                ring.reserve_exact(self.capacity);
+                self.order.reserve_exact(self.capacity);
             }
-            let at = self.sorted.partition_point(|&v| v < old);
-            self.sorted.remove(at);
+            let slot = ring.len() as u16;
+            let at = self.order.partition_point(|&i| ring[usize::from(i)] < x);
+            ring.push(x);
+            self.order.insert(at, slot);
+            return;
         }
-        let at = self.sorted.partition_point(|&v| v < x);
-        self.sorted.insert(at, x);
+        let slot = self.head as u16;
+        let old = ring[self.head];
+        // The oldest value's rank: the first of its equals, then along them to its slot.
+        let mut from = self.order.partition_point(|&i| ring[usize::from(i)] < old);
+        while self.order[from] != slot {
+            from += 1;
+        }
+        ring[self.head] = x;
+        self.head += 1;
+        if self.head == self.capacity {
+            self.head = 0;
+        }
+        // Move the slot from its old rank to its new one in a single shift.
+        let below = self.order[..from].partition_point(|&i| ring[usize::from(i)] < x);
+        if below < from {
+            self.order.copy_within(below..from, below + 1);
+            self.order[below] = slot;
+        } else {
+            let after = self.order[from + 1..].partition_point(|&i| ring[usize::from(i)] < x);
+            let to = from + after;
+            self.order.copy_within(from + 1..=to, from);
+            self.order[to] = slot;
+        }
     }
 
     /// Values oldest first.
@@ -319,74 +407,136 @@ impl RobustState {
         let values: Vec<f64> = self.values().collect();
         let skip = values.len().saturating_sub(capacity);
         self.capacity = capacity;
-        self.ring.clear();
-        self.sorted.clear();
+        self.ring = Vec::new();
+        self.order = Vec::new();
         self.head = 0;
         for v in values.into_iter().skip(skip) {
             self.push(v);
         }
     }
 
-    /// Appends the encoding: capacity, values oldest first, then the statistics.
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        put_u32(out, self.capacity as u32);
-        put_u32(out, self.ring.len() as u32);
-        for v in self.values() {
-            put_f64(out, v);
+    /// Length of the `RobustSnapshot` body [`RobustState::write_snapshot`] writes.
+    pub(crate) fn snapshot_len(&self) -> usize {
+        let season = self.season.as_ref().map_or(0, |season| {
+            season
+                .visits
+                .iter()
+                .map(|&v| persist::message_len(bucket_len(v)))
+                .sum::<usize>()
+        });
+        persist::varint_len(self.capacity as u64)
+            + persist::doubles_len(self.ring.len())
+            + 7 * persist::DOUBLE_LEN
+            + persist::varint_len(self.lt_count)
+            + season
+    }
+
+    /// Writes the state as a `RobustSnapshot` body: capacity, values oldest first,
+    /// the statistics, the daily profile, then the envelope of the short average.
+    pub(crate) fn write_snapshot(&self, out: &mut Vec<u8>) {
+        persist::varint(out, 1, self.capacity as u64);
+        let (newer, older) = self.ring.split_at(self.head);
+        if !self.ring.is_empty() {
+            persist::message(out, 2, self.ring.len() * 8);
+            for v in older.iter().chain(newer) {
+                out.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
         }
-        for v in [
-            self.mad,
-            self.short,
-            self.lt_mean,
-            self.lt_var,
-            self.hi,
-            self.lo,
+        for (tag, v) in [
+            (3, self.mad),
+            (4, self.short),
+            (5, self.lt_mean),
+            (6, self.lt_var),
+            (7, self.hi),
+            (8, self.lo),
         ] {
-            put_f64(out, v);
+            persist::double(out, tag, v);
         }
-        put_u64(out, self.lt_count);
-        put_u32(out, self.season.len() as u32);
-        for b in &self.season {
-            put_f64(out, b.mean);
-            put_f64(out, b.dev);
-            put_u32(out, b.count);
+        persist::varint(out, 9, self.lt_count);
+        if let Some(season) = &self.season {
+            for b in 0..BUCKETS {
+                let visits = season.visits[b];
+                persist::message(out, 10, bucket_len(visits));
+                persist::double(out, 1, f64::from(season.mean[b]));
+                persist::double(out, 2, f64::from(season.dev[b]));
+                persist::varint(out, 3, u64::from(visits));
+            }
+        }
+        persist::double(out, 11, self.short_hi);
+    }
+
+    /// The message [`RobustState::write_snapshot`] writes.
+    pub(crate) fn to_snapshot(&self) -> RobustSnapshot {
+        RobustSnapshot {
+            capacity: self.capacity as u32,
+            values: self.values().collect(),
+            spread: Some(self.mad),
+            short_term: Some(self.short),
+            long_term_mean: Some(self.lt_mean),
+            long_term_variance: Some(self.lt_var),
+            range_high: Some(self.hi),
+            range_low: Some(self.lo),
+            long_term_count: self.lt_count,
+            season: self.season.as_ref().map_or_else(Vec::new, |season| {
+                (0..BUCKETS)
+                    .map(|b| SeasonBucket {
+                        mean: Some(f64::from(season.mean[b])),
+                        deviation: Some(f64::from(season.dev[b])),
+                        count: u32::from(season.visits[b]),
+                    })
+                    .collect()
+            }),
+            short_term_high: Some(self.short_hi),
         }
     }
 
-    /// Reads what [`RobustState::encode`] wrote.
-    pub(crate) fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        let capacity = get_u32(buf, "robust window capacity")? as usize;
-        let len = get_u32(buf, "robust window length")? as usize;
-        if capacity == 0 || capacity > super::MAX_WINDOW {
-            return Err(invalid("robust window capacity", capacity));
+    /// The state a `RobustSnapshot` holds. The daily profile comes back in single
+    /// precision with visits saturating at 255 (exact for what this state writes); a
+    /// message without the envelope of the short average (older snapshots) starts it
+    /// at the average.
+    pub(crate) fn from_snapshot(message: RobustSnapshot) -> Result<Self, StateError> {
+        let capacity = message.capacity as usize;
+        if capacity == 0 || capacity > MAX_WINDOW {
+            return Err(StateError::unexpected("robust window capacity", capacity));
         }
-        if len > capacity {
-            return Err(invalid("robust window length", len));
+        if message.values.len() > capacity {
+            return Err(StateError::unexpected(
+                "robust window length",
+                message.values.len(),
+            ));
         }
         let mut state = Self::new(capacity);
-        for _ in 0..len {
-            state.push(get_finite(buf, "robust window value")?);
+        for &v in &message.values {
+            state.push(finite(v, "robust window value")?);
         }
-        state.mad = get_f64(buf, "robust spread")?;
-        state.short = get_f64(buf, "robust short-term surprise")?;
-        state.lt_mean = get_f64(buf, "robust long-term mean")?;
-        state.lt_var = get_f64(buf, "robust long-term variance")?;
-        state.hi = get_f64(buf, "robust range high")?;
-        state.lo = get_f64(buf, "robust range low")?;
-        state.lt_count = get_u64(buf, "robust long-term count")?;
-        let buckets = get_u32(buf, "robust season buckets")? as usize;
+        state.mad = message.spread.unwrap_or_default();
+        state.short = message.short_term.unwrap_or_default();
+        state.short_hi = message.short_term_high.unwrap_or(state.short);
+        state.lt_mean = message.long_term_mean.unwrap_or_default();
+        state.lt_var = message.long_term_variance.unwrap_or_default();
+        state.hi = message.range_high.unwrap_or_default();
+        state.lo = message.range_low.unwrap_or_default();
+        state.lt_count = message.long_term_count;
+        let buckets = message.season.len();
         if buckets != 0 && buckets != BUCKETS {
-            return Err(invalid("robust season buckets", buckets));
+            return Err(StateError::unexpected("robust season buckets", buckets));
         }
-        for _ in 0..buckets {
-            state.season.push(Bucket {
-                mean: get_f64(buf, "robust season mean")?,
-                dev: get_f64(buf, "robust season deviation")?,
-                count: get_u32(buf, "robust season count")?,
-            });
+        if buckets == BUCKETS {
+            let mut season = Box::<Season>::default();
+            for (b, bucket) in message.season.iter().enumerate() {
+                season.mean[b] = single(bucket.mean.unwrap_or_default());
+                season.dev[b] = single(bucket.deviation.unwrap_or_default());
+                season.visits[b] = bucket.count.min(u32::from(u8::MAX)) as u8;
+            }
+            state.season = Some(season);
         }
         Ok(state)
     }
+}
+
+/// Length of one `SeasonBucket` body: two doubles and the visits.
+fn bucket_len(visits: u8) -> usize {
+    2 * persist::DOUBLE_LEN + persist::varint_len(u64::from(visits))
 }
 
 #[cfg(test)]
@@ -427,12 +577,38 @@ mod tests {
             s.observe(noise(i) * 10.0, i as i64, &p, 6.0, 4);
             let mut want: Vec<f64> = s.values().collect();
             want.sort_by(f64::total_cmp);
-            assert_eq!(want, s.sorted);
+            let ranked: Vec<f64> = (0..s.len()).map(|k| s.ranked(k)).collect();
+            assert_eq!(want, ranked);
         }
         assert_eq!(s.len(), 16);
         let p8 = RobustParams { window: 8, ..p };
         s.observe(0.0, 0, &p8, 6.0, 4);
         assert_eq!(s.len(), 8);
+    }
+
+    #[test]
+    fn extreme_values_do_not_poison_the_state() {
+        let p = RobustParams::default();
+        let mut s = RobustState::new(p.window);
+        // A flat metric, then values far beyond f32 and the scale, then flat again.
+        for i in 0..400 {
+            let x = match i {
+                200 => 1e300,
+                201 => -1e39,
+                _ => 0.0,
+            };
+            let j = s.observe(x, i * 60, &p, 3.0, 32);
+            assert!(
+                j.score.is_finite() && j.likelihood_z.is_finite(),
+                "{i}: {j:?}"
+            );
+        }
+        assert!(s.short.is_finite() && s.lt_mean.is_finite() && s.lt_var.is_finite());
+        let season = s.season.as_ref().unwrap();
+        assert!(season.mean.iter().chain(&season.dev).all(|v| v.is_finite()));
+        // The sustained signal still works: a lasting change pages.
+        let paged = (400..600).any(|i| s.observe(5.0, i * 60, &p, 3.0, 32).anomaly);
+        assert!(paged);
     }
 
     #[test]

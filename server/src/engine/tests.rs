@@ -1,0 +1,445 @@
+//! Tests of the engine as a whole: judging, limits, eviction, snapshots of devices in
+//! memory.
+
+use std::time::{Duration, Instant};
+
+use tidewatch_proto::pbjson_types::Timestamp;
+use tidewatch_proto::v1::{DetectorConfig, Sample, Verdict};
+
+use super::locks::HOLD_SAMPLES;
+use super::*;
+
+/// A prost sample (also used by the wire codec's tests).
+pub(crate) fn sample(device: &str, seq: u64, metrics: &[(&str, f64)]) -> Sample {
+    Sample {
+        device_id: device.into(),
+        time: None,
+        metrics: metrics.iter().map(|(k, v)| ((*k).into(), *v)).collect(),
+        seq,
+    }
+}
+
+fn ingest(engine: &Engine, s: Sample) -> Verdict {
+    let mut out = Vec::new();
+    engine.ingest_batch(&[s], &engine.default_detector(), &mut out);
+    out.pop().unwrap()
+}
+
+#[test]
+fn device_ids_pages_in_order_by_prefix() {
+    let engine = Engine::new(EngineConfig {
+        shards: 4,
+        ..EngineConfig::default()
+    });
+    for id in ["pump-3", "pump-1", "fan-1", "pump-2", "pump-10", "fan-2"] {
+        ingest(&engine, sample(id, 0, &[("rps", 1.0)]));
+    }
+    assert_eq!(
+        engine.device_ids("pump-", "", 2),
+        (vec!["pump-1".to_owned(), "pump-10".to_owned()], true)
+    );
+    assert_eq!(
+        engine.device_ids("pump-", "pump-10", 2),
+        (vec!["pump-2".to_owned(), "pump-3".to_owned()], false)
+    );
+    assert_eq!(engine.device_ids("pump-", "pump-3", 2), (vec![], false));
+    let (all, more) = engine.device_ids("", "", 100);
+    assert_eq!(all.len(), 6);
+    assert!(!more);
+    assert!(all.windows(2).all(|w| w[0] < w[1]));
+    // Every page size walks the same sequence.
+    for limit in 1..=7 {
+        let (mut after, mut walked) = (String::new(), Vec::new());
+        loop {
+            let (page, more) = engine.device_ids("", &after, limit);
+            walked.extend(page.iter().cloned());
+            match page.last() {
+                Some(last) if more => after = last.clone(),
+                _ => break,
+            }
+        }
+        assert_eq!(walked, all, "limit {limit}");
+    }
+}
+
+#[test]
+fn one_clock_read_gives_wall_receive_time_and_tick() {
+    let engine = Engine::new(EngineConfig::default());
+    let before = now_timestamp();
+    let now = Instant::now();
+    let (received, tick) = engine.clock.read(now);
+    let after = now_timestamp();
+    let nanos = |t: &Timestamp| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    // Anchored in this very call: between two wall-clock readings around it.
+    assert!(nanos(&before) <= nanos(&received) && nanos(&received) <= nanos(&after));
+    assert_eq!(tick, engine.clock.tick());
+    // Later reads in the same second follow the monotonic clock from that anchor.
+    let later = now + Duration::from_millis(300);
+    let (again, later_tick) = engine.clock.read(later);
+    if later_tick == tick {
+        assert_eq!(nanos(&again) - nanos(&received), 300_000_000);
+    }
+    assert!((0..1_000_000_000).contains(&again.nanos));
+}
+
+#[test]
+fn held_shards_judge_a_batch_as_a_lock_per_sample_does() {
+    // A batch longer than one hold of the shards' locks, with new and known
+    // devices, duplicates, refused samples and a device limit reached midway; in
+    // messages longer than the shard count (held) and shorter (a lock per sample).
+    let config = |shards, hold_shards| EngineConfig {
+        shards,
+        hold_shards,
+        max_devices: 40,
+        ..EngineConfig::default()
+    };
+    let batch: Vec<Sample> = (0..3 * HOLD_SAMPLES as u64 + 7)
+        .map(|i| match i % 11 {
+            3 => sample(&format!("dev-{}", i % 50), 1, &[("cpu", 1.0)]),
+            7 => sample("dev-1", i, &[("bad name", 1.0)]),
+            9 => sample(&format!("dev-{}", i % 50), i, &[]),
+            _ => sample(&format!("dev-{}", i % 50), i, &[("cpu", (i % 13) as f64)]),
+        })
+        .collect();
+    // One shard (always held), four held, four with a lock per sample.
+    let engines = [
+        Engine::new(config(1, false)),
+        Engine::new(config(4, true)),
+        Engine::new(config(4, false)),
+    ];
+    let mut verdicts = [Vec::new(), Vec::new(), Vec::new()];
+    let mut rest = &batch[..];
+    for n in [HOLD_SAMPLES + 3, 3].into_iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (chunk, tail) = rest.split_at(n.min(rest.len()));
+        rest = tail;
+        let at = Instant::now();
+        let outcomes: Vec<_> = engines
+            .iter()
+            .zip(&mut verdicts)
+            .map(|(e, out)| e.ingest_batch_at(chunk, &e.default_detector(), out, at))
+            .collect();
+        assert_eq!(outcomes[0], outcomes[2]);
+        assert_eq!(outcomes[1], outcomes[2]);
+    }
+    let [one, held, each] = &verdicts;
+    assert_eq!(each.len(), batch.len());
+    assert_eq!(one, each);
+    assert_eq!(held, each);
+    let refused = each
+        .iter()
+        .filter(|v| v.error.contains("device_limit"))
+        .count();
+    assert!(
+        refused > 0 && each.iter().any(|v| v.duplicate),
+        "the batch exercises both"
+    );
+    for engine in &engines {
+        assert_eq!(engine.device_count(), 40);
+    }
+}
+
+#[test]
+fn seed_check() {
+    let engine = Engine::new(EngineConfig::default());
+    for v in [420.0, 430.0, 410.0, 440.0, 425.0] {
+        let verdict = ingest(&engine, sample("", 0, &[("rps", v)]));
+        assert!(!verdict.anomaly);
+        assert_eq!(verdict.device_id, "default");
+    }
+    let v = ingest(&engine, sample("", 0, &[("rps", 900.0)]));
+    assert!(v.anomaly);
+    let m = &v.metrics[0];
+    assert_eq!((m.mean, m.window_count), (425.0, 5));
+    assert!((m.stddev - 10.0).abs() < 1e-12);
+    assert!((m.z_score - 47.5).abs() < 1e-9);
+}
+
+#[test]
+fn warm_up_and_flat_window() {
+    let engine = Engine::new(EngineConfig::default());
+    for i in 0..5 {
+        let v = ingest(&engine, sample("d", 0, &[("x", 1.0)]));
+        assert_eq!(v.metrics[0].window_count, i);
+        assert!(!v.anomaly);
+    }
+    let same = ingest(&engine, sample("d", 0, &[("x", 1.0)]));
+    assert_eq!((same.metrics[0].z_score, same.anomaly), (0.0, false));
+    let below = ingest(&engine, sample("d", 0, &[("x", 0.5)]));
+    assert_eq!(below.metrics[0].z_score, f64::NEG_INFINITY);
+    assert!(below.anomaly);
+}
+
+#[test]
+fn threshold_is_strict() {
+    let engine = Engine::new(EngineConfig {
+        min_samples: 2,
+        ..EngineConfig::default()
+    });
+    ingest(&engine, sample("d", 0, &[("x", 1.0)]));
+    ingest(&engine, sample("d", 0, &[("x", 3.0)]));
+    // mean 2, stddev 1: 4 has z exactly 2, not above the threshold.
+    let v = ingest(&engine, sample("d", 0, &[("x", 4.0)]));
+    assert_eq!(v.metrics[0].z_score, 2.0);
+    assert!(!v.anomaly);
+}
+
+#[test]
+fn duplicates_leave_the_window_alone() {
+    let engine = Engine::new(EngineConfig::default());
+    ingest(&engine, sample("d", 5, &[("x", 1.0)]));
+    for seq in [5, 3] {
+        let v = ingest(&engine, sample("d", seq, &[("x", 100.0)]));
+        assert!(v.duplicate);
+        assert!(v.metrics.is_empty());
+    }
+    let stats = engine.analyze("d").unwrap();
+    assert_eq!(stats.metrics[0].window_count, 1);
+    assert_eq!(stats.last_seq, 5);
+    // seq 0 is "none": never a duplicate.
+    assert!(!ingest(&engine, sample("d", 0, &[("x", 1.0)])).duplicate);
+    assert!(!ingest(&engine, sample("d", 6, &[("x", 1.0)])).duplicate);
+}
+
+#[test]
+fn invalid_samples_are_rejected_without_side_effects() {
+    let engine = Engine::new(EngineConfig::default());
+    let cases: Vec<(Sample, &str)> = vec![
+        (
+            sample("d", 1, &[("cpu", f64::NAN)]),
+            "invalid_value: metric \"cpu\" is NaN",
+        ),
+        (sample("d", 1, &[("cpu", f64::INFINITY)]), "invalid_value"),
+        (sample("d", 1, &[]), "no_metrics"),
+        (
+            sample(&"x".repeat(200), 1, &[("cpu", 1.0)]),
+            "invalid_device_id",
+        ),
+        (sample("d", 1, &[("cpu load", 1.0)]), "invalid_metric_name"),
+        (sample("d", 1, &[("", 1.0)]), "invalid_metric_name"),
+    ];
+    for (s, want) in cases {
+        let v = ingest(&engine, s);
+        assert!(
+            v.error.starts_with(want),
+            "{} does not start with {want}",
+            v.error
+        );
+        assert!(v.metrics.is_empty());
+    }
+    let many: Vec<(String, f64)> = (0..33).map(|i| (format!("m{i}"), 1.0)).collect();
+    let s = Sample {
+        device_id: "d".into(),
+        metrics: many.into_iter().collect(),
+        ..Sample::default()
+    };
+    assert!(ingest(&engine, s).error.starts_with("too_many_metrics"));
+    // Nothing was created by any of the rejected samples, and seq 1 is still new.
+    assert_eq!(engine.device_count(), 0);
+    assert!(!ingest(&engine, sample("d", 1, &[("cpu", 1.0)])).duplicate);
+}
+
+#[test]
+fn metric_limit_counts_across_samples() {
+    let engine = Engine::new(EngineConfig {
+        max_metrics_per_device: 2,
+        ..EngineConfig::default()
+    });
+    ingest(&engine, sample("d", 0, &[("a", 1.0), ("b", 1.0)]));
+    assert!(
+        ingest(&engine, sample("d", 0, &[("a", 1.0)]))
+            .error
+            .is_empty()
+    );
+    let v = ingest(&engine, sample("d", 0, &[("a", 2.0), ("c", 1.0)]));
+    assert!(v.error.starts_with("too_many_metrics"), "{}", v.error);
+    assert_eq!(engine.analyze("d").unwrap().metrics[0].window_count, 2);
+}
+
+#[test]
+fn device_limit_refuses_new_devices_only() {
+    let engine = Engine::new(EngineConfig {
+        max_devices: 2,
+        ..EngineConfig::default()
+    });
+    ingest(&engine, sample("a", 0, &[("x", 1.0)]));
+    ingest(&engine, sample("b", 0, &[("x", 1.0)]));
+    assert!(
+        ingest(&engine, sample("c", 0, &[("x", 1.0)]))
+            .error
+            .starts_with("device_limit")
+    );
+    assert!(
+        ingest(&engine, sample("a", 0, &[("x", 1.0)]))
+            .error
+            .is_empty()
+    );
+    assert_eq!(engine.device_count(), 2);
+}
+
+#[test]
+fn idle_devices_are_evicted() {
+    let engine = Engine::new(EngineConfig {
+        idle_timeout: Duration::from_secs(10),
+        ..EngineConfig::default()
+    });
+    ingest(&engine, sample("a", 0, &[("x", 1.0)]));
+    assert!(engine.evict_idle(Instant::now()).is_empty());
+    let evicted = engine.evict_idle(Instant::now() + Duration::from_secs(11));
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(&*evicted[0].id, "a");
+    assert_eq!(engine.device_count(), 0);
+    assert!(engine.analyze("a").is_none());
+}
+
+/// Ingests a mix: three devices, windows of 3 (shrinking later), 50 and 100
+/// values, a robust stream, a device with a long id, duplicates and errors.
+fn busy_engine() -> Engine {
+    let engine = Engine::new(EngineConfig::default());
+    let small = engine
+        .detector(Some(&DetectorConfig {
+            window_size: 3,
+            min_samples: 2,
+            ..DetectorConfig::default()
+        }))
+        .unwrap();
+    let large = engine
+        .detector(Some(&DetectorConfig {
+            window_size: 100,
+            ..DetectorConfig::default()
+        }))
+        .unwrap();
+    let robust = engine
+        .detector(Some(&DetectorConfig {
+            name: "robust".into(),
+            ..DetectorConfig::default()
+        }))
+        .unwrap();
+    let default = engine.default_detector();
+    let long_id = "a-device-id-longer-than-twenty-two-bytes";
+    let mut out = Vec::new();
+    for i in 0..130u32 {
+        let v = f64::from(i % 7) * 1.5 + f64::from(i);
+        let spec = [&small, &large, &robust, &default][i as usize % 4];
+        let samples = [
+            sample("a", u64::from(i) + 1, &[("cpu", v), ("mem", -v)]),
+            sample("a", 1, &[("cpu", 1.0)]),
+            sample(long_id, 0, &[("x", v * 1e6)]),
+            sample("b", 0, &[("cpu", v), ("disk", f64::from(i % 3))]),
+            sample("b", 0, &[("bad name", 1.0)]),
+        ];
+        engine.ingest_batch(&samples, spec, &mut out);
+    }
+    engine
+}
+
+#[test]
+fn devices_in_memory_encode_as_their_snapshot_state() {
+    let engine = busy_engine();
+    let mut encoded = Vec::new();
+    for shard in 0..engine.shard_count() {
+        let mut keys = Vec::new();
+        engine.dirty_keys(shard, &mut keys);
+        engine.visit_dirty(shard, &keys, |mut device| {
+            let mut bytes = Vec::new();
+            device.encode(&mut bytes);
+            encoded.push((device.id().to_owned(), bytes));
+            device.mark_clean();
+        });
+    }
+    assert_eq!(encoded.len(), 3);
+    for (id, from_memory) in encoded {
+        let state = engine.device_state(&id).unwrap();
+        assert!(!state.dirty, "visited and marked clean");
+        let mut from_state = Vec::new();
+        state.encode(&mut from_state);
+        assert_eq!(from_memory, from_state, "{id}");
+        // What the flusher writes from memory is the generated encoding of the
+        // schema's message, and prost reads back that very message.
+        let message = state.to_snapshot();
+        assert_eq!(from_memory, prost::Message::encode_to_vec(&message), "{id}");
+        let decoded: tidewatch_proto::v1::DeviceSnapshot =
+            prost::Message::decode(from_memory.as_slice()).unwrap();
+        assert_eq!(decoded, message, "{id}");
+        assert_eq!(DeviceState::from_snapshot(decoded).unwrap(), state, "{id}");
+    }
+    // Clean devices are not visited again.
+    let mut keys = Vec::new();
+    for shard in 0..engine.shard_count() {
+        engine.dirty_keys(shard, &mut keys);
+    }
+    assert!(keys.is_empty());
+}
+
+#[test]
+fn restored_devices_continue_exactly() {
+    let engine = busy_engine();
+    let other = Engine::new(EngineConfig::default());
+    for id in ["a", "b", "a-device-id-longer-than-twenty-two-bytes"] {
+        let state = engine.device_state(id).unwrap();
+        let last_value = state.metrics[0].last_value;
+        assert_eq!(last_value, state.metrics[0].window.iter().last().unwrap());
+        assert!(other.insert_if_absent(state.clone()));
+        assert_eq!(other.device_state(id).unwrap(), state);
+        assert_eq!(other.analyze(id), engine.analyze(id));
+    }
+    let next = [
+        sample("a", 500, &[("cpu", 3.0), ("mem", 4.0), ("new", 1.0)]),
+        sample("b", 0, &[("cpu", 1e3), ("disk", 2.0)]),
+        sample("a-device-id-longer-than-twenty-two-bytes", 0, &[("x", 5.0)]),
+    ];
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    engine.ingest_batch(&next, &engine.default_detector(), &mut a);
+    other.ingest_batch(&next, &other.default_detector(), &mut b);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn evicted_devices_give_back_their_values_and_names() {
+    let engine = Engine::new(EngineConfig {
+        idle_timeout: Duration::from_secs(10),
+        shards: 1,
+        ..EngineConfig::default()
+    });
+    let ingest_all = |prefix: &str| {
+        let samples: Vec<_> = (0..100)
+            .map(|i| {
+                sample(
+                    &format!("{prefix}{i}"),
+                    0,
+                    &[("cpu", 1.0), (&format!("m{i}"), 2.0)],
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        engine.ingest_batch(&samples, &engine.default_detector(), &mut out);
+    };
+    ingest_all("first-");
+    let (runs, names) = {
+        let table = engine.shards[0].lock();
+        (table.pool.bump(), table.names.len())
+    };
+    assert_eq!(names, 101);
+    let evicted = engine.evict_idle(Instant::now() + Duration::from_secs(11));
+    assert_eq!(evicted.len(), 100);
+    assert_eq!(engine.shards[0].lock().names.len(), 0);
+    // A second fleet of the same shape reuses the freed runs.
+    ingest_all("second-");
+    let table = engine.shards[0].lock();
+    assert_eq!(table.pool.bump(), runs);
+    assert_eq!(table.names.len(), 101);
+    assert_eq!(table.len(), 100);
+}
+
+#[test]
+fn metrics_in_verdict_are_sorted_by_name() {
+    let engine = Engine::new(EngineConfig::default());
+    let v = ingest(
+        &engine,
+        sample("d", 0, &[("rps", 1.0), ("cpu", 2.0), ("mem", 3.0)]),
+    );
+    let names: Vec<_> = v.metrics.iter().map(|m| m.metric.as_str()).collect();
+    assert_eq!(names, ["cpu", "mem", "rps"]);
+}

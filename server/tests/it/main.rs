@@ -1,0 +1,29 @@
+//! The server's integration tests, one module per concern, linked into one test binary
+//! (`it`) so the server and its dependencies link once. Each module starts the real
+//! server (in-process on `127.0.0.1:0`, or the `tidewatch` binary as a child) and talks
+//! to it over real sockets; `common` holds the shared helpers.
+//!
+//! Run one concern with a filter: `cargo nextest run -p tidewatch-server --test it snapshot::`.
+
+mod common;
+
+mod analyze_watch;
+mod backpressure;
+mod bad_samples;
+mod config;
+mod conformance;
+mod detectors;
+mod gateway;
+mod grpcurl;
+mod health_reflection;
+mod ingest_stream;
+mod integrity;
+mod limits;
+mod metrics;
+mod module_graph;
+mod overload;
+mod redis_values;
+mod seed;
+mod shutdown;
+mod snapshot;
+mod sse;
