@@ -165,6 +165,20 @@ def test_services_ingress_hpa_pdb(base):
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
     redis = one(base, "StatefulSet", "redis")
     assert redis["spec"]["serviceName"] == "redis"
+    # Snapshots must never be evicted silently, and the memory must fit maxmemory.
+    server = next(c for c in redis["spec"]["template"]["spec"]["containers"]
+                  if c["name"] == "redis")
+    args = server["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = args[args.index("--maxmemory") + 1]
+    assert maxmemory.endswith("mb"), maxmemory
+    limit = server["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi"), limit
+    assert int(maxmemory[:-2]) * 1.5 <= int(limit[:-2]) * 1024, (maxmemory, limit)
+    (config,) = [c["data"] for c in find(base, "ConfigMap") if "MAX_DEVICES" in c["data"]]
+    devices = int(config["MAX_DEVICES"])
+    # 1,173 bytes per device with 2 metrics x 50 values (the manifest's comment).
+    assert devices * 1173 <= int(maxmemory[:-2]) * 1e6 * 0.8, (devices, maxmemory)
 
 
 def test_monitoring_objects(base):
@@ -180,7 +194,7 @@ def test_monitoring_objects(base):
     rule = one(base, "PrometheusRule", "tidewatch")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     assert alerts == {"HighAnomalyRate", "TidewatchDown", "HighIngestLatency",
-                      "SnapshotFailing", "LoadShedding"}
+                      "SnapshotFailing", "LoadShedding", "RedisMemoryNearlyFull"}
     for obj in (monitor, rule):
         assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 

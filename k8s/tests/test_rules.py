@@ -32,7 +32,7 @@ def test_check_rules(base, minikube, tmp_path):
         directory.mkdir()
         result = promtool("check", "rules", str(write_rules(objects, directory)))
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "SUCCESS: 8 rules found" in result.stdout, result.stdout
+        assert "SUCCESS: 9 rules found" in result.stdout, result.stdout
 
 
 def test_unit_tests_cover_every_alert_both_ways(base):

@@ -100,6 +100,21 @@ pub struct Config {
     )]
     pub max_metrics_per_device: usize,
 
+    /// A device's `seq` may exceed its last one by this much at most, unless it stays
+    /// within the clock bound of `MAX_SEQ_CLOCK_SKEW`.
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_SEQ_JUMP",
+        default_value_t = 1 << 32
+    )]
+    pub max_seq_jump: u64,
+
+    /// A `seq` further ahead than its device's last one plus `MAX_SEQ_JUMP` is still
+    /// accepted up to the server's clock in microseconds plus this (e.g. `1h`).
+    #[arg(help_heading = "Limits", long, env = "MAX_SEQ_CLOCK_SKEW", default_value = "1h", value_parser = parse_duration)]
+    pub max_seq_clock_skew: Duration,
+
     /// Longest device id in bytes.
     #[arg(
         help_heading = "Limits",
@@ -748,6 +763,8 @@ impl Config {
             },
             max_devices: self.max_devices,
             max_metrics_per_device: self.max_metrics_per_device,
+            max_seq_jump: self.max_seq_jump,
+            max_seq_clock_skew: self.max_seq_clock_skew,
             max_device_id_len: self.max_device_id_len,
             max_metric_name_len: self.max_metric_name_len,
             idle_timeout: self.idle_timeout,

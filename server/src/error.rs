@@ -45,6 +45,20 @@ pub enum SampleError {
         /// The configured limit.
         limit: usize,
     },
+    /// The sequence number jumps further ahead than the device may go: above both its
+    /// last `seq` plus `MAX_SEQ_JUMP` and the server's clock in microseconds plus
+    /// `MAX_SEQ_CLOCK_SKEW` (docs/architecture.md, "Engine semantics").
+    #[error(
+        "invalid_seq: seq {seq} is above {limit} (last seq {last} plus MAX_SEQ_JUMP, or the server's clock in microseconds plus MAX_SEQ_CLOCK_SKEW)"
+    )]
+    InvalidSeq {
+        /// The offending sequence number.
+        seq: u64,
+        /// The device's last applied `seq` (0 for a new device).
+        last: u64,
+        /// The largest `seq` the device could have sent.
+        limit: u64,
+    },
     /// `MAX_DEVICES` devices are in memory already.
     #[error("device_limit: {limit} devices are in memory; no room for a new one")]
     DeviceLimit {
@@ -84,7 +98,7 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
@@ -93,6 +107,7 @@ impl SampleError {
         "device_limit",
         "permission_denied",
         "moved",
+        "invalid_seq",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -106,6 +121,7 @@ impl SampleError {
             Self::DeviceLimit { .. } => 5,
             Self::PermissionDenied { .. } => 6,
             Self::Moved { .. } => 7,
+            Self::InvalidSeq { .. } => 8,
         }
     }
 

@@ -26,6 +26,11 @@ pub struct EngineConfig {
     pub max_devices: usize,
     /// Distinct metrics per device at most.
     pub max_metrics_per_device: usize,
+    /// How far a `seq` may jump past its device's last one (`MAX_SEQ_JUMP`).
+    pub max_seq_jump: u64,
+    /// How far a `seq` may run ahead of the server's clock in microseconds when it
+    /// jumps further than `max_seq_jump` (`MAX_SEQ_CLOCK_SKEW`).
+    pub max_seq_clock_skew: Duration,
     /// Longest device id, in bytes.
     pub max_device_id_len: usize,
     /// Longest metric name, in bytes.
@@ -72,6 +77,8 @@ impl Default for EngineConfig {
             hold_shards: cores == 1,
             max_devices: 1_000_000,
             max_metrics_per_device: 32,
+            max_seq_jump: 1 << 32,
+            max_seq_clock_skew: Duration::from_secs(3600),
             max_device_id_len: 128,
             max_metric_name_len: 64,
             idle_timeout: Duration::from_secs(3600),

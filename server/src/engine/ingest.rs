@@ -204,6 +204,30 @@ impl Engine {
         (batch.outcome, judged)
     }
 
+    /// The slow half of the `seq` rule (docs/architecture.md, "Engine semantics"): a
+    /// `seq` past its device's last plus `MAX_SEQ_JUMP` is still accepted up to the
+    /// server's clock (`received`) in microseconds plus `MAX_SEQ_CLOCK_SKEW`.
+    #[cold]
+    fn check_seq_against_clock(
+        &self,
+        seq: u64,
+        last: u64,
+        received: &Timestamp,
+    ) -> Result<(), SampleError> {
+        let now_us = u64::try_from(received.seconds)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::try_from(received.nanos / 1000).unwrap_or(0));
+        let skew = u64::try_from(self.config.max_seq_clock_skew.as_micros()).unwrap_or(u64::MAX);
+        let limit = now_us
+            .saturating_add(skew)
+            .max(last.saturating_add(self.config.max_seq_jump));
+        if seq > limit {
+            return Err(SampleError::InvalidSeq { seq, last, limit });
+        }
+        Ok(())
+    }
+
     /// Judges one sample (`docs/architecture.md`, "Engine semantics") in its shard's
     /// locked `table`, into the batch's sink, and counts it; or refuses it (the caller
     /// writes the error verdict). Validation happens before anything is changed, in
@@ -250,6 +274,13 @@ impl Engine {
                 });
             }
         }
+        let seq = sample.seq();
+        if seq > 0 {
+            let last = found.map_or(0, |p| table.device(p).last_seq);
+            if seq > last.saturating_add(self.config.max_seq_jump) {
+                self.check_seq_against_clock(seq, last, &batch.received)?;
+            }
+        }
         let pos = match found {
             Some(pos) => pos,
             None => {
@@ -273,7 +304,6 @@ impl Engine {
         };
         let (device, pool, names) = table.entry(pos);
         device.last_seen = batch.tick;
-        let seq = sample.seq();
         if seq > 0 && seq <= device.last_seq {
             batch.outcome.duplicates += 1;
             batch.out.duplicate(id, seq);

@@ -199,7 +199,14 @@ impl Metric {
                 f64::INFINITY.copysign(x - mean)
             }
         } else {
-            (x - mean) / stddev
+            let z = (x - mean) / stddev;
+            if z.is_finite() {
+                z
+            } else {
+                // x − mean beyond a double (x and mean near opposite ends of the range):
+                // halve both first, exactly.
+                (x * 0.5 - mean * 0.5) / stddev * 2.0
+            }
         };
         let (z, anomaly, score) = match spec.kind {
             DetectorKind::ZScore => {

@@ -164,6 +164,11 @@ mod tests {
             m.anomalies_total = 0;
             m.episode_active = false;
             m.episode_quiet = 0;
+            // Version 1 kept unscaled window sums; today's are scaled.
+            if let Some(window) = &mut m.window {
+                (window.shift, window.sum, window.sum_of_squares) = (None, None, None);
+                window.scale = 0;
+            }
             if let Some(robust) = &mut m.robust {
                 robust.short_term = None;
                 robust.short_term_high = None;
@@ -190,6 +195,16 @@ mod tests {
                 assert_eq!(restored.to_snapshot(), as_restored(written.clone()));
                 assert_eq!(undecided(written), undecided(device.to_snapshot()));
                 continue;
+            }
+            // Version 1 kept unscaled sums, today's engine scaled ones (scale 0 reads
+            // them as they were): same values, same statistics to rounding.
+            let mut restored = restored;
+            for (r, d) in restored.metrics.iter_mut().zip(&device.metrics) {
+                assert!(r.window.iter().eq(d.window.iter()), "{}", device.id);
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+                assert!(close(r.window.mean(), d.window.mean()), "{}", device.id);
+                assert!(close(r.window.stddev(), d.window.stddev()), "{}", device.id);
+                r.window = d.window.clone();
             }
             assert_eq!(restored, device, "{}", device.id);
             // Bit for bit, negative zeros and all: the version-2 bytes are the same.

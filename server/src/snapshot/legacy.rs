@@ -95,6 +95,8 @@ fn read_window(buf: &mut &[u8]) -> Result<WindowSnapshot, DecodeError> {
         shift: Some(shift),
         sum: Some(sum),
         sum_of_squares: Some(sum_of_squares),
+        // Version-1 windows were never scaled.
+        scale: 0,
     })
 }
 

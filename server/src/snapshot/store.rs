@@ -4,7 +4,11 @@
 //! which sends batches of `SET`s it packed itself (see [`super::resp`]): redis-rs
 //! cannot send bytes that are already packed on an async connection.
 
-use std::{fmt, io, time::Duration};
+use std::{
+    fmt, io,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bb8_redis::{
     RedisConnectionManager,
@@ -50,7 +54,10 @@ pub enum StoreError {
     /// A snapshot write connection broke.
     #[error("redis connection failed: {0}")]
     Io(#[from] io::Error),
-    /// Redis refused a command (out of memory, read-only replica, wrong password, ...).
+    /// Redis refused the credentials of `REDIS_URL` (`AUTH`: wrong password or user).
+    #[error("redis refused authentication (check the user and password of REDIS_URL): {0}")]
+    Auth(String),
+    /// Redis refused a command (out of memory, read-only replica, ...).
     #[error("redis refused the command: {0}")]
     Refused(String),
     /// Redis answered something the command cannot answer.
@@ -61,7 +68,10 @@ pub enum StoreError {
 impl From<RunError<RedisError>> for StoreError {
     fn from(e: RunError<RedisError>) -> Self {
         match e {
-            RunError::User(e) => Self::Connect(e.to_string()),
+            RunError::User(e) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
+                Self::Auth(e.to_string())
+            }
+            RunError::User(e) => Self::login_refused(e.to_string()),
             RunError::TimedOut => Self::connect_timed_out(),
         }
     }
@@ -70,6 +80,8 @@ impl From<RunError<RedisError>> for StoreError {
 impl From<RunError<StoreError>> for StoreError {
     fn from(e: RunError<StoreError>) -> Self {
         match e {
+            RunError::User(e @ Self::Auth(_)) => e,
+            RunError::User(Self::Refused(e)) => Self::login_refused(e),
             RunError::User(e) => Self::Connect(e.to_string()),
             RunError::TimedOut => Self::connect_timed_out(),
         }
@@ -79,6 +91,24 @@ impl From<RunError<StoreError>> for StoreError {
 impl StoreError {
     fn connect_timed_out() -> Self {
         Self::Connect("timed out (REDIS_CONNECT_TIMEOUT)".into())
+    }
+
+    /// A connection attempt Redis answered with an error: an authentication failure
+    /// when it names one (`WRONGPASS`, `NOAUTH`, or the older "invalid password").
+    fn login_refused(e: String) -> Self {
+        let auth = [
+            "WRONGPASS",
+            "NOAUTH",
+            "invalid password",
+            "invalid username",
+        ]
+        .iter()
+        .any(|marker| e.contains(marker));
+        if auth {
+            Self::Auth(e)
+        } else {
+            Self::Connect(e)
+        }
     }
 }
 
@@ -93,6 +123,57 @@ pub struct Store {
     command_timeout: Duration,
     /// `REDIS_URL`.
     url: String,
+    /// The last authentication failure of either pool's connection attempts (made in
+    /// the background, where a caller only sees its wait time out).
+    refused: RefusedLogin,
+}
+
+/// Keeps the last connection attempt Redis refused the credentials of, so that a
+/// caller whose wait timed out is told why.
+#[derive(Debug, Clone, Default)]
+struct RefusedLogin(Arc<Mutex<Option<String>>>);
+
+impl RefusedLogin {
+    fn record(&self, e: StoreError) {
+        if let StoreError::Auth(message) = e {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+        }
+    }
+
+    /// `e`, or the authentication failure behind it when a connection attempt was
+    /// refused since the last connection that worked.
+    fn explain(&self, e: StoreError) -> StoreError {
+        match (&e, self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()) {
+            (StoreError::Timeout(_) | StoreError::Connect(_), Some(message)) => {
+                StoreError::Auth(message)
+            }
+            _ => e,
+        }
+    }
+
+    fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl bb8::ErrorSink<RedisError> for RefusedLogin {
+    fn sink(&self, e: RedisError) {
+        self.record(RunError::User(e).into());
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<RedisError>> {
+        Box::new(self.clone())
+    }
+}
+
+impl bb8::ErrorSink<StoreError> for RefusedLogin {
+    fn sink(&self, e: StoreError) {
+        self.record(RunError::User(e).into());
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<StoreError>> {
+        Box::new(self.clone())
+    }
 }
 
 impl Store {
@@ -105,6 +186,7 @@ impl Store {
         command_timeout: Duration,
     ) -> Result<Self, StoreError> {
         let manager = RedisConnectionManager::new(url)?;
+        let refused = RefusedLogin::default();
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
             // bb8 waits 30 s for a connection by default; a caller must never wait
@@ -113,6 +195,7 @@ impl Store {
             // A multiplexed connection whose server went away stays broken; the PING
             // on checkout finds that out and bb8 replaces it.
             .test_on_check_out(true)
+            .error_sink(Box::new(refused.clone()))
             .build_unchecked(manager);
         let writers = bb8::Pool::builder()
             .max_size(pool_size)
@@ -120,6 +203,7 @@ impl Store {
             // The check costs no round trip here: it only looks whether the server
             // closed the socket (see `WriteConnection::check_open`).
             .test_on_check_out(true)
+            .error_sink(Box::new(refused.clone()))
             .build_unchecked(WriteManager {
                 info: url.into_connection_info()?,
             });
@@ -128,6 +212,7 @@ impl Store {
             writers,
             command_timeout,
             url: url.to_owned(),
+            refused,
         })
     }
 
@@ -138,11 +223,14 @@ impl Store {
     ) -> Result<T, StoreError> {
         let work = async {
             let mut conn = self.pool.get().await?;
+            self.refused.clear();
             Ok(op(&mut conn).await?)
         };
         tokio::time::timeout(self.command_timeout, work)
             .await
-            .map_err(|_| StoreError::Timeout(self.command_timeout))?
+            .map_err(|_| StoreError::Timeout(self.command_timeout))
+            .and_then(|r| r)
+            .map_err(|e| self.refused.explain(e))
     }
 
     /// Sends `count` commands packed by the flusher and hands each reply to
@@ -156,11 +244,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         let work = async {
             let mut conn = self.writers.get().await?;
+            self.refused.clear();
             conn.request(commands, count, on_reply).await
         };
         tokio::time::timeout(self.command_timeout, work)
             .await
-            .map_err(|_| StoreError::Timeout(self.command_timeout))?
+            .map_err(|_| StoreError::Timeout(self.command_timeout))
+            .and_then(|r| r)
+            .map_err(|e| self.refused.explain(e))
     }
 
     /// Runs a script of [`fence`] by `EVALSHA`, loading it first when Redis does not
@@ -378,7 +469,7 @@ impl WriteConnection {
             })
             .await?;
             if let Some(e) = refused {
-                return Err(StoreError::Refused(e));
+                return Err(StoreError::login_refused(e));
             }
         }
         Ok(conn)
