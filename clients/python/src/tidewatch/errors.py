@@ -12,6 +12,8 @@ __all__ = [
     "UnavailableError",
     "DeadlineExceededError",
     "SessionClosedError",
+    "UnauthenticatedError",
+    "PermissionDeniedError",
     "ProtocolError",
     "from_rpc_error",
 ]
@@ -59,6 +61,14 @@ class SessionClosedError(TidewatchError):
     """A sample was sent to an ingest session that is closed or has failed."""
 
 
+class UnauthenticatedError(TidewatchError):
+    """No credentials, or credentials the server does not accept (a wrong or expired token)."""
+
+
+class PermissionDeniedError(TidewatchError):
+    """The caller lacks the scope for the call, or the device is outside its namespace."""
+
+
 class ProtocolError(TidewatchError):
     """The server broke the Ingest contract (for example, a wrong number of verdicts)."""
 
@@ -76,6 +86,8 @@ _BY_CODE: dict[grpc.StatusCode, type[TidewatchError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
