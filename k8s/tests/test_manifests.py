@@ -17,7 +17,10 @@ import copy
 import json
 import re
 import signal
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 import yaml
@@ -432,3 +435,62 @@ def test_configmap_settings_are_accepted_by_the_binary(base, procs):
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=parse_duration_s(config["data"]["SHUTDOWN_TIMEOUT"]) + 5)
     assert code == 0, procs.log("tidewatch")
+
+
+def test_deployment_tls_and_policy_work_with_the_binary(base, procs, tmp_path):
+    # The Deployment's credential settings with files laid out as the pod sees them
+    # (cert-manager's tls.crt/tls.key/ca.crt, the policy Secret's policy.json): gRPC and
+    # REST want TLS and a policy key, the admin listener answers plain HTTP without one.
+    deploy = one(base, "Deployment", "tidewatch")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    config = one(base, "ConfigMap", container["envFrom"][0]["configMapRef"]["name"])
+    tls_dir, auth_dir = tmp_path / "tls", tmp_path / "auth"
+    tls_dir.mkdir()
+    auth_dir.mkdir()
+    subprocess.run(["sh", str(REPO / "clients" / "test-certs.sh"), str(tls_dir),
+                    "spiffe://tidewatch.test/unused"], check=True)
+    (tls_dir / "server.pem").rename(tls_dir / "tls.crt")
+    (tls_dir / "server.key").rename(tls_dir / "tls.key")
+    (tls_dir / "ca.pem").rename(tls_dir / "ca.crt")
+    (auth_dir / "policy.json").write_text(_secret_text(base, "tidewatch-auth", "policy.json"))
+    redis_port = start_redis(procs)
+    grpc_port, http_port = free_port(), free_port()
+    env = server_env(config, grpc_port, http_port, redis_port)
+    settings = {e["name"]: e.get("value") for e in container["env"]}
+    for setting in SECURE_SETTINGS:
+        env[setting] = (settings[setting].replace(TLS_DIR, str(tls_dir))
+                        .replace(AUTH_DIR, str(auth_dir)))
+    admin = admin_port(env)
+    assert admin, "the ConfigMap sets ADMIN_ADDR"
+    start_server(procs, env, grpc_port, http_port)
+    assert http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
+    status, body = http_get(f"http://127.0.0.1:{admin}/metrics")
+    assert status == 200 and b"# TYPE" in body
+
+    def grpcurl(key: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [tool("grpcurl"), "-cacert", str(tls_dir / "ca.crt"),
+             "-H", f"authorization: Bearer {key}", "-d", '{"device_id":"fleet-a/none"}',
+             f"localhost:{grpc_port}", "tidewatch.v1.TelemetryService/Analyze"],
+            capture_output=True, text=True, timeout=30)
+
+    known = grpcurl(EXAMPLE_KEY)
+    assert "NotFound" in known.stdout + known.stderr, known.stdout + known.stderr
+    wrong = grpcurl("not-a-key")
+    assert "Unauthenticated" in wrong.stdout + wrong.stderr, wrong.stdout + wrong.stderr
+
+    context = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
+
+    def rest(key: str | None) -> int:
+        request = urllib.request.Request(
+            f"https://localhost:{http_port}/analyze?device_id=fleet-a/none",
+            headers={"authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert rest(EXAMPLE_KEY) == 404
+    assert rest(None) == 401
+    assert rest("not-a-key") == 401
