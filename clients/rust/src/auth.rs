@@ -74,9 +74,8 @@ impl Interceptor for Credentials {
             // A token that is not a valid header value would be refused by the server
             // anyway; failing here names the cause instead of sending a mangled header.
             let value: AsciiMetadataValue =
-                MetadataValue::try_from(format!("Bearer {}", token.current())).map_err(|_| {
-                    Status::unauthenticated("token is not a valid metadata value")
-                })?;
+                MetadataValue::try_from(format!("Bearer {}", token.current()))
+                    .map_err(|_| Status::unauthenticated("token is not a valid metadata value"))?;
             request.metadata_mut().insert("authorization", value);
         }
         Ok(request)

@@ -132,7 +132,10 @@ struct Stats {
 
 impl IngestSession {
     /// Starts the session task on the current Tokio runtime.
-    pub(crate) fn start(grpc: TelemetryServiceClient<crate::Transport>, config: SessionConfig) -> Self {
+    pub(crate) fn start(
+        grpc: TelemetryServiceClient<crate::Transport>,
+        config: SessionConfig,
+    ) -> Self {
         let (input_tx, input_rx) = mpsc::channel(config.input_buffer.max(1));
         let (output_tx, output_rx) = mpsc::channel(config.output_buffer.max(1));
         let stats = Arc::new(Stats::default());

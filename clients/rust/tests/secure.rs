@@ -120,7 +120,10 @@ fn config(server: &ServerProcess, ca: &Ca, token: Option<Token>) -> ClientConfig
 }
 
 fn code(result: Result<impl std::fmt::Debug, Error>) -> Code {
-    result.expect_err("the call must be refused").code().expect("a status")
+    result
+        .expect_err("the call must be refused")
+        .code()
+        .expect("a status")
 }
 
 #[tokio::test]
@@ -179,7 +182,9 @@ async fn a_wrong_or_missing_token_is_unauthenticated() {
     assert!(!error.is_retryable(), "{error}");
     assert!(error.to_string().contains("Unauthenticated"), "{error}");
 
-    let none = Client::connect_with(config(&server, &ca, None)).await.unwrap();
+    let none = Client::connect_with(config(&server, &ca, None))
+        .await
+        .unwrap();
     assert_eq!(
         code(none.analyze("fleet-a/pump-1").await),
         Code::Unauthenticated
