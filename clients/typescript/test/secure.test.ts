@@ -12,7 +12,7 @@ import { dirname, join, resolve } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
 import {
   bearerToken,
@@ -125,9 +125,12 @@ test("a token callback is called when each call opens", async () => {
 
 test("a caller-built TLS transport with bearerToken", async () => {
   const s = await secureServer(false);
+  const baseUrl = `https://${s.target}`;
+  // The caller owns the connection of a transport it built: close it at the end.
+  const sessions = new Http2SessionManager(baseUrl, {}, { ca: s.pem("ca.pem") });
   const transport = createGrpcTransport({
-    baseUrl: `https://${s.target}`,
-    nodeOptions: { ca: s.pem("ca.pem") },
+    baseUrl,
+    sessionManager: sessions,
     interceptors: [bearerToken(KEY)],
   });
   const client = connect(transport);
@@ -135,6 +138,7 @@ test("a caller-built TLS transport with bearerToken", async () => {
     await assert.rejects(client.analyze("fleet-a/none"), NotFoundError);
     assert.throws(() => connect(transport, { token: KEY }), TypeError);
   } finally {
+    sessions.abort();
     await s.done();
   }
 });
