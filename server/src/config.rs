@@ -300,6 +300,80 @@ pub struct Config {
     /// so that a client reconnecting within it resumes without a gap.
     #[arg(long, env = "FEED_RESUME_WINDOW", default_value = "60s", value_parser = parse_duration)]
     pub feed_resume_window: Duration,
+    /// PEM certificate chain: with `TLS_KEY`, both listeners speak TLS (1.2+; the
+    /// files are re-read when they change).
+    #[arg(help_heading = "Security", long, env = "TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `TLS_CERT`.
+    #[arg(help_heading = "Security", long, env = "TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificates: clients must present a certificate one of them signed
+    /// (mutual TLS); its identity names a policy entry.
+    #[arg(help_heading = "Security", long, env = "TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Time a client gets to complete its TLS handshake.
+    #[arg(help_heading = "Security", long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// The policy file (principals, scopes, device namespaces, quotas, hashed API
+    /// keys); with it or `AUTH_JWKS`, every API call needs credentials.
+    #[arg(help_heading = "Security", long, env = "AUTH_POLICY")]
+    pub auth_policy: Option<std::path::PathBuf>,
+
+    /// JWKS file of the public keys that sign accepted JWTs.
+    #[arg(help_heading = "Security", long, env = "AUTH_JWKS")]
+    pub auth_jwks: Option<std::path::PathBuf>,
+
+    /// Accepted JWT issuers (`iss`), comma-separated; empty accepts any.
+    #[arg(
+        help_heading = "Security",
+        long,
+        env = "AUTH_JWT_ISSUER",
+        value_delimiter = ','
+    )]
+    pub auth_jwt_issuer: Vec<String>,
+
+    /// Accepted JWT audiences (`aud`), comma-separated; empty skips the check.
+    #[arg(
+        help_heading = "Security",
+        long,
+        env = "AUTH_JWT_AUDIENCE",
+        value_delimiter = ','
+    )]
+    pub auth_jwt_audience: Vec<String>,
+
+    /// How often the certificate, key, CA, policy and JWKS files are checked for
+    /// changes.
+    #[arg(help_heading = "Security", long, env = "CREDENTIALS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub credentials_reload_interval: Duration,
+
+    /// Serve on a non-loopback address without TLS or without authentication.
+    /// Logged at every start.
+    #[arg(
+        help_heading = "Security",
+        long,
+        env = "ALLOW_INSECURE",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub allow_insecure: bool,
+
+    /// Serve gRPC reflection (it describes the API, never device data).
+    #[arg(
+        help_heading = "Security",
+        long,
+        env = "REFLECTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub reflection: bool,
 }
 
 /// The detector settings (shared with `tidewatch-eval`, which takes the same flags).
@@ -572,6 +646,7 @@ impl Config {
             return fail("REDIS_COMMAND_TIMEOUT", "must be above 0".into());
         }
         self.detectors.validate()?;
+        self.validate_security()?;
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.listen_addr {
             return fail(
                 "LISTEN_ADDR",
@@ -579,6 +654,70 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// TLS needs both files; mutual TLS needs TLS; a listener outside loopback needs
+    /// TLS and authentication unless `ALLOW_INSECURE` says otherwise.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let fail = |setting, message: &str| {
+            Err(ConfigError {
+                setting,
+                message: message.into(),
+            })
+        };
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return fail("TLS_KEY", "must be set with TLS_CERT"),
+            (None, Some(_)) => return fail("TLS_CERT", "must be set with TLS_KEY"),
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return fail("TLS_CLIENT_CA", "needs TLS_CERT and TLS_KEY");
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return fail("TLS_HANDSHAKE_TIMEOUT", "must be above 0");
+        }
+        if self.credentials_reload_interval.is_zero() {
+            return fail("CREDENTIALS_RELOAD_INTERVAL", "must be above 0");
+        }
+        if self.allow_insecure {
+            return Ok(());
+        }
+        for (setting, addr) in [
+            ("GRPC_ADDR", self.grpc_addr),
+            ("LISTEN_ADDR", self.listen_addr),
+        ] {
+            if addr.ip().is_loopback() {
+                continue;
+            }
+            if self.tls_cert.is_none() {
+                return fail(
+                    "TLS_CERT",
+                    &format!(
+                        "{setting} {addr} is not a loopback address: set TLS_CERT and TLS_KEY (or ALLOW_INSECURE=true)"
+                    ),
+                );
+            }
+            if !self.authenticates() {
+                return fail(
+                    "AUTH_POLICY",
+                    &format!(
+                        "{setting} {addr} is not a loopback address: set AUTH_POLICY or AUTH_JWKS (or ALLOW_INSECURE=true)"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether API calls need credentials.
+    pub fn authenticates(&self) -> bool {
+        self.auth_policy.is_some() || self.auth_jwks.is_some()
+    }
+
+    /// Whether a listener outside loopback runs without TLS or authentication.
+    pub fn insecure_exposure(&self) -> bool {
+        let exposed = !self.grpc_addr.ip().is_loopback() || !self.listen_addr.ip().is_loopback();
+        exposed && (self.tls_cert.is_none() || !self.authenticates())
     }
 
     /// `REDIS_URL` when snapshots are on (set and not empty).

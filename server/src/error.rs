@@ -51,6 +51,17 @@ pub enum SampleError {
         /// The configured limit.
         limit: usize,
     },
+    /// The device is outside the caller's device namespace. Says nothing of whether
+    /// the device exists.
+    #[error(
+        "permission_denied: device {device:?} is outside the namespace of principal {principal:?}"
+    )]
+    PermissionDenied {
+        /// The device.
+        device: String,
+        /// Who sent the sample.
+        principal: String,
+    },
 }
 
 fn describe(value: f64) -> &'static str {
@@ -65,13 +76,14 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 6] = [
+    pub const REASONS: [&'static str; 7] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
         "invalid_value",
         "too_many_metrics",
         "device_limit",
+        "permission_denied",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -83,6 +95,7 @@ impl SampleError {
             Self::InvalidValue { .. } => 3,
             Self::TooManyMetrics { .. } => 4,
             Self::DeviceLimit { .. } => 5,
+            Self::PermissionDenied { .. } => 6,
         }
     }
 
@@ -109,6 +122,12 @@ pub enum ErrorKind {
     Timeout,
     /// A bug or an unexpected failure; never carries internal detail to the client.
     Internal,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Valid credentials that do not allow this call.
+    PermissionDenied,
+    /// The caller's own quota is used up; retry after the time given.
+    RateLimited,
 }
 
 impl ErrorKind {
@@ -122,6 +141,9 @@ impl ErrorKind {
             Self::Unavailable => Code::Unavailable,
             Self::Timeout => Code::DeadlineExceeded,
             Self::Internal => Code::Internal,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
+            Self::RateLimited => Code::ResourceExhausted,
         }
     }
 
@@ -135,6 +157,9 @@ impl ErrorKind {
             Self::Unavailable => 503,
             Self::Timeout => 504,
             Self::Internal => 500,
+            Self::Unauthenticated => 401,
+            Self::PermissionDenied => 403,
+            Self::RateLimited => 429,
         }
     }
 
@@ -148,6 +173,9 @@ impl ErrorKind {
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
             Self::Internal => "internal",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission_denied",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -160,6 +188,8 @@ pub struct ApiError {
     pub kind: ErrorKind,
     /// Safe to show to the client.
     pub message: String,
+    /// When retrying helps, after how long (`grpc-retry-pushback-ms`, `Retry-After`).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -168,13 +198,29 @@ impl ApiError {
         Self {
             kind,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `delay`.
+    pub fn retry_after(mut self, delay: std::time::Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
     }
 }
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        Status::new(e.kind.grpc_code(), e.message)
+        let mut status = Status::new(e.kind.grpc_code(), e.message);
+        if let Some(delay) = e.retry_after {
+            let millis = delay.as_millis().max(1).to_string();
+            if let Ok(value) = millis.parse() {
+                status
+                    .metadata_mut()
+                    .insert("grpc-retry-pushback-ms", value);
+            }
+        }
+        status
     }
 }
 

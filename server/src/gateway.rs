@@ -33,7 +33,7 @@ use std::{
 };
 
 use axum::{
-    Router,
+    Extension, Router,
     body::Body,
     error_handling::HandleErrorLayer,
     extract::{MatchedPath, Query, Request, State, rejection::QueryRejection},
@@ -58,6 +58,10 @@ use crate::{
     config::nonzero,
     error::{ApiError, ErrorKind},
     overload::{self, RETRY_AFTER_SECONDS},
+    security::{
+        policy::{Principal, Scope},
+        tls::PeerInfo,
+    },
     service::AppState,
     telemetry::Transport,
 };
@@ -70,7 +74,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     // concurrency limit and timeout.
     let feed = Router::new()
         .route("/anomalies", get(sse::anomalies))
-        .with_state(sse::Feed::new(Arc::clone(&state)));
+        .with_state(sse::Feed::new(Arc::clone(&state)))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate,
+        ));
     // Shedding and the timeout apply to the API only; probes and scrapes always answer.
     let api = Router::new()
         .route("/ingest", post(ingest))
@@ -91,7 +99,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                 )
                 .option_layer(nonzero(config.request_timeout).map(TimeoutLayer::new))
                 .map_err(BoxError::from),
-        );
+        )
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate,
+        ));
     Router::new()
         .merge(api)
         .merge(feed)
@@ -106,6 +118,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .with_state(state)
+}
+
+/// Finds the caller of an API request from its `authorization` header and its
+/// connection's client certificate, and hands it to the handler; `401` without valid
+/// credentials. Probes, `/metrics`, the OpenAPI document and the console's files are
+/// outside it: they carry no device data.
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let identity = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<PeerInfo>>()
+        .and_then(|info| info.0.identity.clone());
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    match state.security.principal(authorization, identity.as_deref()) {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Records every request's latency by route and status (outermost, so shed and
@@ -167,10 +205,22 @@ pub(crate) fn error_response(error: ApiError) -> Response {
             },
         },
     );
-    if matches!(error.kind, ErrorKind::Overloaded | ErrorKind::Unavailable) {
+    let retry_after = match error.retry_after {
+        Some(delay) => Some(delay.as_secs() + u64::from(delay.subsec_nanos() > 0)),
+        None if matches!(error.kind, ErrorKind::Overloaded | ErrorKind::Unavailable) => {
+            Some(RETRY_AFTER_SECONDS)
+        }
+        None => None,
+    };
+    if let Some(seconds) = retry_after {
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    }
+    if error.kind == ErrorKind::Unauthenticated {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     response
 }
@@ -270,10 +320,14 @@ impl IngestQuery {
 )]
 async fn ingest(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
     query: Result<Query<IngestQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if let Err(e) = principal.require(Scope::Ingest) {
+        return ApiError::from(e).into_response();
+    }
     let detector = match query {
         Ok(Query(query)) => state.engine.detector(query.detector().as_ref()),
         Err(e) => Err(ApiError::new(ErrorKind::InvalidArgument, e.body_text())),
@@ -303,8 +357,14 @@ async fn ingest(
         }
     };
     drop(bytes);
+    if let Some(usage) = state.security.usage(&principal)
+        && let Err(e) = usage.take_samples(&principal.name, samples.len(), Instant::now())
+    {
+        return ApiError::from(e).into_response();
+    }
     let mut verdicts = Vec::new();
     let judged = state.judge_now(
+        &principal,
         &samples,
         &detector,
         Transport::Http,
@@ -316,7 +376,7 @@ async fn ingest(
         // and its verdicts follow the ones judged so far.
         let rest = samples.split_off(judged.count);
         let later = Arc::clone(&state)
-            .judge(rest, detector, Transport::Http)
+            .judge(Arc::clone(&principal), rest, detector, Transport::Http)
             .await;
         if verdicts.is_empty() {
             verdicts = later;
@@ -427,6 +487,7 @@ struct AnalyzeQuery {
 )]
 async fn analyze(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
     query: Result<Query<AnalyzeQuery>, QueryRejection>,
 ) -> Response {
     let Query(query) = match query {
@@ -438,7 +499,7 @@ async fn analyze(
     let request = AnalyzeRequest {
         device_id: query.device_id,
     };
-    let found = match state.analyze(&request).await {
+    let found = match state.analyze(&principal, &request).await {
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };

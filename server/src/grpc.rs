@@ -28,7 +28,10 @@ use tonic::{
     server::NamedService,
 };
 
-use crate::service::AppState;
+use crate::{
+    security::{policy::Principal, tls::PeerInfo},
+    service::AppState,
+};
 use fast::WireRequest;
 pub(crate) use fast::incoming;
 
@@ -99,8 +102,9 @@ impl TelemetryService for TelemetryApi {
         &self,
         request: Request<AnalyzeRequest>,
     ) -> Result<Response<AnalyzeResponse>, Status> {
+        let principal = caller(&self.state, request.extensions())?;
         self.state
-            .analyze(request.get_ref())
+            .analyze(&principal, request.get_ref())
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -112,7 +116,8 @@ impl TelemetryService for TelemetryApi {
         &self,
         request: Request<WatchAnomaliesRequest>,
     ) -> Result<Response<Self::WatchAnomaliesStream>, Status> {
-        watch::watch(&self.state, request.into_inner())
+        let principal = caller(&self.state, request.extensions())?;
+        watch::watch(&self.state, principal, request.into_inner())
             .map(Response::new)
             .map_err(Status::from)
     }
@@ -147,9 +152,44 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let mut request = request;
+        if let Err(status) = authenticate(&self.state, &mut request) {
+            return Box::pin(ready(Ok(status.into_http())));
+        }
         if request.uri().path() != INGEST_PATH {
             return self.generated.call(request);
         }
         Box::pin(ready(Ok(fast::serve(&self.state, request))))
+    }
+}
+
+/// Finds the caller of a call from its `authorization` header and its connection's
+/// client certificate, and puts it in the request's extensions for the method.
+/// Once per call: an `Ingest` stream is authenticated when it opens, not per message.
+fn authenticate<B>(state: &AppState, request: &mut http::Request<B>) -> Result<(), Status> {
+    let identity = request
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|peer| peer.identity.clone());
+    let authorization = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(http::HeaderValue::as_bytes);
+    let principal = state
+        .security
+        .principal(authorization, identity.as_deref())?;
+    request.extensions_mut().insert(principal);
+    Ok(())
+}
+
+/// The caller [`TelemetryRouter`] authenticated; without it (the generated server
+/// mounted on its own) the anonymous principal when authentication is off.
+pub(crate) fn caller(
+    state: &AppState,
+    extensions: &http::Extensions,
+) -> Result<Arc<Principal>, Status> {
+    match extensions.get::<Arc<Principal>>() {
+        Some(principal) => Ok(Arc::clone(principal)),
+        None => Ok(state.security.principal(None, None)?),
     }
 }

@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tidewatch_proto::v1::telemetry_service_server::TelemetryServiceServer;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +25,7 @@ use tonic_health::{
 use crate::{
     config::{Config, nonzero},
     gateway, grpc, overload,
+    security::tls,
     service::AppState,
     snapshot,
     tasks::Background,
@@ -114,7 +114,8 @@ impl Server {
         // while the server is not serving yet (connections wait in the backlog until
         // here) and while it drains.
         state.ready.store(true, Ordering::Relaxed);
-        let http = start_http(&state, http);
+        let http = start_http(&state, http)?;
+        announce_security(&state);
         tracing::info!(%http_addr, "http listening");
         tracing::info!(%grpc_addr, "grpc listening");
 
@@ -159,11 +160,15 @@ async fn start_grpc(
     let services = grpc_services(state, health_service)?;
     let drained = state.shutdown.clone();
     let (lingering, lingered) = mpsc::channel::<()>(1);
-    let incoming = grpc::incoming(
-        listener,
-        state.config.shutdown_timeout,
-        state.config.flush_consolidation,
-        lingering,
+    let incoming = tls::maybe_tls(
+        grpc::incoming(
+            listener,
+            state.config.shutdown_timeout,
+            state.config.flush_consolidation,
+            lingering,
+        ),
+        state.security.grpc_tls.clone(),
+        state.config.tls_handshake_timeout,
     );
     let server = services.serve_with_incoming_shutdown(incoming, async move {
         drained.cancelled().await;
@@ -196,27 +201,52 @@ fn grpc_services(
             .max_connection_age_grace(config.max_connection_age_grace);
     }
     let api = grpc::TelemetryApi::new(Arc::clone(state)).into_server();
-    Ok(builder
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(overload::guard_grpc(state, api)))
+    let mut router = builder.add_service(health);
+    if config.reflection {
+        router = router
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+    }
+    Ok(router.add_service(overload::guard_grpc(state, api)))
 }
 
 /// Starts the HTTP gateway on `listener`; it runs until its `stop` is cancelled.
-fn start_http(state: &Arc<AppState>, listener: TcpListener) -> HttpTask {
+fn start_http(state: &Arc<AppState>, listener: TcpListener) -> io::Result<HttpTask> {
     let stop = CancellationToken::new();
     let stopped = stop.clone();
+    let listener = tls::GatewayListener::new(
+        listener,
+        state.security.http_tls.clone(),
+        state.config.tls_handshake_timeout,
+    )?;
     let server = axum::serve(
-        listener.tap_io(|tcp| {
-            // Small JSON answers: send them now, not after Nagle's delay.
-            let _ = tcp.set_nodelay(true);
-        }),
-        gateway::router(Arc::clone(state)).into_make_service(),
+        listener,
+        gateway::router(Arc::clone(state)).into_make_service_with_connect_info::<tls::PeerInfo>(),
     )
     .with_graceful_shutdown(async move { stopped.cancelled().await });
     let task = tokio::spawn(server.into_future());
-    HttpTask { task, stop }
+    Ok(HttpTask { task, stop })
+}
+
+/// Logs how the listeners are protected, once; an exposed listener without TLS or
+/// authentication (allowed by `ALLOW_INSECURE`) is a warning at every start.
+fn announce_security(state: &AppState) {
+    let config = &state.config;
+    let security = &state.security;
+    tracing::info!(
+        tls = security.grpc_tls.is_some(),
+        mutual_tls = config.tls_client_ca.is_some(),
+        authentication = security.authenticates(),
+        reflection = config.reflection,
+        "security"
+    );
+    if config.insecure_exposure() {
+        tracing::warn!(
+            grpc_addr = %config.grpc_addr,
+            listen_addr = %config.listen_addr,
+            "ALLOW_INSECURE: serving outside loopback without TLS or without authentication"
+        );
+    }
 }
 
 /// Logs where window state lives; with snapshots, also checks Redis in the background

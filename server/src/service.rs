@@ -35,7 +35,11 @@ use crate::{
         DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response, normalize_device_id,
         now_timestamp,
     },
-    error::{ApiError, ErrorKind},
+    error::{ApiError, ErrorKind, SampleError},
+    security::{
+        Security,
+        policy::{AccessError, Principal, Scope},
+    },
     snapshot::{SnapshotConfig, Snapshots},
     telemetry::{Metrics, Transport},
 };
@@ -70,6 +74,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Redis snapshots, when `REDIS_URL` is set.
     pub snapshots: Option<Arc<Snapshots>>,
+    /// TLS, authentication, per-principal quotas.
+    pub security: Arc<Security>,
 }
 
 /// How far [`AppState::judge_now`] got through a request.
@@ -101,7 +107,9 @@ impl AppState {
             )),
             None => None,
         };
+        let security = Arc::new(Security::from_config(&config)?);
         Ok(Self {
+            security,
             config: Arc::new(config),
             engine,
             metrics,
@@ -125,6 +133,7 @@ impl AppState {
     /// server default).
     pub fn judge_now<S: SampleLike>(
         &self,
+        principal: &Principal,
         samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
         detector: &DetectorSpec,
         transport: Transport,
@@ -139,7 +148,9 @@ impl AppState {
             };
         }
         let restore = self.snapshots.is_some();
-        self.judge_into(samples, detector, transport, received, out, restore)
+        self.judge_into(
+            principal, samples, detector, transport, received, out, restore,
+        )
     }
 
     /// Judges what [`AppState::judge_now`] left of a request, waiting where needed:
@@ -148,19 +159,32 @@ impl AppState {
     /// batch of `BLOCKING_BATCH` samples or more runs on the blocking pool.
     pub async fn judge(
         self: Arc<Self>,
+        principal: Arc<Principal>,
         samples: Vec<Sample>,
         detector: DetectorSpec,
         transport: Transport,
     ) -> Vec<Verdict> {
         if let Some(snapshots) = &self.snapshots {
-            snapshots.restore_missing(&samples).await;
+            if principal.devices.is_everything() {
+                snapshots.restore_missing(&samples).await;
+            } else {
+                // A device outside the caller's namespace is refused, never loaded.
+                let allowed: Vec<Sample> = samples
+                    .iter()
+                    .filter(|s| principal.may_touch(normalize_device_id(&s.device_id)))
+                    .cloned()
+                    .collect();
+                snapshots.restore_missing(&allowed).await;
+            }
         }
         if samples.len() < BLOCKING_BATCH {
-            return self.judge_all(&samples, &detector, transport);
+            return self.judge_all(&principal, &samples, &detector, transport);
         }
         let state = Arc::clone(&self);
-        match tokio::task::spawn_blocking(move || state.judge_all(&samples, &detector, transport))
-            .await
+        match tokio::task::spawn_blocking(move || {
+            state.judge_all(&principal, &samples, &detector, transport)
+        })
+        .await
         {
             Ok(verdicts) => verdicts,
             Err(e) => {
@@ -174,8 +198,21 @@ impl AppState {
     /// `Analyze`: the device's statistics from memory, else from its snapshot (`source`
     /// says which), else `NOT_FOUND`; `UNAVAILABLE` when only Redis could tell and it
     /// does not answer. The gRPC method and the gateway's `GET /analyze` both serve it.
-    pub async fn analyze(&self, request: &AnalyzeRequest) -> Result<AnalyzeResponse, ApiError> {
+    pub async fn analyze(
+        &self,
+        principal: &Principal,
+        request: &AnalyzeRequest,
+    ) -> Result<AnalyzeResponse, ApiError> {
+        principal.require(Scope::Analyze)?;
         let id = normalize_device_id(&request.device_id);
+        // Refused before any lookup: the answer says nothing of whether it exists.
+        if !principal.may_touch(id) {
+            return Err(AccessError::Device {
+                principal: principal.name.to_string(),
+                device: id.to_owned(),
+            }
+            .into());
+        }
         if let Some(found) = self.engine.analyze(id) {
             return Ok(found);
         }
@@ -203,12 +240,14 @@ impl AppState {
     /// them), starting the clock now.
     fn judge_all(
         &self,
+        principal: &Principal,
         samples: &[Sample],
         detector: &DetectorSpec,
         transport: Transport,
     ) -> Vec<Verdict> {
         let mut verdicts = Vec::with_capacity(samples.len());
         let _ = self.judge_into(
+            principal,
             samples,
             detector,
             transport,
@@ -219,12 +258,77 @@ impl AppState {
         verdicts
     }
 
+    /// [`AppState::judge_run`] for the samples of devices inside `principal`'s
+    /// namespace; each sample of a device outside it gets a `permission_denied` error
+    /// in its place, and nothing of it is read or changed. A principal that may touch
+    /// every device (the usual case) goes straight through.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_into<S: SampleLike>(
+        &self,
+        principal: &Principal,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        transport: Transport,
+        started: Instant,
+        out: &mut impl VerdictSink,
+        stop_at_unknown: bool,
+    ) -> Judged {
+        if principal.devices.is_everything() {
+            return self.judge_run(samples, detector, transport, started, out, stop_at_unknown);
+        }
+        let mut samples = samples.into_iter();
+        let mut run: Vec<S> = Vec::with_capacity(samples.len());
+        let (mut count, mut finished, mut denied) = (0, started, 0);
+        let judged = loop {
+            let next = samples.next();
+            if let Some(sample) = next.as_ref()
+                && std::str::from_utf8(sample.device_id())
+                    .is_ok_and(|id| principal.may_touch(normalize_device_id(id)))
+            {
+                run.extend(next);
+                continue;
+            }
+            let len = run.len();
+            if len > 0 {
+                let judged = self.judge_run(
+                    run.drain(..),
+                    detector,
+                    transport,
+                    finished,
+                    out,
+                    stop_at_unknown,
+                );
+                count += judged.count;
+                finished = judged.finished;
+                if judged.count < len {
+                    break Judged { count, finished };
+                }
+            }
+            let Some(sample) = next else {
+                break Judged { count, finished };
+            };
+            let device = String::from_utf8_lossy(sample.device_id()).into_owned();
+            let error = SampleError::PermissionDenied {
+                device,
+                principal: principal.name.to_string(),
+            };
+            out.error(sample.device_id(), sample.seq(), &error);
+            count += 1;
+            denied += 1;
+        };
+        if denied > 0 {
+            self.metrics
+                .record_rejected_request(transport, "permission_denied", denied);
+        }
+        judged
+    }
+
     /// The core under both entry points: engine, metrics once per message, anomaly
     /// broadcast. Judges all of `samples` unless `stop_at_unknown` (see
     /// [`Engine::ingest_batch_with`]). While anomaly watchers are subscribed, the
     /// verdicts are also kept as prost messages for them (unless `out` keeps them
     /// already). The message's latency is recorded when it is judged whole here.
-    fn judge_into<S: SampleLike>(
+    fn judge_run<S: SampleLike>(
         &self,
         samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
         detector: &DetectorSpec,
@@ -303,8 +407,23 @@ mod tests {
     fn judge_now(state: &AppState, samples: &[Sample], out: &mut Vec<Verdict>) -> usize {
         let detector = state.engine.default_detector();
         state
-            .judge_now(samples, &detector, Transport::Http, Instant::now(), out)
+            .judge_now(
+                &Principal::anonymous(),
+                samples,
+                &detector,
+                Transport::Http,
+                Instant::now(),
+                out,
+            )
             .count
+    }
+
+    fn tenant(devices: &str) -> Arc<Principal> {
+        Arc::new(Principal {
+            name: "tenant-a".into(),
+            devices: crate::security::policy::DeviceNamespace::parse([devices]).unwrap(),
+            ..Principal::anonymous()
+        })
     }
 
     #[tokio::test]
@@ -328,7 +447,12 @@ mod tests {
         assert!(out.is_empty() && !state.engine.contains("a"));
         let detector = state.engine.default_detector();
         let verdicts = Arc::clone(&state)
-            .judge(samples, detector, Transport::Http)
+            .judge(
+                Arc::new(Principal::anonymous()),
+                samples,
+                detector,
+                Transport::Http,
+            )
             .await;
         assert_eq!(verdicts.len(), BLOCKING_BATCH);
         assert_eq!(verdicts.last().map(|v| v.seq), Some(BLOCKING_BATCH as u64));
@@ -354,11 +478,114 @@ mod tests {
         let detector = state.engine.default_detector();
         out.extend(
             Arc::clone(&state)
-                .judge(rest, detector, Transport::Http)
+                .judge(
+                    Arc::new(Principal::anonymous()),
+                    rest,
+                    detector,
+                    Transport::Http,
+                )
                 .await,
         );
         let order: Vec<(&str, u64)> = out.iter().map(|v| (&*v.device_id, v.seq)).collect();
         assert_eq!(order, [("a", 2), ("b", 1), ("a", 3)]);
         assert!(state.engine.contains("b"));
+    }
+
+    /// Samples of devices outside the caller's namespace get `permission_denied` in
+    /// their place and leave no trace; the others are judged in order around them,
+    /// through both ways in (the async one after a stop for a restore).
+    #[tokio::test]
+    async fn devices_outside_the_namespace_are_refused_per_sample() {
+        let state = state(Some("redis://127.0.0.1:1"));
+        let principal = tenant("a/*");
+        state.engine.ingest_batch(
+            &[sample("a/1", 1)],
+            &state.engine.default_detector(),
+            &mut Vec::new(),
+        );
+        let mut samples = vec![
+            sample("a/1", 2),
+            sample("b/1", 1),
+            sample("a/1", 3),
+            sample("a/2", 1),
+            sample("b/2", 1),
+            sample("a/1", 4),
+        ];
+        let detector = state.engine.default_detector();
+        let mut out = Vec::new();
+        let count = state
+            .judge_now(
+                &principal,
+                &samples,
+                &detector,
+                Transport::Http,
+                Instant::now(),
+                &mut out,
+            )
+            .count;
+        assert_eq!(count, 3, "stops before a/2, which must be restored first");
+        let rest = samples.split_off(count);
+        out.extend(
+            Arc::clone(&state)
+                .judge(Arc::clone(&principal), rest, detector, Transport::Http)
+                .await,
+        );
+        let got: Vec<(&str, u64, &str)> = out
+            .iter()
+            .map(|v| {
+                (
+                    &*v.device_id,
+                    v.seq,
+                    v.error.split(':').next().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a/1", 2, ""),
+                ("b/1", 1, "permission_denied"),
+                ("a/1", 3, ""),
+                ("a/2", 1, ""),
+                ("b/2", 1, "permission_denied"),
+                ("a/1", 4, ""),
+            ]
+        );
+        assert!(!state.engine.contains("b/1") && !state.engine.contains("b/2"));
+        assert!(state.engine.contains("a/2"));
+    }
+
+    #[tokio::test]
+    async fn analyze_outside_the_namespace_does_not_say_whether_the_device_exists() {
+        let state = state(None);
+        let detector = state.engine.default_detector();
+        state
+            .engine
+            .ingest_batch(&[sample("b/1", 1)], &detector, &mut Vec::new());
+        let principal = tenant("a/*");
+        for id in ["b/1", "b/never-seen"] {
+            let e = state
+                .analyze(
+                    &principal,
+                    &AnalyzeRequest {
+                        device_id: id.into(),
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::PermissionDenied, "{id}");
+            assert!(!e.message.contains("unknown"), "{}", e.message);
+        }
+        assert!(
+            state
+                .analyze(
+                    &Principal::anonymous(),
+                    &AnalyzeRequest {
+                        device_id: "b/1".into()
+                    }
+                )
+                .await
+                .is_ok()
+        );
     }
 }

@@ -31,6 +31,13 @@ pub(crate) struct Background {
 impl Background {
     /// Starts the flusher when `state` has snapshots, else the evictor.
     pub(crate) fn start(state: &Arc<AppState>) -> Self {
+        let security = &state.security;
+        if security.grpc_tls.is_some() || security.authenticates() {
+            tokio::spawn(Arc::clone(security).reload_periodically(
+                state.config.credentials_reload_interval,
+                state.shutdown.clone(),
+            ));
+        }
         let stop_flusher = CancellationToken::new();
         match &state.snapshots {
             Some(snapshots) => Self {

@@ -86,7 +86,7 @@ impl Transport {
 }
 
 /// Reasons a sample is rejected, as labels (the prefixes of `SampleError`).
-const REJECT_REASONS: [&str; 6] = SampleError::REASONS;
+const REJECT_REASONS: [&str; SampleError::REASONS.len()] = SampleError::REASONS;
 
 /// Per-transport counters.
 #[derive(Debug, Default)]

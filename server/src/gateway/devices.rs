@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::{
+    Extension,
     extract::{Query, State, rejection::QueryRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
@@ -21,6 +22,7 @@ use crate::{
     AppState,
     engine::normalize_device_id,
     error::{ApiError, ErrorKind},
+    security::policy::{AccessError, Principal, Scope},
 };
 
 /// Ids per page when the request names no `limit`.
@@ -72,8 +74,12 @@ pub(crate) struct DevicePage {
 )]
 pub(crate) async fn devices(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
     query: Result<Query<DevicesQuery>, QueryRejection>,
 ) -> Response {
+    if let Err(e) = principal.require(Scope::Analyze) {
+        return ApiError::from(e).into_response();
+    }
     let Query(query) = match query {
         Ok(query) => query,
         Err(e) => {
@@ -104,6 +110,15 @@ pub(crate) async fn devices(
         scan()
     };
     let next = if more { ids.last().cloned() } else { None };
+    // A page of a namespace-bound caller holds its own devices only; `next` still
+    // walks the whole listing, so a page may hold fewer than `limit` ids.
+    let ids = if principal.devices.is_everything() {
+        ids
+    } else {
+        ids.into_iter()
+            .filter(|id| principal.may_touch(id))
+            .collect()
+    };
     json_response(
         StatusCode::OK,
         &DevicePage {
@@ -190,8 +205,12 @@ fn doubles() -> ArrayBuilder {
 )]
 pub(crate) async fn window(
     State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
     query: Result<Query<WindowQuery>, QueryRejection>,
 ) -> Response {
+    if let Err(e) = principal.require(Scope::Analyze) {
+        return ApiError::from(e).into_response();
+    }
     let Query(query) = match query {
         Ok(query) => query,
         Err(e) => {
@@ -199,6 +218,13 @@ pub(crate) async fn window(
         }
     };
     let id = normalize_device_id(&query.device_id);
+    if !principal.may_touch(id) {
+        return ApiError::from(AccessError::Device {
+            principal: principal.name.to_string(),
+            device: id.to_owned(),
+        })
+        .into_response();
+    }
     let Some(device) = state.engine.device_state(id) else {
         return ApiError::new(
             ErrorKind::NotFound,

@@ -27,7 +27,7 @@ use std::{
 };
 
 use axum::{
-    extract::{RawQuery, State},
+    extract::{Extension, RawQuery, State},
     http::{HeaderMap, header::HeaderName},
     response::{
         IntoResponse, Response,
@@ -42,7 +42,8 @@ use super::openapi::ErrorBody;
 use crate::{
     AnomalyEvent, AppState,
     error::{ApiError, ErrorKind},
-    grpc::watch::{admit, wanted},
+    grpc::watch::{admit, admit_principal, wanted},
+    security::policy::Principal,
     telemetry::ActiveGauge,
 };
 
@@ -310,10 +311,11 @@ fn event_id(value: &str) -> Result<u64, ApiError> {
 )]
 pub(crate) async fn anomalies(
     State(feed): State<Arc<Feed>>,
+    Extension(principal): Extension<Arc<Principal>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    match open(&feed, query.as_deref().unwrap_or(""), &headers) {
+    match open(&feed, principal, query.as_deref().unwrap_or(""), &headers) {
         Ok(stream) => Sse::new(stream)
             .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
             .into_response(),
@@ -324,6 +326,7 @@ pub(crate) async fn anomalies(
 /// Checks the request, joins the feed and returns the client's event stream.
 fn open(
     feed: &Arc<Feed>,
+    principal: Arc<Principal>,
     query: &str,
     headers: &HeaderMap,
 ) -> Result<impl Stream<Item = Result<Event, Infallible>> + use<>, ApiError> {
@@ -338,6 +341,7 @@ fn open(
         query.last_event_id = Some(event_id(value)?);
     }
     let filter = query.filter;
+    let slot = admit_principal(&feed.state, &principal, &filter.device_ids)?;
     let filter_len = filter.device_ids.len() + filter.metrics.len();
     let Joined {
         replay,
@@ -352,6 +356,10 @@ fn open(
         // closes, so the recorder never goes without one.
         let _gauge = gauge;
         let _leave = leave;
+        let _slot = slot;
+        let wanted = |filter: &_, event: &Arc<AnomalyEvent>| {
+            wanted(filter, event) && principal.may_touch(&event.verdict.device_id)
+        };
         let mut missed = missed;
         yield Ok(Event::default().retry(RECONNECT).comment("tidewatch anomaly feed"));
         for entry in replay {

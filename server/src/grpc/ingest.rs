@@ -33,6 +33,10 @@ use crate::{
     config::nonzero,
     engine::DetectorSpec,
     error::{ApiError, ErrorKind},
+    security::{
+        policy::{Principal, Scope},
+        quota::{Slot, Usage},
+    },
     service::AppState,
     telemetry::{ActiveGauge, Transport},
 };
@@ -66,6 +70,12 @@ pub(crate) struct StreamCore {
     detector: Option<DetectorSpec>,
     /// Keeps the active-streams gauge up while the stream lives.
     _active: ActiveGauge,
+    /// Who opened the stream (authenticated once, when it opened).
+    principal: Arc<Principal>,
+    /// The principal's quotas, when it has any.
+    usage: Option<Arc<Usage>>,
+    /// The principal's stream slot, given back when the stream ends.
+    _slot: Option<Slot>,
 }
 
 impl std::fmt::Debug for StreamCore {
@@ -78,8 +88,15 @@ impl std::fmt::Debug for StreamCore {
 }
 
 impl StreamCore {
-    /// Starts a stream, or refuses it when `MAX_INGEST_STREAMS` are open.
-    pub(crate) fn start(state: &Arc<AppState>) -> Result<Self, Status> {
+    /// Starts a stream for `principal`, or refuses it: without the `ingest` scope,
+    /// past the principal's stream quota, or when `MAX_INGEST_STREAMS` are open.
+    pub(crate) fn start(state: &Arc<AppState>, principal: Arc<Principal>) -> Result<Self, Status> {
+        principal.require(Scope::Ingest).map_err(ApiError::from)?;
+        let usage = state.security.usage(&principal);
+        let slot = match &usage {
+            Some(usage) => Some(usage.open_stream(&principal.name).map_err(ApiError::from)?),
+            None => None,
+        };
         let active = state
             .metrics
             .try_open_stream(state.config.max_ingest_streams)
@@ -105,6 +122,9 @@ impl StreamCore {
             detector: None,
             state: Arc::clone(state),
             _active: active,
+            principal,
+            usage,
+            _slot: slot,
         })
     }
 
@@ -138,7 +158,13 @@ impl StreamCore {
             )
             .into());
         }
+        if let Some(usage) = &self.usage {
+            usage
+                .take_samples(&self.principal.name, request.len(), received)
+                .map_err(ApiError::from)?;
+        }
         let judged = self.state.judge_now(
+            &self.principal,
             request.samples(),
             &detector,
             Transport::Grpc,
@@ -152,6 +178,7 @@ impl StreamCore {
         // the sink keeps the verdicts so far, and theirs follow in the same response.
         let state = Arc::clone(&self.state);
         self.pending = Some(Box::pin(state.judge(
+            Arc::clone(&self.principal),
             request.to_samples_from(judged.count),
             detector,
             Transport::Grpc,
@@ -256,8 +283,9 @@ pub(crate) fn start<In>(
     state: &Arc<AppState>,
     request: Request<In>,
 ) -> Result<IngestStream<In>, Status> {
+    let principal = super::caller(state, request.extensions())?;
     Ok(IngestStream {
-        core: StreamCore::start(state)?,
+        core: StreamCore::start(state, principal)?,
         inbound: request.into_inner(),
         sink: WireSink::new(),
         done: false,

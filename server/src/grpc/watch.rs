@@ -17,6 +17,10 @@ use tonic::Status;
 use super::BoxStream;
 use crate::{
     error::{ApiError, ErrorKind},
+    security::{
+        policy::{AccessError, Principal, Scope},
+        quota::Slot,
+    },
     service::{AnomalyEvent, AppState},
     telemetry::ActiveGauge,
 };
@@ -49,6 +53,29 @@ pub(crate) fn admit(state: &AppState, filter_len: usize) -> Result<ActiveGauge, 
         })
 }
 
+/// Admits a watcher of `principal`: it needs the `watch` scope, every device it names
+/// must be in its namespace (a watcher without device ids sees only its namespace's
+/// devices), and its watcher quota must have room. The slot counts the watcher while
+/// it lives.
+pub(crate) fn admit_principal(
+    state: &AppState,
+    principal: &Principal,
+    device_ids: &[String],
+) -> Result<Option<Slot>, ApiError> {
+    principal.require(Scope::Watch)?;
+    if let Some(outside) = device_ids.iter().find(|id| !principal.may_touch(id)) {
+        return Err(AccessError::Device {
+            principal: principal.name.to_string(),
+            device: outside.clone(),
+        }
+        .into());
+    }
+    match state.security.usage(principal) {
+        Some(usage) => Ok(Some(usage.open_watcher(&principal.name)?)),
+        None => Ok(None),
+    }
+}
+
 /// Whether `event` passes the watcher's filters.
 pub(crate) fn wanted(filter: &WatchAnomaliesRequest, event: &AnomalyEvent) -> bool {
     let verdict = &event.verdict;
@@ -63,13 +90,16 @@ pub(crate) fn wanted(filter: &WatchAnomaliesRequest, event: &AnomalyEvent) -> bo
 /// The stream of one watcher, once [`admit`]ted; ends with `UNAVAILABLE` at shutdown.
 pub(crate) fn watch(
     state: &Arc<AppState>,
+    principal: Arc<Principal>,
     filter: WatchAnomaliesRequest,
 ) -> Result<BoxStream<WatchAnomaliesResponse>, ApiError> {
+    let slot = admit_principal(state, &principal, &filter.device_ids)?;
     let gauge = admit(state, filter.device_ids.len() + filter.metrics.len())?;
     let mut receiver = state.anomalies.subscribe();
     let state = Arc::clone(state);
     Ok(Box::pin(async_stream::stream! {
         let _gauge = gauge;
+        let _slot = slot;
         let mut missed = 0u64;
         loop {
             tokio::select! {
@@ -83,7 +113,7 @@ pub(crate) fn watch(
                 }
                 received = receiver.recv() => match received {
                     Ok(event) => {
-                        if wanted(&filter, &event) {
+                        if wanted(&filter, &event) && principal.may_touch(&event.verdict.device_id) {
                             yield Ok(WatchAnomaliesResponse {
                                 verdict: Some(event.verdict.clone()),
                                 missed: std::mem::take(&mut missed),

@@ -374,3 +374,131 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         }
     }
 }
+
+/// What a connection tells the handlers: its TCP addresses and, with mutual TLS,
+/// the client certificate identity.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub remote_addr: Option<std::net::SocketAddr>,
+    /// The client certificate identity (see the module documentation).
+    pub identity: Option<Arc<str>>,
+}
+
+impl<S> tonic::transport::server::Connected for MaybeTls<S>
+where
+    S: tonic::transport::server::Connected<ConnectInfo = tonic::transport::server::TcpConnectInfo>,
+{
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        PeerInfo {
+            remote_addr: self.inner().connect_info().remote_addr,
+            identity: self.identity().cloned(),
+        }
+    }
+}
+
+/// The gateway's listener: plain TCP, or TLS with each handshake off the accept
+/// loop ([`handshakes`]). Every connection gets `TCP_NODELAY` (small JSON answers go
+/// out at once).
+pub struct GatewayListener {
+    local: std::net::SocketAddr,
+    accepted: Pin<Box<dyn Stream<Item = io::Result<MaybeTls<tokio::net::TcpStream>>> + Send>>,
+}
+
+impl std::fmt::Debug for GatewayListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayListener")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayListener {
+    /// Serves `listener`, through `tls` when it is set.
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        tls: Option<Arc<ReloadingTls>>,
+        handshake_timeout: Duration,
+    ) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        let tcp = futures::stream::unfold(listener, |listener| async move {
+            let next = listener.accept().await.map(|(stream, _)| {
+                let _ = stream.set_nodelay(true);
+                stream
+            });
+            Some((next, listener))
+        });
+        Ok(Self {
+            local,
+            accepted: maybe_tls(tcp, tls, handshake_timeout),
+        })
+    }
+}
+
+/// The connections of `incoming`, through TLS handshakes when `tls` is set (each off
+/// the accept loop, see [`handshakes`]), as they are otherwise.
+pub fn maybe_tls<S, I>(
+    incoming: I,
+    tls: Option<Arc<ReloadingTls>>,
+    handshake_timeout: Duration,
+) -> Pin<Box<dyn Stream<Item = io::Result<MaybeTls<S>>> + Send>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Stream<Item = io::Result<S>> + Send + 'static,
+{
+    match tls {
+        Some(tls) => Box::pin(
+            handshakes(incoming, tls, handshake_timeout, MAX_HANDSHAKES).map(|tls| {
+                tls.map(|tls| {
+                    let identity = peer_identity(&tls);
+                    MaybeTls::Tls(Box::new(tls), identity)
+                })
+            }),
+        ),
+        None => Box::pin(incoming.map(|plain| plain.map(MaybeTls::Plain))),
+    }
+}
+
+/// TLS handshakes in progress on one listener at most; further connections wait in
+/// the accept backlog.
+pub const MAX_HANDSHAKES: usize = 256;
+
+impl axum::serve::Listener for GatewayListener {
+    type Io = MaybeTls<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.accepted.next().await {
+                Some(Ok(io)) => {
+                    let addr = io.inner().peer_addr().unwrap_or(self.local);
+                    return (io, addr);
+                }
+                Some(Err(e)) => {
+                    // Out of file descriptors and the like: back off instead of
+                    // spinning, as axum's own TCP listener does.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, GatewayListener>>
+    for PeerInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, GatewayListener>) -> Self {
+        PeerInfo {
+            remote_addr: Some(*stream.remote_addr()),
+            identity: stream.io().identity().cloned(),
+        }
+    }
+}

@@ -13,11 +13,10 @@
 //! metrics, and the responses are compared on exactly those fields (what decoding
 //! decides), not on the detector's numbers.
 
-
 use std::{convert::Infallible, net::SocketAddr, pin::Pin, time::Duration};
 
-use bytes::{Buf as _, BufMut as _, Bytes};
 use crate::common::TestServer;
+use bytes::{Buf as _, BufMut as _, Bytes};
 use futures::Stream;
 use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::Frame;

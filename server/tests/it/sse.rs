@@ -4,7 +4,6 @@
 //! buffer, the watcher bounds shared with gRPC, the end at shutdown), `GET /devices`,
 //! `GET /window` and the console's files.
 
-
 use std::{net::SocketAddr, time::Duration};
 
 use crate::common::{TestServer, http_get, http_post, metric_total, wait_until};

@@ -67,7 +67,11 @@ where
     if let Err(status) = check_encoding(request.headers()) {
         return status.into_http();
     }
-    let core = match StreamCore::start(state) {
+    let principal = match super::super::caller(state, request.extensions()) {
+        Ok(principal) => principal,
+        Err(status) => return status.into_http(),
+    };
+    let core = match StreamCore::start(state, principal) {
         Ok(core) => core,
         Err(status) => return status.into_http(),
     };
