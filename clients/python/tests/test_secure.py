@@ -87,6 +87,10 @@ def rps(device: str, value: float) -> Sample:
 async def test_api_key_over_tls(secure: Secure) -> None:
     creds = tidewatch.tls(ca=secure.certs / "ca.pem")
     async with tidewatch.connect(secure.target, credentials=creds, token=KEY) as client:
+        # Every call kind carries the token: server streaming (watch) too.
+        watch = client.watch_anomalies(device_ids=["fleet-a/pump-1"])
+        await watch.ready()
+        watch.cancel()
         verdicts = [v async for v in client.ingest([rps("fleet-a/pump-1", x) for x in (1, 2, 3)])]
         assert len(verdicts) == 3
         stats = await client.analyze("fleet-a/pump-1")
@@ -102,6 +106,8 @@ async def test_wrong_or_missing_token_is_unauthenticated(secure: Secure) -> None
         with pytest.raises(tidewatch.UnauthenticatedError) as refused:
             await client.analyze("fleet-a/pump-1")
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(tidewatch.UnauthenticatedError):
+            await client.watch_anomalies().ready()
         with pytest.raises(tidewatch.UnauthenticatedError):
             async for _ in client.ingest([rps("fleet-a/pump-1", 1.0)]):
                 pass

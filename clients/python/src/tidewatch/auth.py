@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import grpc
 
-__all__ = ["tls", "Token", "TokenInterceptor"]
+__all__ = ["tls", "Token", "token_interceptors"]
 
 #: A token: fixed, or a callable (plain or ``async``) that returns the current one.
 Token = Union[str, Callable[[], str], Callable[[], Awaitable[str]]]
@@ -51,13 +51,8 @@ def tls(
     )
 
 
-class TokenInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call.
+class _TokenMetadata:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata.
 
     A callable token is called when each call opens (the server checks the token once
     per call, so an Ingest stream keeps the token it opened with; a reconnect picks up
@@ -84,14 +79,31 @@ class TokenInterceptor(
             details.wait_for_ready,
         )
 
+
+# One class per call kind: a grpc.aio channel files each interceptor under the first
+# kind it is an instance of, so one object implementing all four would only ever see
+# unary-unary calls.
+class _UnaryUnary(_TokenMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(await self._details(client_call_details), request)
 
+
+class _UnaryStream(_TokenMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(await self._details(client_call_details), request)
 
+
+class _StreamUnary(_TokenMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
         return await continuation(await self._details(client_call_details), request_iterator)
 
+
+class _StreamStream(_TokenMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
         return await continuation(await self._details(client_call_details), request_iterator)
+
+
+def token_interceptors(token: Token) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors that send ``token`` on every kind of call, for a
+    ``grpc.aio`` channel of your own (``tidewatch.Client`` adds them itself)."""
+    return [_UnaryUnary(token), _UnaryStream(token), _StreamUnary(token), _StreamStream(token)]

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .auth import Token, TokenInterceptor
+from .auth import Token, token_interceptors
 from .backoff import Backoff
 from .errors import (
     ProtocolError,
@@ -25,6 +25,7 @@ from .errors import (
     TidewatchError,
     UnavailableError,
     from_rpc_error,
+    from_status,
 )
 from .v1 import telemetry_pb2 as pb
 from .v1 import telemetry_pb2_grpc as pb_grpc
@@ -74,7 +75,7 @@ class Client:
             *channel_options,
         ]
         self._credentials = credentials
-        self._interceptors = [] if token is None else [TokenInterceptor(token)]
+        self._interceptors = [] if token is None else token_interceptors(token)
         self._channel_options = options
         self.target = target
         self._backoff = backoff
@@ -260,7 +261,7 @@ class AnomalyWatch:
         if self._call.done():
             code = await self._call.code()
             if code != grpc.StatusCode.OK:
-                raise TidewatchError(await self._call.details() or "", code)
+                raise from_status(code, await self._call.details() or "")
 
     def cancel(self) -> None:
         """Stop watching."""

@@ -16,6 +16,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProtocolError",
     "from_rpc_error",
+    "from_status",
 ]
 
 
@@ -101,5 +102,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TidewatchError:
             f"connection lost while writing ({error.debug_error_string()})",
             grpc.StatusCode.UNAVAILABLE,
         )
+    return from_status(code, error.details() or "")
+
+
+def from_status(code: grpc.StatusCode, details: str) -> TidewatchError:
+    """The typed exception for a call that ended with ``code``."""
     cls = _BY_CODE.get(code, TidewatchError)
-    return cls(error.details() or "", code)
+    return cls(details, code)
