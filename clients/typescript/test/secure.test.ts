@@ -76,6 +76,10 @@ test("an API key over TLS ingests and analyzes its own devices only", async () =
   const client = connect(s.target, { tls: { ca: s.pem("ca.pem") }, token: KEY });
   try {
     assert.equal(client.baseUrl, `https://${s.target}`);
+    // Every call kind carries the token: server streaming (watch) too.
+    const watch = client.watchAnomalies({ deviceIds: ["fleet-a/pump-1"] });
+    await watch.ready;
+    watch.cancel();
     const verdicts = [];
     for await (const v of client.ingest([1, 2, 3].map((rps) => ({ deviceId: "fleet-a/pump-1", metrics: { rps } })))) {
       verdicts.push(v);
@@ -95,6 +99,7 @@ test("a wrong or missing token is UNAUTHENTICATED", async () => {
   const none = connect(s.target, { tls: { ca: s.pem("ca.pem") } });
   try {
     await assert.rejects(wrong.analyze("fleet-a/pump-1"), UnauthenticatedError);
+    await assert.rejects(wrong.watchAnomalies({}).ready, UnauthenticatedError);
     await assert.rejects(async () => {
       for await (const _ of wrong.ingest([{ deviceId: "fleet-a/pump-1", metrics: { rps: 1 } }])) {
         // a verdict here would be a failure: the stream must be refused
