@@ -233,6 +233,3 @@ impl Stamps {
         Ok((Self(stamps), contents))
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -550,4 +550,5 @@ pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Op
             .then(|| value.parse().ok())?
     })
 }
+pub mod certs;
 pub mod redis_server;

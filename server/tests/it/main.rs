@@ -21,6 +21,8 @@ mod limits;
 mod metrics;
 mod module_graph;
 mod overload;
+mod security;
+mod security_tls;
 mod seed;
 mod shutdown;
 mod snapshot;

@@ -1,11 +1,11 @@
-//! Real handshakes and real signatures: certificates made with rcgen at test time,
+//! The TLS and token building blocks with real handshakes and real signatures: certificates made with rcgen at test time,
 //! JWTs signed with a freshly generated P-256 key.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use base64::Engine as _;
 use futures::StreamExt as _;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use rcgen::KeyPair;
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -13,54 +13,13 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{
-    policy::hash_key_hex,
-    tls::{ReloadingTls, TlsFiles, handshakes, peer_identity},
+use tidewatch_server::security::{
+    policy::{Scope, hash_key_hex},
+    tls::{ReloadingTls, TlsFiles, handshakes, peer_identity, provider},
     tokens::{AuthError, Authenticator, TokenSettings},
 };
 
-/// A CA that signs leaf certificates.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf with `sans` (DNS names, or URIs when they contain "://") and `cn`:
-    /// (certificate PEM, key PEM).
-    fn leaf(&self, sans: &[&str], cn: &str) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        for san in sans {
-            params.subject_alt_names.push(if san.contains("://") {
-                SanType::URI(san.to_string().try_into().unwrap())
-            } else {
-                SanType::DnsName(san.to_string().try_into().unwrap())
-            });
-        }
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-fn write(dir: &Path, name: &str, content: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, content).unwrap();
-    path
-}
+use crate::common::certs::{Ca, tempdir, write};
 
 fn client(ca_pem: &str, identity: Option<(String, String)>) -> TlsConnector {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
@@ -68,7 +27,7 @@ fn client(ca_pem: &str, identity: Option<(String, String)>) -> TlsConnector {
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let builder = ClientConfig::builder_with_provider(super::tls::provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
@@ -144,7 +103,7 @@ fn server_cert_serial(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u
 
 #[tokio::test]
 async fn mutual_tls_names_the_client_and_refuses_other_cas() {
-    let dir = tempdir();
+    let dir = tempdir("security");
     let ca = Ca::new("tidewatch test ca");
     let (cert, key) = ca.leaf(&["localhost"], "server");
     let files = TlsFiles {
@@ -189,7 +148,7 @@ async fn mutual_tls_names_the_client_and_refuses_other_cas() {
 
 #[tokio::test]
 async fn certificates_swapped_on_disk_serve_new_handshakes_without_dropping_open_ones() {
-    let dir = tempdir();
+    let dir = tempdir("security");
     let ca = Ca::new("tidewatch test ca");
     let (cert, key) = ca.leaf(&["localhost"], "first");
     let files = TlsFiles {
@@ -231,7 +190,7 @@ async fn certificates_swapped_on_disk_serve_new_handshakes_without_dropping_open
 
 #[tokio::test]
 async fn a_silent_client_does_not_hold_up_other_handshakes() {
-    let dir = tempdir();
+    let dir = tempdir("security");
     let ca = Ca::new("tidewatch test ca");
     let (cert, key) = ca.leaf(&["localhost"], "server");
     let files = TlsFiles {
@@ -281,7 +240,7 @@ fn now() -> u64 {
 
 #[test]
 fn jwts_are_verified_against_the_jwks_file() {
-    let dir = tempdir();
+    let dir = tempdir("security");
     let (key, jwks) = es256_key("k1");
     let settings = TokenSettings {
         jwks: Some(write(&dir, "jwks.json", &jwks)),
@@ -300,8 +259,8 @@ fn jwts_are_verified_against_the_jwks_file() {
         .unwrap();
     assert_eq!(&*principal.name, "fleet-b");
     assert!(principal.may_touch("fleet-b/7") && !principal.may_touch("fleet-a/7"));
-    assert!(principal.require(super::policy::Scope::Watch).is_ok());
-    assert!(principal.require(super::policy::Scope::Analyze).is_err());
+    assert!(principal.require(Scope::Watch).is_ok());
+    assert!(principal.require(Scope::Analyze).is_err());
 
     let mut cases = Vec::new();
     let mut expired = good.clone();
@@ -327,7 +286,7 @@ fn jwts_are_verified_against_the_jwks_file() {
 
 #[test]
 fn api_keys_rotate_when_the_policy_file_changes() {
-    let dir = tempdir();
+    let dir = tempdir("security");
     let policy = |key: &str| {
         format!(
             r#"{{"principals": [{{"name": "fleet-a", "scopes": ["ingest"], "devices": ["fleet-a/*"],
@@ -380,16 +339,4 @@ fn api_keys_rotate_when_the_policy_file_changes() {
         auth.authenticate(None, Some("fleet-z")),
         Err(AuthError::UnknownCertificate("fleet-z".into()))
     );
-}
-
-/// A fresh directory under the system temp dir, removed at process exit by nobody:
-/// each test's files are a few hundred bytes.
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tidewatch-security-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
