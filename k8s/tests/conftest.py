@@ -187,25 +187,36 @@ def start_redis(procs: Processes) -> int:
 
 def server_env(config_map: dict, grpc_port: int, http_port: int, redis_port: int) -> dict:
     """The ConfigMap's settings as the pod gets them, with the addresses pointed at this
-    machine: loopback ports instead of 0.0.0.0, the test's Redis instead of the
-    in-cluster one. Every other value is the ConfigMap's own."""
+    machine: loopback ports instead of 0.0.0.0 (the admin listener's too, on a free
+    port: `admin_port(env)`), the test's Redis instead of the in-cluster one. Every
+    other value is the ConfigMap's own."""
     env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG",)}
     env.update(config_map["data"])
     env["GRPC_ADDR"] = f"127.0.0.1:{grpc_port}"
     env["LISTEN_ADDR"] = f"127.0.0.1:{http_port}"
+    if "ADMIN_ADDR" in env:
+        env["ADMIN_ADDR"] = f"127.0.0.1:{free_port()}"
     env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}"
     return env
 
 
+def admin_port(env: dict) -> int | None:
+    """The admin listener's port in `env`, if it sets one."""
+    addr = env.get("ADMIN_ADDR")
+    return int(addr.rsplit(":", 1)[1]) if addr else None
+
+
 def start_server(procs: Processes, env: dict, grpc_port: int, http_port: int):
-    """The real tidewatch binary; returns once /healthz answers 200 and gRPC listens."""
+    """The real tidewatch binary; returns once /healthz answers 200 (on the admin
+    listener when `env` has one, as the kubelet probes it) and gRPC listens."""
     if not BINARY.exists():
         pytest.fail(f"{BINARY} is missing: run `cargo build --release` first")
     proc = procs.start("tidewatch", [str(BINARY)], env=env)
     wait_until("tidewatch gRPC port", lambda: port_open(grpc_port), proc=proc)
+    health_port = admin_port(env) or http_port
     wait_until(
         "tidewatch /healthz",
-        lambda: http_get(f"http://127.0.0.1:{http_port}/healthz")[0] == 200,
+        lambda: http_get(f"http://127.0.0.1:{health_port}/healthz")[0] == 200,
         proc=proc,
     )
     return proc

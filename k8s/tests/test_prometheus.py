@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import (
     Processes,
+    admin_port,
     find,
     free_port,
     http_get,
@@ -190,9 +191,10 @@ def test_rules_and_dashboards_against_real_prometheus(base, procs, tmp_path):
 
     redis_port = start_redis(procs)
     grpc_port, http_port = free_port(), free_port()
-    start_server(procs, server_env(config, grpc_port, http_port, redis_port),
-                 grpc_port, http_port)
-    prom = Prometheus(procs, http_port, rules_path)
+    env = server_env(config, grpc_port, http_port, redis_port)
+    start_server(procs, env, grpc_port, http_port)
+    # The ServiceMonitor's port: the admin listener.
+    prom = Prometheus(procs, admin_port(env) or http_port, rules_path)
     # The target is up before any traffic, so every counter starts from a scrape at 0.
     wait_until("first scrape", lambda: prom.scalar('up{job="tidewatch"}') == 1.0)
 

@@ -22,7 +22,9 @@ BINARY = Path(os.environ.get("TIDEWATCH_BIN", REPO / "target" / "release" / "tid
 class Server:
     """One tidewatch process; ``restart`` brings it back on the same gRPC port."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        #: Extra environment (TLS and policy settings), kept across restarts.
+        self.env = env or {}
         self.process: subprocess.Popen[str] | None = None
         self.addr = ""
         self.port = 0
@@ -36,6 +38,7 @@ class Server:
             "LISTEN_ADDR": "127.0.0.1:0",
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "info",
+            **self.env,
         }
         env.pop("RUST_LOG", None)
         self.process = subprocess.Popen(

@@ -13,6 +13,9 @@
 //!   `seq` it has already applied with `duplicate: true` and leaves the window alone.
 //! - [`Client::analyze`] returns the window statistics of a device.
 //! - [`Client::watch_anomalies`] streams anomalous verdicts as they happen.
+//! - TLS ([`ClientConfig::tls`], an `https://` URL) and a bearer token
+//!   ([`ClientConfig::token`]: static, or a callback that returns a refreshed one) for
+//!   a server with authentication on; see [`auth`].
 //!
 //! # Example
 //!
@@ -42,9 +45,25 @@
 //! `examples/quickstart.rs` is the same program: `cargo run -p tidewatch-client
 //! --example quickstart -- http://127.0.0.1:50051`.
 //!
+//! With TLS and a token:
+//!
+//! ```no_run
+//! use tidewatch_client::{Client, ClientConfig, auth::{Token, tls_from_pem}};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let ca = std::fs::read("ca.pem")?;
+//! let mut config = ClientConfig::new("https://tidewatch.example.com:50051");
+//! config.tls = Some(tls_from_pem(ca, None::<(Vec<u8>, Vec<u8>)>));
+//! config.token = Some(Token::fixed(std::env::var("TIDEWATCH_TOKEN")?));
+//! let client = Client::connect_with(config).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Layout
 //!
 //! - [`Client`] (this file): connection, `Analyze`, `WatchAnomalies`.
+//! - [`auth`]: TLS settings and the token interceptor.
 //! - [`session`]: the batching, reconnecting Ingest session.
 //! - [`backoff`]: reconnect delays.
 //! - [`error`]: the typed [`Error`].
@@ -52,6 +71,7 @@
 //! The load generator and the baseline servers of the benchmark suite live in
 //! `tools/loadgen`, so an SDK user compiles none of their dependencies.
 
+pub mod auth;
 pub mod backoff;
 pub mod error;
 pub mod session;
@@ -64,8 +84,11 @@ use tidewatch_proto::v1::{
 };
 use tonic::{
     Code,
-    transport::{Channel, Endpoint},
+    service::interceptor::InterceptedService,
+    transport::{Channel, ClientTlsConfig, Endpoint},
 };
+
+use auth::{Credentials, Token};
 
 pub use backoff::Backoff;
 pub use error::Error;
@@ -82,11 +105,19 @@ pub use tidewatch_proto::{self as proto, pbjson_types::Timestamp};
 /// from dropping idle streams without tripping any common policy.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// The channel every call goes through: the connection plus the token interceptor.
+pub type Transport = InterceptedService<Channel, Credentials>;
+
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Server URL, such as `http://127.0.0.1:50051`.
+    /// Server URL, such as `http://127.0.0.1:50051`, or `https://...` with [`Self::tls`].
     pub url: String,
+    /// TLS settings (CA, client certificate for mutual TLS, server name); required for
+    /// an `https://` URL. See [`auth::tls_from_pem`].
+    pub tls: Option<ClientTlsConfig>,
+    /// Bearer token sent on every call (`authorization: Bearer <token>`).
+    pub token: Option<Token>,
     /// Time allowed to establish a connection.
     pub connect_timeout: Duration,
     /// HTTP/2 ping interval; raised to [`KEEPALIVE_INTERVAL`] when lower.
@@ -102,6 +133,8 @@ impl ClientConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls: None,
+            token: None,
             connect_timeout: Duration::from_secs(5),
             keepalive_interval: KEEPALIVE_INTERVAL,
             keepalive_timeout: Duration::from_secs(20),
@@ -116,6 +149,17 @@ impl ClientConfig {
                 url: self.url.clone(),
                 source,
             })?;
+        let endpoint = match &self.tls {
+            Some(tls) => {
+                endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|source| Error::InvalidEndpoint {
+                        url: self.url.clone(),
+                        source,
+                    })?
+            }
+            None => endpoint,
+        };
         Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .http2_keep_alive_interval(self.keepalive_interval.max(KEEPALIVE_INTERVAL))
@@ -132,7 +176,7 @@ impl ClientConfig {
 #[derive(Debug, Clone)]
 pub struct Client {
     /// The generated stub over the shared channel.
-    grpc: TelemetryServiceClient<Channel>,
+    grpc: TelemetryServiceClient<Transport>,
     /// Settings, for sessions and deadlines.
     config: ClientConfig,
 }
@@ -164,14 +208,15 @@ impl Client {
     }
 
     fn from_channel(channel: Channel, config: ClientConfig) -> Self {
-        let grpc = TelemetryServiceClient::new(channel)
+        let credentials = Credentials::new(config.token.clone());
+        let grpc = TelemetryServiceClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
         Self { grpc, config }
     }
 
-    /// The generated stub, for calls this API does not wrap.
-    pub fn raw(&self) -> TelemetryServiceClient<Channel> {
+    /// The generated stub, for calls this API does not wrap (it sends the token too).
+    pub fn raw(&self) -> TelemetryServiceClient<Transport> {
         self.grpc.clone()
     }
 

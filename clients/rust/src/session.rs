@@ -32,7 +32,7 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Streaming, transport::Channel};
+use tonic::Streaming;
 
 use crate::{Backoff, Error};
 
@@ -139,7 +139,10 @@ struct Stats {
 
 impl IngestSession {
     /// Starts the session task on the current Tokio runtime.
-    pub(crate) fn start(grpc: TelemetryServiceClient<Channel>, config: SessionConfig) -> Self {
+    pub(crate) fn start(
+        grpc: TelemetryServiceClient<crate::Transport>,
+        config: SessionConfig,
+    ) -> Self {
         let (input_tx, input_rx) = mpsc::channel(config.input_buffer.max(1));
         let (output_tx, output_rx) = mpsc::channel(config.output_buffer.max(1));
         let stats = Arc::new(Stats::default());
@@ -248,7 +251,7 @@ struct Open {
 /// The session task's state.
 struct Worker {
     /// The stub over the shared channel.
-    grpc: TelemetryServiceClient<Channel>,
+    grpc: TelemetryServiceClient<crate::Transport>,
     /// Settings.
     config: SessionConfig,
     /// Samples from the caller.

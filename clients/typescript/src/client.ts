@@ -11,6 +11,7 @@ import {
   type GrpcTransportOptions,
 } from "@connectrpc/connect-node";
 
+import { bearerToken, type TlsOptions, type Token } from "./auth.js";
 import { DEFAULT_BACKOFF, type Backoff } from "./backoff.js";
 import { toTidewatchError } from "./errors.js";
 import {
@@ -38,6 +39,16 @@ export type NodeTransportOptions = Omit<GrpcTransportOptions, "baseUrl" | "sessi
 export interface ClientOptions {
   /** How to build the transport when the client is given an address. */
   transport?: NodeTransportOptions;
+  /**
+   * TLS for the transport made from an address (a `host:port` address is then dialled
+   * with `https://`). For a transport you build, pass these as its `nodeOptions`.
+   */
+  tls?: TlsOptions;
+  /**
+   * Bearer token for every call made through the transport built from an address. For
+   * a transport you build, add `bearerToken(token)` to its interceptors instead.
+   */
+  token?: Token;
   /** Default reconnect backoff of ingest sessions. */
   backoff?: Backoff;
   /** Deadline of unary calls (health, analyze), in ms (default 10000). */
@@ -139,11 +150,24 @@ export class TidewatchClient {
    */
   constructor(target: string | Transport, options: ClientOptions = {}) {
     if (typeof target === "string") {
-      this.baseUrl = /^https?:\/\//.test(target) ? target : `http://${target}`;
+      const scheme = options.tls ? "https" : "http";
+      this.baseUrl = /^https?:\/\//.test(target) ? target : `${scheme}://${target}`;
     } else {
+      if (options.tls || options.token !== undefined) {
+        // Silently ignoring them would send calls without the credentials asked for.
+        throw new TypeError("tls and token apply to a transport made from an address; configure your transport instead");
+      }
       this.given = target;
     }
-    this.transportOptions = options.transport ?? {};
+    const transport = options.transport ?? {};
+    this.transportOptions = {
+      ...transport,
+      interceptors:
+        options.token === undefined
+          ? transport.interceptors
+          : [bearerToken(options.token), ...(transport.interceptors ?? [])],
+      nodeOptions: options.tls ? { ...transport.nodeOptions, ...options.tls } : transport.nodeOptions,
+    };
     this.backoff = options.backoff ?? DEFAULT_BACKOFF;
     this.timeoutMs = options.timeoutMs ?? 10_000;
   }

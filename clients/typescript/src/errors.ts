@@ -35,6 +35,10 @@ export class ResourceExhaustedError extends TidewatchError {}
 export class UnavailableError extends TidewatchError {}
 /** The call's deadline passed, or the server ended a silent stream. */
 export class DeadlineExceededError extends TidewatchError {}
+/** No credentials, or credentials the server does not accept (a wrong or expired token). */
+export class UnauthenticatedError extends TidewatchError {}
+/** The caller lacks the scope for the call, or the device is outside its namespace. */
+export class PermissionDeniedError extends TidewatchError {}
 /** A sample was sent to an ingest session that is closed or has failed. */
 export class SessionClosedError extends TidewatchError {}
 /** The server broke the Ingest contract (for example, a wrong number of verdicts). */
@@ -48,6 +52,8 @@ const BY_CODE = new Map<Code, new (details: string, code: Code, options?: { caus
   [Code.ResourceExhausted, ResourceExhaustedError],
   [Code.Unavailable, UnavailableError],
   [Code.DeadlineExceeded, DeadlineExceededError],
+  [Code.Unauthenticated, UnauthenticatedError],
+  [Code.PermissionDenied, PermissionDeniedError],
 ]);
 
 /**

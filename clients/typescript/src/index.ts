@@ -4,6 +4,8 @@
  */
 export { connect, TidewatchClient, AnomalyWatch } from "./client.js";
 export type { ClientOptions, NodeTransportOptions, WatchFilter, HealthStatus } from "./client.js";
+export { bearerToken } from "./auth.js";
+export type { TlsOptions, Token } from "./auth.js";
 export { IngestSession, DEFAULT_DEVICE } from "./session.js";
 export type { SampleInit, SessionOptions } from "./session.js";
 export { DEFAULT_BACKOFF, backoffCap, backoffDelay } from "./backoff.js";
@@ -16,6 +18,8 @@ export {
   ResourceExhaustedError,
   UnavailableError,
   DeadlineExceededError,
+  UnauthenticatedError,
+  PermissionDeniedError,
   SessionClosedError,
   ProtocolError,
   toTidewatchError,

@@ -20,6 +20,9 @@ export class Server {
   private process: ChildProcess | undefined;
   private exited: Promise<void> = Promise.resolve();
 
+  /** `env`: extra environment (TLS and policy settings), kept across restarts. */
+  constructor(private readonly env: Record<string, string> = {}) {}
+
   /** Start it; resolves once it logged its gRPC address. */
   async start(grpcAddr = "127.0.0.1:0"): Promise<void> {
     if (!existsSync(BINARY)) {
@@ -31,6 +34,7 @@ export class Server {
       LISTEN_ADDR: "127.0.0.1:0",
       LOG_FORMAT: "json",
       LOG_LEVEL: "info",
+      ...this.env,
     };
     delete env["RUST_LOG"];
     const child = spawn(BINARY, [], { env, stdio: ["ignore", "pipe", "ignore"] });
@@ -81,8 +85,8 @@ export class Server {
 }
 
 /** A started server. */
-export async function startServer(): Promise<Server> {
-  const server = new Server();
+export async function startServer(env: Record<string, string> = {}): Promise<Server> {
+  const server = new Server(env);
   await server.start();
   return server;
 }

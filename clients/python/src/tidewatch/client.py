@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .auth import Token, token_interceptors
 from .backoff import Backoff
 from .errors import (
     ProtocolError,
@@ -24,6 +25,7 @@ from .errors import (
     TidewatchError,
     UnavailableError,
     from_rpc_error,
+    from_status,
 )
 from .v1 import telemetry_pb2 as pb
 from .v1 import telemetry_pb2_grpc as pb_grpc
@@ -52,7 +54,10 @@ def connect(target: str, **options: Any) -> Client:
 class Client:
     """A connection to one tidewatch server.
 
-    ``target`` is ``host:port``. ``credentials`` makes a TLS channel (plaintext without).
+    ``target`` is ``host:port``. ``credentials`` makes a TLS channel (plaintext without):
+    ``tidewatch.tls(ca=..., cert=..., key=...)`` builds them. ``token`` is sent as
+    ``authorization: Bearer <token>`` on every call: a string, or a callable (plain or
+    ``async``) called when each call opens, for a token that is refreshed.
     ``reconnect_backoff`` also bounds how fast the channel itself re-dials a lost server.
     The constructor starts nothing: the channel is made by the first call and connects
     in the background; ``wait_ready`` waits for it.
@@ -63,6 +68,7 @@ class Client:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: Token | None = None,
         reconnect_backoff: Backoff | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -76,6 +82,7 @@ class Client:
             *channel_options,
         ]
         self._credentials = credentials
+        self._interceptors = [] if token is None else token_interceptors(token)
         self._channel_options = options
         self.target = target
         self._backoff = backoff
@@ -89,11 +96,16 @@ class Client:
         if self._channel is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(
-                    self.target, options=self._channel_options
+                    self.target,
+                    options=self._channel_options,
+                    interceptors=self._interceptors,
                 )
             else:
                 self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._channel_options
+                    self.target,
+                    self._credentials,
+                    options=self._channel_options,
+                    interceptors=self._interceptors,
                 )
             self._stub_ = pb_grpc.TelemetryServiceStub(self._channel)
             self._health_ = health_pb2_grpc.HealthStub(self._channel)
@@ -256,7 +268,7 @@ class AnomalyWatch:
         if self._call.done():
             code = await self._call.code()
             if code != grpc.StatusCode.OK:
-                raise TidewatchError(await self._call.details() or "", code)
+                raise from_status(code, await self._call.details() or "")
 
     def cancel(self) -> None:
         """Stop watching."""

@@ -12,8 +12,11 @@ __all__ = [
     "UnavailableError",
     "DeadlineExceededError",
     "SessionClosedError",
+    "UnauthenticatedError",
+    "PermissionDeniedError",
     "ProtocolError",
     "from_rpc_error",
+    "from_status",
 ]
 
 
@@ -59,6 +62,14 @@ class SessionClosedError(TidewatchError):
     """A sample was sent to an ingest session that is closed or has failed."""
 
 
+class UnauthenticatedError(TidewatchError):
+    """No credentials, or credentials the server does not accept (a wrong or expired token)."""
+
+
+class PermissionDeniedError(TidewatchError):
+    """The caller lacks the scope for the call, or the device is outside its namespace."""
+
+
 class ProtocolError(TidewatchError):
     """The server broke the Ingest contract (for example, a wrong number of verdicts)."""
 
@@ -76,6 +87,8 @@ _BY_CODE: dict[grpc.StatusCode, type[TidewatchError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
@@ -89,5 +102,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> TidewatchError:
             f"connection lost while writing ({error.debug_error_string()})",
             grpc.StatusCode.UNAVAILABLE,
         )
+    return from_status(code, error.details() or "")
+
+
+def from_status(code: grpc.StatusCode, details: str) -> TidewatchError:
+    """The typed exception for a call that ended with ``code``."""
     cls = _BY_CODE.get(code, TidewatchError)
-    return cls(error.details() or "", code)
+    return cls(details, code)

@@ -103,8 +103,9 @@ def _iterate(loop: _Loop, iterator: AsyncIterator[T]) -> Iterator[T]:
 class Client:
     """A synchronous connection to one tidewatch server.
 
-    Takes the options of ``tidewatch.Client`` (``credentials`` for TLS,
-    ``reconnect_backoff``, ``channel_options``). The constructor only stores them: the
+    Takes the options of ``tidewatch.Client`` (``credentials`` for TLS, ``token``,
+    ``reconnect_backoff``, ``channel_options``); a callable ``token`` runs on the
+    client's own thread, so it must be thread-safe. The constructor only stores them: the
     channel is made on the first call, or by ``connect()``. ``close`` (or leaving a
     ``with`` block) closes the channel and stops the client's thread.
     """
