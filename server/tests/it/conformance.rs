@@ -627,14 +627,18 @@ fn one_of(device: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_path_answers_the_corpus_as_tonic_does() {
     let reference = start_reference().await;
+    // The corpus tests the wire, not the engine's rules: any seq is applied (the
+    // `seq u64::MAX` case would otherwise be refused as `invalid_seq`).
     let consolidating = TestServer::start_with(|c| {
         c.max_message_bytes = MAX_MESSAGE;
         c.flush_consolidation = true;
+        c.max_seq_jump = u64::MAX;
     })
     .await;
     let direct = TestServer::start_with(|c| {
         c.max_message_bytes = MAX_MESSAGE;
         c.flush_consolidation = false;
+        c.max_seq_jump = u64::MAX;
     })
     .await;
     let corpus = corpus();

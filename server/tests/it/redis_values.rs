@@ -55,11 +55,19 @@ async fn a_refused_password_is_an_authentication_failure() {
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::Auth(_)), "{e:?}");
-    // ... and without one, Redis refuses each SET as NOAUTH (counted per device).
+    // ... and without one, the write connection's setup (it loads the fencing
+    // scripts as it opens) is refused NOAUTH: an authentication failure too.
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let store = Store::new(&url, 2, timeout, timeout).unwrap();
-    store.write_commands(&set, 1, &mut on_reply).await.unwrap();
-    assert!(refused[0].1.starts_with("NOAUTH"), "{refused:?}");
+    let e = store
+        .write_commands(&set, 1, &mut on_reply)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Auth(m) if m.starts_with("NOAUTH")),
+        "{e:?}"
+    );
+    assert!(refused.is_empty(), "nothing was sent: {refused:?}");
     // The right password works.
     let store = Store::new(
         &format!("redis://:right@127.0.0.1:{}", redis.port),
