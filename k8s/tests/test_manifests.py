@@ -27,6 +27,7 @@ import yaml
 from conftest import (
     BINARY,
     admin_port,
+    http_get,
     K8S,
     REPO,
     find,
@@ -250,8 +251,13 @@ def test_network_policies(base):
     container_ports = {p["name"] for p in deploy["spec"]["template"]["spec"]["containers"][0]
                        ["ports"]}
     assert {"grpc", "http", "admin"} <= container_ports
-    # Redis: only tidewatch's pods, only the Redis port.
-    (rule,) = redis[0]["spec"]["ingress"]
+    # Redis: only tidewatch's pods, only the Redis port; Prometheus only the exporter's.
+    rule, exporter = redis[0]["spec"]["ingress"]
+    (scraper,) = exporter["from"]
+    assert scraper["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"}
+    assert scraper["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert [p["port"] for p in exporter["ports"]] == ["metrics"]
     (peer,) = rule["from"]
     assert set(peer) == {"podSelector"}  # this namespace only
     assert _selects(peer["podSelector"], pod_labels)

@@ -225,7 +225,7 @@ def test_rules_and_dashboards_against_real_prometheus(base, procs, tmp_path):
 
     groups = prom.api("rules")["groups"]
     rules = {r["name"]: r for g in groups for r in g["rules"]}
-    assert len(rules) == 8, sorted(rules)
+    assert len(rules) == 9, sorted(rules)
     for name, rule in rules.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
         assert not rule.get("lastError"), (name, rule["lastError"])
