@@ -29,3 +29,30 @@ pub fn server_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
 }
+
+/// The answer both baselines give: one verdict per sample echoing its device, seq and
+/// metric values, nothing computed.
+pub fn constant_verdicts(
+    samples: Vec<tidewatch_proto::v1::Sample>,
+) -> tidewatch_proto::v1::IngestResponse {
+    use tidewatch_proto::v1::{IngestResponse, MetricVerdict, Verdict};
+    IngestResponse {
+        verdicts: samples
+            .into_iter()
+            .map(|s| Verdict {
+                device_id: s.device_id,
+                seq: s.seq,
+                metrics: s
+                    .metrics
+                    .into_iter()
+                    .map(|(metric, value)| MetricVerdict {
+                        metric,
+                        value,
+                        ..MetricVerdict::default()
+                    })
+                    .collect(),
+                ..Verdict::default()
+            })
+            .collect(),
+    }
+}

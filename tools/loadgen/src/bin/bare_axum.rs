@@ -22,10 +22,7 @@ use axum::{
 use clap::Parser;
 use serde::Deserialize as _;
 use serde_json::{Map, Value};
-use tidewatch_proto::{
-    pbjson_types::Timestamp,
-    v1::{IngestResponse, MetricVerdict, Sample, Verdict},
-};
+use tidewatch_proto::{pbjson_types::Timestamp, v1::Sample};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -93,33 +90,10 @@ fn samples(body: &[u8]) -> Option<Vec<Sample>> {
         .collect()
 }
 
-/// The verdict of every sample: nothing computed.
-fn constant(samples: Vec<Sample>) -> IngestResponse {
-    IngestResponse {
-        verdicts: samples
-            .into_iter()
-            .map(|s| Verdict {
-                device_id: s.device_id,
-                seq: s.seq,
-                metrics: s
-                    .metrics
-                    .into_iter()
-                    .map(|(metric, value)| MetricVerdict {
-                        metric,
-                        value,
-                        ..MetricVerdict::default()
-                    })
-                    .collect(),
-                ..Verdict::default()
-            })
-            .collect(),
-    }
-}
-
 /// `POST /ingest`.
 async fn ingest(body: Bytes) -> Response {
     let json = [(header::CONTENT_TYPE, "application/json")];
-    match samples(&body).map(constant) {
+    match samples(&body).map(tidewatch_loadgen::constant_verdicts) {
         Some(response) => match serde_json::to_vec(&response) {
             Ok(bytes) => (StatusCode::OK, json, bytes).into_response(),
             Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),

@@ -10,8 +10,8 @@ use std::{net::SocketAddr, pin::Pin, time::Duration};
 use clap::Parser;
 use futures::{Stream, StreamExt};
 use tidewatch_proto::v1::{
-    AnalyzeRequest, AnalyzeResponse, IngestRequest, IngestResponse, MetricVerdict, Verdict,
-    WatchAnomaliesRequest, WatchAnomaliesResponse,
+    AnalyzeRequest, AnalyzeResponse, IngestRequest, IngestResponse, WatchAnomaliesRequest,
+    WatchAnomaliesResponse,
     telemetry_service_server::{TelemetryService, TelemetryServiceServer},
 };
 use tonic::{Request, Response, Status, Streaming};
@@ -38,30 +38,6 @@ struct Bare;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The verdict for every sample: nothing computed.
-fn constant(request: IngestRequest) -> IngestResponse {
-    IngestResponse {
-        verdicts: request
-            .samples
-            .into_iter()
-            .map(|s| Verdict {
-                device_id: s.device_id,
-                seq: s.seq,
-                metrics: s
-                    .metrics
-                    .into_iter()
-                    .map(|(metric, value)| MetricVerdict {
-                        metric,
-                        value,
-                        ..MetricVerdict::default()
-                    })
-                    .collect(),
-                ..Verdict::default()
-            })
-            .collect(),
-    }
-}
-
 #[tonic::async_trait]
 impl TelemetryService for Bare {
     type IngestStream = BoxStream<IngestResponse>;
@@ -70,7 +46,9 @@ impl TelemetryService for Bare {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
-        let responses = request.into_inner().map(|request| request.map(constant));
+        let responses = request
+            .into_inner()
+            .map(|request| request.map(|r| tidewatch_loadgen::constant_verdicts(r.samples)));
         Ok(Response::new(Box::pin(responses)))
     }
 
