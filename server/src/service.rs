@@ -39,7 +39,7 @@ use crate::{
     error::{ApiError, ErrorKind, SampleError},
     security::{
         Security,
-        policy::{AccessError, Principal, Scope},
+        policy::{Principal, Scope},
     },
     snapshot::{SnapshotConfig, Snapshots},
     telemetry::{Metrics, Transport},
@@ -277,13 +277,7 @@ impl AppState {
         principal.require(Scope::Analyze)?;
         let id = normalize_device_id(&request.device_id);
         // Refused before any lookup: the answer says nothing of whether it exists.
-        if !principal.may_touch(id) {
-            return Err(AccessError::Device {
-                principal: principal.name.to_string(),
-                device: id.to_owned(),
-            }
-            .into());
-        }
+        principal.require_device(id)?;
         if let Some(found) = self.engine.analyze(id) {
             return Ok(found);
         }

@@ -22,7 +22,7 @@ use crate::{
     AppState,
     engine::normalize_device_id,
     error::{ApiError, ErrorKind},
-    security::policy::{AccessError, Principal, Scope},
+    security::policy::{Principal, Scope},
 };
 
 /// Ids per page when the request names no `limit`.
@@ -218,12 +218,8 @@ pub(crate) async fn window(
         }
     };
     let id = normalize_device_id(&query.device_id);
-    if !principal.may_touch(id) {
-        return ApiError::from(AccessError::Device {
-            principal: principal.name.to_string(),
-            device: id.to_owned(),
-        })
-        .into_response();
+    if let Err(e) = principal.require_device(id) {
+        return ApiError::from(e).into_response();
     }
     let Some(device) = state.engine.device_state(id) else {
         return ApiError::new(

@@ -18,7 +18,7 @@ use super::BoxStream;
 use crate::{
     error::{ApiError, ErrorKind},
     security::{
-        policy::{AccessError, Principal, Scope},
+        policy::{Principal, Scope},
         quota::Slot,
     },
     service::{AnomalyEvent, AppState},
@@ -63,12 +63,8 @@ pub(crate) fn admit_principal(
     device_ids: &[String],
 ) -> Result<Option<Slot>, ApiError> {
     principal.require(Scope::Watch)?;
-    if let Some(outside) = device_ids.iter().find(|id| !principal.may_touch(id)) {
-        return Err(AccessError::Device {
-            principal: principal.name.to_string(),
-            device: outside.clone(),
-        }
-        .into());
+    for id in device_ids {
+        principal.require_device(id)?;
     }
     match state.security.usage(principal) {
         Some(usage) => Ok(Some(usage.open_watcher(&principal.name)?)),

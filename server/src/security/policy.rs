@@ -209,6 +209,19 @@ impl Principal {
     pub fn may_touch(&self, id: &str) -> bool {
         self.devices.allows(id)
     }
+
+    /// `Ok` when the principal may touch the device `id`; the refusal says nothing of
+    /// whether the device exists.
+    pub fn require_device(&self, id: &str) -> Result<(), AccessError> {
+        if self.may_touch(id) {
+            Ok(())
+        } else {
+            Err(AccessError::Device {
+                principal: self.name.to_string(),
+                device: id.to_owned(),
+            })
+        }
+    }
 }
 
 /// A refused permission (gRPC `PERMISSION_DENIED`, HTTP 403).
