@@ -53,7 +53,7 @@ pub use device::{DeviceState, MetricState, analyze_response};
 pub use flush::{DeviceKey, DirtyDevice};
 pub use ingest::BatchOutcome;
 pub(crate) use io::text;
-pub use io::{MetricOutcome, SampleLike, Tee, VerdictSink};
+pub use io::{AnomalyKeeper, MetricOutcome, SampleLike, Tee, VerdictSink};
 pub use persist::StateError;
 pub use sharded::Engine;
 pub use validate::{DEFAULT_DEVICE, normalize_device_id, validate_metric_name};

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     engine::{
-        DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response, normalize_device_id,
+        AnomalyKeeper, DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response, normalize_device_id,
         now_timestamp,
     },
     error::{ApiError, ErrorKind, SampleError},
@@ -449,7 +449,7 @@ impl AppState {
     /// The core under both entry points: engine, metrics once per message, anomaly
     /// broadcast. Judges all of `samples` unless `stop_at_unknown` (see
     /// [`Engine::ingest_batch_with`]). While anomaly watchers are subscribed, the
-    /// verdicts are also kept as prost messages for them (unless `out` keeps them
+    /// anomalous verdicts are also kept as prost messages for them (unless `out` keeps them
     /// already). The message's latency is recorded when it is judged whole here.
     fn judge_run<S: SampleLike>(
         &self,
@@ -471,7 +471,7 @@ impl AppState {
             self.publish_anomalies(&verdicts[before.min(verdicts.len())..], result.0.anomalies);
             result
         } else {
-            let mut kept: Vec<Verdict> = Vec::new();
+            let mut kept = AnomalyKeeper::default();
             let result = engine.ingest_batch_with(
                 samples,
                 detector,
@@ -479,7 +479,7 @@ impl AppState {
                 started,
                 stop_at_unknown,
             );
-            self.publish_anomalies(&kept, result.0.anomalies);
+            self.publish_anomalies(&kept.kept, result.0.anomalies);
             result
         };
         let finished = Instant::now();

@@ -214,8 +214,71 @@ pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The prost verdicts of the anomalous samples only, for the anomaly watchers. A
+/// sample's metric outcomes wait in reused buffers until its `end` says whether it is
+/// an anomaly, so a normal sample costs two copies of a few bytes and no allocation
+/// (building a prost `Verdict` for every sample was about 15 % of the server's time
+/// once a watcher was attached; see BENCHMARKS.md). Duplicates and refused samples are
+/// never anomalies and are not kept.
+#[derive(Debug, Default)]
+pub struct AnomalyKeeper {
+    device: Vec<u8>,
+    seq: u64,
+    /// The current sample's metric names, back to back.
+    names: Vec<u8>,
+    /// Where each metric's name ends in `names`, and its outcome.
+    metrics: Vec<(usize, MetricOutcome)>,
+    /// The anomalous verdicts so far, in order.
+    pub kept: Vec<Verdict>,
+}
+
+impl VerdictSink for AnomalyKeeper {
+    fn begin(&mut self, device_id: &[u8], seq: u64, metrics: usize) {
+        self.device.clear();
+        self.device.extend_from_slice(device_id);
+        self.seq = seq;
+        self.names.clear();
+        self.metrics.clear();
+        self.metrics.reserve(metrics);
+    }
+
+    fn metric(&mut self, name: &[u8], outcome: &MetricOutcome) {
+        self.names.extend_from_slice(name);
+        self.metrics.push((self.names.len(), *outcome));
+    }
+
+    fn end(&mut self, anomaly: bool, alert: bool, score: f64) {
+        if !anomaly {
+            return;
+        }
+        let mut start = 0;
+        let metrics = self
+            .metrics
+            .iter()
+            .map(|&(end, outcome)| {
+                let name = text(&self.names[start..end]);
+                start = end;
+                outcome.with_name(name)
+            })
+            .collect();
+        self.kept.push(Verdict {
+            device_id: text(&self.device),
+            seq: self.seq,
+            metrics,
+            anomaly,
+            alert,
+            score,
+            ..Verdict::default()
+        });
+    }
+
+    fn duplicate(&mut self, _device_id: &[u8], _seq: u64) {}
+
+    fn error(&mut self, _device_id: &[u8], _seq: u64, _error: &SampleError) {}
+}
+
 /// Two sinks fed the same verdicts (the wire encoder plus, while anomaly watchers are
-/// subscribed, the prost verdicts they are sent).
+/// subscribed, an [`AnomalyKeeper`] of the verdicts they are sent).
 #[derive(Debug)]
 pub struct Tee<'a, A, B>(pub &'a mut A, pub &'a mut B);
 
@@ -248,5 +311,52 @@ impl<A: VerdictSink, B: VerdictSink> VerdictSink for Tee<'_, A, B> {
     fn error(&mut self, device_id: &[u8], seq: u64, error: &SampleError) {
         self.0.error(device_id, seq, error);
         self.1.error(device_id, seq, error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(value: f64, anomaly: bool) -> MetricOutcome {
+        MetricOutcome {
+            value,
+            mean: 1.5,
+            stddev: 0.25,
+            z_score: if anomaly { 9.0 } else { 0.5 },
+            anomaly,
+            window_count: 7,
+            score: if anomaly { 0.99 } else { 0.1 },
+            alert: anomaly,
+        }
+    }
+
+    /// The keeper holds exactly the anomalous verdicts a `Vec<Verdict>` fed the same
+    /// calls holds, field for field, and nothing of the normal, duplicate or refused ones.
+    #[test]
+    fn anomaly_keeper_keeps_the_anomalous_verdicts_whole() {
+        let mut all: Vec<Verdict> = Vec::new();
+        let mut keeper = AnomalyKeeper::default();
+        let mut sink = Tee(&mut all, &mut keeper);
+        let samples: [(&[u8], u64, &[(&[u8], f64, bool)]); 5] = [
+            (b"dev-a", 1, &[(b"cpu", 1.0, false), (b"temp", 2.0, false)]),
+            (b"dev-bb", 2, &[(b"cpu", 50.0, true), (b"temperature", 2.0, false)]),
+            (b"dev-a", 3, &[(b"x", 3.0, false)]),
+            (b"", 0, &[(b"a", 1.0, true), (b"bb", 2.0, true), (b"ccc", 3.0, false)]),
+            (b"dev-c", 9, &[]),
+        ];
+        for (device, seq, metrics) in samples {
+            sink.begin(device, seq, metrics.len());
+            for &(name, value, anomaly) in metrics {
+                sink.metric(name, &outcome(value, anomaly));
+            }
+            let anomaly = metrics.iter().any(|m| m.2);
+            sink.end(anomaly, anomaly, if anomaly { 0.99 } else { 0.1 });
+            sink.duplicate(device, seq);
+            sink.error(device, seq, &SampleError::NoMetrics);
+        }
+        let expected: Vec<Verdict> = all.into_iter().filter(|v| v.anomaly).collect();
+        assert_eq!(expected.len(), 2);
+        assert_eq!(keeper.kept, expected);
     }
 }
