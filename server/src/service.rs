@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     engine::{
-        AnomalyKeeper, DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response, normalize_device_id,
-        now_timestamp,
+        AnomalyKeeper, DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response,
+        normalize_device_id, now_timestamp,
     },
     error::{ApiError, ErrorKind, SampleError},
     security::{

@@ -318,6 +318,9 @@ impl<A: VerdictSink, B: VerdictSink> VerdictSink for Tee<'_, A, B> {
 mod tests {
     use super::*;
 
+    /// A metric of a test sample: name, value, whether it is anomalous.
+    type Metric<'a> = (&'a [u8], f64, bool);
+
     fn outcome(value: f64, anomaly: bool) -> MetricOutcome {
         MetricOutcome {
             value,
@@ -338,11 +341,19 @@ mod tests {
         let mut all: Vec<Verdict> = Vec::new();
         let mut keeper = AnomalyKeeper::default();
         let mut sink = Tee(&mut all, &mut keeper);
-        let samples: [(&[u8], u64, &[(&[u8], f64, bool)]); 5] = [
+        let samples: [(&[u8], u64, &[Metric<'_>]); 5] = [
             (b"dev-a", 1, &[(b"cpu", 1.0, false), (b"temp", 2.0, false)]),
-            (b"dev-bb", 2, &[(b"cpu", 50.0, true), (b"temperature", 2.0, false)]),
+            (
+                b"dev-bb",
+                2,
+                &[(b"cpu", 50.0, true), (b"temperature", 2.0, false)],
+            ),
             (b"dev-a", 3, &[(b"x", 3.0, false)]),
-            (b"", 0, &[(b"a", 1.0, true), (b"bb", 2.0, true), (b"ccc", 3.0, false)]),
+            (
+                b"",
+                0,
+                &[(b"a", 1.0, true), (b"bb", 2.0, true), (b"ccc", 3.0, false)],
+            ),
             (b"dev-c", 9, &[]),
         ];
         for (device, seq, metrics) in samples {
