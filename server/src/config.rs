@@ -306,8 +306,8 @@ pub struct Config {
     )]
     pub otel_sdk_disabled: bool,
 
-    /// OTLP/gRPC collector for traces and metrics (`http://host:4317`); unset:
-    /// nothing is exported and no span is made.
+    /// OTLP collector for traces and metrics (`http://host:4317` for gRPC,
+    /// `http://host:4318` for HTTP); unset: nothing is exported and no span is made.
     #[arg(
         help_heading = "OpenTelemetry",
         long,
@@ -315,7 +315,8 @@ pub struct Config {
     )]
     pub otel_exporter_otlp_endpoint: Option<String>,
 
-    /// OTLP/gRPC collector for traces only (wins over `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    /// OTLP collector for traces only, the full URL (wins over
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     #[arg(
         help_heading = "OpenTelemetry",
         long,
@@ -323,7 +324,8 @@ pub struct Config {
     )]
     pub otel_exporter_otlp_traces_endpoint: Option<String>,
 
-    /// OTLP/gRPC collector for metrics only (wins over `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    /// OTLP collector for metrics only, the full URL (wins over
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     #[arg(
         help_heading = "OpenTelemetry",
         long,
@@ -331,7 +333,7 @@ pub struct Config {
     )]
     pub otel_exporter_otlp_metrics_endpoint: Option<String>,
 
-    /// OTLP transport: `grpc`, the one this build speaks.
+    /// OTLP transport: `grpc` or `http/protobuf`.
     #[arg(
         help_heading = "OpenTelemetry",
         long,
@@ -861,12 +863,25 @@ impl Config {
     }
 }
 
+/// The OTLP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (`grpc`).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`).
+    HttpProtobuf,
+}
+
 /// The OpenTelemetry settings, resolved from the `OTEL_*` ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OtelSettings {
-    /// The OTLP/gRPC collector spans go to; `None`: no span is made at all.
+    /// How exports travel.
+    pub protocol: OtlpProtocol,
+    /// Where spans go (for HTTP, the full URL: `/v1/traces` appended to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`: no span is made at all.
     pub traces_endpoint: Option<String>,
-    /// The OTLP/gRPC collector metrics go to besides `/metrics`; `None`: none.
+    /// Where metrics go besides `/metrics` (for HTTP, `/v1/metrics` appended to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`: none.
     pub metrics_endpoint: Option<String>,
     /// Whether a call with a sampled (or unsampled) parent follows its parent's
     /// decision (the `parentbased_*` samplers).
@@ -935,13 +950,24 @@ impl Config {
     /// unless an endpoint is set, `OTEL_SDK_DISABLED` is not, and the signal's
     /// exporter is `otlp`.
     pub fn otel(&self) -> Result<OtelSettings, ConfigError> {
-        let protocol = self.otel_exporter_otlp_protocol.trim();
-        if protocol != "grpc" {
-            return Err(ConfigError {
-                setting: "OTEL_EXPORTER_OTLP_PROTOCOL",
-                message: format!("{protocol:?} is not supported; this build speaks grpc"),
-            });
-        }
+        let protocol = match self.otel_exporter_otlp_protocol.trim() {
+            "grpc" => OtlpProtocol::Grpc,
+            "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            other => {
+                return Err(ConfigError {
+                    setting: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    message: format!(
+                        "{other:?} is not supported; this build speaks grpc and http/protobuf"
+                    ),
+                });
+            }
+        };
+        // Over HTTP, the general endpoint is a base URL and each signal has its
+        // path; a signal's own endpoint is used as it is.
+        let signal_path = |endpoint: String, path: &str| match protocol {
+            OtlpProtocol::Grpc => endpoint,
+            OtlpProtocol::HttpProtobuf => format!("{}{path}", endpoint.trim_end_matches('/')),
+        };
         let traces = exporters(
             "OTEL_TRACES_EXPORTER",
             &self.otel_traces_exporter,
@@ -957,11 +983,11 @@ impl Config {
             .transpose()?;
         let traces_endpoint = match present(&self.otel_exporter_otlp_traces_endpoint) {
             Some(e) => Some(otlp_endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e)?),
-            None => general.clone(),
+            None => general.clone().map(|e| signal_path(e, "/v1/traces")),
         };
         let metrics_endpoint = match present(&self.otel_exporter_otlp_metrics_endpoint) {
             Some(e) => Some(otlp_endpoint("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", e)?),
-            None => general,
+            None => general.map(|e| signal_path(e, "/v1/metrics")),
         };
         let sampler = self.otel_traces_sampler.trim();
         let ratio_arg = match present(&self.otel_traces_sampler_arg) {
@@ -994,6 +1020,7 @@ impl Config {
         };
         let on = !self.otel_sdk_disabled;
         Ok(OtelSettings {
+            protocol,
             traces_endpoint: traces_endpoint.filter(|_| on && traces.contains(&"otlp")),
             metrics_endpoint: metrics_endpoint.filter(|_| on && metrics.contains(&"otlp")),
             parent_based,
@@ -1165,6 +1192,26 @@ mod tests {
         let otel = c.otel().unwrap();
         assert_eq!(otel.traces_endpoint.as_deref(), Some("http://traces:4317"));
         assert_eq!(otel.metrics_endpoint, None, "a blank endpoint is unset");
+        // Over HTTP the general endpoint is a base URL; a signal's is used as is.
+        let mut c = Config::defaults();
+        c.otel_exporter_otlp_protocol = "http/protobuf".into();
+        c.otel_exporter_otlp_endpoint = Some("http://collector:4318/".into());
+        let otel = c.otel().unwrap();
+        assert_eq!(otel.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(
+            otel.traces_endpoint.as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(
+            otel.metrics_endpoint.as_deref(),
+            Some("http://collector:4318/v1/metrics")
+        );
+        c.otel_exporter_otlp_metrics_endpoint = Some("http://m:4318/custom".into());
+        let otel = c.otel().unwrap();
+        assert_eq!(
+            otel.metrics_endpoint.as_deref(),
+            Some("http://m:4318/custom")
+        );
     }
 
     #[test]
@@ -1192,7 +1239,7 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "collector:4317"),
             ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://"),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
             ("OTEL_TRACES_EXPORTER", "zipkin"),
             ("OTEL_METRICS_EXPORTER", "otlp,console"),
             ("OTEL_TRACES_SAMPLER", "xray"),

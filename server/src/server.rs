@@ -23,7 +23,7 @@ use tonic_health::{
 };
 
 use crate::{
-    config::{Config, nonzero},
+    config::{Config, OtlpProtocol, nonzero},
     gateway, grpc, overload,
     security::tls,
     service::AppState,
@@ -294,14 +294,19 @@ fn announce_telemetry(state: &AppState) {
             || "off".to_owned(),
             |e| match e.parse::<http::Uri>() {
                 Ok(uri) => format!(
-                    "{}://{}:{}",
+                    "{}://{}{}{}",
                     uri.scheme_str().unwrap_or("http"),
                     uri.host().unwrap_or_default(),
-                    uri.port_u16().unwrap_or(4317)
+                    uri.port().map_or(String::new(), |p| format!(":{p}")),
+                    uri.path().trim_end_matches('/'),
                 ),
                 Err(_) => "set".to_owned(),
             },
         )
+    };
+    let protocol = match otel.protocol {
+        OtlpProtocol::Grpc => "grpc",
+        OtlpProtocol::HttpProtobuf => "http/protobuf",
     };
     if otel.traces_endpoint.is_none() && otel.metrics_endpoint.is_none() {
         tracing::info!(
@@ -312,9 +317,10 @@ fn announce_telemetry(state: &AppState) {
     tracing::info!(
         traces = %shown(&otel.traces_endpoint),
         metrics = %shown(&otel.metrics_endpoint),
+        protocol,
         sampler = %state.config.otel_traces_sampler,
         ratio = otel.ratio,
-        "opentelemetry export on: OTLP over gRPC"
+        "opentelemetry export on"
     );
 }
 

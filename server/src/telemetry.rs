@@ -12,6 +12,7 @@
 //! metric name is ever a label or an attribute: their cardinality is unbounded.
 
 mod ingest_histogram;
+mod otlp_http;
 pub mod rpc;
 pub mod trace;
 
@@ -28,7 +29,7 @@ use opentelemetry::{
     Key, KeyValue, Value,
     metrics::{Histogram, Meter, MeterProvider},
 };
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::{
     Resource,
     metrics::SdkMeterProvider,
@@ -43,7 +44,7 @@ use self::{
     trace::Tracing,
 };
 use crate::{
-    config::{Config, LogFormat, OtelSettings},
+    config::{Config, LogFormat, OtelSettings, OtlpProtocol},
     engine::{BatchOutcome, Engine},
     error::SampleError,
 };
@@ -126,6 +127,12 @@ pub fn resource(settings: &OtelSettings) -> Resource {
             KeyValue::new("service.instance.id", Value::from(instance)),
         ])
         .build()
+}
+
+/// The client of the OTLP/HTTP exporters, on the current runtime.
+fn http_client() -> anyhow::Result<otlp_http::RuntimeHttpClient> {
+    otlp_http::RuntimeHttpClient::current()
+        .context("OTLP over HTTP must be set up inside the Tokio runtime")
 }
 
 /// A random (version 4) UUID.
@@ -286,11 +293,19 @@ impl Metrics {
             .with_resource(resource)
             .with_reader(exporter);
         if let Some(endpoint) = &settings.metrics_endpoint {
-            let otlp = opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .context("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")?;
+            let otlp = match settings.protocol {
+                OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .build(),
+                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_http_client(http_client()?)
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(endpoint)
+                    .build(),
+            }
+            .context("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")?;
             builder = builder.with_periodic_exporter(otlp);
         }
         let provider = builder.build();

@@ -17,15 +17,15 @@ use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator as _},
     trace::{SpanKind, Status, TraceContextExt as _, TraceId, Tracer as _, TracerProvider as _},
 };
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
     trace::{Sampler, SdkTracer, SdkTracerProvider},
 };
 
-use super::METER_NAME;
-use crate::config::OtelSettings;
+use super::{METER_NAME, http_client};
+use crate::config::{OtelSettings, OtlpProtocol};
 
 /// Longest `traceparent` read; a longer one is ignored (a new trace starts). Version
 /// `00` is 55 bytes; later versions may append fields.
@@ -61,17 +61,25 @@ impl Tracing {
     }
 
     /// The tracer `settings` ask for: spans of `resource`, sampled as set, exported
-    /// in batches to the OTLP/gRPC endpoint; off without an endpoint. Must run
-    /// inside the Tokio runtime (the exporter's channel lives there).
+    /// in batches to the OTLP endpoint (gRPC or HTTP); off without an endpoint.
+    /// Must run inside the Tokio runtime (the exporter's connections live there).
     pub fn new(settings: &OtelSettings, resource: Resource) -> anyhow::Result<Self> {
         let Some(endpoint) = &settings.traces_endpoint else {
             return Ok(Self::off());
         };
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build()
-            .context("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?;
+        let exporter = match settings.protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build(),
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(http_client()?)
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(endpoint)
+                .build(),
+        }
+        .context("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?;
         let ratio = Sampler::TraceIdRatioBased(settings.ratio);
         let sampler = if settings.parent_based {
             Sampler::ParentBased(Box::new(ratio))

@@ -38,6 +38,7 @@ use opentelemetry_proto::tonic::{
     metrics::v1::{Metric, metric::Data, number_data_point},
     trace::v1::{Span, span::SpanKind},
 };
+use prost::Message as _;
 use tidewatch_proto::v1::{AnalyzeRequest, IngestRequest};
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -52,6 +53,67 @@ struct Received {
     metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
     /// TCP connections accepted: zero means nothing was even attempted.
     connections: Arc<AtomicUsize>,
+    /// The `content-type` of every OTLP/HTTP request.
+    content_types: Arc<Mutex<Vec<String>>>,
+}
+
+/// `POST /v1/traces` of OTLP/HTTP: a protobuf `ExportTraceServiceRequest`.
+async fn http_traces(
+    axum::extract::State(received): axum::extract::State<Received>,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+) -> axum::response::Response {
+    http_export(
+        &received,
+        &headers,
+        &body,
+        |r: ExportTraceServiceRequest| {
+            received.traces.lock().unwrap().push(r);
+            ExportTraceServiceResponse::default().encode_to_vec()
+        },
+    )
+}
+
+/// `POST /v1/metrics` of OTLP/HTTP: a protobuf `ExportMetricsServiceRequest`.
+async fn http_metrics(
+    axum::extract::State(received): axum::extract::State<Received>,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+) -> axum::response::Response {
+    http_export(
+        &received,
+        &headers,
+        &body,
+        |r: ExportMetricsServiceRequest| {
+            received.metrics.lock().unwrap().push(r);
+            ExportMetricsServiceResponse::default().encode_to_vec()
+        },
+    )
+}
+
+/// Decodes an OTLP/HTTP body, keeps it, answers as the protocol says (`400` for a
+/// body that does not decode).
+fn http_export<M: prost::Message + Default>(
+    received: &Received,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    keep: impl FnOnce(M) -> Vec<u8>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    received.content_types.lock().unwrap().push(content_type);
+    match M::decode(body) {
+        Ok(message) => (
+            [(http::header::CONTENT_TYPE, "application/x-protobuf")],
+            keep(message),
+        )
+            .into_response(),
+        Err(e) => (http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
 }
 
 #[tonic::async_trait]
@@ -101,6 +163,30 @@ impl Receiver {
                     let _ = stopped.await;
                 }),
         );
+        Self {
+            addr,
+            received,
+            _stop: stop,
+        }
+    }
+
+    /// An OTLP/HTTP receiver (protobuf bodies) on a free loopback port.
+    async fn start_http() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = Received::default();
+        let app = axum::Router::new()
+            .route("/v1/traces", axum::routing::post(http_traces))
+            .route("/v1/metrics", axum::routing::post(http_metrics))
+            .with_state(received.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
         Self {
             addr,
             received,
@@ -288,9 +374,10 @@ async fn traces_metrics_and_logs_reach_a_real_otlp_receiver() {
     let started = server
         .json_log()
         .into_iter()
-        .find(|v| v["message"] == "opentelemetry export on: OTLP over gRPC")
+        .find(|v| v["message"] == "opentelemetry export on")
         .expect("the export is announced");
     assert_eq!(started["traces"], endpoint, "{started}");
+    assert_eq!(started["protocol"], "grpc", "{started}");
     let mut client = connect(&server.grpc_url()).await;
 
     // An Ingest stream of a sampled caller: five messages of two samples.
@@ -635,4 +722,73 @@ async fn metrics_alone_are_exported_when_traces_are_off() {
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
     assert!(receiver.spans().is_empty(), "{:?}", receiver.spans());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_and_metrics_also_travel_over_otlp_http() {
+    let receiver = Receiver::start_http().await;
+    let endpoint = receiver.endpoint();
+    let mut envs = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_SERVICE_NAME", "tidewatch-http"),
+    ];
+    envs.extend(FAST_EXPORT);
+    let server = ServerProcess::spawn(&[], &envs);
+    let started = server
+        .json_log()
+        .into_iter()
+        .find(|v| v["message"] == "opentelemetry export on")
+        .expect("the export is announced");
+    assert_eq!(started["protocol"], "http/protobuf", "{started}");
+    assert_eq!(
+        started["traces"],
+        format!("{endpoint}/v1/traces"),
+        "{started}"
+    );
+    assert_eq!(
+        started["metrics"],
+        format!("{endpoint}/v1/metrics"),
+        "{started}"
+    );
+
+    let (trace, parent) = ids();
+    let mut client = connect(&server.grpc_url()).await;
+    let mut request = Request::new(AnalyzeRequest {
+        device_id: "nobody".into(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{parent}-01").parse().unwrap(),
+    );
+    let status = client.analyze(request).await.expect_err("unknown device");
+    assert!(status.metadata().contains_key("traceparent"), "{status:?}");
+
+    let (resource, span) = receiver.span_of(&trace).await;
+    assert_eq!(span.name, "tidewatch.v1.TelemetryService/Analyze");
+    assert_eq!(hex(&span.parent_span_id), parent);
+    assert_eq!(
+        attribute(&span.attributes, "rpc.grpc.status_code"),
+        Some(&Value::IntValue(5))
+    );
+    assert_eq!(
+        attribute(&resource, "service.name"),
+        Some(&text("tidewatch-http"))
+    );
+    receiver
+        .metric(
+            "rpc.server.call.duration",
+            &[
+                ("rpc.method", text("Analyze")),
+                ("rpc.grpc.status_code", Value::IntValue(5)),
+            ],
+        )
+        .await;
+    let content_types = receiver.received.content_types.lock().unwrap().clone();
+    assert!(
+        content_types.iter().all(|c| c == "application/x-protobuf"),
+        "{content_types:?}"
+    );
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
 }
