@@ -142,6 +142,12 @@ def test_deployment_wiring(base):
     assert redis_host, env["REDIS_URL"]
     names = [e["name"] for e in container["env"]]
     assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")  # $(VAR) order
+    # The OpenTelemetry resource names the pod, from the downward API.
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    attributes = dict(kv.split("=", 1) for kv in env["OTEL_RESOURCE_ATTRIBUTES"]["value"].split(","))
+    assert attributes["service.instance.id"] == "$(POD_NAME)", attributes
+    assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert config["OTEL_SERVICE_NAME"] == "tidewatch"
     one(base, "Service", redis_host.group(1))
     one(base, "Secret", "tidewatch-redis")
     # The kubelet waits longer than the whole drain (SHUTDOWN_DELAY is part of it).

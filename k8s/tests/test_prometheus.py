@@ -203,8 +203,9 @@ def test_rules_and_dashboards_against_real_prometheus(base, procs, tmp_path):
     # the second is what the dashboards show.
     seen = {"grpc": [0, 0], "http": [0, 0]}
     drive_traffic(grpc_port, http_port, ["e2e-warmup"], seen)
-    for series in ('tidewatch_grpc_duration_seconds_count{method="Ingest"}',
-                   'tidewatch_http_request_duration_seconds_count{route="/ingest"}',
+    for series in ("tidewatch_ingest_message_duration_seconds_count",
+                   'rpc_server_call_duration_seconds_count{rpc_method="Analyze"}',
+                   'http_server_request_duration_seconds_count{http_route="/ingest"}',
                    "tidewatch_snapshot_flush_duration_seconds_count"):
         wait_until(f"{series} scraped", lambda s=series: prom.query(s))
     drive_traffic(grpc_port, http_port, DEVICES, seen)

@@ -293,6 +293,93 @@ pub struct Config {
     )]
     pub log_level: String,
 
+    /// OpenTelemetry off entirely: no spans, no OTLP export (`/metrics` stays).
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_SDK_DISABLED",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub otel_sdk_disabled: bool,
+
+    /// OTLP collector for traces and metrics (`http://host:4317` for gRPC,
+    /// `http://host:4318` for HTTP); unset: nothing is exported and no span is made.
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+
+    /// OTLP collector for traces only, the full URL (wins over
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )]
+    pub otel_exporter_otlp_traces_endpoint: Option<String>,
+
+    /// OTLP collector for metrics only, the full URL (wins over
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+    )]
+    pub otel_exporter_otlp_metrics_endpoint: Option<String>,
+
+    /// OTLP transport: `grpc` or `http/protobuf`.
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default_value = "grpc"
+    )]
+    pub otel_exporter_otlp_protocol: String,
+
+    /// Where spans go: `otlp` or `none`.
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_TRACES_EXPORTER",
+        default_value = "otlp"
+    )]
+    pub otel_traces_exporter: String,
+
+    /// Where metrics go besides `/metrics`, comma-separated: `otlp`, `prometheus`
+    /// (`/metrics` only) or `none`.
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_METRICS_EXPORTER",
+        default_value = "otlp"
+    )]
+    pub otel_metrics_exporter: String,
+
+    /// Which calls are traced: `parentbased_always_on`, `parentbased_traceidratio`,
+    /// `parentbased_always_off`, `always_on`, `always_off` or `traceidratio`.
+    #[arg(
+        help_heading = "OpenTelemetry",
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
+    pub otel_traces_sampler: String,
+
+    /// The ratio of the `traceidratio` samplers, 0 to 1 (default 1).
+    #[arg(help_heading = "OpenTelemetry", long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub otel_traces_sampler_arg: Option<String>,
+
+    /// `service.name` of every span and metric (default: `service.name` in
+    /// `OTEL_RESOURCE_ATTRIBUTES`, else `tidewatch`).
+    #[arg(help_heading = "OpenTelemetry", long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+
     /// Detector choice and per-detector settings.
     #[command(flatten)]
     pub detectors: DetectorSettings,
@@ -668,6 +755,7 @@ impl Config {
         }
         self.detectors.validate()?;
         self.validate_security()?;
+        self.otel()?;
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.listen_addr {
             return fail(
                 "LISTEN_ADDR",
@@ -772,6 +860,173 @@ impl Config {
         };
         self.detectors.apply(&mut engine);
         engine
+    }
+}
+
+/// The OTLP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (`grpc`).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`).
+    HttpProtobuf,
+}
+
+/// The OpenTelemetry settings, resolved from the `OTEL_*` ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtelSettings {
+    /// How exports travel.
+    pub protocol: OtlpProtocol,
+    /// Where spans go (for HTTP, the full URL: `/v1/traces` appended to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`: no span is made at all.
+    pub traces_endpoint: Option<String>,
+    /// Where metrics go besides `/metrics` (for HTTP, `/v1/metrics` appended to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`: none.
+    pub metrics_endpoint: Option<String>,
+    /// Whether a call with a sampled (or unsampled) parent follows its parent's
+    /// decision (the `parentbased_*` samplers).
+    pub parent_based: bool,
+    /// The fraction of trace ids sampled otherwise: 1 for `always_on`, 0 for
+    /// `always_off`, `OTEL_TRACES_SAMPLER_ARG` for `traceidratio`.
+    pub ratio: f64,
+    /// `OTEL_SERVICE_NAME`, when set.
+    pub service_name: Option<String>,
+}
+
+/// A set, non-blank value.
+fn present(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The names in a comma-separated `OTEL_*_EXPORTER` list, each one of `known`.
+fn exporters<'a>(
+    setting: &'static str,
+    value: &'a str,
+    known: &[&str],
+) -> Result<Vec<&'a str>, ConfigError> {
+    let names: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in &names {
+        if !known.contains(name) {
+            return Err(ConfigError {
+                setting,
+                message: format!(
+                    "unknown exporter {name:?}; this build knows {}",
+                    known.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(names)
+}
+
+/// An OTLP endpoint: an `http://` URL with a host.
+fn otlp_endpoint(setting: &'static str, value: &str) -> Result<String, ConfigError> {
+    let fail = |message: String| Err(ConfigError { setting, message });
+    let uri: http::Uri = match value.parse() {
+        Ok(uri) => uri,
+        Err(e) => return fail(format!("{e} (expected e.g. http://otel-collector:4317)")),
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return fail(
+                "https needs TLS toward the collector, which this build does not include; use http:// (a collector on the node or in the pod)".into(),
+            );
+        }
+        _ => return fail(format!("{value:?} is not an http:// URL")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return fail(format!("{value:?} has no host"));
+    }
+    Ok(value.to_owned())
+}
+
+impl Config {
+    /// The OpenTelemetry settings, or the first invalid one. Nothing is exported
+    /// unless an endpoint is set, `OTEL_SDK_DISABLED` is not, and the signal's
+    /// exporter is `otlp`.
+    pub fn otel(&self) -> Result<OtelSettings, ConfigError> {
+        let protocol = match self.otel_exporter_otlp_protocol.trim() {
+            "grpc" => OtlpProtocol::Grpc,
+            "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            other => {
+                return Err(ConfigError {
+                    setting: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    message: format!(
+                        "{other:?} is not supported; this build speaks grpc and http/protobuf"
+                    ),
+                });
+            }
+        };
+        // Over HTTP, the general endpoint is a base URL and each signal has its
+        // path; a signal's own endpoint is used as it is.
+        let signal_path = |endpoint: String, path: &str| match protocol {
+            OtlpProtocol::Grpc => endpoint,
+            OtlpProtocol::HttpProtobuf => format!("{}{path}", endpoint.trim_end_matches('/')),
+        };
+        let traces = exporters(
+            "OTEL_TRACES_EXPORTER",
+            &self.otel_traces_exporter,
+            &["otlp", "none"],
+        )?;
+        let metrics = exporters(
+            "OTEL_METRICS_EXPORTER",
+            &self.otel_metrics_exporter,
+            &["otlp", "prometheus", "none"],
+        )?;
+        let general = present(&self.otel_exporter_otlp_endpoint)
+            .map(|e| otlp_endpoint("OTEL_EXPORTER_OTLP_ENDPOINT", e))
+            .transpose()?;
+        let traces_endpoint = match present(&self.otel_exporter_otlp_traces_endpoint) {
+            Some(e) => Some(otlp_endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e)?),
+            None => general.clone().map(|e| signal_path(e, "/v1/traces")),
+        };
+        let metrics_endpoint = match present(&self.otel_exporter_otlp_metrics_endpoint) {
+            Some(e) => Some(otlp_endpoint("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", e)?),
+            None => general.map(|e| signal_path(e, "/v1/metrics")),
+        };
+        let sampler = self.otel_traces_sampler.trim();
+        let ratio_arg = match present(&self.otel_traces_sampler_arg) {
+            Some(arg) => match arg.parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => Some(r),
+                _ => {
+                    return Err(ConfigError {
+                        setting: "OTEL_TRACES_SAMPLER_ARG",
+                        message: format!("must be a number from 0 to 1, got {arg:?}"),
+                    });
+                }
+            },
+            None => None,
+        };
+        let (parent_based, ratio) = match sampler {
+            "always_on" => (false, 1.0),
+            "always_off" => (false, 0.0),
+            "traceidratio" => (false, ratio_arg.unwrap_or(1.0)),
+            "parentbased_always_on" => (true, 1.0),
+            "parentbased_always_off" => (true, 0.0),
+            "parentbased_traceidratio" => (true, ratio_arg.unwrap_or(1.0)),
+            other => {
+                return Err(ConfigError {
+                    setting: "OTEL_TRACES_SAMPLER",
+                    message: format!(
+                        "unknown sampler {other:?}; known samplers: always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio"
+                    ),
+                });
+            }
+        };
+        let on = !self.otel_sdk_disabled;
+        Ok(OtelSettings {
+            protocol,
+            traces_endpoint: traces_endpoint.filter(|_| on && traces.contains(&"otlp")),
+            metrics_endpoint: metrics_endpoint.filter(|_| on && metrics.contains(&"otlp")),
+            parent_based,
+            ratio,
+            service_name: present(&self.otel_service_name).map(str::to_owned),
+        })
     }
 }
 
@@ -895,5 +1150,122 @@ mod tests {
         assert_eq!(e.detector, DetectorKind::Robust);
         assert_eq!((e.robust.window, e.alert_cooldown), (64, 5));
         assert_eq!(Config::defaults().engine().detector, DetectorKind::ZScore);
+    }
+
+    #[test]
+    fn otel_exports_only_with_an_endpoint() {
+        let c = Config::defaults();
+        let otel = c.otel().unwrap();
+        assert_eq!(otel.traces_endpoint, None);
+        assert_eq!(otel.metrics_endpoint, None);
+        assert!(otel.parent_based);
+        assert_eq!(otel.ratio, 1.0);
+        let endpoint = "http://127.0.0.1:4317";
+        let mut c = Config::defaults();
+        c.otel_exporter_otlp_endpoint = Some(endpoint.into());
+        let otel = c.otel().unwrap();
+        assert_eq!(otel.traces_endpoint.as_deref(), Some(endpoint));
+        assert_eq!(otel.metrics_endpoint.as_deref(), Some(endpoint));
+        for (field, traces, metrics) in [
+            ("sdk", None, None),
+            ("traces", None, Some(endpoint)),
+            ("metrics", Some(endpoint), None),
+            ("both-none", None, None),
+        ] {
+            let mut c = c.clone();
+            match field {
+                "sdk" => c.otel_sdk_disabled = true,
+                "traces" => c.otel_traces_exporter = "none".into(),
+                "metrics" => c.otel_metrics_exporter = "prometheus".into(),
+                _ => {
+                    c.otel_traces_exporter = "none".into();
+                    c.otel_metrics_exporter = "none".into();
+                }
+            }
+            let otel = c.otel().unwrap();
+            assert_eq!(otel.traces_endpoint.as_deref(), traces, "{field}");
+            assert_eq!(otel.metrics_endpoint.as_deref(), metrics, "{field}");
+        }
+        let mut c = c.clone();
+        c.otel_exporter_otlp_traces_endpoint = Some("http://traces:4317".into());
+        c.otel_exporter_otlp_endpoint = Some("  ".into());
+        let otel = c.otel().unwrap();
+        assert_eq!(otel.traces_endpoint.as_deref(), Some("http://traces:4317"));
+        assert_eq!(otel.metrics_endpoint, None, "a blank endpoint is unset");
+        // Over HTTP the general endpoint is a base URL; a signal's is used as is.
+        let mut c = Config::defaults();
+        c.otel_exporter_otlp_protocol = "http/protobuf".into();
+        c.otel_exporter_otlp_endpoint = Some("http://collector:4318/".into());
+        let otel = c.otel().unwrap();
+        assert_eq!(otel.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(
+            otel.traces_endpoint.as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(
+            otel.metrics_endpoint.as_deref(),
+            Some("http://collector:4318/v1/metrics")
+        );
+        c.otel_exporter_otlp_metrics_endpoint = Some("http://m:4318/custom".into());
+        let otel = c.otel().unwrap();
+        assert_eq!(
+            otel.metrics_endpoint.as_deref(),
+            Some("http://m:4318/custom")
+        );
+    }
+
+    #[test]
+    fn otel_samplers_parse() {
+        let mut c = Config::defaults();
+        c.otel_traces_sampler = "parentbased_traceidratio".into();
+        c.otel_traces_sampler_arg = Some("0.25".into());
+        let otel = c.otel().unwrap();
+        assert!(otel.parent_based);
+        assert_eq!(otel.ratio, 0.25);
+        c.otel_traces_sampler = "always_off".into();
+        let otel = c.otel().unwrap();
+        assert!(!otel.parent_based);
+        assert_eq!(otel.ratio, 0.0);
+        c.otel_traces_sampler = "traceidratio".into();
+        c.otel_traces_sampler_arg = None;
+        assert_eq!(c.otel().unwrap().ratio, 1.0);
+    }
+
+    #[test]
+    fn invalid_otel_settings_name_the_setting() {
+        for (setting, value) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "collector:4317"),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_TRACES_EXPORTER", "zipkin"),
+            ("OTEL_METRICS_EXPORTER", "otlp,console"),
+            ("OTEL_TRACES_SAMPLER", "xray"),
+            ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+            ("OTEL_TRACES_SAMPLER_ARG", "half"),
+        ] {
+            let mut c = Config::defaults();
+            match setting {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" => c.otel_exporter_otlp_endpoint = Some(value.into()),
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => {
+                    c.otel_exporter_otlp_traces_endpoint = Some(value.into())
+                }
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" => {
+                    c.otel_exporter_otlp_metrics_endpoint = Some(value.into())
+                }
+                "OTEL_EXPORTER_OTLP_PROTOCOL" => c.otel_exporter_otlp_protocol = value.into(),
+                "OTEL_TRACES_EXPORTER" => c.otel_traces_exporter = value.into(),
+                "OTEL_METRICS_EXPORTER" => c.otel_metrics_exporter = value.into(),
+                "OTEL_TRACES_SAMPLER" => c.otel_traces_sampler = value.into(),
+                _ => {
+                    c.otel_traces_sampler = "traceidratio".into();
+                    c.otel_traces_sampler_arg = Some(value.into());
+                }
+            }
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.setting, setting, "{value}: {e}");
+        }
     }
 }

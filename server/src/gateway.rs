@@ -45,6 +45,7 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use tidewatch_proto::{
     json::ProtoDouble,
@@ -54,6 +55,7 @@ use tower::{
     BoxError, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
     timeout::TimeoutLayer,
 };
+use tracing::Instrument as _;
 
 use crate::{
     config::nonzero,
@@ -64,7 +66,7 @@ use crate::{
         tls::PeerInfo,
     },
     service::AppState,
-    telemetry::Transport,
+    telemetry::{self, Transport, trace::CallSpan},
 };
 
 /// The gateway's routes with their middleware, ready to serve.
@@ -168,8 +170,10 @@ async fn authenticate(
     }
 }
 
-/// Records every request's latency by route and status (outermost, so shed and
-/// refused requests are counted with the status they got).
+/// Records every request's duration (`http.server.request.duration`) by method,
+/// route and status, outermost, so shed and refused requests are counted with the
+/// status they got. With traces on, the request also gets a server span (except
+/// probes and `/metrics`), child of its `traceparent`, named on the response's.
 async fn track(
     State(state): State<Arc<AppState>>,
     matched: Option<MatchedPath>,
@@ -177,31 +181,95 @@ async fn track(
     next: Next,
 ) -> Response {
     let route = route_label(matched.as_ref().map(MatchedPath::as_str));
+    let method = request.method().clone();
+    let scheme = if state.config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let started = Instant::now();
-    let response = next.run(request).await;
+    let span = match route {
+        Some("/health" | "/healthz" | "/readyz" | "/metrics") => None,
+        _ => http_span(&state, scheme, &method, route, request.headers()),
+    };
+    let mut response = match &span {
+        Some(span) => next.run(request).instrument(span.log_span()).await,
+        None => next.run(request).await,
+    };
+    let status = response.status().as_u16();
     state
         .metrics
-        .record_http(route, response.status().as_u16(), started.elapsed());
+        .record_http(scheme, &method, route, status, started.elapsed());
+    if let Some(span) = span {
+        span.inject(response.headers_mut());
+        span.set_attributes([KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        )]);
+        let reason = response
+            .status()
+            .canonical_reason()
+            .unwrap_or("server error");
+        span.end((status >= 500).then_some(reason));
+        tracing::debug!(
+            trace_id = %span.trace_id(),
+            method = %method,
+            route = route.unwrap_or_default(),
+            status,
+            "http request finished"
+        );
+    }
     response
 }
 
-/// A fixed label per route: paths of unknown routes never become label values.
-fn route_label(path: Option<&str>) -> &'static str {
-    match path {
-        Some("/ingest") => "/ingest",
-        Some("/metric") => "/metric",
-        Some("/analyze") => "/analyze",
-        Some("/health") => "/health",
-        Some("/healthz") => "/healthz",
-        Some("/readyz") => "/readyz",
-        Some("/metrics") => "/metrics",
-        Some("/anomalies") => "/anomalies",
-        Some("/devices") => "/devices",
-        Some("/window") => "/window",
-        Some("/openapi.json") => "/openapi.json",
-        Some("/console" | "/console/" | "/console/{file}") => "/console",
-        _ => "unmatched",
+/// The server span of an HTTP request (`{method} {route}`), when traces are on.
+fn http_span(
+    state: &AppState,
+    scheme: &'static str,
+    method: &http::Method,
+    route: Option<&'static str>,
+    headers: &HeaderMap,
+) -> Option<CallSpan> {
+    if !state.tracing.is_on() {
+        return None;
     }
+    let method = telemetry::http_method(method);
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method),
+        KeyValue::new("url.scheme", scheme),
+    ];
+    // `{method} {route}`, or `HTTP` for a method outside the standard ones.
+    let method = if method == "_OTHER" { "HTTP" } else { method };
+    let name = match route {
+        Some(route) => {
+            attributes.push(KeyValue::new("http.route", route));
+            format!("{method} {route}")
+        }
+        None => method.to_owned(),
+    };
+    state.tracing.server_span(name, headers, attributes)
+}
+
+/// A fixed label per route (the route's pattern): paths of unknown routes never
+/// become label values (`None`).
+fn route_label(path: Option<&str>) -> Option<&'static str> {
+    Some(match path? {
+        "/ingest" => "/ingest",
+        "/metric" => "/metric",
+        "/analyze" => "/analyze",
+        "/health" => "/health",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/anomalies" => "/anomalies",
+        "/devices" => "/devices",
+        "/window" => "/window",
+        "/openapi.json" => "/openapi.json",
+        "/console" => "/console",
+        "/console/" => "/console/",
+        "/console/{file}" => "/console/{file}",
+        _ => return None,
+    })
 }
 
 /// The HTTP form of every error: `{"error":{"code","message"}}` with the status of its
@@ -658,7 +726,12 @@ mod tests {
 
     #[test]
     fn unknown_paths_share_one_label() {
-        assert_eq!(route_label(Some("/ingest")), "/ingest");
-        assert_eq!(route_label(None), "unmatched");
+        assert_eq!(route_label(Some("/ingest")), Some("/ingest"));
+        assert_eq!(
+            route_label(Some("/console/{file}")),
+            Some("/console/{file}")
+        );
+        assert_eq!(route_label(Some("/elsewhere")), None);
+        assert_eq!(route_label(None), None);
     }
 }

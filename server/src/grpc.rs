@@ -31,6 +31,7 @@ use tonic::{
 use crate::{
     security::{policy::Principal, tls::PeerInfo},
     service::AppState,
+    telemetry::rpc::RpcCall,
 };
 use fast::WireRequest;
 pub(crate) use fast::incoming;
@@ -174,7 +175,8 @@ where
 {
     fast::serve(request, state.config.max_message_bytes, |request| {
         let principal = caller(state, request.extensions())?;
-        ingest::StreamCore::start(state, principal)
+        let call = request.extensions().get::<RpcCall>().cloned();
+        ingest::StreamCore::start(state, principal, call)
     })
 }
 

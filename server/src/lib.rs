@@ -28,8 +28,8 @@
 //! - [`config`]: every setting, as a flag and an environment variable.
 //! - [`error`]: sample errors and the one mapping of error kinds to gRPC codes and
 //!   HTTP statuses.
-//! - [`telemetry`]: logging and the OpenTelemetry metrics with their Prometheus
-//!   exposition.
+//! - [`telemetry`]: logging, the OpenTelemetry metrics with their Prometheus
+//!   exposition and OTLP export, and the server spans with W3C trace context.
 //! - [`shutdown`]: the signals that start the drain.
 //! - [`eval`]: detection quality on labeled data (`tidewatch-eval`).
 //!

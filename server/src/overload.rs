@@ -26,7 +26,6 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Instant,
 };
 
 use http::HeaderValue;
@@ -36,13 +35,18 @@ use tower::{
     BoxError, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer,
     load_shed::LoadShedLayer, timeout::TimeoutLayer, util::BoxCloneSyncService,
 };
+use tracing::Instrument as _;
 
 use crate::{
     config::nonzero,
     error::{ApiError, ErrorKind},
     grpc::TelemetryRouter,
     service::AppState,
-    telemetry::Transport,
+    telemetry::{
+        Transport,
+        rpc::{CallBody, RpcMethod, grpc_status},
+        trace::CallSpan,
+    },
 };
 
 /// Seconds a shed client is told to wait before retrying (`Retry-After`).
@@ -117,17 +121,20 @@ impl Service<http::Request<Body>> for GuardedTelemetry {
         }
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let unary = unary_method(request.uri().path());
-        let started = Instant::now();
-        let response = self.inner.call(request);
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let state = Arc::clone(&self.state);
-        Box::pin(async move {
-            let response = response.await;
-            if let Some(method) = unary {
-                state.metrics.record_rpc(method, started.elapsed());
-            }
-            Ok(response.unwrap_or_else(|e| {
+        let method = RpcMethod::from_path(request.uri().path());
+        let call = state
+            .metrics
+            .start_rpc(&state.tracing, method, request.headers());
+        if method == RpcMethod::Ingest {
+            // The stream finishes the call (`grpc::ingest`), with its counts.
+            request.extensions_mut().insert(call.clone());
+        }
+        let log_span = call.span().map(CallSpan::log_span);
+        let response = self.inner.call(request);
+        let answer = async move {
+            let mut response = response.await.unwrap_or_else(|e| {
                 let refused = refusal(&state, &e, Transport::Grpc);
                 let overloaded = refused.kind == ErrorKind::Overloaded;
                 let mut response = tonic::Status::from(refused).into_http::<Body>();
@@ -139,17 +146,22 @@ impl Service<http::Request<Body>> for GuardedTelemetry {
                     );
                 }
                 response
-            }))
-        })
-    }
-}
-
-/// The label of a unary `TelemetryService` method, whose latency is the time to its
-/// response. Streams are timed per message instead (`Ingest`, in `AppState`).
-fn unary_method(path: &str) -> Option<&'static str> {
-    match path.rsplit('/').next() {
-        Some("Analyze") => Some("Analyze"),
-        _ => None,
+            });
+            if let Some(span) = call.span() {
+                span.inject(response.headers_mut());
+            }
+            if let Some(status) = grpc_status(response.headers()) {
+                // A trailers-only answer: the call is over.
+                call.finish(status.code(), status.message());
+            } else if method != RpcMethod::Ingest {
+                response = response.map(|body| Body::new(CallBody::new(body, call)));
+            }
+            Ok::<_, Infallible>(response)
+        };
+        match log_span {
+            Some(span) => Box::pin(answer.instrument(span)),
+            None => Box::pin(answer),
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use tonic_health::{
 };
 
 use crate::{
-    config::{Config, nonzero},
+    config::{Config, OtlpProtocol, nonzero},
     gateway, grpc, overload,
     security::tls,
     service::AppState,
@@ -140,6 +140,7 @@ impl Server {
         let (health, grpc) = start_grpc(&state, grpc).await?;
         let background = Background::start(&state);
         announce_storage(&state);
+        announce_telemetry(&state);
         // Ready before the gateway answers its first request: `/readyz` is 503 only
         // while the server is not serving yet (connections wait in the backlog until
         // here) and while it drains.
@@ -163,7 +164,7 @@ impl Server {
         )
         .await;
         final_flush(&state, background, started, reserve).await;
-        state.metrics.shutdown();
+        stop_telemetry(&state).await;
         if let Some(admin) = admin {
             admin.abort();
         }
@@ -281,6 +282,67 @@ fn announce_security(state: &AppState) {
         );
     }
 }
+
+/// Says where OpenTelemetry data goes, once at start (endpoints may carry
+/// credentials in their user info: only scheme, host and port are logged).
+fn announce_telemetry(state: &AppState) {
+    let Ok(otel) = state.config.otel() else {
+        return;
+    };
+    let shown = |endpoint: &Option<String>| {
+        endpoint.as_deref().map_or_else(
+            || "off".to_owned(),
+            |e| match e.parse::<http::Uri>() {
+                Ok(uri) => format!(
+                    "{}://{}{}{}",
+                    uri.scheme_str().unwrap_or("http"),
+                    uri.host().unwrap_or_default(),
+                    uri.port().map_or(String::new(), |p| format!(":{p}")),
+                    uri.path().trim_end_matches('/'),
+                ),
+                Err(_) => "set".to_owned(),
+            },
+        )
+    };
+    let protocol = match otel.protocol {
+        OtlpProtocol::Grpc => "grpc",
+        OtlpProtocol::HttpProtobuf => "http/protobuf",
+    };
+    if otel.traces_endpoint.is_none() && otel.metrics_endpoint.is_none() {
+        tracing::info!(
+            "opentelemetry export off (no OTEL_EXPORTER_OTLP_ENDPOINT): metrics on /metrics only"
+        );
+        return;
+    }
+    tracing::info!(
+        traces = %shown(&otel.traces_endpoint),
+        metrics = %shown(&otel.metrics_endpoint),
+        protocol,
+        sampler = %state.config.otel_traces_sampler,
+        ratio = otel.ratio,
+        "opentelemetry export on"
+    );
+}
+
+/// Exports the spans and metrics still buffered and stops both pipelines, off the
+/// runtime's threads (the exports need the runtime) and within
+/// [`TELEMETRY_SHUTDOWN`].
+async fn stop_telemetry(state: &Arc<AppState>) {
+    let state = Arc::clone(state);
+    let stop = tokio::task::spawn_blocking(move || {
+        state.tracing.shutdown(TELEMETRY_SHUTDOWN);
+        state.metrics.shutdown();
+    });
+    if tokio::time::timeout(TELEMETRY_SHUTDOWN * 2, stop)
+        .await
+        .is_err()
+    {
+        tracing::warn!("opentelemetry export did not finish at shutdown");
+    }
+}
+
+/// Longest wait for each pipeline's last export at shutdown.
+const TELEMETRY_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Logs where window state lives; with snapshots, also checks Redis in the background
 /// so that an unreachable Redis is reported at start without delaying it.

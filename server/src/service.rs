@@ -42,7 +42,7 @@ use crate::{
         policy::{Principal, Scope},
     },
     snapshot::{SnapshotConfig, Snapshots},
-    telemetry::{Metrics, Transport},
+    telemetry::{self, Metrics, Transport, trace::Tracing},
 };
 
 /// Requests with at least this many samples are judged on the blocking pool, so that
@@ -70,6 +70,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Metrics and their exposition.
     pub metrics: Metrics,
+    /// Server spans, when traces are exported.
+    pub tracing: Tracing,
     /// The anomaly feed; ingestion sends, watchers subscribe.
     pub anomalies: broadcast::Sender<Arc<AnomalyEvent>>,
     /// Cancelled when shutdown starts; every stream selects on it.
@@ -98,7 +100,10 @@ impl AppState {
     /// Builds the shared state for `config`.
     pub fn new(config: Config) -> anyhow::Result<Self> {
         let engine = Arc::new(Engine::new(config.engine()));
-        let metrics = Metrics::new(Arc::clone(&engine))?;
+        let otel = config.otel()?;
+        let resource = telemetry::resource(&otel);
+        let metrics = Metrics::new(Arc::clone(&engine), &otel, resource.clone())?;
+        let tracing = Tracing::new(&otel, resource)?;
         let (anomalies, _) = broadcast::channel(config.watch_buffer);
         let snapshots = match SnapshotConfig::from_config(&config) {
             Some(snapshot_config) => Some(Arc::new(
@@ -117,6 +122,7 @@ impl AppState {
             config: Arc::new(config),
             engine,
             metrics,
+            tracing,
             anomalies,
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),

@@ -1,14 +1,20 @@
-//! Logs (`tracing`) and metrics (the OpenTelemetry API with the Prometheus exporter).
+//! Logs (`tracing`), metrics (the OpenTelemetry API, exposed to Prometheus and, when
+//! an endpoint is set, exported over OTLP) and traces ([`trace`], [`rpc`]).
 //!
 //! Counters on the ingest path are plain atomics added to once per message (never once
 //! per sample) and handed to OpenTelemetry as observable instruments read at scrape
 //! time, so recording costs a few relaxed atomic adds. Latencies go into OpenTelemetry
-//! histograms, once per request, except the per-message latency of `Ingest`: it has
-//! one lock-free histogram of its own that `/metrics` merges into the family it
-//! belongs to (`ingest_histogram`, which holds the reason and the contract). No device
-//! id and no metric name is ever a label: their cardinality is unbounded.
+//! histograms, once per call or request, except the per-message latency of `Ingest`:
+//! it has one lock-free histogram of its own that `/metrics` merges into the
+//! exposition (`ingest_histogram`, which holds the reason and the contract). The
+//! durations of calls and requests follow the semantic conventions
+//! (`rpc.server.call.duration`, `http.server.request.duration`). No device id and no
+//! metric name is ever a label or an attribute: their cardinality is unbounded.
 
 mod ingest_histogram;
+mod otlp_http;
+pub mod rpc;
+pub mod trace;
 
 use std::{
     sync::{
@@ -18,16 +24,27 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use opentelemetry::{
-    KeyValue,
+    Key, KeyValue, Value,
     metrics::{Histogram, Meter, MeterProvider},
 };
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::{
+    Resource,
+    metrics::SdkMeterProvider,
+    resource::{EnvResourceDetector, ResourceDetector, TelemetryResourceDetector},
+    trace::{IdGenerator as _, RandomIdGenerator},
+};
 use prometheus::{Encoder, TextEncoder};
 
-use self::ingest_histogram::IngestHistogram;
+use self::{
+    ingest_histogram::IngestHistogram,
+    rpc::{RpcCall, RpcMethod},
+    trace::Tracing,
+};
 use crate::{
-    config::{Config, LogFormat},
+    config::{Config, LogFormat, OtelSettings, OtlpProtocol},
     engine::{BatchOutcome, Engine},
     error::SampleError,
 };
@@ -51,14 +68,104 @@ pub const LATENCY_BUCKETS: [f64; 17] = [
     1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The OpenTelemetry meter; the exporter adds it as the `otel_scope_name` label.
+/// The OpenTelemetry meter and tracer; the exporter adds it as the `otel_scope_name`
+/// label.
 const METER_NAME: &str = "tidewatch";
 
-/// The gRPC latency histogram (the exporter appends `_seconds` from the unit).
-const GRPC_DURATION: &str = "tidewatch_grpc_duration";
+/// `service.name` unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` say
+/// otherwise.
+const SERVICE_NAME: &str = "tidewatch";
+
+/// The duration of a `TelemetryService` call (semantic conventions; Prometheus:
+/// `rpc_server_call_duration_seconds`).
+const RPC_DURATION: &str = "rpc.server.call.duration";
+
+/// The duration of an HTTP request (semantic conventions; Prometheus:
+/// `http_server_request_duration_seconds`).
+const HTTP_DURATION: &str = "http.server.request.duration";
+
+/// The per-message latency of `Ingest`, as OpenTelemetry would name it.
+#[cfg(test)]
+const INGEST_DURATION: &str = "tidewatch.ingest.message.duration";
+
+/// Its Prometheus name (the exporter's conversion of `INGEST_DURATION` with unit
+/// `s`).
+const INGEST_DURATION_PROMETHEUS: &str = "tidewatch_ingest_message_duration_seconds";
 
 /// Its description (`# HELP`).
-const GRPC_DURATION_HELP: &str = "Time to answer one gRPC unary call or one Ingest stream message";
+const INGEST_DURATION_HELP: &str = "Time to judge one Ingest stream message";
+
+/// The resource every exported span and metric carries, and `target_info` shows:
+/// `OTEL_RESOURCE_ATTRIBUTES`, then `service.name` (`OTEL_SERVICE_NAME`, else the
+/// attribute, else `tidewatch`), `service.version` (this build's) and
+/// `service.instance.id` (the attribute, else a random UUID per process).
+pub fn resource(settings: &OtelSettings) -> Resource {
+    let from_env = Resource::builder_empty()
+        .with_detector(Box::new(EnvResourceDetector::new()))
+        .build();
+    let attribute = |key: &'static str| {
+        from_env
+            .get(&Key::from_static_str(key))
+            .map(|v| v.as_str().into_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let name = settings
+        .service_name
+        .clone()
+        .or_else(|| attribute("service.name"))
+        .unwrap_or_else(|| SERVICE_NAME.to_owned());
+    let instance = attribute("service.instance.id").unwrap_or_else(random_uuid);
+    let detectors: [Box<dyn ResourceDetector>; 2] = [
+        Box::new(TelemetryResourceDetector),
+        Box::new(EnvResourceDetector::new()),
+    ];
+    Resource::builder_empty()
+        .with_detectors(&detectors)
+        .with_attributes([
+            KeyValue::new("service.name", name),
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", Value::from(instance)),
+        ])
+        .build()
+}
+
+/// The client of the OTLP/HTTP exporters, on the current runtime.
+fn http_client() -> anyhow::Result<otlp_http::RuntimeHttpClient> {
+    otlp_http::RuntimeHttpClient::current()
+        .context("OTLP over HTTP must be set up inside the Tokio runtime")
+}
+
+/// A random (version 4) UUID.
+fn random_uuid() -> String {
+    let mut bytes = RandomIdGenerator::default().new_trace_id().to_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// The `http.request.method` value: the standard methods, else `_OTHER`.
+pub(crate) fn http_method(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::HEAD => "HEAD",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
 
 /// The transport a sample or request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,13 +242,15 @@ pub struct Metrics {
     registry: prometheus::Registry,
     /// Keeps the OpenTelemetry pipeline (and its callbacks) alive.
     provider: SdkMeterProvider,
-    /// Time to answer one unary RPC (`Ingest` messages go to `ingest_latency`).
-    grpc_latency: Histogram<f64>,
-    /// Time to judge one Ingest message, the `method="Ingest"` series of
-    /// `tidewatch_grpc_duration_seconds`.
+    /// Whether metrics are also exported over OTLP.
+    otlp: bool,
+    /// `rpc.server.call.duration`: one `TelemetryService` call, a whole stream
+    /// included.
+    rpc_duration: Histogram<f64>,
+    /// Time to judge one Ingest message (`tidewatch_ingest_message_duration_seconds`).
     ingest_latency: IngestHistogram,
-    /// Time to answer one HTTP request.
-    http_latency: Histogram<f64>,
+    /// `http.server.request.duration`: one HTTP request.
+    http_duration: Histogram<f64>,
     /// Time one snapshot flush took.
     snapshot_flush: Histogram<f64>,
 }
@@ -167,15 +276,39 @@ impl Drop for ActiveGauge {
 }
 
 impl Metrics {
-    /// Builds the OpenTelemetry pipeline with a Prometheus exporter and registers every
-    /// instrument. `engine` feeds the devices gauge.
-    pub fn new(engine: Arc<Engine>) -> anyhow::Result<Self> {
+    /// Builds the OpenTelemetry pipeline with a Prometheus exporter (and an OTLP one
+    /// when `settings` name an endpoint for metrics) over `resource`, and registers
+    /// every instrument. `engine` feeds the devices gauge. With OTLP on, it must run
+    /// inside the Tokio runtime (the exporter's channel lives there).
+    pub fn new(
+        engine: Arc<Engine>,
+        settings: &OtelSettings,
+        resource: Resource,
+    ) -> anyhow::Result<Self> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
-            .without_target_info()
             .build()?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_reader(exporter);
+        if let Some(endpoint) = &settings.metrics_endpoint {
+            let otlp = match settings.protocol {
+                OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .build(),
+                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_http_client(http_client()?)
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(endpoint)
+                    .build(),
+            }
+            .context("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")?;
+            builder = builder.with_periodic_exporter(otlp);
+        }
+        let provider = builder.build();
         let meter = provider.meter(METER_NAME);
         let counters = Arc::new(Counters::default());
         register_observables(&meter, &counters, engine);
@@ -188,12 +321,12 @@ impl Metrics {
                 .build()
         };
         Ok(Self {
-            grpc_latency: histogram(GRPC_DURATION, GRPC_DURATION_HELP),
-            ingest_latency: IngestHistogram::default(),
-            http_latency: histogram(
-                "tidewatch_http_request_duration",
-                "Time to answer one HTTP request",
+            rpc_duration: histogram(
+                RPC_DURATION,
+                "Time from a gRPC call's request to its final status (a whole stream included)",
             ),
+            ingest_latency: IngestHistogram::default(),
+            http_duration: histogram(HTTP_DURATION, "Time to answer one HTTP request"),
             snapshot_flush: histogram(
                 "tidewatch_snapshot_flush_duration",
                 "Time one snapshot flush took, successful or not",
@@ -201,7 +334,13 @@ impl Metrics {
             counters,
             registry,
             provider,
+            otlp: settings.metrics_endpoint.is_some(),
         })
+    }
+
+    /// Whether metrics are also exported over OTLP.
+    pub fn exports_otlp(&self) -> bool {
+        self.otlp
     }
 
     /// The counters, for modules that count directly (snapshots).
@@ -260,21 +399,41 @@ impl Metrics {
         }
     }
 
-    /// Records the latency of a unary gRPC call.
-    pub fn record_rpc(&self, method: &'static str, elapsed: Duration) {
-        self.grpc_latency
-            .record(elapsed.as_secs_f64(), &[KeyValue::new("method", method)]);
+    /// Starts observing a `TelemetryService` call to `method` whose request carries
+    /// `headers`: its duration, and its server span when `tracing` is on.
+    pub fn start_rpc(
+        &self,
+        tracing: &Tracing,
+        method: RpcMethod,
+        headers: &http::HeaderMap,
+    ) -> RpcCall {
+        RpcCall::start(self.rpc_duration.clone(), tracing, method, headers)
     }
 
-    /// Records the latency of an HTTP request.
-    pub fn record_http(&self, route: &'static str, status: u16, elapsed: Duration) {
-        self.http_latency.record(
-            elapsed.as_secs_f64(),
-            &[
-                KeyValue::new("route", route),
-                KeyValue::new("status", i64::from(status)),
-            ],
-        );
+    /// Records the duration of an HTTP request; `route` is its route pattern, `None`
+    /// when no route matched (the attribute is left out then); `scheme` is `http`
+    /// or `https`.
+    pub fn record_http(
+        &self,
+        scheme: &'static str,
+        method: &http::Method,
+        route: Option<&'static str>,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let method = KeyValue::new("http.request.method", http_method(method));
+        let status = KeyValue::new("http.response.status_code", i64::from(status));
+        let scheme = KeyValue::new("url.scheme", scheme);
+        let elapsed = elapsed.as_secs_f64();
+        match route {
+            Some(route) => self.http_duration.record(
+                elapsed,
+                &[method, KeyValue::new("http.route", route), status, scheme],
+            ),
+            None => self
+                .http_duration
+                .record(elapsed, &[method, status, scheme]),
+        }
     }
 
     /// Records one snapshot flush.
@@ -361,9 +520,14 @@ impl Metrics {
         String::from_utf8(buffer).unwrap_or_default()
     }
 
-    /// Stops the pipeline (at exit).
+    /// Exports what is left over OTLP, when on, and stops the pipeline (at exit;
+    /// blocking: call it off the runtime's threads).
     pub fn shutdown(&self) {
-        let _ = self.provider.shutdown();
+        if let Err(e) = self.provider.shutdown()
+            && self.otlp
+        {
+            tracing::warn!(error = %e, "metrics export shutdown failed");
+        }
     }
 }
 
@@ -488,14 +652,20 @@ mod tests {
     use crate::engine::EngineConfig;
 
     fn metrics() -> Metrics {
-        Metrics::new(Arc::new(Engine::new(EngineConfig::default()))).expect("metrics")
+        let settings = Config::defaults().otel().expect("settings");
+        Metrics::new(
+            Arc::new(Engine::new(EngineConfig::default())),
+            &settings,
+            resource(&settings),
+        )
+        .expect("metrics")
     }
 
-    /// The lines of `tidewatch_grpc_duration_seconds` in an exposition.
-    fn grpc_duration_lines(exposition: &str) -> Vec<&str> {
+    /// The lines of `tidewatch_ingest_message_duration_seconds` in an exposition.
+    fn ingest_duration_lines(exposition: &str) -> Vec<&str> {
         exposition
             .lines()
-            .filter(|l| l.contains("tidewatch_grpc_duration_seconds"))
+            .filter(|l| l.contains(INGEST_DURATION_PROMETHEUS))
             .collect()
     }
 
@@ -512,39 +682,118 @@ mod tests {
 
     #[test]
     fn ingest_latency_is_exported_as_opentelemetry_exports_it() {
-        // The same observations, recorded the old way (an OpenTelemetry record with
-        // the method label) and through the atomic histogram, with and without an
-        // OpenTelemetry-recorded series of another method in the same family.
-        for with_analyze in [false, true] {
-            let (otel, atomic) = (metrics(), metrics());
-            for d in DURATIONS {
-                otel.grpc_latency
-                    .record(d.as_secs_f64(), &[KeyValue::new("method", "Ingest")]);
-                atomic.record_batch(Transport::Grpc, &BatchOutcome::default(), Some(d));
-            }
-            if with_analyze {
-                for m in [&otel, &atomic] {
-                    m.record_rpc("Analyze", Duration::from_millis(1));
-                }
-            }
-            let (expected, got) = (otel.render(), atomic.render());
-            let expected_lines = grpc_duration_lines(&expected);
-            assert!(
-                expected_lines
-                    .iter()
-                    .any(|l| l.contains(r#"method="Ingest""#) && l.ends_with(" 6")),
-                "{expected}"
-            );
-            assert_eq!(grpc_duration_lines(&got), expected_lines, "{got}");
+        // The same observations, recorded through an OpenTelemetry histogram of the
+        // same name and through the atomic histogram.
+        let (otel, atomic) = (metrics(), metrics());
+        let histogram = otel
+            .provider
+            .meter(METER_NAME)
+            .f64_histogram(INGEST_DURATION)
+            .with_unit("s")
+            .with_description(INGEST_DURATION_HELP)
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build();
+        for d in DURATIONS {
+            histogram.record(d.as_secs_f64(), &[]);
+            atomic.record_batch(Transport::Grpc, &BatchOutcome::default(), Some(d));
         }
+        let (expected, got) = (otel.render(), atomic.render());
+        let expected_lines = ingest_duration_lines(&expected);
+        assert!(
+            expected_lines.iter().any(|l| l
+                .starts_with("tidewatch_ingest_message_duration_seconds_count")
+                && l.ends_with(" 6")),
+            "{expected}"
+        );
+        assert_eq!(ingest_duration_lines(&got), expected_lines, "{got}");
     }
 
     #[test]
     fn no_ingest_series_before_the_first_message() {
         let m = metrics();
-        assert!(grpc_duration_lines(&m.render()).is_empty());
+        assert!(ingest_duration_lines(&m.render()).is_empty());
         m.record_batch(Transport::Grpc, &BatchOutcome::default(), None);
-        assert!(grpc_duration_lines(&m.render()).is_empty());
+        assert!(ingest_duration_lines(&m.render()).is_empty());
         assert_eq!(m.ingest_latency.count(), 0);
+    }
+
+    #[test]
+    fn durations_carry_the_semantic_convention_names_and_attributes() {
+        let m = metrics();
+        let headers = http::HeaderMap::new();
+        let call = m.start_rpc(&Tracing::off(), RpcMethod::Analyze, &headers);
+        assert!(call.span().is_none(), "no span without an endpoint");
+        call.finish(tonic::Code::NotFound, "unknown device");
+        m.record_http(
+            "http",
+            &http::Method::GET,
+            Some("/analyze"),
+            404,
+            Duration::from_millis(1),
+        );
+        m.record_http(
+            "https",
+            &"BREW".parse().unwrap(),
+            None,
+            404,
+            Duration::from_millis(1),
+        );
+        let exposition = m.render();
+        let count = |prefix: &str| {
+            exposition
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} in {exposition}"))
+                .to_owned()
+        };
+        let rpc = count("rpc_server_call_duration_seconds_count");
+        for label in [
+            r#"rpc_system="grpc""#,
+            r#"rpc_service="tidewatch.v1.TelemetryService""#,
+            r#"rpc_method="Analyze""#,
+            r#"rpc_grpc_status_code="5""#,
+        ] {
+            assert!(rpc.contains(label), "{label} in {rpc}");
+        }
+        let http = exposition
+            .lines()
+            .filter(|l| l.starts_with("http_server_request_duration_seconds_count"))
+            .collect::<Vec<_>>();
+        assert_eq!(http.len(), 2, "{exposition}");
+        assert!(http.iter().any(|l| l.contains(r#"http_route="/analyze""#)
+            && l.contains(r#"http_request_method="GET""#)
+            && l.contains(r#"http_response_status_code="404""#)
+            && l.contains(r#"url_scheme="http""#)));
+        assert!(http.iter().any(|l| !l.contains("http_route")
+            && l.contains(r#"http_request_method="_OTHER""#)
+            && l.contains(r#"url_scheme="https""#)));
+        let target = count("target_info");
+        for label in [
+            r#"service_name="tidewatch""#,
+            r#"service_version=""#,
+            "service_instance_id=",
+        ] {
+            assert!(target.contains(label), "{label} in {target}");
+        }
+    }
+
+    #[test]
+    fn the_resource_names_the_service_and_this_instance() {
+        let mut settings = Config::defaults().otel().expect("settings");
+        let first = resource(&settings);
+        let get =
+            |r: &Resource, k: &'static str| r.get(&Key::from_static_str(k)).map(|v| v.to_string());
+        assert_eq!(get(&first, "service.name").as_deref(), Some("tidewatch"));
+        assert_eq!(
+            get(&first, "service.version").as_deref(),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+        let instance = get(&first, "service.instance.id").expect("an instance id");
+        assert_eq!(instance.len(), 36, "{instance}");
+        assert_eq!(&instance[14..15], "4", "a version 4 UUID: {instance}");
+        settings.service_name = Some("edge-1".into());
+        let second = resource(&settings);
+        assert_eq!(get(&second, "service.name").as_deref(), Some("edge-1"));
+        assert_ne!(get(&second, "service.instance.id"), Some(instance));
     }
 }

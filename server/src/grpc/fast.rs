@@ -132,6 +132,9 @@ pub(crate) trait IngestCore: std::fmt::Debug + Send + Unpin + 'static {
     fn poll_pending(&mut self, cx: &mut Context<'_>, sink: &mut WireSink) -> Poll<()>;
     /// Ready with the status to end the stream with while the client sends nothing.
     fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<Status>;
+    /// The stream ends with `status` (its trailers are about to go out, or the
+    /// client left): called once per stream, before the body is dropped.
+    fn end(&mut self, status: &Status);
 }
 
 /// The status of a message over `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` naming the

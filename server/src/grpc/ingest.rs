@@ -22,10 +22,12 @@ use std::{
 
 use bytes::Bytes;
 use futures::Stream;
+use opentelemetry::KeyValue;
 use tidewatch_proto::v1::IngestResponse;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Code, Request, Status};
+use tracing::Instrument as _;
 
 use super::fast::{IngestCore, WireRequest, WireSink};
 
@@ -38,7 +40,7 @@ use crate::{
         quota::{Slot, Usage},
     },
     service::AppState,
-    telemetry::{ActiveGauge, Transport},
+    telemetry::{ActiveGauge, Transport, rpc::RpcCall, trace::CallSpan},
 };
 
 /// A request being judged asynchronously (large batch, or a restore to wait for).
@@ -76,6 +78,19 @@ pub(crate) struct StreamCore {
     usage: Option<Arc<Usage>>,
     /// The principal's stream slot, given back when the stream ends.
     _slot: Option<Slot>,
+    /// The call as OpenTelemetry sees it (its duration, its span), finished when
+    /// the stream ends; `None` when the service is mounted without the overload
+    /// layer that starts it.
+    call: Option<RpcCall>,
+    /// The `tracing` span naming the call's trace, when it has a span: the
+    /// asynchronous work of the stream logs inside it.
+    log_span: Option<tracing::Span>,
+    /// Messages received, for the call's span.
+    messages: u64,
+    /// Samples received, for the call's span.
+    samples: u64,
+    /// Messages judged asynchronously (a restore or a large batch), for the span.
+    waited: u64,
 }
 
 impl std::fmt::Debug for StreamCore {
@@ -90,7 +105,12 @@ impl std::fmt::Debug for StreamCore {
 impl StreamCore {
     /// Starts a stream for `principal`, or refuses it: without the `ingest` scope,
     /// past the principal's stream quota, or when `MAX_INGEST_STREAMS` are open.
-    pub(crate) fn start(state: &Arc<AppState>, principal: Arc<Principal>) -> Result<Self, Status> {
+    /// `call` is the observed call it finishes when it ends.
+    pub(crate) fn start(
+        state: &Arc<AppState>,
+        principal: Arc<Principal>,
+        call: Option<RpcCall>,
+    ) -> Result<Self, Status> {
         principal.require(Scope::Ingest).map_err(ApiError::from)?;
         let usage = state.security.usage(&principal);
         let slot = match &usage {
@@ -125,6 +145,14 @@ impl StreamCore {
             principal,
             usage,
             _slot: slot,
+            log_span: call
+                .as_ref()
+                .and_then(RpcCall::span)
+                .map(CallSpan::log_span),
+            call,
+            messages: 0,
+            samples: 0,
+            waited: 0,
         })
     }
 
@@ -141,6 +169,8 @@ impl StreamCore {
         sink: &mut WireSink,
     ) -> Result<Option<Instant>, Status> {
         self.last_received = received;
+        self.messages += 1;
+        self.samples += request.len() as u64;
         let detector = match self.detector {
             Some(detector) => detector,
             None => *self
@@ -176,14 +206,39 @@ impl StreamCore {
         }
         // The rest waits for a restore (or is a large batch for the blocking pool);
         // the sink keeps the verdicts so far, and theirs follow in the same response.
+        self.waited += 1;
         let state = Arc::clone(&self.state);
-        self.pending = Some(Box::pin(state.judge(
+        let pending = state.judge(
             Arc::clone(&self.principal),
             request.to_samples_from(judged.count),
             detector,
             Transport::Grpc,
-        )));
+        );
+        let pending: Pending = match &self.log_span {
+            Some(span) => Box::pin(pending.instrument(span.clone())),
+            None => Box::pin(pending),
+        };
+        self.pending = Some(pending);
         Ok(None)
+    }
+
+    /// Finishes the call with the stream's final status (once; later calls do
+    /// nothing): its duration, and its span with the stream's counts.
+    pub(crate) fn end(&mut self, status: &Status) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        if let Some(span) = call.span() {
+            span.set_attributes([
+                KeyValue::new("tidewatch.ingest.messages", saturating_i64(self.messages)),
+                KeyValue::new("tidewatch.ingest.samples", saturating_i64(self.samples)),
+                KeyValue::new(
+                    "tidewatch.ingest.waited_messages",
+                    saturating_i64(self.waited),
+                ),
+            ]);
+        }
+        call.finish(status.code(), status.message());
     }
 
     /// Whether a request is being judged asynchronously.
@@ -252,6 +307,18 @@ impl StreamCore {
     }
 }
 
+impl Drop for StreamCore {
+    /// A stream dropped before its final status: the client went away.
+    fn drop(&mut self) {
+        self.end(&Status::cancelled("the client went away"));
+    }
+}
+
+/// A count as an attribute value (OpenTelemetry integers are signed).
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Maps a receive error of tonic's decoder to the status the client sees: a message
 /// over the size limit is [`super::fast::too_large`].
 fn receive_error(status: Status) -> Status {
@@ -272,8 +339,9 @@ pub(crate) fn start<In>(
     request: Request<In>,
 ) -> Result<IngestStream<In>, Status> {
     let principal = super::caller(state, request.extensions())?;
+    let call = request.extensions().get::<RpcCall>().cloned();
     Ok(IngestStream {
-        core: StreamCore::start(state, principal)?,
+        core: StreamCore::start(state, principal, call)?,
         inbound: request.into_inner(),
         sink: WireSink::new(),
         done: false,
@@ -305,6 +373,7 @@ impl<In> std::fmt::Debug for IngestStream<In> {
 impl<In> IngestStream<In> {
     fn finish(&mut self, status: Status) -> Poll<Option<Result<Bytes, Status>>> {
         self.done = true;
+        self.core.end(&status);
         Poll::Ready(Some(Err(status)))
     }
 }
@@ -339,6 +408,7 @@ where
             Poll::Ready(Some(Err(status))) => this.finish(receive_error(status)),
             Poll::Ready(None) => {
                 this.done = true;
+                this.core.end(&Status::ok(""));
                 Poll::Ready(None)
             }
             Poll::Pending => match this.core.poll_quiet(cx) {
@@ -369,5 +439,9 @@ impl IngestCore for StreamCore {
 
     fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<Status> {
         StreamCore::poll_quiet(self, cx)
+    }
+
+    fn end(&mut self, status: &Status) {
+        StreamCore::end(self, status);
     }
 }

@@ -1,5 +1,8 @@
-//! The `method="Ingest"` series of `tidewatch_grpc_duration_seconds`: recorded outside
-//! OpenTelemetry, merged into the exporter's output at scrape time.
+//! `tidewatch_ingest_message_duration_seconds`, the time to judge one `Ingest` stream
+//! message: recorded outside OpenTelemetry, merged into the Prometheus exporter's
+//! output at scrape time. It is the one duration outside the semantic conventions'
+//! names (a stream's messages are not calls; the stream as a whole is, in
+//! `rpc.server.call.duration`), and the one metric OTLP does not carry.
 //!
 //! # Why it is not an OpenTelemetry histogram
 //!
@@ -15,8 +18,8 @@
 //! # Contract
 //!
 //! Prometheus must not be able to tell this series from one OpenTelemetry would have
-//! exported: the same family name, `# HELP` and `# TYPE`; the labels the exporter adds
-//! (`method="Ingest"`, `otel_scope_name="tidewatch"`); the buckets of
+//! exported: the same family name, `# HELP` and `# TYPE`; the label the exporter adds
+//! (`otel_scope_name="tidewatch"`); the buckets of
 //! [`LATENCY_BUCKETS`] with `le` inclusive; `_sum` in seconds; `_count`; no series
 //! before the first observation; the family's series in the registry's order. The
 //! alert rules and dashboards under `k8s/` and the integration tests read this series.
@@ -31,7 +34,7 @@ use std::{
 
 use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 
-use super::{GRPC_DURATION, GRPC_DURATION_HELP, LATENCY_BUCKETS, METER_NAME};
+use super::{INGEST_DURATION_HELP, INGEST_DURATION_PROMETHEUS, LATENCY_BUCKETS, METER_NAME};
 
 /// [`LATENCY_BUCKETS`] in nanoseconds, to place a `Duration` without float maths.
 const LATENCY_BUCKETS_NANOS: [u64; LATENCY_BUCKETS.len()] = {
@@ -45,8 +48,8 @@ const LATENCY_BUCKETS_NANOS: [u64; LATENCY_BUCKETS.len()] = {
 };
 
 /// The labels of the series, as the exporter writes them for an OpenTelemetry record
-/// with the attribute `method="Ingest"` (sorted by name).
-const LABELS: [(&str, &str); 2] = [("method", "Ingest"), ("otel_scope_name", METER_NAME)];
+/// without attributes.
+const LABELS: [(&str, &str); 1] = [("otel_scope_name", METER_NAME)];
 
 /// The latency of each `Ingest` message, over [`LATENCY_BUCKETS`], without a lock.
 #[derive(Debug, Default)]
@@ -77,9 +80,8 @@ impl IngestHistogram {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
-    /// Adds this histogram to `families` (a gathered, name-sorted exposition) as the
-    /// `method="Ingest"` series of `tidewatch_grpc_duration_seconds`, creating the
-    /// family when no other method has been recorded yet.
+    /// Adds this histogram to `families` (a gathered, name-sorted exposition) as
+    /// `tidewatch_ingest_message_duration_seconds`.
     pub(super) fn merge_into(&self, families: &mut Vec<MetricFamily>) {
         let counts: Vec<u64> = self
             .buckets
@@ -119,13 +121,13 @@ impl IngestHistogram {
                 .collect(),
         );
         metric.set_histogram(histogram);
-        let name = format!("{GRPC_DURATION}_seconds");
+        let name = INGEST_DURATION_PROMETHEUS.to_owned();
         let at = match families.binary_search_by(|f| f.name().cmp(&name)) {
             Ok(at) => at,
             Err(at) => {
                 let mut family = MetricFamily::default();
                 family.set_name(name);
-                family.set_help(GRPC_DURATION_HELP.to_owned());
+                family.set_help(INGEST_DURATION_HELP.to_owned());
                 family.set_field_type(MetricType::HISTOGRAM);
                 families.insert(at, family);
                 at

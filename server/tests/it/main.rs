@@ -21,6 +21,7 @@ mod integrity;
 mod limits;
 mod metrics;
 mod module_graph;
+mod otel;
 mod overload;
 mod redis_values;
 mod replicas;

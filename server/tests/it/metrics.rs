@@ -153,37 +153,67 @@ async fn metrics_after_traffic_pass_promtool() {
     assert_eq!(value("tidewatch_devices", &[]), 2.0);
     assert_eq!(value("tidewatch_watch_events_missed_total", &[]), 0.0);
     assert_eq!(
+        value("tidewatch_ingest_message_duration_seconds_count", &[]),
+        7.0
+    );
+    assert_eq!(
         value(
-            "tidewatch_grpc_duration_seconds_count",
-            &[("method", "Ingest")]
+            "rpc_server_call_duration_seconds_count",
+            &[
+                ("rpc_system", "grpc"),
+                ("rpc_service", "tidewatch.v1.TelemetryService"),
+                ("rpc_method", "Analyze"),
+                ("rpc_grpc_status_code", "0"),
+            ]
+        ),
+        1.0
+    );
+    // The Ingest stream and the watcher are still open: a stream is one call, timed
+    // when it ends.
+    assert!(
+        !exposition.contains(r#"rpc_method="Ingest""#),
+        "{exposition}"
+    );
+    assert_eq!(
+        value(
+            "http_server_request_duration_seconds_count",
+            &[
+                ("http_request_method", "POST"),
+                ("http_route", "/ingest"),
+                ("http_response_status_code", "200")
+            ]
         ),
         7.0
     );
     assert_eq!(
         value(
-            "tidewatch_grpc_duration_seconds_count",
-            &[("method", "Analyze")]
+            "http_server_request_duration_seconds_count",
+            &[
+                ("http_route", "/ingest"),
+                ("http_response_status_code", "400")
+            ]
         ),
         1.0
     );
     assert_eq!(
         value(
-            "tidewatch_http_request_duration_seconds_count",
-            &[("route", "/ingest"), ("status", "200")]
-        ),
-        7.0
-    );
-    assert_eq!(
-        value(
-            "tidewatch_http_request_duration_seconds_count",
-            &[("route", "/ingest"), ("status", "400")]
+            "http_server_request_duration_seconds_count",
+            &[
+                ("http_request_method", "GET"),
+                ("http_route", "/analyze"),
+                ("http_response_status_code", "404")
+            ]
         ),
         1.0
     );
+    // The resource, as Prometheus sees it.
     assert_eq!(
         value(
-            "tidewatch_http_request_duration_seconds_count",
-            &[("route", "/analyze"), ("status", "404")]
+            "target_info",
+            &[
+                ("service_name", "tidewatch"),
+                ("service_version", env!("CARGO_PKG_VERSION"))
+            ]
         ),
         1.0
     );
@@ -214,8 +244,24 @@ async fn metrics_after_traffic_pass_promtool() {
         );
     }
 
+    // Both streams, once over, are one call each with their final status.
     drop(tx);
+    drop(verdicts);
     drop(watcher);
+    for method in ["Ingest", "WatchAnomalies"] {
+        crate::common::wait_until(
+            &format!("the {method} call's duration"),
+            std::time::Duration::from_secs(5),
+            || {
+                metric_value(
+                    &server.state.metrics.render(),
+                    "rpc_server_call_duration_seconds_count",
+                    &[("rpc_method", method)],
+                ) == Some(1.0)
+            },
+        )
+        .await;
+    }
     server.stop().await.expect("clean shutdown");
 }
 

@@ -332,6 +332,7 @@ where
                 }
                 this.done = true;
                 let status = this.end.take().unwrap_or_else(|| Status::ok(""));
+                this.core.end(&status);
                 let mut trailers = HeaderMap::new();
                 return Poll::Ready(Some(
                     status
@@ -379,8 +380,10 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let status = Status::from_error(e.into());
-                    // The client reset the stream: nobody is left to tell.
+                    // The client reset the stream: nobody is left to tell (the
+                    // call itself ends as cancelled).
                     this.end = Some(if status.code() == Code::Cancelled {
+                        this.core.end(&status);
                         Status::ok("")
                     } else {
                         status
