@@ -262,6 +262,17 @@ pub struct Config {
     )]
     pub snapshot_batch: usize,
 
+    /// Largest snapshot value read from Redis, in bytes: a larger value (or a key of
+    /// another type) is never transferred; it counts as undecodable and the device
+    /// starts fresh. Keep it above the largest snapshot the limits allow.
+    #[arg(
+        help_heading = "Snapshots (Redis)",
+        long,
+        env = "SNAPSHOT_MAX_BYTES",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    pub snapshot_max_bytes: u64,
+
     /// Redis connections in the pool (flush batches run this many at once).
     #[arg(
         help_heading = "Snapshots (Redis)",
@@ -743,6 +754,12 @@ impl Config {
         }
         if self.snapshot_batch == 0 {
             return fail("SNAPSHOT_BATCH", "must be at least 1".into());
+        }
+        if self.snapshot_max_bytes < 1024 {
+            return fail(
+                "SNAPSHOT_MAX_BYTES",
+                format!("must be at least 1024, got {}", self.snapshot_max_bytes),
+            );
         }
         if self.redis_pool_size == 0 {
             return fail("REDIS_POOL_SIZE", "must be at least 1".into());

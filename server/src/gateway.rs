@@ -9,6 +9,7 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /anomalies` | the live anomaly feed as Server-Sent Events ([`sse`]) |
 //! | `GET /devices`, `GET /window` | device ids by prefix, one device's window values ([`devices`]) |
+//! | `DELETE /devices/{id}` | `DeleteDevice`: the device's state gone from every replica and Redis |
 //! | `GET /console/` | the web console ([`console`]) |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of all of these ([`openapi`]) |
 //!
@@ -41,7 +42,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{delete, get, post},
 };
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
@@ -89,6 +90,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/analyze", get(analyze))
         .route("/devices", get(devices::devices))
         .route("/window", get(devices::window))
+        .route("/devices/{*id}", delete(devices::delete))
         .route_layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(move |e: BoxError| {
@@ -264,6 +266,7 @@ fn route_label(path: Option<&str>) -> Option<&'static str> {
         "/anomalies" => "/anomalies",
         "/devices" => "/devices",
         "/window" => "/window",
+        "/devices/{*id}" => "/devices/{id}",
         "/openapi.json" => "/openapi.json",
         "/console" => "/console",
         "/console/" => "/console/",

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
 use tidewatch_proto::v1::{
-    AnalyzeRequest, AnalyzeResponse, IngestRequest, IngestResponse, WatchAnomaliesRequest,
-    WatchAnomaliesResponse,
+    AnalyzeRequest, AnalyzeResponse, DeleteDeviceRequest, DeleteDeviceResponse, IngestRequest,
+    IngestResponse, WatchAnomaliesRequest, WatchAnomaliesResponse,
     telemetry_service_server::{TelemetryService, TelemetryServiceServer},
 };
 use tonic::{
@@ -106,6 +106,18 @@ impl TelemetryService for TelemetryApi {
         let principal = caller(&self.state, request.extensions())?;
         self.state
             .analyze(&principal, request.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn delete_device(
+        &self,
+        request: Request<DeleteDeviceRequest>,
+    ) -> Result<Response<DeleteDeviceResponse>, Status> {
+        let principal = caller(&self.state, request.extensions())?;
+        self.state
+            .delete_device(&principal, request.get_ref())
             .await
             .map(Response::new)
             .map_err(Status::from)

@@ -371,7 +371,7 @@ fn announce_storage(state: &AppState) {
             z_threshold = config.z_threshold,
             min_samples = config.min_samples,
             detector = %config.detectors.detector,
-            "running in memory without Redis (REDIS_URL unset): window state is lost on restart"
+            "running in memory without Redis (REDIS_URL unset or empty): window state is lost on restart"
         ),
     }
 }

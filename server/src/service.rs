@@ -25,7 +25,10 @@ use std::{
 use anyhow::Context as _;
 use tidewatch_proto::{
     pbjson_types::Timestamp,
-    v1::{AnalyzeRequest, AnalyzeResponse, Sample, Source, Verdict},
+    v1::{
+        AnalyzeRequest, AnalyzeResponse, DeleteDeviceRequest, DeleteDeviceResponse, Sample, Source,
+        Verdict,
+    },
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +44,7 @@ use crate::{
         Security,
         policy::{Principal, Scope},
     },
-    snapshot::{SnapshotConfig, Snapshots},
+    snapshot::{DeleteError, SnapshotConfig, Snapshots},
     telemetry::{self, Metrics, Transport, trace::Tracing},
 };
 
@@ -305,6 +308,59 @@ impl AppState {
             ErrorKind::NotFound,
             format!("device {id:?} is unknown: no sample in memory and no snapshot"),
         ))
+    }
+
+    /// `DeleteDevice`: removes a device's state from memory, on every replica, and
+    /// from Redis (`docs/snapshots.md`, "Deleting a device"); `deleted` says whether
+    /// it had any. Needs the `admin` scope; a device outside the caller's namespace is
+    /// refused before any lookup, so the answer says nothing of whether it exists.
+    /// The gRPC method and the gateway's `DELETE /devices/{id}` both serve it.
+    pub async fn delete_device(
+        &self,
+        principal: &Principal,
+        request: &DeleteDeviceRequest,
+    ) -> Result<DeleteDeviceResponse, ApiError> {
+        principal.require(Scope::Admin)?;
+        let id = normalize_device_id(&request.device_id);
+        principal.require_device(id)?;
+        let limit = self.engine.config().max_device_id_len;
+        if id.len() > limit {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "device id is {} bytes; limit is {limit} (MAX_DEVICE_ID_LEN)",
+                    id.len()
+                ),
+            ));
+        }
+        let deleted = match &self.snapshots {
+            None => self.engine.remove(id).is_some(),
+            Some(snapshots) => match snapshots.delete(id).await {
+                Ok(deleted) => deleted.existed,
+                Err(e @ DeleteError::Held(_)) => {
+                    return Err(ApiError::new(ErrorKind::Unavailable, e.to_string()));
+                }
+                Err(DeleteError::Store(_)) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "device {id:?} was not deleted: the snapshot store does not answer; retry"
+                        ),
+                    ));
+                }
+            },
+        };
+        if deleted {
+            self.metrics
+                .shared_counters()
+                .devices_deleted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tracing::info!(device_id = id, principal = %principal.name, deleted, "device deleted");
+        Ok(DeleteDeviceResponse {
+            device_id: id.to_owned(),
+            deleted,
+        })
     }
 
     /// Judges `samples` into `out` in order, except that the samples of the devices

@@ -97,6 +97,8 @@ pub struct SnapshotConfig {
     pub connect_timeout: Duration,
     /// `REDIS_COMMAND_TIMEOUT`.
     pub command_timeout: Duration,
+    /// `SNAPSHOT_MAX_BYTES`: a larger value is not read (it counts as undecodable).
+    pub max_bytes: u64,
 }
 
 impl SnapshotConfig {
@@ -110,6 +112,7 @@ impl SnapshotConfig {
             pool_size: config.redis_pool_size.max(1),
             connect_timeout: config.redis_connect_timeout,
             command_timeout: config.redis_command_timeout,
+            max_bytes: config.snapshot_max_bytes,
         })
     }
 }
@@ -171,10 +174,60 @@ pub struct Settled {
 
 /// What acquiring one device found.
 enum Acquired {
-    /// This replica owns it now: its version, and its snapshot if it has one.
-    Mine(u64, Option<Vec<u8>>),
+    /// This replica owns it now: its version, and what its key holds.
+    Mine(u64, Fetched),
     /// Another live replica kept it past [`HANDOFF_WAIT`].
     Held,
+}
+
+/// What a device's snapshot key held, as the read scripts report it
+/// (`docs/architecture.md`, "Snapshot protocol", "Layout").
+#[derive(Debug)]
+enum Fetched {
+    /// No key.
+    Nothing,
+    /// A value of at most `SNAPSHOT_MAX_BYTES`.
+    Value(Vec<u8>),
+    /// A key of another type than a string (a hash, a list, ...): never read.
+    WrongType(String),
+    /// A value of this many bytes, above `SNAPSHOT_MAX_BYTES`: never read.
+    TooLarge(u64),
+}
+
+impl Fetched {
+    /// From the value (or nil) and the optional problem of a read script's reply.
+    fn from_reply(value: Option<Vec<u8>>, problem: Option<Vec<u8>>) -> Result<Self, StoreError> {
+        let bad = || StoreError::Refused("unexpected reply to a snapshot read script".into());
+        let Some(problem) = problem else {
+            return Ok(value.map_or(Self::Nothing, Self::Value));
+        };
+        let problem = String::from_utf8_lossy(&problem);
+        match problem.split_once(':') {
+            Some(("type", kind)) => Ok(Self::WrongType(kind.to_owned())),
+            Some(("size", len)) => Ok(Self::TooLarge(len.parse().map_err(|_| bad())?)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// What a deletion did, when it went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// The device had state (in memory here, handed over by its owner, or in Redis).
+    pub existed: bool,
+    /// The tombstone version left in Redis.
+    pub version: u64,
+}
+
+/// Why a deletion did not go through; nothing was deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// Another live replica kept the device past the hand-off wait.
+    #[error("device {0:?} is held by another replica that did not let go in time; retry")]
+    Held(String),
+    /// Redis failed or did not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// One pipeline of encoded devices on its way to Redis.
@@ -357,6 +410,7 @@ impl Snapshots {
         let mut sets = fence::FlushCommands::new(self.config.ttl_secs, &self.replica);
         let mut keys = Vec::new();
         let mut batch = Batch::default();
+        let mut oversized = 0u64;
         for shard in 0..engine.shard_count() {
             keys.clear();
             engine.dirty_keys(shard, &mut keys);
@@ -375,6 +429,9 @@ impl Snapshots {
                             false,
                             |out| codec::encode_value(&device, out),
                         );
+                        if sets.last_value_len() as u64 > self.config.max_bytes {
+                            oversized += 1;
+                        }
                         batch.keys.push(device.key());
                         batch.ids.push((device.id().into(), fence.token));
                         device.mark_clean();
@@ -387,6 +444,13 @@ impl Snapshots {
         }
         if !batch.keys.is_empty() {
             self.send(tx, &mut batch, recycled);
+        }
+        if oversized > 0 {
+            tracing::warn!(
+                devices = oversized,
+                limit = self.config.max_bytes,
+                "snapshots larger than SNAPSHOT_MAX_BYTES written: they will not be restored; raise SNAPSHOT_MAX_BYTES"
+            );
         }
     }
 
@@ -605,11 +669,16 @@ impl Snapshots {
             let mut found = Vec::new();
             for (id, result) in chunk.iter().zip(acquired) {
                 match result {
-                    Ok(Acquired::Mine(version, value)) => {
+                    Ok(Acquired::Mine(version, fetched)) => {
                         self.link.succeeded();
-                        match value {
-                            Some(value) => found.push((id.clone(), version, value)),
-                            None => self.start_fresh(id, Some(version)),
+                        match fetched {
+                            Fetched::Value(value) => found.push((id.clone(), version, value)),
+                            Fetched::Nothing => self.start_fresh(id, Some(version)),
+                            unread => {
+                                // Its first write replaces what could not be read.
+                                self.unreadable(id, &unread);
+                                self.start_fresh(id, Some(version));
+                            }
                         }
                     }
                     Ok(Acquired::Held) => settled.blocked.push(id.clone()),
@@ -639,31 +708,42 @@ impl Snapshots {
     }
 
     /// Makes this replica the owner of `device_id` and reads its snapshot, in one
-    /// round trip when nobody else owns it. When a live replica does, asks it to hand
-    /// the device over and waits up to [`HANDOFF_WAIT`]; when the owner is dead (its
-    /// lease ran out), takes the device from it.
+    /// round trip when nobody else owns it (see [`Snapshots::as_owner`]).
     async fn acquire(&self, device_id: &str) -> Result<Acquired, StoreError> {
+        let ttl = self.config.ttl_secs.to_string();
+        let cap = self.config.max_bytes.to_string();
+        let args = [self.replica.as_bytes(), ttl.as_bytes(), cap.as_bytes()];
+        Ok(self
+            .as_owner(device_id, fence::ACQUIRE, &args, parse_acquired)
+            .await?
+            .unwrap_or(Acquired::Held))
+    }
+
+    /// Runs `script` (`KEYS`: snapshot, version, owner) until it answers as the
+    /// device's owner, or `None` when another live replica keeps it. The script
+    /// refuses (`parse` gives `Err(owner)`) while another replica owns the device:
+    /// then a live owner is asked to hand the device over, and asked again, for up to
+    /// [`HANDOFF_WAIT`]; a dead one (its lease ran out) is cleared.
+    async fn as_owner<T>(
+        &self,
+        device_id: &str,
+        script: &'static str,
+        args: &[&[u8]],
+        parse: fn(redis::Value) -> Result<Result<T, String>, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
         let keys = [
             store::key(device_id),
             fence::version_key(device_id),
             fence::owner_key(device_id),
         ];
         let keys = [keys[0].as_str(), keys[1].as_str(), keys[2].as_str()];
-        let ttl = self.config.ttl_secs.to_string();
         let started = Instant::now();
         let mut deadline: Option<Instant> = None;
         let mut asked: Option<Instant> = None;
         loop {
-            let reply: redis::Value = self
-                .store
-                .eval(
-                    fence::ACQUIRE,
-                    &keys,
-                    &[self.replica.as_bytes(), ttl.as_bytes()],
-                )
-                .await?;
-            let owner = match parse_acquired(reply)? {
-                Ok(mine) => return Ok(mine),
+            let reply: redis::Value = self.store.eval(script, &keys, args).await?;
+            let owner = match parse(reply)? {
+                Ok(mine) => return Ok(Some(mine)),
                 Err(owner) => owner,
             };
             let Some(alive_for) = self.store.ttl(&fence::replica_key(&owner)).await? else {
@@ -684,7 +764,7 @@ impl Snapshots {
             });
             let now = Instant::now();
             if now >= limit {
-                return Ok(Acquired::Held);
+                return Ok(None);
             }
             if asked.is_none_or(|at| now.duration_since(at) >= HANDOFF_WAIT / 4) {
                 self.store
@@ -693,6 +773,128 @@ impl Snapshots {
                 asked = Some(now);
             }
             tokio::time::sleep(HANDOFF_POLL).await;
+        }
+    }
+
+    /// Deletes `device_id` everywhere (`DeleteDevice`; `docs/snapshots.md`, "Deleting
+    /// a device"): takes it the way a first sample does (its owner, if another live
+    /// replica, hands it over and drops its copy), removes it from memory here and
+    /// from Redis, and leaves its version bumped in Redis, so a copy any replica
+    /// still holds loses its next write and is dropped. Every replica is also told
+    /// on [`fence::DELETED_CHANNEL`], and drops an older copy at once.
+    ///
+    /// Requests here for the device wait until it is done, then start it fresh. The
+    /// work runs as its own task: a caller that goes away does not cut it in half.
+    /// When it fails, nothing is deleted (a copy taken out of memory goes back).
+    pub async fn delete(self: &Arc<Self>, device_id: &str) -> Result<Deleted, DeleteError> {
+        let id: Box<str> = device_id.into();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        loop {
+            let waiting = {
+                let mut restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
+                match restores.get(&id) {
+                    Some(restore) => restore.clone(),
+                    None => {
+                        let this = Arc::clone(self);
+                        let task_id = id.clone();
+                        let task = tokio::spawn(async move {
+                            let result = this.erase(&task_id).await;
+                            let mut restores =
+                                this.restores.lock().unwrap_or_else(PoisonError::into_inner);
+                            restores.remove(&task_id);
+                            drop(restores);
+                            let _ = done.send(result);
+                            Arc::new(Settled {
+                                blocked: Vec::new(),
+                                handoff: true,
+                            })
+                        });
+                        let settled: Restore = task
+                            .map(|settled| {
+                                settled.unwrap_or_else(|_| {
+                                    Arc::new(Settled {
+                                        blocked: Vec::new(),
+                                        handoff: true,
+                                    })
+                                })
+                            })
+                            .boxed()
+                            .shared();
+                        restores.insert(id.clone(), settled);
+                        break;
+                    }
+                }
+            };
+            // A restore or a hand-off of the device is in flight: let it finish first.
+            waiting.await;
+        }
+        finished.await.unwrap_or_else(|_| {
+            Err(DeleteError::Store(StoreError::Refused(
+                "the deletion task failed".into(),
+            )))
+        })
+    }
+
+    /// The work of [`Snapshots::delete`].
+    async fn erase(&self, device_id: &str) -> Result<Deleted, DeleteError> {
+        let removed = self.engine.remove(device_id);
+        let ttl = self.config.ttl_secs.to_string();
+        let args = [self.replica.as_bytes(), ttl.as_bytes()];
+        let result = match self
+            .as_owner(device_id, fence::DELETE, &args, parse_deleted)
+            .await
+        {
+            Ok(Some(deleted)) => Ok(deleted),
+            Ok(None) => Err(DeleteError::Held(device_id.to_owned())),
+            Err(e) => {
+                self.link.failed("delete", &e);
+                Err(DeleteError::Store(e))
+            }
+        };
+        match result {
+            Ok(mut deleted) => {
+                self.link.succeeded();
+                self.versions.remove(device_id);
+                deleted.existed |= removed.is_some();
+                let notice = format!("{} {device_id}", deleted.version);
+                if let Err(e) = self.store.publish(fence::DELETED_CHANNEL, &notice).await {
+                    tracing::debug!(device_id, error = %e, "deletion notice not published");
+                }
+                Ok(deleted)
+            }
+            Err(e) => {
+                if let Some(mut state) = removed {
+                    state.dirty = true;
+                    self.engine.insert_if_absent(state);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A deletion notice from [`fence::DELETED_CHANNEL`]: drops this replica's copy
+    /// of the device if it started from a version older than the deletion's.
+    fn deleted_elsewhere(&self, notice: &str) {
+        let Some((version, device_id)) = notice.split_once(' ') else {
+            return;
+        };
+        let Ok(version) = version.parse::<u64>() else {
+            return;
+        };
+        if self.versions.get(device_id).version >= version {
+            return;
+        }
+        let restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
+        if restores.contains_key(device_id) {
+            // Being taken (or deleted) here right now: that reads the newer state.
+            return;
+        }
+        if self.engine.remove(device_id).is_some() {
+            self.versions.remove(device_id);
+            tracing::info!(
+                device_id,
+                "device deleted by another replica: this copy is dropped"
+            );
         }
     }
 
@@ -705,10 +907,16 @@ impl Snapshots {
                 let client = redis::Client::open(self.store.url())?;
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(fence::DELETED_CHANNEL).await?;
                 let mut messages = pubsub.into_on_message();
                 while let Some(message) = messages.next().await {
-                    if let Ok(id) = message.get_payload::<String>() {
-                        self.hand_off(id.into());
+                    let Ok(payload) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    if message.get_channel_name() == fence::DELETED_CHANNEL {
+                        self.deleted_elsewhere(&payload);
+                    } else {
+                        self.hand_off(payload.into());
                     }
                 }
                 Ok::<(), redis::RedisError>(())
@@ -853,14 +1061,60 @@ impl Snapshots {
         tracing::warn!(device_id, error = %error, "snapshot cannot be decoded; device starts fresh");
     }
 
+    /// Counts and logs a snapshot key that was not read: a value above
+    /// `SNAPSHOT_MAX_BYTES` is a decode error, a key of another type is counted on
+    /// its own. One line per read that finds it; a restore's first write replaces it.
+    fn unreadable(&self, device_id: &str, fetched: &Fetched) {
+        match fetched {
+            Fetched::TooLarge(bytes) => {
+                self.counters
+                    .snapshot_decode_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    device_id,
+                    bytes,
+                    limit = self.config.max_bytes,
+                    "snapshot is larger than SNAPSHOT_MAX_BYTES and was not read; device starts fresh"
+                );
+            }
+            Fetched::WrongType(kind) => {
+                self.counters
+                    .snapshot_wrong_type
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    device_id,
+                    key = %store::key(device_id),
+                    redis_type = %kind,
+                    "snapshot key holds a redis {kind}, not a string; device starts fresh"
+                );
+            }
+            Fetched::Nothing | Fetched::Value(_) => {}
+        }
+    }
+
     /// The snapshot of a device, without taking it into memory (`Analyze` of a device
     /// another replica holds). A value that cannot be decoded counts as none.
     pub async fn read(&self, device_id: &str) -> Result<Option<DeviceState>, StoreError> {
-        let ids = [Box::<str>::from(device_id)];
-        let value = match self.store.read(&ids).await {
-            Ok(mut values) => {
+        let key = store::key(device_id);
+        let cap = self.config.max_bytes.to_string();
+        let reply = self
+            .store
+            .eval::<redis::Value>(fence::READ, &[&key], &[cap.as_bytes()])
+            .await
+            .and_then(parse_read);
+        let value = match reply {
+            Ok(Fetched::Value(value)) => {
                 self.link.succeeded();
-                values.pop().flatten()
+                Some(value)
+            }
+            Ok(Fetched::Nothing) => {
+                self.link.succeeded();
+                None
+            }
+            Ok(unread) => {
+                self.link.succeeded();
+                self.unreadable(device_id, &unread);
+                None
             }
             Err(e) => {
                 self.counters
@@ -896,6 +1150,45 @@ fn decode_all(found: Vec<(Box<str>, u64, Vec<u8>)>) -> Decoded {
         .collect()
 }
 
+/// The reply of [`fence::DELETE`]: `Ok` when it deleted, `Err(owner)` when another
+/// replica owns the device.
+fn parse_deleted(reply: redis::Value) -> Result<Result<Deleted, String>, StoreError> {
+    let bad = || StoreError::Refused("unexpected reply to the delete script".into());
+    let redis::Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    match items.as_slice() {
+        [
+            redis::Value::Int(1),
+            redis::Value::Int(existed),
+            redis::Value::Int(version),
+        ] => Ok(Ok(Deleted {
+            existed: *existed > 0,
+            version: u64::try_from(*version).map_err(|_| bad())?,
+        })),
+        [redis::Value::Int(0), redis::Value::BulkString(owner)] => {
+            Ok(Err(String::from_utf8_lossy(owner).into_owned()))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// The reply of [`fence::READ`].
+fn parse_read(reply: redis::Value) -> Result<Fetched, StoreError> {
+    let bad = || StoreError::Refused("unexpected reply to the read script".into());
+    let redis::Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    let mut items = items.into_iter().map(|item| match item {
+        redis::Value::BulkString(bytes) => Ok(Some(bytes)),
+        redis::Value::Nil => Ok(None),
+        _ => Err(bad()),
+    });
+    let value = items.next().transpose()?.flatten();
+    let problem = items.next().transpose()?.flatten();
+    Fetched::from_reply(value, problem)
+}
+
 /// The reply of [`fence::ACQUIRE`]: `Ok` when this replica owns the device now,
 /// `Err(owner)` when another one does.
 fn parse_acquired(reply: redis::Value) -> Result<Result<Acquired, String>, StoreError> {
@@ -922,7 +1215,14 @@ fn parse_acquired(reply: redis::Value) -> Result<Result<Acquired, String>, Store
                 Some(value) => text(value)?,
                 None => None,
             };
-            Ok(Ok(Acquired::Mine(version, value)))
+            let problem = match items.next() {
+                Some(problem) => text(problem)?,
+                None => None,
+            };
+            Ok(Ok(Acquired::Mine(
+                version,
+                Fetched::from_reply(value, problem)?,
+            )))
         }
         redis::Value::Int(0) => {
             let owner = text(items.next().ok_or_else(bad)?)?.ok_or_else(bad)?;

@@ -229,8 +229,13 @@ pub struct Counters {
     pub snapshot_restores: AtomicU64,
     /// Snapshot reads (restore, analyze) that failed against Redis.
     pub snapshot_read_failures: AtomicU64,
-    /// Snapshots that could not be decoded (other version, garbage).
+    /// Snapshots that could not be decoded (other version, garbage, above
+    /// `SNAPSHOT_MAX_BYTES`).
     pub snapshot_decode_errors: AtomicU64,
+    /// Snapshot keys that held another Redis type than a string.
+    pub snapshot_wrong_type: AtomicU64,
+    /// Devices deleted by `DeleteDevice` (or `DELETE /devices/{id}`) that had state.
+    pub devices_deleted: AtomicU64,
 }
 
 /// The service's metrics; cheap to share behind an `Arc`.
@@ -587,7 +592,7 @@ fn register_observables(meter: &Meter, counters: &Arc<Counters>, engine: Arc<Eng
         })
         .build();
     type ReadAll = fn(&Counters) -> u64;
-    let totals: [(&'static str, &'static str, ReadAll); 6] = [
+    let totals: [(&'static str, &'static str, ReadAll); 8] = [
         (
             "tidewatch_watch_events_missed",
             "Anomaly events watchers missed by reading too slowly",
@@ -617,6 +622,16 @@ fn register_observables(meter: &Meter, counters: &Arc<Counters>, engine: Arc<Eng
             "tidewatch_snapshot_decode_errors",
             "Snapshots that could not be decoded",
             |c| c.snapshot_decode_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "tidewatch_snapshot_wrong_type",
+            "Snapshot keys that held another Redis type than a string",
+            |c| c.snapshot_wrong_type.load(Ordering::Relaxed),
+        ),
+        (
+            "tidewatch_devices_deleted",
+            "Devices deleted through DeleteDevice that had state",
+            |c| c.devices_deleted.load(Ordering::Relaxed),
         ),
     ];
     for (name, description, read) in totals {

@@ -24,8 +24,9 @@ use prost::Message as _;
 use tidewatch_proto::{
     pbjson_types::Timestamp,
     v1::{
-        AnalyzeRequest, AnalyzeResponse, DetectorConfig, IngestRequest, IngestResponse,
-        MetricVerdict, Sample, Verdict, WatchAnomaliesRequest, WatchAnomaliesResponse,
+        AnalyzeRequest, AnalyzeResponse, DeleteDeviceRequest, DeleteDeviceResponse, DetectorConfig,
+        IngestRequest, IngestResponse, MetricVerdict, Sample, Verdict, WatchAnomaliesRequest,
+        WatchAnomaliesResponse,
         telemetry_service_server::{TelemetryService, TelemetryServiceServer},
     },
 };
@@ -64,6 +65,13 @@ impl TelemetryService for Reference {
         &self,
         _request: Request<AnalyzeRequest>,
     ) -> Result<Response<AnalyzeResponse>, Status> {
+        Err(Status::unimplemented("the reference serves Ingest only"))
+    }
+
+    async fn delete_device(
+        &self,
+        _request: Request<DeleteDeviceRequest>,
+    ) -> Result<Response<DeleteDeviceResponse>, Status> {
         Err(Status::unimplemented("the reference serves Ingest only"))
     }
 

@@ -12,6 +12,7 @@ mod backpressure;
 mod bad_samples;
 mod config;
 mod conformance;
+mod delete_device;
 mod detectors;
 mod gateway;
 mod grpcurl;
