@@ -223,6 +223,7 @@ async fn the_owner_lets_go_when_another_replica_deletes() {
         serde_json::json!({"deviceId": DEVICE, "deleted": true})
     );
     assert_eq!(analyze_code(&mut ca, DEVICE).await, Code::NotFound);
+    assert_eq!(analyze_code(&mut cb, DEVICE).await, Code::NotFound);
     let answer = http_delete(http_addr(&b), "/devices/fleet%2Fpump-9", None).await;
     assert_eq!(
         answer.json(),
