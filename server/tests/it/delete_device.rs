@@ -488,3 +488,85 @@ async fn a_device_that_does_not_exist_is_not_deleted() {
     with_redis.stop().await.unwrap();
     memory.stop().await.unwrap();
 }
+
+/// A deletion that cannot reach everything deletes nothing: when the device's owner
+/// is a live replica that does not let go (here: a replica that is only a liveness key
+/// in Redis) the answer is `UNAVAILABLE` (503 over REST) after the hand-off wait, and
+/// the snapshot, its version and the owner stay; when Redis is down, the device goes
+/// back into memory as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_that_cannot_reach_everything_deletes_nothing() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let server = TestServer::start_with(|c| {
+        c.redis_url = Some(url);
+        c.snapshot_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(fence::replica_key("ghost"))
+        .arg("1")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for (key, value) in [
+        (fence::owner_key("held"), "ghost"),
+        (fence::version_key("held"), "7"),
+        (store::key("held"), "not read"),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let e = delete(&mut client, "held").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("retry"), "{}", e.message());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "gave up at once"
+    );
+    let answer = http_delete(server.http_addr, "/devices/held", None).await;
+    answer.assert_error(503, "unavailable");
+    assert!(answer.header("retry-after").is_some());
+    assert_eq!(
+        redis_get(&redis, &fence::owner_key("held"))
+            .await
+            .as_deref(),
+        Some("ghost")
+    );
+    assert_eq!(
+        redis_get(&redis, &fence::version_key("held"))
+            .await
+            .as_deref(),
+        Some("7")
+    );
+    assert_eq!(redis.raw("held").await.as_deref(), Some(&b"not read"[..]));
+
+    // Redis down: the device this server holds stays, with its state.
+    let verdict = send(&mut client, &sample("kept", 1, &[("rps", 1.0)])).await;
+    assert!(verdict.error.is_empty(), "{verdict:?}");
+    redis.kill();
+    let e = delete(&mut client, "kept").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let stats = client
+        .analyze(AnalyzeRequest {
+            device_id: "kept".into(),
+        })
+        .await
+        .expect("still in memory")
+        .into_inner();
+    assert_eq!(stats.last_seq, 1);
+    assert_eq!(
+        metric_total(&server.state, "tidewatch_devices_deleted_total"),
+        0.0
+    );
+    server.stop().await.unwrap();
+}
