@@ -570,3 +570,48 @@ async fn a_deletion_that_cannot_reach_everything_deletes_nothing() {
     );
     server.stop().await.unwrap();
 }
+
+/// The grpcurl example of `docs/api.md`, through reflection, as printed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpcurl_example_deletes() {
+    let server = TestServer::start().await;
+    let addr = server.grpc_addr.to_string();
+    let grpcurl = |args: &[&str]| {
+        let out = std::process::Command::new(crate::common::grpcurl())
+            .args(args)
+            .output()
+            .expect("run grpcurl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON")
+    };
+    tokio::task::block_in_place(|| {
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"samples":[{"deviceId":"api-grpc-9","metrics":{"rps":1}}]}"#,
+            &addr,
+            "tidewatch.v1.TelemetryService/Ingest",
+        ]);
+        let delete = [
+            "-plaintext",
+            "-d",
+            r#"{"deviceId":"api-grpc-9"}"#,
+            &addr,
+            "tidewatch.v1.TelemetryService/DeleteDevice",
+        ];
+        assert_eq!(
+            grpcurl(&delete),
+            serde_json::json!({"deviceId": "api-grpc-9", "deleted": true})
+        );
+        // grpcurl leaves out fields at their default: `deleted: false` is not printed.
+        assert_eq!(
+            grpcurl(&delete),
+            serde_json::json!({"deviceId": "api-grpc-9"})
+        );
+    });
+    server.stop().await.unwrap();
+}
