@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    ServerProcess, TestServer, metric_total, one, redis_server::RedisServer, run_ingest,
+    ServerProcess, TestServer, connect, metric_total, one, redis_server::RedisServer, run_ingest,
 };
 use tidewatch_proto::v1::AnalyzeRequest;
 use tidewatch_server::snapshot::{
@@ -300,4 +300,38 @@ async fn the_start_up_log_states_the_mode_once_and_truly() {
             .unwrap_or_default()
             .contains("running in memory")
     }));
+}
+
+/// A snapshot above `SNAPSHOT_MAX_BYTES` is still written (it is the device's
+/// history), and the flusher warns that it will not be restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flusher_warns_of_a_snapshot_above_the_cap() {
+    let redis = RedisServer::start();
+    let server = ServerProcess::spawn(
+        &[],
+        &[
+            ("REDIS_URL", &redis.url()),
+            ("SNAPSHOT_INTERVAL", "100ms"),
+            ("SNAPSHOT_MAX_BYTES", "1024"),
+        ],
+    );
+    let names: Vec<String> = (0..32).map(|i| format!("metric_{i:02}")).collect();
+    let metrics: Vec<(&str, f64)> = names.iter().map(|n| (n.as_str(), 1.0)).collect();
+    let mut client = connect(&server.grpc_url()).await;
+    let (_, status) = run_ingest(&mut client, vec![one("wide", 1, &metrics)]).await;
+    assert!(status.is_none(), "{status:?}");
+    let warned = server
+        .log
+        .wait_for(
+            |line| {
+                line["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("snapshots larger than SNAPSHOT_MAX_BYTES"))
+            },
+            Duration::from_secs(10),
+        )
+        .expect("the flusher warns");
+    assert_eq!(warned["devices"], 1, "{warned}");
+    let written = redis.raw("wide").await.expect("written anyway");
+    assert!(written.len() > 1024, "{} bytes", written.len());
 }
