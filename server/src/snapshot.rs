@@ -15,6 +15,12 @@
 //!   is not in memory waits for its snapshot to be read and inserted before it is
 //!   judged. Concurrent first samples of one device share one read.
 //! - **Analyze** of a device not in memory reads its snapshot ([`Snapshots::read`]).
+//!   Every read checks the key's type and length in Redis first: a key of another
+//!   type, or a value above `SNAPSHOT_MAX_BYTES`, is counted and never transferred.
+//! - **Delete** ([`Snapshots::delete`], `DeleteDevice`): the device is taken like a
+//!   first sample takes it, leaves memory, and its keys are deleted with the version
+//!   bumped as a tombstone, so no older copy on any replica is judged or written back
+//!   (`docs/snapshots.md`, "Deleting a device").
 //! - **Eviction** runs in the flusher right after a flush, and evicts only idle
 //!   devices that are clean: an evicted device's newest state is always in Redis.
 //! - **Shutdown** ([`Snapshots::flush`] once more after streams drained) writes
