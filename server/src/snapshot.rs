@@ -180,8 +180,9 @@ pub struct Settled {
 
 /// What acquiring one device found.
 enum Acquired {
-    /// This replica owns it now: its version, and what its key holds.
-    Mine(u64, Fetched),
+    /// This replica owns it now: its version, what its key holds, and how many of its
+    /// version and owner keys were of another type (deleted).
+    Mine(u64, Fetched, u64),
     /// Another live replica kept it past [`HANDOFF_WAIT`].
     Held,
 }
@@ -675,8 +676,18 @@ impl Snapshots {
             let mut found = Vec::new();
             for (id, result) in chunk.iter().zip(acquired) {
                 match result {
-                    Ok(Acquired::Mine(version, fetched)) => {
+                    Ok(Acquired::Mine(version, fetched, fixed)) => {
                         self.link.succeeded();
+                        if fixed > 0 {
+                            self.counters
+                                .snapshot_wrong_type
+                                .fetch_add(fixed, Ordering::Relaxed);
+                            tracing::warn!(
+                                device_id = &**id,
+                                keys = fixed,
+                                "version or owner key of the device held another redis type than a string: deleted"
+                            );
+                        }
                         match fetched {
                             Fetched::Value(value) => found.push((id.clone(), version, value)),
                             Fetched::Nothing => self.start_fresh(id, Some(version)),
@@ -1225,9 +1236,14 @@ fn parse_acquired(reply: redis::Value) -> Result<Result<Acquired, String>, Store
                 Some(problem) => text(problem)?,
                 None => None,
             };
+            let fixed = match items.next() {
+                Some(redis::Value::Int(n)) => u64::try_from(n).unwrap_or(0),
+                _ => 0,
+            };
             Ok(Ok(Acquired::Mine(
                 version,
                 Fetched::from_reply(value, problem)?,
+                fixed,
             )))
         }
         redis::Value::Int(0) => {

@@ -50,21 +50,30 @@ end
 return n";
 
 /// `KEYS`: snapshot, version, owner. `ARGV`: this replica, ttl seconds, the largest
-/// value read (`SNAPSHOT_MAX_BYTES`). Returns `{1, version, value or nil, problem}`
-/// when the caller owns the device now, `{0, owner}` when another replica does.
-/// `problem` is absent, or says why the value is not returned: `type:<type>` (the key
-/// holds a hash, a list, ...), or `size:<bytes>` (above the cap, so a huge value never
-/// crosses the network).
-pub const ACQUIRE: &str = r"local o = redis.call('GET', KEYS[3])
+/// value read (`SNAPSHOT_MAX_BYTES`). Returns `{1, version, value or nil, problem or
+/// nil, fixed}` when the caller owns the device now, `{0, owner}` when another replica
+/// does. `problem` says why the value is not returned: `type:<type>` (the key holds a
+/// hash, a list, ...), or `size:<bytes>` (above the cap, so a huge value never crosses
+/// the network). `fixed` counts version and owner keys of another type than a string
+/// that were deleted first (they would fail every script of the device).
+pub const ACQUIRE: &str = r"local fixed = 0
+for i = 2, 3 do
+  local k = redis.call('TYPE', KEYS[i])['ok']
+  if k ~= 'none' and k ~= 'string' then
+    redis.call('DEL', KEYS[i])
+    fixed = fixed + 1
+  end
+end
+local o = redis.call('GET', KEYS[3])
 if o and o ~= ARGV[1] then return {0, o} end
 redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
 local v = redis.call('GET', KEYS[2]) or '0'
 local t = redis.call('TYPE', KEYS[1])['ok']
-if t == 'none' then return {1, v} end
-if t ~= 'string' then return {1, v, false, 'type:' .. t} end
+if t == 'none' then return {1, v, false, false, fixed} end
+if t ~= 'string' then return {1, v, false, 'type:' .. t, fixed} end
 local n = redis.call('STRLEN', KEYS[1])
-if n > tonumber(ARGV[3]) then return {1, v, false, 'size:' .. n} end
-return {1, v, redis.call('GET', KEYS[1])}";
+if n > tonumber(ARGV[3]) then return {1, v, false, 'size:' .. n, fixed} end
+return {1, v, redis.call('GET', KEYS[1]), false, fixed}";
 
 /// `KEYS`: snapshot. `ARGV`: the largest value read. Returns `{}` when there is no
 /// snapshot, `{value}`, or `{false, problem}` as [`ACQUIRE`] says (`Analyze` of a

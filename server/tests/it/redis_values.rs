@@ -11,7 +11,7 @@ use crate::common::{
 };
 use tidewatch_proto::v1::AnalyzeRequest;
 use tidewatch_server::snapshot::{
-    codec,
+    codec, fence,
     resp::Reply,
     store::{self, Store, StoreError},
 };
@@ -218,6 +218,21 @@ async fn a_key_of_another_type_is_counted_and_replaced() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    // The fencing keys beside a snapshot key: deleted, or they would fail every
+    // script of their device.
+    let _: i64 = redis::cmd("HSET")
+        .arg(fence::owner_key("fenced"))
+        .arg("field")
+        .arg("value")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("SADD")
+        .arg(fence::version_key("fenced"))
+        .arg("member")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let server = with_redis(&redis, 1 << 20).await;
     let verdict = first_verdict(&server, "hashed").await;
     assert!(verdict.error.is_empty(), "{verdict:?}");
@@ -236,6 +251,12 @@ async fn a_key_of_another_type_is_counted_and_replaced() {
         metric_total(state, "tidewatch_snapshot_wrong_type_total"),
         2.0
     );
+    let verdict = first_verdict(&server, "fenced").await;
+    assert!(verdict.error.is_empty(), "{verdict:?}");
+    assert_eq!(
+        metric_total(state, "tidewatch_snapshot_wrong_type_total"),
+        4.0
+    );
     assert_eq!(
         metric_total(state, "tidewatch_snapshot_read_failures_total"),
         0.0
@@ -245,6 +266,7 @@ async fn a_key_of_another_type_is_counted_and_replaced() {
         0.0
     );
     wait_for_snapshot(&redis, "hashed", 1).await;
+    wait_for_snapshot(&redis, "fenced", 1).await;
     server.stop().await.unwrap();
 }
 
