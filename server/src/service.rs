@@ -356,7 +356,7 @@ impl AppState {
                 .devices_deleted
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        tracing::info!(device_id = id, principal = %principal.name, deleted, "device deleted");
+        tracing::info!(device_id = id, principal = %principal.name, deleted, "device deletion done");
         Ok(DeleteDeviceResponse {
             device_id: id.to_owned(),
             deleted,
