@@ -262,9 +262,9 @@ pub struct Config {
     )]
     pub snapshot_batch: usize,
 
-    /// Largest snapshot value read from Redis, in bytes: a larger value (or a key of
-    /// another type) is never transferred; it counts as undecodable and the device
-    /// starts fresh. Keep it above the largest snapshot the limits allow.
+    /// Largest snapshot value read from Redis, in bytes (at least 1024): a larger value
+    /// is never transferred; it counts as undecodable and the device starts fresh.
+    /// Keep it above the largest snapshot the limits allow.
     #[arg(
         help_heading = "Snapshots (Redis)",
         long,
@@ -1101,6 +1101,11 @@ mod tests {
         let mut c = Config::defaults();
         c.snapshot_ttl = Duration::from_millis(10);
         assert_eq!(c.validate().unwrap_err().setting, "SNAPSHOT_TTL");
+        let mut c = Config::defaults();
+        c.snapshot_max_bytes = 1023;
+        assert_eq!(c.validate().unwrap_err().setting, "SNAPSHOT_MAX_BYTES");
+        c.snapshot_max_bytes = 1024;
+        c.validate().unwrap();
         let mut c = Config::defaults();
         c.redis_command_timeout = Duration::ZERO;
         assert_eq!(c.validate().unwrap_err().setting, "REDIS_COMMAND_TIMEOUT");
