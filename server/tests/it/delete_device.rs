@@ -195,7 +195,7 @@ async fn judged_on_a_moved_to_b_deleted_through_b_is_gone_everywhere() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Deleting again finds nothing.
+    // The new state is deleted too; after that, nothing is left to delete.
     let again = delete(&mut ca, DEVICE).await.expect("delete");
     assert!(again.deleted);
     let gone = delete(&mut ca, DEVICE).await.expect("delete");
