@@ -212,6 +212,22 @@ impl RobustState {
         self.ring.is_empty()
     }
 
+    /// What a state for a window of `capacity` values costs once its window is full:
+    /// itself (boxed), its ring of values and their order, and its daily profile, as
+    /// the allocator rounds them (`engine/budget.rs`).
+    pub(crate) fn cost(capacity: usize) -> usize {
+        use crate::engine::budget::heap;
+        heap(size_of::<Self>())
+            + heap(capacity * size_of::<f64>())
+            + heap(capacity * size_of::<u16>())
+            + heap(size_of::<Season>())
+    }
+
+    /// The window capacity the state is built for.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Bytes this state holds on the heap beside itself (its allocations as sized).
     pub fn heap_bytes(&self) -> usize {
         self.ring.capacity() * size_of::<f64>()
