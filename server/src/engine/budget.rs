@@ -16,7 +16,8 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use super::detector::RobustState;
+use super::detector::robust::STATE_BYTES;
+use super::pool::heap;
 use super::resident::{Device, INLINE_ID, Metric};
 
 /// Metrics a device keeps inline, in its own record; more live on the heap.
@@ -34,25 +35,6 @@ const QUEUE_BYTES: usize = 16;
 /// probation entry.
 pub(crate) const DEVICE_BYTES: usize = size_of::<Device>() + INDEX_BYTES + QUEUE_BYTES;
 
-/// What one interned metric name costs beside its bytes: its entry (the name's pointer
-/// and length, and its count) and its slot in the lookup table.
-const NAME_ENTRY_BYTES: usize = size_of::<(Box<str>, u32)>() + 8;
-
-/// The bytes the allocator hands out for a request of `bytes`: mimalloc's size
-/// classes, 8-byte steps up to 64 bytes, then four classes per doubling.
-pub(crate) const fn heap(bytes: usize) -> usize {
-    if bytes == 0 {
-        return 0;
-    }
-    let words = bytes.div_ceil(8);
-    if words <= 8 {
-        return words * 8;
-    }
-    let top = usize::BITS - 1 - words.leading_zeros();
-    let step = 1 << (top - 2);
-    words.div_ceil(step) * step * 8
-}
-
 /// What a device with an id of `id_len` bytes and no metric costs.
 pub(crate) const fn device_bytes(id_len: usize) -> usize {
     DEVICE_BYTES + if id_len > INLINE_ID { heap(id_len) } else { 0 }
@@ -64,12 +46,15 @@ pub(crate) const fn device_bytes(id_len: usize) -> usize {
 pub(crate) fn metric_bytes(window: usize, robust: usize) -> usize {
     // The values live in the shard's pool, exactly `window` of them (`pool.rs`).
     let values = 8 * window;
-    values
-        + if robust > 0 {
-            RobustState::cost(robust)
-        } else {
-            0
-        }
+    values + if robust > 0 { robust_bytes(robust) } else { 0 }
+}
+
+/// What the robust detector's state for a baseline of `window` values costs once its
+/// window is full: itself and its daily profile (each boxed), its ring of values and
+/// their order, as the allocator rounds them.
+pub(crate) const fn robust_bytes(window: usize) -> usize {
+    let (state, season) = STATE_BYTES;
+    heap(state) + heap(window * size_of::<f64>()) + heap(window * size_of::<u16>()) + heap(season)
 }
 
 /// What the records of a device's metrics cost on the heap when it has room for
@@ -96,11 +81,6 @@ pub(crate) const fn capacity_after(len: usize, capacity: usize, new: usize) -> u
         i += 1;
     }
     capacity
-}
-
-/// What a name of `len` bytes costs while interned.
-pub(crate) const fn name_bytes(len: usize) -> usize {
-    NAME_ENTRY_BYTES + heap(len)
 }
 
 /// What `device` is charged: its record and id, its metrics' records, and each metric
@@ -184,18 +164,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heap_rounds_to_mimalloc_size_classes() {
-        assert_eq!(heap(0), 0);
-        assert_eq!(heap(1), 8);
-        assert_eq!(heap(64), 64);
-        assert_eq!(heap(65), 80);
-        assert_eq!(heap(432), 448);
-        assert_eq!(heap(1024), 1024);
-        assert_eq!(heap(1025), 1280);
-        assert_eq!(heap(3 * 72), 224);
-    }
-
-    #[test]
     fn capacity_grows_the_way_ingest_pushes() {
         assert_eq!(capacity_after(0, 2, 2), 2);
         assert_eq!(capacity_after(0, 2, 3), 5);
@@ -214,6 +182,14 @@ mod tests {
             }
             assert_eq!(v.capacity(), want, "after {new} more");
         }
+    }
+
+    #[test]
+    fn the_robust_state_costs_what_the_docs_say() {
+        // docs/operations.md, "Memory": 160 + 10 × the baseline + 448.
+        assert_eq!(robust_bytes(128), 160 + 1024 + 256 + 448);
+        assert_eq!(robust_bytes(4096), 160 + 40960 + 448);
+        assert_eq!(DEVICE_BYTES, 259);
     }
 
     #[test]

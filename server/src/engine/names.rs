@@ -7,7 +7,14 @@ use std::hash::BuildHasher;
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
 
-use super::budget::name_bytes;
+use super::pool::heap;
+
+/// What a name of `len` bytes costs while interned (`budget.rs`): its entry (the
+/// name's pointer and length, and its count), its slot in the lookup table, and its
+/// bytes as the allocator rounds them.
+pub(crate) const fn name_bytes(len: usize) -> usize {
+    size_of::<(Box<str>, u32)>() + 8 + heap(len)
+}
 
 /// Interned metric names with reference counts.
 #[derive(Debug)]

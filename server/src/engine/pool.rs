@@ -9,6 +9,21 @@
 
 use hashbrown::HashMap;
 
+/// The bytes the allocator hands out for a request of `bytes`: mimalloc's size
+/// classes, 8-byte steps up to 64 bytes, then four classes per doubling.
+pub(crate) const fn heap(bytes: usize) -> usize {
+    if bytes == 0 {
+        return 0;
+    }
+    let words = bytes.div_ceil(8);
+    if words <= 8 {
+        return words * 8;
+    }
+    let top = usize::BITS - 1 - words.leading_zeros();
+    let step = 1 << (top - 2);
+    words.div_ceil(step) * step * 8
+}
+
 /// Values per chunk (512 KiB). A run never spans two chunks, so a window holds at most
 /// this many values (see `MAX_WINDOW_SIZE`).
 const CHUNK: usize = 1 << 19;
@@ -130,6 +145,18 @@ impl ValuePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heap_rounds_to_mimalloc_size_classes() {
+        assert_eq!(heap(0), 0);
+        assert_eq!(heap(1), 8);
+        assert_eq!(heap(64), 64);
+        assert_eq!(heap(65), 80);
+        assert_eq!(heap(432), 448);
+        assert_eq!(heap(1024), 1024);
+        assert_eq!(heap(1025), 1280);
+        assert_eq!(heap(3 * 72), 224);
+    }
 
     #[test]
     fn runs_are_exact_disjoint_and_reused() {

@@ -497,9 +497,9 @@ fn ingest_with(engine: &Engine, s: Sample, spec: &DetectorSpec) -> Verdict {
 
 #[test]
 fn the_budget_counts_what_devices_hold_and_gets_it_all_back() {
-    use super::budget::{
-        DEVICE_BYTES, capacity_after, device_bytes, heap, metric_bytes, name_bytes, records_bytes,
-    };
+    use super::budget::{DEVICE_BYTES, capacity_after, device_bytes, metric_bytes, records_bytes};
+    use super::names::name_bytes;
+    use super::pool::heap;
     let engine = Engine::new(EngineConfig {
         shards: 1,
         idle_timeout: Duration::from_secs(10),
@@ -564,7 +564,8 @@ fn the_budget_counts_what_devices_hold_and_gets_it_all_back() {
 
 #[test]
 fn past_the_budget_a_sample_is_refused_and_nothing_else_changes() {
-    use super::budget::{DEVICE_BYTES, metric_bytes, name_bytes};
+    use super::budget::{DEVICE_BYTES, metric_bytes};
+    use super::names::name_bytes;
     let engine = Engine::new(EngineConfig {
         memory_budget: 8192,
         ..EngineConfig::default()

@@ -131,6 +131,11 @@ pub struct RobustJudgement {
     pub anomaly: bool,
 }
 
+/// Bytes of a [`RobustState`] itself (it is boxed) and of its daily profile (boxed
+/// too), for what a metric's state costs (`engine/budget.rs`): beside them, 10 bytes
+/// per value of its window (a value and its position in the order).
+pub(crate) const STATE_BYTES: (usize, usize) = (size_of::<RobustState>(), size_of::<Season>());
+
 /// Per-metric state of the robust detector.
 #[derive(Debug, Clone)]
 pub struct RobustState {
@@ -210,17 +215,6 @@ impl RobustState {
     /// Whether the baseline window is empty.
     pub fn is_empty(&self) -> bool {
         self.ring.is_empty()
-    }
-
-    /// What a state for a window of `capacity` values costs once its window is full:
-    /// itself (boxed), its ring of values and their order, and its daily profile, as
-    /// the allocator rounds them (`engine/budget.rs`).
-    pub(crate) fn cost(capacity: usize) -> usize {
-        use crate::engine::budget::heap;
-        heap(size_of::<Self>())
-            + heap(capacity * size_of::<f64>())
-            + heap(capacity * size_of::<u16>())
-            + heap(size_of::<Season>())
     }
 
     /// The window capacity the state is built for.
