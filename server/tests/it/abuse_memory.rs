@@ -91,6 +91,17 @@ async fn windows_of_4096_with_32_metrics_are_bounded_by_the_memory_budget() {
         "{status:?}"
     );
 
+    // The same over REST: 400, and nothing ingested.
+    let rest = crate::common::http_post(
+        http,
+        "/ingest?window_size=4097",
+        Some("application/json"),
+        r#"{"device_id": "too-wide-rest", "cpu": 1}"#,
+    )
+    .await;
+    let message = rest.assert_error(400, "invalid_argument");
+    assert!(message.contains("MAX_STREAM_WINDOW"), "{message}");
+
     // 400 devices ask for 32 windows of 4,096 values each (1 MiB a device), two
     // samples each (so none is on probation): 7 fit the budget, the samples of the
     // rest are refused.
