@@ -133,6 +133,24 @@ pub struct Config {
     )]
     pub max_metric_name_len: usize,
 
+    /// Bytes the devices in memory may hold, as docs/operations.md ("Memory") counts
+    /// them (e.g. `384MiB`, `2GiB`); unset: 3/4 of the cgroup memory limit when there
+    /// is one, else 2GiB. A new device, new metric or larger window past it is
+    /// refused with a `memory_budget` error.
+    #[arg(help_heading = "Limits", long, env = "MEMORY_BUDGET", value_parser = parse_bytes)]
+    pub memory_budget: Option<usize>,
+
+    /// Largest `window_size` a stream's `detector` section may ask for (the zscore
+    /// window or the robust baseline), 1 to 4096; beyond it the stream or request is
+    /// refused (`INVALID_ARGUMENT`, HTTP 400).
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_STREAM_WINDOW",
+        default_value_t = MAX_WINDOW
+    )]
+    pub max_stream_window: usize,
+
     /// Devices without samples for this long are evicted from memory (e.g. `1h`).
     #[arg(help_heading = "Engine", long, env = "IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub idle_timeout: Duration,
@@ -627,6 +645,94 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// A size in bytes: a number, optionally followed by `KiB`, `MiB` or `GiB` (or `K`,
+/// `M`, `G`, `Ki`, `Mi`, `Gi`: all powers of 1024).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "Ki" | "KiB" => 10,
+        "M" | "Mi" | "MiB" => 20,
+        "G" | "Gi" | "GiB" => 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (expected e.g. 512MiB, 2GiB)"
+            ));
+        }
+    };
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512MiB, 2GiB)"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
+}
+
+/// Share of a cgroup memory limit `MEMORY_BUDGET` defaults to: the rest is for what
+/// the budget does not count (streams, buffers, snapshot batches, allocator slack and
+/// the window-value pool's free runs: `docs/operations.md`, "Memory").
+pub const CGROUP_BUDGET_SHARE: (usize, usize) = (3, 4);
+
+/// Where `MEMORY_BUDGET` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetSource {
+    /// The setting.
+    Setting,
+    /// 3/4 of this cgroup memory limit, in bytes.
+    Cgroup(u64),
+    /// Neither: the built-in default.
+    Default,
+}
+
+impl BudgetSource {
+    /// How the start-up log names it.
+    pub fn describe(self) -> String {
+        match self {
+            Self::Setting => "MEMORY_BUDGET".into(),
+            Self::Cgroup(limit) => format!("3/4 of the cgroup memory limit ({limit} bytes)"),
+            Self::Default => "default (no cgroup memory limit)".into(),
+        }
+    }
+}
+
+/// The memory limit of this process's cgroup, if it has one: `memory.max` (cgroup
+/// v2) or `memory.limit_in_bytes` (v1), of its own cgroup as `/proc/self/cgroup`
+/// names it, else at the root of `/sys/fs/cgroup` (a container's own cgroup).
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroup_limit_in(std::path::Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// [`cgroup_memory_limit`] under the cgroup mount `root`, for the `/proc/self/cgroup`
+/// text `own`.
+fn cgroup_limit_in(root: &std::path::Path, own: &str) -> Option<u64> {
+    let mut candidates = Vec::new();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if id == "0" && controllers.is_empty() {
+            candidates.push(root.join(path).join("memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(root.join("memory").join(path).join("memory.limit_in_bytes"));
+        }
+    }
+    candidates.push(root.join("memory.max"));
+    candidates.push(root.join("memory").join("memory.limit_in_bytes"));
+    candidates.into_iter().find_map(|file| {
+        let text = std::fs::read_to_string(file).ok()?;
+        // "max" (v2), or a number near 2^63 (v1), means no limit.
+        let limit: u64 = text.trim().parse().ok()?;
+        (limit > 0 && limit < 1 << 60).then_some(limit)
+    })
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
@@ -692,6 +798,23 @@ impl Config {
         }
         if self.max_devices == 0 {
             return fail("MAX_DEVICES", "must be at least 1".into());
+        }
+        if let Some(budget) = self.memory_budget
+            && budget < 1 << 20
+        {
+            return fail(
+                "MEMORY_BUDGET",
+                format!("must be at least 1MiB, got {budget} bytes"),
+            );
+        }
+        if self.max_stream_window == 0 || self.max_stream_window > MAX_WINDOW {
+            return fail(
+                "MAX_STREAM_WINDOW",
+                format!(
+                    "must be between 1 and {MAX_WINDOW}, got {}",
+                    self.max_stream_window
+                ),
+            );
         }
         if self.max_metrics_per_device == 0 {
             return fail("MAX_METRICS_PER_DEVICE", "must be at least 1".into());
@@ -854,6 +977,22 @@ impl Config {
             .filter(|u| !u.is_empty())
     }
 
+    /// `MEMORY_BUDGET` in bytes, and where it came from: the setting, else 3/4 of the
+    /// cgroup memory limit, else 2 GiB.
+    pub fn memory_budget(&self) -> (usize, BudgetSource) {
+        if let Some(budget) = self.memory_budget {
+            return (budget, BudgetSource::Setting);
+        }
+        match cgroup_memory_limit() {
+            Some(limit) => {
+                let (share, of) = CGROUP_BUDGET_SHARE;
+                let budget = usize::try_from(limit).unwrap_or(usize::MAX) / of * share;
+                (budget, BudgetSource::Cgroup(limit))
+            }
+            None => (crate::engine::DEFAULT_MEMORY_BUDGET, BudgetSource::Default),
+        }
+    }
+
     /// The engine's part of the configuration.
     pub fn engine(&self) -> EngineConfig {
         let defaults = EngineConfig::default();
@@ -873,6 +1012,9 @@ impl Config {
             max_device_id_len: self.max_device_id_len,
             max_metric_name_len: self.max_metric_name_len,
             idle_timeout: self.idle_timeout,
+            memory_budget: self.memory_budget().0,
+            max_stream_window: self.max_stream_window,
+            snapshots: self.redis_url().is_some(),
             ..defaults
         };
         self.detectors.apply(&mut engine);
@@ -1055,6 +1197,49 @@ pub fn nonzero(d: Duration) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1024() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("384MiB"), Ok(384 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes(" 512Mi "), Ok(512 << 20));
+        assert!(parse_bytes("2GB").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        let c = Config::try_parse_from(["tidewatch", "--memory-budget", "64MiB"]).unwrap();
+        assert_eq!(c.memory_budget(), (64 << 20, BudgetSource::Setting));
+        assert_eq!(c.engine().memory_budget, 64 << 20);
+        let small = Config::try_parse_from(["tidewatch", "--memory-budget", "1000"]).unwrap();
+        assert_eq!(small.validate().unwrap_err().setting, "MEMORY_BUDGET");
+        let wide = Config::try_parse_from(["tidewatch", "--max-stream-window", "4097"]).unwrap();
+        assert_eq!(wide.validate().unwrap_err().setting, "MAX_STREAM_WINDOW");
+    }
+
+    #[test]
+    fn the_cgroup_memory_limit_is_found_for_v1_and_v2() {
+        let root = std::env::temp_dir().join(format!("tidewatch-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // v2: the process's own cgroup, "max" at the root.
+        std::fs::create_dir_all(root.join("pod/app")).unwrap();
+        std::fs::write(root.join("memory.max"), "max\n").unwrap();
+        std::fs::write(root.join("pod/app/memory.max"), "536870912\n").unwrap();
+        assert_eq!(cgroup_limit_in(&root, "0::/pod/app\n"), Some(512 << 20));
+        assert_eq!(cgroup_limit_in(&root, "0::/\n"), None, "max is no limit");
+        // v1: the memory controller's hierarchy; the unlimited value is no limit.
+        std::fs::create_dir_all(root.join("memory/job")).unwrap();
+        std::fs::write(
+            root.join("memory/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("memory/job/memory.limit_in_bytes"), "1073741824").unwrap();
+        let v1 = "5:memory:/job\n4:cpu,cpuacct:/job\n";
+        std::fs::remove_file(root.join("memory.max")).unwrap();
+        assert_eq!(cgroup_limit_in(&root, v1), Some(1 << 30));
+        assert_eq!(cgroup_limit_in(&root, "5:memory:/elsewhere\n"), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn defaults_are_valid_and_local() {

@@ -24,6 +24,7 @@
 //! - `window.rs` (the rolling statistics), `detector.rs` (the rules behind `anomaly`,
 //!   `score` and `alert`), `io.rs` (what samples come as and verdicts go to).
 
+mod budget;
 mod clock;
 mod config;
 pub mod detector;
@@ -47,7 +48,7 @@ mod validate;
 mod window;
 
 pub use clock::now_timestamp;
-pub use config::EngineConfig;
+pub use config::{DEFAULT_MEMORY_BUDGET, EngineConfig};
 pub use detector::{DetectorDefaults, DetectorKind, DetectorSpec, DetectorState, RobustParams};
 pub use device::{DeviceState, MetricState, analyze_response};
 pub use flush::{DeviceKey, DirtyDevice};

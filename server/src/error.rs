@@ -76,6 +76,21 @@ pub enum SampleError {
         /// Who sent the sample.
         principal: String,
     },
+    /// Admitting the device, its new metrics or a larger window would take the
+    /// engine's memory past `MEMORY_BUDGET` (`docs/operations.md`, "Memory").
+    #[error(
+        "memory_budget: device {device:?} needs {need} more bytes; {used} of MEMORY_BUDGET ({budget} bytes) are in use"
+    )]
+    MemoryBudget {
+        /// The device.
+        device: String,
+        /// Bytes the sample would have added.
+        need: usize,
+        /// Bytes in use when it was refused.
+        used: usize,
+        /// The configured budget.
+        budget: usize,
+    },
     /// Another replica holds the device and did not hand it over in time (it is
     /// busy, or it died and its lease has not run out): nothing was applied, and
     /// sending the sample again is safe (`docs/architecture.md`, "Replicas").
@@ -98,7 +113,7 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
@@ -108,6 +123,7 @@ impl SampleError {
         "permission_denied",
         "moved",
         "invalid_seq",
+        "memory_budget",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -122,6 +138,7 @@ impl SampleError {
             Self::PermissionDenied { .. } => 6,
             Self::Moved { .. } => 7,
             Self::InvalidSeq { .. } => 8,
+            Self::MemoryBudget { .. } => 9,
         }
     }
 

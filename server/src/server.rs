@@ -141,6 +141,7 @@ impl Server {
         let background = Background::start(&state);
         announce_storage(&state);
         announce_telemetry(&state);
+        announce_memory(&state);
         // Ready before the gateway answers its first request: `/readyz` is 503 only
         // while the server is not serving yet (connections wait in the backlog until
         // here) and while it drains.
@@ -281,6 +282,18 @@ fn announce_security(state: &AppState) {
             "ALLOW_INSECURE: serving outside loopback without TLS or without authentication"
         );
     }
+}
+
+/// Logs the memory budget and where it came from, once at start.
+fn announce_memory(state: &AppState) {
+    let (_, source) = state.config.memory_budget();
+    tracing::info!(
+        memory_budget = state.engine.memory_budget(),
+        source = %source.describe(),
+        max_devices = state.config.max_devices,
+        max_stream_window = state.config.max_stream_window,
+        "memory budget"
+    );
 }
 
 /// Says where OpenTelemetry data goes, once at start (endpoints may carry

@@ -343,6 +343,16 @@ impl Snapshots {
         }
     }
 
+    /// Forgets the fences of devices evicted on probation ([`Engine::take_evicted`]),
+    /// unless one came back meanwhile (it holds a fence of its own then).
+    pub fn forget_evicted(&self, ids: &[Box<str>]) {
+        for id in ids {
+            if !self.engine.contains(id) {
+                self.versions.remove(id);
+            }
+        }
+    }
+
     /// This replica's id, as Redis knows it.
     pub fn replica(&self) -> &str {
         &self.replica
