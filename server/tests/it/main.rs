@@ -7,6 +7,7 @@
 
 mod common;
 
+mod abuse_conn;
 mod analyze_watch;
 mod backpressure;
 mod bad_samples;
