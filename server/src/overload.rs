@@ -8,8 +8,11 @@
 //! # Long-lived streams and the concurrency limit
 //!
 //! A tower concurrency limit holds its slot until the response *future* resolves. For
-//! a unary call or an HTTP request that is the whole request, body upload included.
-//! For a gRPC stream it is only the opening of the stream: tonic resolves the response
+//! a unary call or an HTTP request that is the whole handling of the request; the
+//! request itself is read before the slot is taken (the gateway's `prefetch_body`,
+//! [`prefetch`] here), under the [`crate::intake`] bounds, so a client that uploads
+//! slowly or sends nothing holds no slot. For a gRPC stream it is only the opening of
+//! the stream: tonic resolves the response
 //! as soon as the handler returns the stream, so an Ingest stream open for hours does
 //! not hold a slot for hours (a limit of 1,024 would otherwise be used up by 1,024
 //! idle devices and refuse everything else). Streams are bounded separately by

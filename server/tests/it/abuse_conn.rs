@@ -204,6 +204,11 @@ async fn incomplete_messages_are_bounded_in_bytes_and_time() {
     );
     assert!(slow >= 1, "the streams within the budget end when too slow");
     assert!(took < Duration::from_secs(10), "ended after {took:?}");
+    eprintln!(
+        "RSS: baseline {} MiB, peak {} MiB; {exhausted} streams RESOURCE_EXHAUSTED, {slow} DEADLINE_EXCEEDED, all ended after {took:?}",
+        baseline / MIB,
+        peak / MIB
+    );
     // The ceiling: the budget, twice for buffer growth, plus HTTP/2 buffers.
     let ceiling = 64 * MIB;
     assert!(
@@ -213,14 +218,15 @@ async fn incomplete_messages_are_bounded_in_bytes_and_time() {
         baseline / MIB,
         ceiling / MIB
     );
-    // The memory comes back.
+    // The memory comes back (but for what the allocator keeps cached).
     let settle = Instant::now() + Duration::from_secs(10);
-    while server.rss_bytes() > baseline + 16 * MIB && Instant::now() < settle {
+    while server.rss_bytes() > baseline + 24 * MIB && Instant::now() < settle {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = server.rss_bytes();
+    eprintln!("RSS after the attack: {} MiB", after / MIB);
     assert!(
-        after <= baseline + 16 * MIB,
+        after <= baseline + 24 * MIB,
         "RSS {} MiB after the attack, baseline {} MiB",
         after / MIB,
         baseline / MIB

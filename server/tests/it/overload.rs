@@ -83,8 +83,9 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill {signal} {pid}");
 }
 
-/// A test server with `configure`, snapshots on a real Redis, and a Redis command
-/// timeout of `stall`: how long a request that needs the stalled Redis holds its slot.
+/// A test server with `configure`, snapshots on a real Redis, and Redis command and
+/// connection timeouts of `stall`: how long a request that needs the stalled Redis
+/// holds its slot.
 async fn with_redis(
     redis: &RedisServer,
     stall: Duration,
@@ -94,6 +95,7 @@ async fn with_redis(
     TestServer::start_with(move |c| {
         c.redis_url = Some(url);
         c.redis_command_timeout = stall;
+        c.redis_connect_timeout = stall;
         configure(c);
     })
     .await
