@@ -83,12 +83,8 @@ impl Admission {
         })?;
         let victim = conns.remove(position)?.upgrade()?;
         victim.evicted.store(true, Ordering::Relaxed);
-        let permit = victim
-            .permit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        permit
+        let mut permit = victim.permit.lock().unwrap_or_else(|e| e.into_inner());
+        permit.take()
     }
 
     /// Admits a new connection: normal, probe-only, or `None` (close it now).

@@ -329,9 +329,9 @@ async fn trickled_headers_are_closed() {
                 break;
             }
             let mut buf = [0u8; 256];
-            match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => break,
-                _ => {}
+            let read = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf));
+            if let Ok(Ok(0) | Err(_)) = read.await {
+                break;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
