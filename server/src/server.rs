@@ -34,7 +34,7 @@ use tower::{
 
 use crate::{
     config::{Config, OtlpProtocol, nonzero},
-    connections::{ActiveBody, Admission, Conn, HasConn as _, IdleWatch},
+    connections::{ActiveBody, Admission, Conn, HasConn as _, IdleWatch, PROBE_HEADROOM},
     gateway, grpc, overload,
     security::tls,
     service::AppState,
@@ -158,6 +158,7 @@ impl Server {
         state.ready.store(true, Ordering::Relaxed);
         let http = start_http(&state, http)?;
         announce_security(&state);
+        check_file_limit(&config);
         tracing::info!(%http_addr, "http listening");
         tracing::info!(%grpc_addr, "grpc listening");
 
@@ -399,6 +400,37 @@ async fn idle_of(watch: &mut Option<IdleWatch>) {
         Some(watch) => watch.idle().await,
         None => std::future::pending().await,
     }
+}
+
+/// Warns when the process may open fewer files than `MAX_CONNECTIONS` needs on both
+/// listeners, with their probe headroom and a margin for the rest (Redis, OTLP): past
+/// the file limit, accepting fails and probes stop answering.
+fn check_file_limit(config: &Config) {
+    if config.max_connections == 0 {
+        return;
+    }
+    let needed = 2 * (config.max_connections + PROBE_HEADROOM) + FILE_MARGIN;
+    let Some(limit) = open_files_limit() else {
+        return;
+    };
+    if needed > limit {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            needed,
+            limit,
+            "MAX_CONNECTIONS needs more file descriptors than the process may open (ulimit -n): raise the limit or lower MAX_CONNECTIONS"
+        );
+    }
+}
+
+/// File descriptors kept for everything but the two listeners' connections.
+const FILE_MARGIN: usize = 256;
+
+/// The soft limit on open files (Linux `/proc/self/limits`), if known and finite.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Logs how the listeners are protected, once; an exposed listener without TLS or
