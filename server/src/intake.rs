@@ -38,7 +38,10 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tower::BoxError;
 
-use crate::error::{ApiError, ErrorKind};
+use crate::{
+    connections::Activity,
+    error::{ApiError, ErrorKind},
+};
 
 /// The bytes of incomplete messages and bodies held at once, across all requests.
 #[derive(Debug)]
@@ -177,6 +180,9 @@ pub struct IntakeBody<B> {
     timer: Option<Pin<Box<Sleep>>>,
     /// The body ended (or failed): nothing more is charged or timed.
     finished: bool,
+    /// Keeps the connection active while the body lives (a stream's request body
+    /// lives as long as the stream; see `connections`).
+    activity: Option<Activity>,
 }
 
 impl<B> std::fmt::Debug for IntakeBody<B> {
@@ -207,7 +213,14 @@ impl<B> IntakeBody<B> {
             charged: 0,
             timer: None,
             finished: false,
+            activity: None,
         }
+    }
+
+    /// The same body, keeping `activity` (its connection busy) until it is dropped.
+    pub fn keeping(mut self, activity: Option<Activity>) -> Self {
+        self.activity = activity;
+        self
     }
 
     /// Accounts for received `data`: framing, budget.

@@ -341,11 +341,19 @@ where
                 setting: "FIRST_MESSAGE_TIMEOUT",
             }
         };
+        let activity = conn.as_ref().map(Conn::enter);
+        // A stream's request body lives as long as the stream: it keeps the
+        // connection active, and the response body (the hot path) is not wrapped.
+        let (for_request, for_response) = match mode {
+            Mode::Messages => (activity, None),
+            Mode::Whole { .. } => (None, activity),
+        };
         let state = Arc::clone(&self.state);
         let request = request.map(|body| {
             Body::new(
-                IntakeBody::new(body, Arc::clone(&state.intake), mode).map_err(move |e| {
-                    match IntakeError::find(&*e) {
+                IntakeBody::new(body, Arc::clone(&state.intake), mode)
+                    .keeping(for_request)
+                    .map_err(move |e| match IntakeError::find(&*e) {
                         Some(intake) => {
                             if intake == IntakeError::OverBudget {
                                 state.metrics.record_shed(Transport::Grpc);
@@ -353,15 +361,18 @@ where
                             Box::new(tonic::Status::from(ApiError::from(intake))) as BoxError
                         }
                         None => e,
-                    }
-                }),
+                    }),
             )
         });
-        let activity = conn.as_ref().map(Conn::enter);
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|body| Body::new(ActiveBody::new(body, activity))))
+            Ok(match for_response {
+                Some(activity) => {
+                    response.map(|body| Body::new(ActiveBody::new(body, Some(activity))))
+                }
+                None => response,
+            })
         })
     }
 }

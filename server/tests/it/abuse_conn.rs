@@ -555,3 +555,35 @@ async fn keepalive_pings_close_dead_peers() {
         );
     }
 }
+
+/// A connection with a quiet stream open is busy, not idle: an Ingest stream and a
+/// `WatchAnomalies` stream outlive `CONNECTION_IDLE_TIMEOUT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_streams_keep_their_connection() {
+    let server = ServerProcess::spawn(&[], &[("CONNECTION_IDLE_TIMEOUT", "1s")]);
+    let mut client = connect(&server.grpc_url()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut verdicts = client
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("ingest")
+        .into_inner();
+    let mut watcher = connect(&server.grpc_url()).await;
+    let mut events = watcher
+        .watch_anomalies(tidewatch_proto::v1::WatchAnomaliesRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    tx.send(one("quiet", 1, &[("x", 1.0)])).await.unwrap();
+    verdicts.message().await.expect("verdict").expect("open");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tx.send(one("quiet", 2, &[("x", 1.0)])).await.unwrap();
+    let later = verdicts.message().await.expect("still open").expect("open");
+    assert_eq!(later.verdicts[0].device_id, "quiet");
+    let waiting = tokio::time::timeout(Duration::from_millis(200), events.message()).await;
+    assert!(
+        waiting.is_err(),
+        "the watcher is still open, waiting for anomalies"
+    );
+    drop(tx);
+}
