@@ -579,7 +579,12 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
         linger(headers, body, declared);
         return Err(too_large());
     }
-    let mut bytes = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    // A body that arrives in one chunk is kept as it is (no copy); otherwise the
+    // chunks are copied together as they come, never reserved at the announced
+    // length: an incomplete body holds what was received.
+    let mut first: Option<Bytes> = None;
+    let mut bytes = BytesMut::new();
+    let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             let e = e.into_inner();
@@ -592,14 +597,22 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
             }
         })?;
         if let Ok(data) = frame.into_data() {
-            if bytes.len() + data.len() > limit {
+            total += data.len();
+            if total > limit {
                 linger(headers, body, 0);
                 return Err(too_large());
             }
-            bytes.extend_from_slice(&data);
+            match first.take() {
+                None if bytes.is_empty() => first = Some(data),
+                Some(earlier) => {
+                    bytes.extend_from_slice(&earlier);
+                    bytes.extend_from_slice(&data);
+                }
+                None => bytes.extend_from_slice(&data),
+            }
         }
     }
-    Ok(bytes.freeze())
+    Ok(first.unwrap_or_else(|| bytes.freeze()))
 }
 
 /// Reads and discards the rest of a refused body in the background, within
