@@ -195,7 +195,8 @@ pub struct Config {
 
     /// Time an HTTP/1 client gets to send a request's headers, counted from when the
     /// connection starts waiting for them (so an idle keep-alive connection is also
-    /// closed after it).
+    /// closed after it); on both listeners, a new connection without a first request
+    /// (an HTTP/2 stream) within it is closed too.
     #[arg(help_heading = "Network", long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 

@@ -13,7 +13,9 @@
 //!
 //! A connection is *active* while one of its requests (or streams) is being answered;
 //! the [`Activity`] guard a request holds until its response body is done counts it.
-//! A connection with no active request for `CONNECTION_IDLE_TIMEOUT` is closed.
+//! A connection with no active request for `CONNECTION_IDLE_TIMEOUT` is closed, and
+//! so is a new one that has not made its first request within `HEADER_READ_TIMEOUT`
+//! (an HTTP/2 client trickling its preface or first header block, say).
 
 use std::{
     collections::VecDeque,
@@ -54,6 +56,8 @@ pub struct Admission {
     probes: Arc<Semaphore>,
     /// `CONNECTION_IDLE_TIMEOUT` (none: never closed for idleness).
     idle: Option<Duration>,
+    /// `HEADER_READ_TIMEOUT`: time a new connection gets to make its first request.
+    first_request: Duration,
     /// Connections refused since the start.
     refused: AtomicU64,
     /// The probe-only connections, oldest first (eviction candidates).
@@ -61,12 +65,14 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// `max` connections (0: no limit), idle ones closed after `idle`.
-    pub fn new(max: usize, idle: Option<Duration>) -> Arc<Self> {
+    /// `max` connections (0: no limit), idle ones closed after `idle`, new ones
+    /// without a request after `first_request`.
+    pub fn new(max: usize, idle: Option<Duration>, first_request: Duration) -> Arc<Self> {
         Arc::new(Self {
             normal: (max > 0).then(|| Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS)))),
             probes: Arc::new(Semaphore::new(PROBE_HEADROOM)),
             idle,
+            first_request,
             refused: AtomicU64::new(0),
             probe_conns: Mutex::new(VecDeque::new()),
         })
@@ -113,6 +119,8 @@ impl Admission {
         let conn = Arc::new(Conn {
             probe_only,
             idle,
+            first_request: self.first_request,
+            used: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle_since: AtomicU64::new(now_ms()),
             evicted: AtomicBool::new(false),
@@ -146,6 +154,10 @@ pub struct Conn {
     probe_only: bool,
     /// Closed after this long without an active request.
     idle: Option<Duration>,
+    /// Closed after this long without a first request.
+    first_request: Duration,
+    /// A request came.
+    used: AtomicBool,
     active: AtomicUsize,
     /// When `active` last fell to 0 ([`now_ms`]).
     idle_since: AtomicU64,
@@ -163,6 +175,7 @@ impl Conn {
 
     /// Marks a request active until the guard drops.
     pub fn enter(self: &Arc<Self>) -> Activity {
+        self.used.store(true, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         Activity(Arc::clone(self))
     }
@@ -179,9 +192,20 @@ impl Conn {
         Some(Duration::from_millis(now_ms().saturating_sub(since)))
     }
 
+    /// The idle time after which the connection is closed now, if any.
+    fn timeout(&self) -> Option<Duration> {
+        if self.used.load(Ordering::Relaxed) {
+            return self.idle;
+        }
+        Some(
+            self.idle
+                .map_or(self.first_request, |i| i.min(self.first_request)),
+        )
+    }
+
     /// A watch that is ready once the connection has been idle for its timeout.
     pub fn idle_watch(self: &Arc<Self>) -> Option<IdleWatch> {
-        let timeout = self.idle?;
+        let timeout = self.timeout()?;
         let first = if self.probe_only {
             timeout.min(EVICT_CHECK)
         } else {
@@ -189,7 +213,6 @@ impl Conn {
         };
         Some(IdleWatch {
             conn: Arc::clone(self),
-            timeout,
             timer: Box::pin(tokio::time::sleep(first)),
         })
     }
@@ -211,9 +234,11 @@ impl Drop for Activity {
 #[derive(Debug)]
 pub struct IdleWatch {
     conn: Arc<Conn>,
-    timeout: Duration,
     timer: Pin<Box<Sleep>>,
 }
+
+/// How long an idle watch without a timeout sleeps before it looks again.
+const NO_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl IdleWatch {
     /// `Ready` when the connection is to be closed.
@@ -222,10 +247,12 @@ impl IdleWatch {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let mut left = match self.conn.idle_for() {
-                Some(idle) if idle >= self.timeout => return Poll::Ready(()),
-                Some(idle) => self.timeout - idle,
-                None => self.timeout,
+            let mut left = match (self.conn.timeout(), self.conn.idle_for()) {
+                (_, Some(Duration::MAX)) => return Poll::Ready(()),
+                (None, _) => NO_TIMEOUT,
+                (Some(timeout), Some(idle)) if idle >= timeout => return Poll::Ready(()),
+                (Some(timeout), Some(idle)) => timeout - idle,
+                (Some(timeout), None) => timeout,
             };
             if self.conn.probe_only {
                 left = left.min(EVICT_CHECK);
@@ -365,7 +392,7 @@ mod tests {
 
     #[test]
     fn headroom_then_refusal() {
-        let admission = Admission::new(2, None);
+        let admission = Admission::new(2, None, Duration::from_secs(10));
         let normal: Vec<_> = (0..2).map(|_| admission.admit().unwrap()).collect();
         assert!(normal.iter().all(|c| !c.probe_only()));
         let probes: Vec<_> = (0..PROBE_HEADROOM)
@@ -387,7 +414,8 @@ mod tests {
 
     #[tokio::test]
     async fn idle_after_the_last_request() {
-        let admission = Admission::new(0, Some(Duration::from_millis(200)));
+        let admission =
+            Admission::new(0, Some(Duration::from_millis(200)), Duration::from_secs(10));
         let conn = admission.admit().unwrap();
         let mut watch = conn.idle_watch().unwrap();
         let active = conn.enter();
@@ -397,5 +425,23 @@ mod tests {
         drop(active);
         watch.idle().await;
         assert!(started.elapsed() >= Duration::from_millis(600));
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_first_request_is_closed_sooner() {
+        let admission =
+            Admission::new(0, Some(Duration::from_secs(60)), Duration::from_millis(200));
+        let silent = admission.admit().unwrap();
+        let started = Instant::now();
+        silent.idle_watch().unwrap().idle().await;
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let used = admission.admit().unwrap();
+        let mut watch = used.idle_watch().unwrap();
+        drop(used.enter());
+        let idle = tokio::time::timeout(Duration::from_millis(600), watch.idle()).await;
+        assert!(
+            idle.is_err(),
+            "after a request, CONNECTION_IDLE_TIMEOUT applies"
+        );
     }
 }

@@ -209,6 +209,7 @@ async fn start_grpc(
     let admission = Admission::new(
         state.config.max_connections,
         nonzero(state.config.connection_idle_timeout),
+        state.config.header_read_timeout,
     );
     let incoming = tls::maybe_tls(
         grpc::incoming(
@@ -271,6 +272,7 @@ fn start_http(state: &Arc<AppState>, listener: TcpListener) -> io::Result<HttpTa
     let admission = Admission::new(
         config.max_connections,
         nonzero(config.connection_idle_timeout),
+        config.header_read_timeout,
     );
     let listener = tls::GatewayListener::new(
         listener,
