@@ -247,7 +247,7 @@ async fn calls_without_a_request_do_not_lock_others_out() {
     let server = ServerProcess::spawn(
         &[],
         &[
-            ("FIRST_MESSAGE_TIMEOUT", "3s"),
+            ("FIRST_MESSAGE_TIMEOUT", "5s"),
             ("MAX_CONCURRENT_STREAMS", "2000"),
             ("GRPC_CONCURRENCY_LIMIT", "1024"),
         ],
@@ -285,7 +285,7 @@ async fn calls_without_a_request_do_not_lock_others_out() {
     let (answers, status) = run_ingest(&mut client, vec![one("fresh", 1, &[("x", 1.0)])]).await;
     assert!(status.is_none() && answers.len() == 1, "{status:?}");
     assert!(
-        opened.elapsed() < Duration::from_secs(3),
+        opened.elapsed() < Duration::from_secs(5),
         "checked while the calls wait"
     );
 
@@ -297,7 +297,7 @@ async fn calls_without_a_request_do_not_lock_others_out() {
             .expect("call");
         assert_eq!(status, Some(Code::DeadlineExceeded as i32));
     }
-    assert!(opened.elapsed() >= Duration::from_millis(2500));
+    assert!(opened.elapsed() >= Duration::from_secs(4));
     drop(held);
     // A call whose message does arrive is answered as always.
     let request = AnalyzeRequest {
