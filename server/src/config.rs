@@ -195,6 +195,46 @@ pub struct Config {
     #[arg(help_heading = "Network", long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub max_connection_age_grace: Duration,
 
+    /// Connections each main listener (gRPC, HTTP) serves at once; a few more are
+    /// admitted for probes only, and any further one is closed at once; 0 means no
+    /// limit.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_connections: usize,
+
+    /// A connection with no request or stream in progress for this long is closed;
+    /// 0 disables.
+    #[arg(help_heading = "Network", long, env = "CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// Time an HTTP/1 client gets to send a request's headers, counted from when the
+    /// connection starts waiting for them (so an idle keep-alive connection is also
+    /// closed after it); on both listeners, a new connection without a first request
+    /// (an HTTP/2 stream) within it is closed too.
+    #[arg(help_heading = "Network", long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// HTTP/2 streams one connection may have open at once, on both listeners.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "MAX_CONCURRENT_STREAMS",
+        default_value_t = 200
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Interval of the HTTP/2 keepalive PINGs both listeners send; 0 disables them.
+    #[arg(help_heading = "Network", long, env = "HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A peer that does not acknowledge a keepalive PING within this is closed.
+    #[arg(help_heading = "Network", long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
     /// gRPC connections batch their writes across the streams that answer in one turn
     /// of the runtime and send them with one system call, instead of one per stream
     /// (`grpc::fast::connection`); `false` sends at every HTTP/2 flush.
@@ -208,12 +248,41 @@ pub struct Config {
     )]
     pub flush_consolidation: bool,
 
+    /// Bytes of incomplete gRPC messages and HTTP request bodies held at once across
+    /// all streams and requests; past it the request ends with RESOURCE_EXHAUSTED /
+    /// `503`; 0 means no limit.
+    #[arg(help_heading = "Limits", long, env = "MAX_INCOMPLETE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_incomplete_bytes: usize,
+
+    /// An incomplete gRPC message or HTTP body must arrive at this many bytes per
+    /// second at least (after `MIN_UPLOAD_RATE_GRACE`), else DEADLINE_EXCEEDED /
+    /// `408`; 0 disables.
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MIN_UPLOAD_RATE",
+        default_value_t = 1024
+    )]
+    pub min_upload_rate: u64,
+
+    /// Waiting time an incomplete message or body is allowed before
+    /// `MIN_UPLOAD_RATE` applies.
+    #[arg(help_heading = "Limits", long, env = "MIN_UPLOAD_RATE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub min_upload_rate_grace: Duration,
+
+    /// A unary or server-streaming gRPC call (Analyze, WatchAnomalies, health) must
+    /// send its whole request within this, before it takes a concurrency slot
+    /// (DEADLINE_EXCEEDED otherwise); 0 disables.
+    #[arg(help_heading = "Limits", long, env = "FIRST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub first_message_timeout: Duration,
+
     /// Largest HTTP request body accepted, in bytes; larger bodies get `413`.
     #[arg(help_heading = "Limits", long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Time one HTTP request or unary gRPC call may take, body upload included (HTTP
-    /// `504`, gRPC `DEADLINE_EXCEEDED`); streams only count their opening; 0 disables.
+    /// Time one HTTP request or unary gRPC call may take once its request is in
+    /// (HTTP `504`, gRPC `DEADLINE_EXCEEDED`); an HTTP body must also be uploaded
+    /// within it (`408`); streams only count their opening; 0 disables.
     #[arg(help_heading = "Limits", long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
@@ -846,6 +915,18 @@ impl Config {
         if self.feed_replay_buffer == 0 {
             return fail("FEED_REPLAY_BUFFER", "must be at least 1".into());
         }
+        if self.max_concurrent_streams == 0 {
+            return fail("MAX_CONCURRENT_STREAMS", "must be at least 1".into());
+        }
+        if self.header_read_timeout.is_zero() {
+            return fail("HEADER_READ_TIMEOUT", "must be above 0".into());
+        }
+        if !self.http2_keepalive_interval.is_zero() && self.http2_keepalive_timeout.is_zero() {
+            return fail(
+                "HTTP2_KEEPALIVE_TIMEOUT",
+                "must be above 0 while HTTP2_KEEPALIVE_INTERVAL is set".into(),
+            );
+        }
         if self.shutdown_timeout.is_zero() {
             return fail("SHUTDOWN_TIMEOUT", "must be above 0".into());
         }
@@ -1329,6 +1410,52 @@ mod tests {
         let mut c = Config::defaults();
         c.max_body_bytes = 10;
         assert_eq!(c.validate().unwrap_err().setting, "MAX_BODY_BYTES");
+    }
+
+    #[test]
+    fn connection_and_intake_settings() {
+        let c = Config::try_parse_from([
+            "tidewatch",
+            "--max-connections",
+            "100",
+            "--connection-idle-timeout",
+            "0",
+            "--max-concurrent-streams",
+            "50",
+            "--http2-keepalive-interval",
+            "0",
+            "--max-incomplete-bytes",
+            "1048576",
+            "--min-upload-rate",
+            "0",
+            "--first-message-timeout",
+            "2s",
+        ])
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.max_connections, c.max_concurrent_streams), (100, 50));
+        assert_eq!(c.connection_idle_timeout, Duration::ZERO);
+        assert_eq!(c.max_incomplete_bytes, 1 << 20);
+        assert_eq!(c.first_message_timeout, Duration::from_secs(2));
+        let d = Config::defaults();
+        assert_eq!(d.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.min_upload_rate, 1024);
+        for (setting, change) in [
+            (
+                "MAX_CONCURRENT_STREAMS",
+                (|c: &mut Config| c.max_concurrent_streams = 0) as fn(&mut Config),
+            ),
+            ("HEADER_READ_TIMEOUT", |c: &mut Config| {
+                c.header_read_timeout = Duration::ZERO
+            }),
+            ("HTTP2_KEEPALIVE_TIMEOUT", |c: &mut Config| {
+                c.http2_keepalive_timeout = Duration::ZERO;
+            }),
+        ] {
+            let mut c = Config::defaults();
+            change(&mut c);
+            assert_eq!(c.validate().unwrap_err().setting, setting);
+        }
     }
 
     #[test]

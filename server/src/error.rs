@@ -163,6 +163,9 @@ pub enum ErrorKind {
     Unavailable,
     /// A stream or request ran out of its time.
     Timeout,
+    /// The client sent its request too slowly, or not all of it in time
+    /// (`MIN_UPLOAD_RATE`, `FIRST_MESSAGE_TIMEOUT`): HTTP `408`.
+    SlowClient,
     /// A bug or an unexpected failure; never carries internal detail to the client.
     Internal,
     /// No valid credentials.
@@ -182,7 +185,7 @@ impl ErrorKind {
             Self::NotFound => Code::NotFound,
             Self::Overloaded => Code::ResourceExhausted,
             Self::Unavailable => Code::Unavailable,
-            Self::Timeout => Code::DeadlineExceeded,
+            Self::Timeout | Self::SlowClient => Code::DeadlineExceeded,
             Self::Internal => Code::Internal,
             Self::Unauthenticated => Code::Unauthenticated,
             Self::PermissionDenied => Code::PermissionDenied,
@@ -199,6 +202,7 @@ impl ErrorKind {
             Self::Overloaded => 503,
             Self::Unavailable => 503,
             Self::Timeout => 504,
+            Self::SlowClient => 408,
             Self::Internal => 500,
             Self::Unauthenticated => 401,
             Self::PermissionDenied => 403,
@@ -215,6 +219,7 @@ impl ErrorKind {
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
+            Self::SlowClient => "request_timeout",
             Self::Internal => "internal",
             Self::Unauthenticated => "unauthenticated",
             Self::PermissionDenied => "permission_denied",

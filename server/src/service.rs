@@ -40,6 +40,7 @@ use crate::{
         normalize_device_id, now_timestamp,
     },
     error::{ApiError, ErrorKind, SampleError},
+    intake::IntakeRules,
     security::{
         Security,
         policy::{Principal, Scope},
@@ -85,6 +86,9 @@ pub struct AppState {
     pub snapshots: Option<Arc<Snapshots>>,
     /// TLS, authentication, per-principal quotas.
     pub security: Arc<Security>,
+    /// The bounds on request data still arriving (`MAX_INCOMPLETE_BYTES`,
+    /// `MIN_UPLOAD_RATE`), shared by both listeners.
+    pub intake: Arc<IntakeRules>,
 }
 
 /// How far [`AppState::judge_now`] got through a request.
@@ -120,8 +124,14 @@ impl AppState {
             None => None,
         };
         let security = Arc::new(Security::from_config(&config)?);
+        let intake = Arc::new(IntakeRules::new(
+            config.max_incomplete_bytes,
+            config.min_upload_rate,
+            config.min_upload_rate_grace,
+        ));
         Ok(Self {
             security,
+            intake,
             config: Arc::new(config),
             engine,
             metrics,

@@ -53,6 +53,15 @@
 //! missing key or value is the default; strings are checked for UTF-8; the error
 //! texts, with their `Message.field: ` stacks. On output, proto3 defaults are omitted.
 //!
+//! Bounds on what is still arriving are not this path's: the gRPC listener's intake
+//! layer (`overload::GrpcIntake`, rules in `intake`) wraps the request body of every
+//! method, this one included, and ends a stream whose incomplete message goes past
+//! `MAX_INCOMPLETE_BYTES` (`RESOURCE_EXHAUSTED`) or arrives slower than
+//! `MIN_UPLOAD_RATE` (`DEADLINE_EXCEEDED`); here such a body error ends the stream as
+//! any other does, after the answers to the messages before it. A message that spans
+//! DATA frames is copied together as its bytes arrive, never reserved at the length
+//! its prefix announces, so an incomplete message holds only what was received.
+//!
 //! Deliberate differences (each one asserted by `server/tests/conformance.rs`):
 //! - A message over `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` (tonic: `OUT_OF_RANGE`)
 //!   with tonic's text followed by " (MAX_MESSAGE_BYTES)", decided from its prefix

@@ -226,7 +226,6 @@ impl Inbox {
                     self.frame.advance(end);
                     return Ok(Some(message));
                 }
-                self.partial.reserve(end);
             }
             self.partial.extend_from_slice(&self.frame);
             self.frame.clear();
@@ -241,8 +240,10 @@ impl Inbox {
             }
         }
         let end = GRPC_HEADER + message_len(&self.partial[..GRPC_HEADER], limit)?;
+        // Grows with what arrives, never to the length the prefix announces: an
+        // incomplete message holds only the bytes received (bounded in total by
+        // `MAX_INCOMPLETE_BYTES`, see `intake`).
         let take = (end - self.partial.len()).min(self.frame.len());
-        self.partial.reserve(end - self.partial.len());
         self.partial.extend_from_slice(&self.frame[..take]);
         self.frame.advance(take);
         if self.partial.len() < end {
