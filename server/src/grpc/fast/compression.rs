@@ -30,6 +30,10 @@ pub(super) const ACCEPTED: &str = "gzip,deflate,zstd,identity";
 /// decompression buffer grows by.
 const GROWTH: usize = 8 * 1024;
 
+/// The most a stream's decompression buffer keeps between messages: a stream that
+/// once received a large message does not hold its size for its whole life.
+const KEEP: usize = 64 * 1024;
+
 /// A gRPC message compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -106,8 +110,8 @@ pub(super) fn encoding_header(encoding: Encoding) -> (&'static str, HeaderValue)
     (ENCODING_HEADER, HeaderValue::from_static(encoding.name()))
 }
 
-/// Decompresses the messages of one stream into a buffer it reuses: a message's bytes
-/// are a view into it until the next message.
+/// Decompresses the messages of one stream into a buffer it reuses (up to [`KEEP`]
+/// bytes of it): a message's bytes are a view into it until the next message.
 #[derive(Debug)]
 pub(super) struct Decompressor {
     encoding: Encoding,
@@ -141,19 +145,20 @@ impl Decompressor {
             Encoding::Zstd => zstd::stream::read::Decoder::new(compressed)
                 .and_then(|mut decoder| io::copy(&mut decoder, &mut out)),
         };
-        match copied {
+        let result = match copied {
             Ok(_) => Ok(self.buf.split().freeze()),
-            Err(e) if e.kind() == io::ErrorKind::WriteZero => {
-                self.buf.clear();
-                Err(too_large_decompressed(limit))
-            }
-            Err(e) => {
-                self.buf.clear();
-                Err(Status::internal(format!(
-                    "Error decompressing: {e}, while sending request"
-                )))
-            }
+            Err(e) if e.kind() == io::ErrorKind::WriteZero => Err(too_large_decompressed(limit)),
+            Err(e) => Err(Status::internal(format!(
+                "Error decompressing: {e}, while sending request"
+            ))),
+        };
+        // A large buffer goes with its message (freed when the message is judged), or
+        // now.
+        if result.as_ref().map_or(self.buf.capacity(), Bytes::len) > KEEP {
+            self.buf = BytesMut::new();
         }
+        self.buf.clear();
+        result
     }
 }
 

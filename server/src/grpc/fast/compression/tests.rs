@@ -86,6 +86,12 @@ fn a_bomb_is_refused_without_being_expanded() {
             "{encoding:?}: grew to {}",
             decompressor.buf.capacity()
         );
+        // A large message's buffer is not kept for the stream's next ones.
+        let large = decompressor
+            .decompress(&compressed(encoding, &zeros[..KEEP + 1]), 1 << 20)
+            .expect("within the limit");
+        assert_eq!(large.len(), KEEP + 1);
+        assert!(decompressor.buf.capacity() <= KEEP, "{encoding:?}");
         // The stream's next message still decompresses.
         let ok = decompressor
             .decompress(&compressed(encoding, b"after"), 4096)
