@@ -350,6 +350,8 @@ struct Counts {
     errors: u64,
     anomalies: u64,
     alerts: u64,
+    /// Answers that came compressed (`--accept-gzip`).
+    compressed: u64,
 }
 
 impl Counts {
@@ -358,6 +360,7 @@ impl Counts {
         self.errors += other.errors;
         self.anomalies += other.anomalies;
         self.alerts += other.alerts;
+        self.compressed += other.compressed;
     }
 }
 
@@ -463,7 +466,9 @@ fn count_message(message: &[u8], compressed: bool, inflated: &mut Vec<u8>) -> Op
     flate2::read::GzDecoder::new(message)
         .read_to_end(inflated)
         .ok()?;
-    count_verdicts(inflated)
+    let mut counts = count_verdicts(inflated)?;
+    counts.compressed = 1;
+    Some(counts)
 }
 
 impl FrameReader {
@@ -1396,6 +1401,9 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     println!("  messages answered   {answered} ({unanswered} unanswered)");
+    if args.accept_gzip {
+        println!("  answers gzipped     {}", counts.compressed);
+    }
     println!(
         "  samples answered    {} ({} with a per-sample error)",
         counts.verdicts, counts.errors
