@@ -25,6 +25,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// A value of `GRPC_COMPRESSION`: an encoding gRPC responses may use, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GrpcCompression {
+    /// gzip (RFC 1952), as grpcio, grpc-js, Connect and tonic clients send it.
+    Gzip,
+    /// zlib-wrapped deflate (RFC 1950), gRPC's `deflate`.
+    Deflate,
+    /// Zstandard (RFC 8878).
+    Zstd,
+    /// No response is compressed.
+    Off,
+}
+
 /// Every setting of the service.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -275,6 +288,20 @@ pub struct Config {
     /// (DEADLINE_EXCEEDED otherwise); 0 disables.
     #[arg(help_heading = "Limits", long, env = "FIRST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub first_message_timeout: Duration,
+
+    /// Encodings gRPC responses may be compressed with, when the client lists one in
+    /// `grpc-accept-encoding` (the first it lists that is here is used): `gzip`,
+    /// `deflate`, `zstd`, comma-separated, or `off`. Compressed requests (gzip, deflate,
+    /// zstd) are accepted whatever this says.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "GRPC_COMPRESSION",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "off"
+    )]
+    pub grpc_compression: Vec<GrpcCompression>,
 
     /// Largest HTTP request body accepted, in bytes; larger bodies get `413`.
     #[arg(help_heading = "Limits", long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
@@ -930,6 +957,13 @@ impl Config {
         if self.shutdown_timeout.is_zero() {
             return fail("SHUTDOWN_TIMEOUT", "must be above 0".into());
         }
+        if self.grpc_compression.contains(&GrpcCompression::Off) && self.grpc_compression.len() > 1
+        {
+            return fail(
+                "GRPC_COMPRESSION",
+                "`off` cannot be listed with an encoding".into(),
+            );
+        }
         if self.max_body_bytes < 1024 {
             return fail(
                 "MAX_BODY_BYTES",
@@ -1346,6 +1380,21 @@ mod tests {
             let c = Config::try_parse_from(["tidewatch", "--flush-consolidation", value]).unwrap();
             assert_eq!(c.flush_consolidation, expected, "{value}");
         }
+    }
+
+    #[test]
+    fn grpc_compression_parses() {
+        assert_eq!(Config::defaults().grpc_compression, [GrpcCompression::Off]);
+        let c = Config::try_parse_from(["tidewatch", "--grpc-compression", "zstd,gzip"]).unwrap();
+        assert_eq!(
+            c.grpc_compression,
+            [GrpcCompression::Zstd, GrpcCompression::Gzip]
+        );
+        c.validate().unwrap();
+        assert!(Config::try_parse_from(["tidewatch", "--grpc-compression", "br"]).is_err());
+        let c = Config::try_parse_from(["tidewatch", "--grpc-compression", "gzip,off"]).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "GRPC_COMPRESSION");
     }
 
     #[test]

@@ -243,9 +243,25 @@ fn grpc_services(
             .register_encoded_file_descriptor_set(tidewatch_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
     let config = &state.config;
+    // The compressions of every generated service (`grpc::compression`): each type has
+    // its own `accept_compressed`/`send_compressed`, so a macro applies them.
+    let (accept, send) = grpc::compression(config);
+    macro_rules! compressed {
+        ($service:expr) => {{
+            let mut service = $service;
+            for &encoding in &accept {
+                service = service.accept_compressed(encoding);
+            }
+            for &encoding in &send {
+                service = service.send_compressed(encoding);
+            }
+            service
+        }};
+    }
+    let health = compressed!(health);
+    let reflection_v1 = compressed!(reflection().build_v1()?);
+    let reflection_v1alpha = compressed!(reflection().build_v1alpha()?);
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(nonzero(config.http2_keepalive_interval))
