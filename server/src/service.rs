@@ -202,7 +202,13 @@ impl AppState {
             .map(|limit| (Arc::clone(&principal.name), limit));
         for round in 0..RESTORE_ROUNDS {
             let rest = &samples[at..];
-            if principal.devices.is_everything() {
+            let full = holder
+                .as_ref()
+                .is_some_and(|(name, limit)| self.engine.devices_held(name) >= *limit);
+            if full {
+                // Nothing is read for a caller whose quota has no room: its samples of
+                // devices not in memory are refused (`device_quota`) when judged.
+            } else if principal.devices.is_everything() {
                 moved.extend(snapshots.restore_missing(rest, holder.clone()).await);
             } else {
                 // A device outside the caller's namespace is refused, never loaded.
