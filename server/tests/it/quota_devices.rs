@@ -5,7 +5,7 @@
 //! devices leave memory (idle eviction); another tenant never notices. With Redis,
 //! devices restored from snapshots count as well.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use tidewatch_proto::v1::{
     AnalyzeRequest, IngestRequest, Source, Verdict,
@@ -15,7 +15,8 @@ use tidewatch_server::security::policy::hash_key_hex;
 use tonic::{Request, transport::Channel};
 
 use crate::common::{
-    ServerProcess, certs::tempdir, certs::write, connect, drain, redis_server::RedisServer, sample,
+    ServerProcess, certs::tempdir, certs::write, connect, drain, http_send,
+    redis_server::RedisServer, sample,
 };
 
 const KEY_A: &str = "tw-test-key-quota-a-0123456789abcdef";
@@ -71,6 +72,17 @@ async fn ingest(
     verdicts
 }
 
+/// The gateway's address, from the server's start-up log.
+fn http_addr(process: &ServerProcess) -> SocketAddr {
+    process
+        .startup_log
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|value| value["message"] == "http listening")
+        .and_then(|value| value["http_addr"].as_str()?.parse().ok())
+        .expect("http listening")
+}
+
 fn ids(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("{prefix}/{i}")).collect()
 }
@@ -122,6 +134,29 @@ async fn a_tenant_past_its_devices_quota_is_refused_until_its_devices_leave() {
     assert_eq!(refused, vec![3, 4], "{:?}", errors(&verdicts));
     assert!(verdicts[3].error.starts_with("device_quota:"));
     a_is_full(&mut client, &ids("a", 0..3), 2).await;
+
+    // Over HTTP: the same per-sample refusal, in the 200 answer.
+    let answer = http_send(
+        http_addr(&process),
+        http::Request::post("/ingest")
+            .header("authorization", format!("Bearer {KEY_A}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"[{"device_id":"a/0","seq":5,"t":1},{"device_id":"a/200","t":1}]"#,
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let body = answer.json();
+    assert_eq!(body["verdicts"][0]["error"], "", "{body}");
+    assert!(
+        body["verdicts"][1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("device_quota:"),
+        "{body}"
+    );
 
     // Once a's devices are evicted as idle (IDLE_TIMEOUT=1s), it has room again.
     let mut freed = false;
