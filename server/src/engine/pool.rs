@@ -179,7 +179,7 @@ mod tests {
         let mut runs = Vec::new();
         let mut i = 0u32;
         while pool.chunks.len() < 3 {
-            let len = if i % 3 == 0 { 4096 } else { 50 };
+            let len = if i.is_multiple_of(3) { 4096 } else { 50 };
             let at = pool.alloc(len);
             pool.run_mut(at, len.into()).fill(f64::from(i));
             runs.push((at, len, i));
