@@ -752,4 +752,22 @@ mod tests {
                 .is_ok()
         );
     }
+
+    #[test]
+    fn only_a_principal_with_a_devices_quota_is_counted() {
+        // Without authentication (and for principals without the quota): no owner,
+        // so the engine counts nothing.
+        assert_eq!(owner(&Principal::anonymous()), None);
+        let mut principal = Principal::anonymous();
+        principal.quota.streams = Some(2);
+        assert_eq!(owner(&principal), None);
+        principal.quota.devices = Some(3);
+        assert_eq!(
+            owner(&principal),
+            Some(Owner {
+                name: "anonymous",
+                limit: 3
+            })
+        );
+    }
 }
