@@ -797,6 +797,7 @@ impl Snapshots {
     /// are waited for (a hand-off written before an older flush would lose to it),
     /// then the final write goes with ownership.
     async fn give_up(&self, device_id: &str) {
+        let holder = self.engine.holder_of(device_id);
         let removed = self.engine.remove(device_id);
         let deadline = Instant::now() + self.config.command_timeout;
         while self.versions.get(device_id).in_flight > 0 && Instant::now() < deadline {
@@ -838,7 +839,16 @@ impl Snapshots {
             (result, answer) => {
                 tracing::warn!(device_id, ?answer, error = ?result.err(), "hand-off write failed; the device stays here");
                 state.dirty = true;
-                self.engine.insert_if_absent(state);
+                // Counted again for its principal, whatever its quota says now: it
+                // never left this replica for the principal.
+                let owner = holder.as_deref().map(|name| Owner {
+                    name,
+                    limit: u64::MAX,
+                });
+                if owner.is_none() || !self.engine.insert_if_absent_for(state.clone(), owner) {
+                    // (Or uncounted, when the registry of principals is full.)
+                    self.engine.insert_if_absent(state);
+                }
             }
         }
     }

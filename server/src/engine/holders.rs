@@ -108,6 +108,13 @@ impl Holders {
         }
     }
 
+    /// The principal of slot `slot`, if it holds devices.
+    pub(crate) fn name(&self, slot: u16) -> Option<Box<str>> {
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let (name, held) = registry.slots.get(usize::from(slot).checked_sub(1)?)?;
+        (*held > 0).then(|| name.clone())
+    }
+
     /// Devices `principal` holds now.
     pub(crate) fn held(&self, principal: &str) -> u64 {
         let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
@@ -157,8 +164,11 @@ mod tests {
     fn a_slot_is_freed_with_its_last_device_and_reused() {
         let holders = Holders::default();
         let a = holders.take(owner("a", 5)).unwrap();
+        assert_eq!(holders.name(a).as_deref(), Some("a"));
         holders.give(a);
         assert_eq!(holders.held("a"), 0);
+        assert_eq!(holders.name(a), None);
+        assert_eq!(holders.name(NOBODY), None);
         // Given back again (a bug elsewhere): the count does not wrap.
         holders.give(a);
         assert_eq!(holders.held("a"), 0);

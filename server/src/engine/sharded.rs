@@ -94,6 +94,18 @@ impl Engine {
         self.holders.held(principal)
     }
 
+    /// The principal whose `devices` quota counts the device, if any (a hand-off
+    /// that fails puts the device back counted for it again).
+    pub fn holder_of(&self, device_id: &str) -> Option<Box<str>> {
+        let id = normalize_device_id(device_id).as_bytes();
+        let hash = self.hash_id(id);
+        let holder = {
+            let table = self.shard(hash).lock();
+            table.device(table.find(hash, id)?).holder
+        };
+        self.holders.name(holder)
+    }
+
     /// Devices evicted on probation so far.
     pub fn probation_evictions(&self) -> u64 {
         self.probation_evictions.load(Ordering::Relaxed)

@@ -841,7 +841,10 @@ fn a_devices_quota_counts_what_enters_and_leaves_memory() {
     assert!(ingest_for(&engine, b, "b-1").error.is_empty());
     assert_eq!((engine.devices_held("a"), engine.devices_held("b")), (3, 1));
     // A removal (hand-off, loss race, delete) gives the slot back.
+    assert_eq!(engine.holder_of("a-2").as_deref(), Some("a"));
+    assert_eq!(engine.holder_of("free-1"), None);
     assert!(engine.remove("a-2").is_some());
+    assert_eq!(engine.holder_of("a-2"), None);
     assert_eq!(engine.devices_held("a"), 2);
     assert!(ingest_for(&engine, a, "a-4").error.is_empty());
     // A restore for the owner counts, and is refused when full.
