@@ -91,6 +91,18 @@ pub enum SampleError {
         /// The configured budget.
         budget: usize,
     },
+    /// The device is not in memory and the principal holds its `devices` quota of
+    /// devices already (`docs/security.md`, "Quotas"). Says nothing of whether the
+    /// device has a snapshot.
+    #[error(
+        "device_quota: principal {principal:?} holds its quota of {limit} devices; no room for a new one"
+    )]
+    DeviceQuota {
+        /// Who sent the sample.
+        principal: String,
+        /// Its `devices` quota.
+        limit: u64,
+    },
     /// Another replica holds the device and did not hand it over in time (it is
     /// busy, or it died and its lease has not run out): nothing was applied, and
     /// sending the sample again is safe (`docs/architecture.md`, "Replicas").
@@ -113,7 +125,7 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
@@ -124,6 +136,7 @@ impl SampleError {
         "moved",
         "invalid_seq",
         "memory_budget",
+        "device_quota",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -139,6 +152,7 @@ impl SampleError {
             Self::Moved { .. } => 7,
             Self::InvalidSeq { .. } => 8,
             Self::MemoryBudget { .. } => 9,
+            Self::DeviceQuota { .. } => 10,
         }
     }
 

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     engine::{
-        AnomalyKeeper, DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response,
+        AnomalyKeeper, DetectorSpec, Engine, Owner, SampleLike, Tee, VerdictSink, analyze_response,
         normalize_device_id, now_timestamp,
     },
     error::{ApiError, ErrorKind, SampleError},
@@ -48,6 +48,15 @@ use crate::{
     snapshot::{DeleteError, SnapshotConfig, Snapshots},
     telemetry::{self, Metrics, Transport, trace::Tracing},
 };
+
+/// Whose `devices` quota counts the devices `principal`'s samples create: nobody's
+/// when it has no such quota (or authentication is off).
+fn owner(principal: &Principal) -> Option<Owner<'_>> {
+    principal.quota.devices.map(|limit| Owner {
+        name: &principal.name,
+        limit,
+    })
+}
 
 /// Requests with at least this many samples are judged on the blocking pool, so that
 /// a 10,000-sample batch does not hold a runtime worker for milliseconds.
@@ -199,10 +208,21 @@ impl AppState {
         let mut verdicts = Vec::with_capacity(samples.len());
         let mut moved = HashSet::new();
         let mut at = 0;
+        // Restored devices count against the caller's `devices` quota as created ones do.
+        let holder = principal
+            .quota
+            .devices
+            .map(|limit| (Arc::clone(&principal.name), limit));
         for round in 0..RESTORE_ROUNDS {
             let rest = &samples[at..];
-            if principal.devices.is_everything() {
-                moved.extend(snapshots.restore_missing(rest).await);
+            let full = holder
+                .as_ref()
+                .is_some_and(|(name, limit)| self.engine.devices_held(name) >= *limit);
+            if full {
+                // Nothing is read for a caller whose quota has no room: its samples of
+                // devices not in memory are refused (`device_quota`) when judged.
+            } else if principal.devices.is_everything() {
+                moved.extend(snapshots.restore_missing(rest, holder.clone()).await);
             } else {
                 // A device outside the caller's namespace is refused, never loaded.
                 let allowed: Vec<Sample> = rest
@@ -210,7 +230,7 @@ impl AppState {
                     .filter(|s| principal.may_touch(normalize_device_id(&s.device_id)))
                     .cloned()
                     .collect();
-                moved.extend(snapshots.restore_missing(&allowed).await);
+                moved.extend(snapshots.restore_missing(&allowed, holder.clone()).await);
             }
             let last = round + 1 == RESTORE_ROUNDS;
             at += if samples.len() - at >= BLOCKING_BATCH && moved.is_empty() {
@@ -468,8 +488,17 @@ impl AppState {
         out: &mut impl VerdictSink,
         stop_at_unknown: bool,
     ) -> Judged {
+        let owner = owner(principal);
         if principal.devices.is_everything() {
-            return self.judge_run(samples, detector, transport, started, out, stop_at_unknown);
+            return self.judge_run(
+                samples,
+                detector,
+                transport,
+                started,
+                out,
+                stop_at_unknown,
+                owner,
+            );
         }
         let mut samples = samples.into_iter();
         let mut run: Vec<S> = Vec::with_capacity(samples.len());
@@ -492,6 +521,7 @@ impl AppState {
                     finished,
                     out,
                     stop_at_unknown,
+                    owner,
                 );
                 count += judged.count;
                 finished = judged.finished;
@@ -522,7 +552,9 @@ impl AppState {
     /// broadcast. Judges all of `samples` unless `stop_at_unknown` (see
     /// [`Engine::ingest_batch_with`]). While anomaly watchers are subscribed, the
     /// anomalous verdicts are also kept as prost messages for them (unless `out` keeps them
-    /// already). The message's latency is recorded when it is judged whole here.
+    /// already). The message's latency is recorded when it is judged whole here. The
+    /// devices it creates count against `owner`'s `devices` quota.
+    #[allow(clippy::too_many_arguments)]
     fn judge_run<S: SampleLike>(
         &self,
         samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
@@ -531,25 +563,28 @@ impl AppState {
         started: Instant,
         out: &mut impl VerdictSink,
         stop_at_unknown: bool,
+        owner: Option<Owner<'_>>,
     ) -> Judged {
         let samples = samples.into_iter();
         let total = samples.len();
         let engine = &self.engine;
         let (outcome, count) = if !self.metrics.watching() {
-            engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown)
+            engine.ingest_batch_for(samples, detector, out, started, stop_at_unknown, owner)
         } else if let Some(before) = out.verdicts().map(<[Verdict]>::len) {
-            let result = engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown);
+            let result =
+                engine.ingest_batch_for(samples, detector, out, started, stop_at_unknown, owner);
             let verdicts = out.verdicts().unwrap_or_default();
             self.publish_anomalies(&verdicts[before.min(verdicts.len())..], result.0.anomalies);
             result
         } else {
             let mut kept = AnomalyKeeper::default();
-            let result = engine.ingest_batch_with(
+            let result = engine.ingest_batch_for(
                 samples,
                 detector,
                 &mut Tee(out, &mut kept),
                 started,
                 stop_at_unknown,
+                owner,
             );
             self.publish_anomalies(&kept.kept, result.0.anomalies);
             result
@@ -781,6 +816,24 @@ mod tests {
                 )
                 .await
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn only_a_principal_with_a_devices_quota_is_counted() {
+        // Without authentication (and for principals without the quota): no owner,
+        // so the engine counts nothing.
+        assert_eq!(owner(&Principal::anonymous()), None);
+        let mut principal = Principal::anonymous();
+        principal.quota.streams = Some(2);
+        assert_eq!(owner(&principal), None);
+        principal.quota.devices = Some(3);
+        assert_eq!(
+            owner(&principal),
+            Some(Owner {
+                name: "anonymous",
+                limit: 3
+            })
         );
     }
 }

@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    engine::{DeviceKey, DeviceState, Engine, normalize_device_id},
+    engine::{DeviceKey, DeviceState, Engine, Owner, normalize_device_id},
     telemetry::Counters,
 };
 pub use store::{Store, StoreError};
@@ -602,7 +602,15 @@ impl Snapshots {
     /// samples are answered `moved`). A device already being restored for another
     /// request is waited for, not read again; one being handed to another replica is
     /// waited for and then taken back.
-    pub async fn restore_missing(self: &Arc<Self>, samples: &[Sample]) -> HashSet<Box<str>> {
+    ///
+    /// With `owner` (a principal's name and `devices` quota), the devices restored
+    /// count against that quota, and one that does not fit is not restored (its
+    /// samples are refused with `device_quota` when judged).
+    pub async fn restore_missing(
+        self: &Arc<Self>,
+        samples: &[Sample],
+        owner: Option<(Arc<str>, u64)>,
+    ) -> HashSet<Box<str>> {
         let mut blocked = HashSet::new();
         let mut ids: Vec<&str> = Vec::new();
         let mut seen = HashSet::new();
@@ -615,7 +623,7 @@ impl Snapshots {
         // A hand-off waited for sends its devices round again; two rounds are enough
         // unless the device keeps bouncing, and then its samples wait for the next try.
         for _ in 0..3 {
-            let waited = self.restore_round(&ids).await;
+            let waited = self.restore_round(&ids, &owner).await;
             let mut again = Vec::new();
             for (id, settled) in waited {
                 blocked.extend(settled.blocked.iter().cloned());
@@ -633,7 +641,11 @@ impl Snapshots {
 
     /// One round of [`Snapshots::restore_missing`]: starts what is missing, waits for
     /// everything in flight, and returns each waited id with how it settled.
-    async fn restore_round<'a>(self: &Arc<Self>, ids: &[&'a str]) -> Vec<(&'a str, Arc<Settled>)> {
+    async fn restore_round<'a>(
+        self: &Arc<Self>,
+        ids: &[&'a str],
+        owner: &Option<(Arc<str>, u64)>,
+    ) -> Vec<(&'a str, Arc<Settled>)> {
         let mut waits: Vec<(&'a str, Restore)> = Vec::new();
         let mut mine: Vec<Box<str>> = Vec::new();
         {
@@ -652,9 +664,10 @@ impl Snapshots {
             if !mine.is_empty() {
                 let ids: Arc<[Box<str>]> = mine.into();
                 let this = Arc::clone(self);
+                let owner = owner.clone();
                 let task = tokio::spawn({
                     let ids = Arc::clone(&ids);
-                    async move { this.load(&ids).await }
+                    async move { this.load(&ids, owner).await }
                 });
                 // The read runs as its own task: a client that goes away does not
                 // cancel a restore that other requests wait for.
@@ -674,7 +687,11 @@ impl Snapshots {
 
     /// Acquires, reads, decodes and inserts the snapshots of `ids`, then forgets the
     /// restore.
-    async fn load(&self, ids: &[Box<str>]) -> Arc<Settled> {
+    async fn load(&self, ids: &[Box<str>], owner: Option<(Arc<str>, u64)>) -> Arc<Settled> {
+        let owner = owner.as_ref().map(|(name, limit)| Owner {
+            name,
+            limit: *limit,
+        });
         if !self.renewed.load(Ordering::Relaxed) {
             // Others must see this replica live before it owns anything, or they
             // would take its devices for a dead replica's.
@@ -700,11 +717,11 @@ impl Snapshots {
                         }
                         match fetched {
                             Fetched::Value(value) => found.push((id.clone(), version, value)),
-                            Fetched::Nothing => self.start_fresh(id, Some(version)),
+                            Fetched::Nothing => self.start_fresh(id, Some(version), owner),
                             unread => {
                                 // Its first write replaces what could not be read.
                                 self.unreadable(id, &unread);
-                                self.start_fresh(id, Some(version));
+                                self.start_fresh(id, Some(version), owner);
                             }
                         }
                     }
@@ -714,17 +731,17 @@ impl Snapshots {
                             .snapshot_read_failures
                             .fetch_add(1, Ordering::Relaxed);
                         self.link.failed("restore", &e);
-                        self.start_fresh(id, None);
+                        self.start_fresh(id, None, owner);
                     }
                 }
             }
             if found.len() >= BLOCKING_DECODE {
                 let decoded = tokio::task::spawn_blocking(move || decode_all(found)).await;
                 if let Ok(decoded) = decoded {
-                    self.insert_all(decoded);
+                    self.insert_all(decoded, owner);
                 }
             } else {
-                self.insert_all(decode_all(found));
+                self.insert_all(decode_all(found), owner);
             }
         }
         let mut restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1005,6 +1022,7 @@ impl Snapshots {
     /// are waited for (a hand-off written before an older flush would lose to it),
     /// then the final write goes with ownership.
     async fn give_up(&self, device_id: &str) {
+        let holder = self.engine.holder_of(device_id);
         let removed = self.engine.remove(device_id);
         let deadline = Instant::now() + self.config.command_timeout;
         while self.versions.get(device_id).in_flight > 0 && Instant::now() < deadline {
@@ -1046,16 +1064,25 @@ impl Snapshots {
             (result, answer) => {
                 tracing::warn!(device_id, ?answer, error = ?result.err(), "hand-off write failed; the device stays here");
                 state.dirty = true;
-                self.engine.insert_if_absent(state);
+                // Counted again for its principal, whatever its quota says now: it
+                // never left this replica for the principal.
+                let owner = holder.as_deref().map(|name| Owner {
+                    name,
+                    limit: u64::MAX,
+                });
+                if owner.is_none() || !self.engine.insert_if_absent_for(state.clone(), owner) {
+                    // (Or uncounted, when the registry of principals is full.)
+                    self.engine.insert_if_absent(state);
+                }
             }
         }
     }
 
-    fn insert_all(&self, decoded: Decoded) {
+    fn insert_all(&self, decoded: Decoded, owner: Option<Owner<'_>>) {
         for (id, version, result) in decoded {
             match result {
                 Ok(device) => {
-                    if self.engine.insert_if_absent(device) {
+                    if self.engine.insert_if_absent_for(device, owner) {
                         self.versions.taken(&id, version);
                         self.counters
                             .snapshot_restores
@@ -1066,7 +1093,7 @@ impl Snapshots {
                     // The device starts fresh here, and its first write replaces
                     // what could not be read.
                     self.decode_failed(&id, &e);
-                    self.start_fresh(&id, Some(version));
+                    self.start_fresh(&id, Some(version), owner);
                 }
             }
         }
@@ -1075,8 +1102,11 @@ impl Snapshots {
     /// Puts a device with no history into memory (it had no snapshot, or Redis could
     /// not give it), so that the request that asked judges it as settled; `version`
     /// is what its first write expects, when Redis answered.
-    fn start_fresh(&self, device_id: &str, version: Option<u64>) {
-        if self.engine.insert_if_absent(DeviceState::new(device_id)) {
+    fn start_fresh(&self, device_id: &str, version: Option<u64>, owner: Option<Owner<'_>>) {
+        if self
+            .engine
+            .insert_if_absent_for(DeviceState::new(device_id), owner)
+        {
             self.versions.taken(device_id, version.unwrap_or(0));
         }
     }

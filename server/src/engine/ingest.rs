@@ -14,6 +14,7 @@ use tidewatch_proto::v1::{Sample, Verdict};
 
 use super::budget::{capacity_after, device_bytes, metric_bytes, records_bytes};
 use super::detector::{DetectorKind, DetectorSpec, MAX_WINDOW};
+use super::holders::{NOBODY, Owner};
 use super::io::{SampleLike, VerdictSink, text};
 use super::locks::{LockPolicy, Locks, ShardTable};
 use super::lookahead::{DEVICE_AT, LookAhead, Prefetch, Queued, SLOTS_AT, prefetch};
@@ -56,6 +57,9 @@ struct BatchContext<'a, O> {
     robust_window: u16,
     /// A device was evicted to admit another: positions found ahead are stale.
     evicted: bool,
+    /// Whose `devices` quota counts the devices the message creates (read only when
+    /// one is created).
+    owner: Option<Owner<'a>>,
     out: &'a mut O,
     outcome: BatchOutcome,
 }
@@ -130,6 +134,22 @@ impl Engine {
         received: Instant,
         stop_at_unknown: bool,
     ) -> (BatchOutcome, usize) {
+        self.ingest_batch_for(samples, detector, out, received, stop_at_unknown, None)
+    }
+
+    /// [`Engine::ingest_batch_with`] for `owner`: the devices the message creates
+    /// count against its `devices` quota, and a sample that would create one past it
+    /// is refused (`device_quota`). Devices already in memory are judged as for
+    /// anybody: the quota is looked at only when a device is created.
+    pub fn ingest_batch_for<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        out: &mut impl VerdictSink,
+        received: Instant,
+        stop_at_unknown: bool,
+        owner: Option<Owner<'_>>,
+    ) -> (BatchOutcome, usize) {
         let (received, tick) = self.clock.read(received);
         let mut samples = samples.into_iter();
         out.reserve(samples.len());
@@ -144,6 +164,7 @@ impl Engine {
                 DetectorKind::Robust => detector.robust.window.clamp(1, MAX_WINDOW) as u16,
             },
             evicted: false,
+            owner,
             out,
             outcome: BatchOutcome::default(),
         };
@@ -375,7 +396,8 @@ impl Engine {
     /// metrics at the batch's windows, evicting devices on probation when there is no
     /// room (without snapshots: with them, a restore admits devices, see
     /// [`Engine::insert_if_absent`]). `None`: the caller asked to stop at unknown
-    /// devices and there may be room for it.
+    /// devices and there may be room for it. With an owner, its `devices` quota must
+    /// have room first, and the device counts against it.
     #[cold]
     fn create<O: VerdictSink>(
         &self,
@@ -384,6 +406,27 @@ impl Engine {
         hash: u64,
         new_metrics: usize,
         batch: &mut BatchContext<'_, O>,
+    ) -> Result<Option<usize>, SampleError> {
+        let holder = match batch.owner {
+            Some(owner) => self.holders.take(owner)?,
+            None => NOBODY,
+        };
+        let created = self.create_for(table, id, hash, new_metrics, batch, holder);
+        if !matches!(created, Ok(Some(_))) {
+            self.holders.give(holder);
+        }
+        created
+    }
+
+    /// [`Engine::create`] once the owner's quota counts the device (as `holder`).
+    fn create_for<O: VerdictSink>(
+        &self,
+        table: &mut Table,
+        id: &[u8],
+        hash: u64,
+        new_metrics: usize,
+        batch: &mut BatchContext<'_, O>,
+        holder: u16,
     ) -> Result<Option<usize>, SampleError> {
         let need = device_bytes(id.len())
             + records_bytes(capacity_after(0, 2, new_metrics))
@@ -408,7 +451,7 @@ impl Engine {
             table.compact_values_if_wasteful();
         }
         admitted?;
-        self.insert_new(table, id, hash, batch).map(Some)
+        self.insert_new(table, id, hash, batch, holder).map(Some)
     }
 
     /// Inserts an admitted device (charged at the batch's windows).
@@ -418,6 +461,7 @@ impl Engine {
         id: &[u8],
         hash: u64,
         batch: &BatchContext<'_, O>,
+        holder: u16,
     ) -> Result<usize, SampleError> {
         let mut device = match std::str::from_utf8(id) {
             Ok(id) => Device::new(id),
@@ -426,6 +470,7 @@ impl Engine {
         };
         device.window = batch.window;
         device.robust_window = batch.robust_window;
+        device.holder = holder;
         Ok(table.insert(hash, device))
     }
 

@@ -15,6 +15,7 @@ use tidewatch_proto::v1::{AnalyzeResponse, MetricStats, Source};
 
 use super::detector::{DetectorKind, DetectorSpec, DetectorState, Episode, RobustState, squash};
 use super::device::{DeviceState, MetricFields, MetricState, analyze_response_of, write_device};
+use super::holders::NOBODY;
 use super::io::MetricOutcome;
 use super::names::Names;
 use super::pool::ValuePool;
@@ -385,6 +386,9 @@ pub(crate) struct Device {
     pub(crate) window: u16,
     /// The robust baseline its metrics are charged for; 0: none.
     pub(crate) robust_window: u16,
+    /// The slot of the principal whose `devices` quota counts it (`holders.rs`);
+    /// [`NOBODY`]: none. Sits in what was padding.
+    pub(crate) holder: u16,
 }
 
 impl Device {
@@ -400,6 +404,7 @@ impl Device {
             visits: 0,
             window: 0,
             robust_window: 0,
+            holder: NOBODY,
             metrics: SmallVec::new(),
         }
     }

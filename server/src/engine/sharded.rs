@@ -17,6 +17,7 @@ use super::clock::Clock;
 use super::config::EngineConfig;
 use super::detector::{DetectorDefaults, DetectorSpec};
 use super::device::DeviceState;
+use super::holders::{Holders, NOBODY, Owner};
 use super::resident::Device;
 use super::shard::{Shard, Table};
 use super::validate::normalize_device_id;
@@ -43,6 +44,8 @@ pub struct Engine {
     pub(super) clock: Clock,
     /// `MEMORY_BUDGET` and what the devices in memory hold of it.
     pub(super) budget: Budget,
+    /// The devices each principal holds, against its `devices` quota.
+    pub(super) holders: Holders,
     /// Devices evicted on probation (to make room for a new one).
     probation_evictions: AtomicU64,
     /// With snapshots: the ids of devices evicted on probation, for the snapshot
@@ -69,6 +72,7 @@ impl Engine {
             devices: AtomicUsize::new(0),
             hasher,
             clock: Clock::new(),
+            holders: Holders::default(),
             probation_evictions: AtomicU64::new(0),
             evicted: Mutex::new(Vec::new()),
         }
@@ -82,6 +86,24 @@ impl Engine {
     /// Bytes the devices in memory hold, as the budget counts them.
     pub fn memory_used(&self) -> usize {
         self.budget.used()
+    }
+
+    /// Devices `principal` holds in memory now, as its `devices` quota counts them
+    /// (0 for one without that quota).
+    pub fn devices_held(&self, principal: &str) -> u64 {
+        self.holders.held(principal)
+    }
+
+    /// The principal whose `devices` quota counts the device, if any (a hand-off
+    /// that fails puts the device back counted for it again).
+    pub fn holder_of(&self, device_id: &str) -> Option<Box<str>> {
+        let id = normalize_device_id(device_id).as_bytes();
+        let hash = self.hash_id(id);
+        let holder = {
+            let table = self.shard(hash).lock();
+            table.device(table.find(hash, id)?).holder
+        };
+        self.holders.name(holder)
     }
 
     /// Devices evicted on probation so far.
@@ -194,8 +216,10 @@ impl Engine {
         state
     }
 
-    /// Gives back what a device that left `table` held.
+    /// Gives back what a device that left `table` held, its principal's quota
+    /// included.
     fn release(&self, table: &mut Table, device: &Device) {
+        self.holders.give(device.holder);
         let names = table.names.bytes();
         device.release(&mut table.pool, &mut table.names);
         self.budget
@@ -311,6 +335,12 @@ impl Engine {
     /// eviction: see [`Engine::admit`]); with snapshots, this is where devices on
     /// probation are evicted to make room.
     pub fn insert_if_absent(&self, state: DeviceState) -> bool {
+        self.insert_if_absent_for(state, None)
+    }
+
+    /// [`Engine::insert_if_absent`] for `owner`, whose `devices` quota counts the
+    /// device: not inserted when the quota is full.
+    pub fn insert_if_absent_for(&self, state: DeviceState, owner: Option<Owner<'_>>) -> bool {
         let hash = self.hash_id(state.id.as_bytes());
         let mut table = self.shard(hash).lock();
         if table.find(hash, state.id.as_bytes()).is_some() {
@@ -320,12 +350,19 @@ impl Engine {
         if full && !table.has_probation() {
             return false;
         }
+        let holder = match owner.map(|owner| self.holders.take(owner)) {
+            Some(Ok(holder)) => holder,
+            Some(Err(_)) => return false,
+            None => NOBODY,
+        };
         let table = &mut *table;
         let names = table.names.bytes();
         let mut device = Device::from_state(state, &mut table.pool, &mut table.names);
+        device.holder = holder;
         let need = device_cost(&device) + (table.names.bytes() - names);
         let (evicted, admitted) = self.admit(table, device.id.as_bytes(), need, true);
         if admitted.is_err() {
+            self.holders.give(holder);
             device.release(&mut table.pool, &mut table.names);
             if evicted {
                 table.compact_values_if_wasteful();

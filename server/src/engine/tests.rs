@@ -793,3 +793,107 @@ fn a_stream_window_above_max_stream_window_is_refused() {
         assert!(spec(&engine, name, 256).window_size > 0);
     }
 }
+
+/// One sample of `device` judged for `owner`; its verdict.
+fn ingest_for(engine: &Engine, owner: Option<Owner<'_>>, device: &str) -> Verdict {
+    let mut out = Vec::new();
+    engine.ingest_batch_for(
+        &[sample(device, 0, &[("x", 1.0)])],
+        &engine.default_detector(),
+        &mut out,
+        Instant::now(),
+        false,
+        owner,
+    );
+    out.pop().unwrap()
+}
+
+#[test]
+fn a_devices_quota_counts_what_enters_and_leaves_memory() {
+    let engine = Engine::new(EngineConfig {
+        shards: 2,
+        idle_timeout: Duration::from_secs(60),
+        ..EngineConfig::default()
+    });
+    let a = Some(Owner {
+        name: "a",
+        limit: 3,
+    });
+    for id in ["a-1", "a-2", "a-3"] {
+        assert!(ingest_for(&engine, a, id).error.is_empty(), "{id}");
+    }
+    assert_eq!(engine.devices_held("a"), 3);
+    // A fourth device is refused, and nothing of it enters memory.
+    let refused = ingest_for(&engine, a, "a-4");
+    assert!(
+        refused.error.starts_with("device_quota:"),
+        "{}",
+        refused.error
+    );
+    assert!(!engine.contains("a-4"));
+    // Devices in memory are judged as before; other callers are not counted.
+    assert!(ingest_for(&engine, a, "a-1").error.is_empty());
+    assert!(ingest_for(&engine, None, "free-1").error.is_empty());
+    let b = Some(Owner {
+        name: "b",
+        limit: 1,
+    });
+    assert!(ingest_for(&engine, b, "b-1").error.is_empty());
+    assert_eq!((engine.devices_held("a"), engine.devices_held("b")), (3, 1));
+    // A removal (hand-off, loss race, delete) gives the slot back.
+    assert_eq!(engine.holder_of("a-2").as_deref(), Some("a"));
+    assert_eq!(engine.holder_of("free-1"), None);
+    assert!(engine.remove("a-2").is_some());
+    assert_eq!(engine.holder_of("a-2"), None);
+    assert_eq!(engine.devices_held("a"), 2);
+    assert!(ingest_for(&engine, a, "a-4").error.is_empty());
+    // A restore for the owner counts, and is refused when full.
+    assert!(!engine.insert_if_absent_for(DeviceState::new("a-5"), a));
+    assert!(
+        engine.insert_if_absent_for(DeviceState::new("b-2"), b.map(|b| Owner { limit: 2, ..b }))
+    );
+    assert_eq!(engine.devices_held("b"), 2);
+    // Idle eviction gives every slot back.
+    let evicted = engine.evict_idle(Instant::now() + Duration::from_secs(3600));
+    assert_eq!(evicted.len(), 6);
+    assert_eq!((engine.devices_held("a"), engine.devices_held("b")), (0, 0));
+    for id in ["a-5", "a-6", "a-7"] {
+        assert!(ingest_for(&engine, a, id).error.is_empty(), "{id}");
+    }
+}
+
+#[test]
+fn probation_eviction_gives_the_quota_back() {
+    let engine = Engine::new(EngineConfig {
+        shards: 1,
+        max_devices: 2,
+        ..EngineConfig::default()
+    });
+    let a = Some(Owner {
+        name: "a",
+        limit: 2,
+    });
+    assert!(ingest_for(&engine, a, "a-1").error.is_empty());
+    assert!(ingest_for(&engine, a, "a-2").error.is_empty());
+    // Another caller's new device evicts a-1 (on probation) to make room.
+    assert!(ingest_for(&engine, None, "other").error.is_empty());
+    assert!(!engine.contains("a-1"));
+    assert_eq!(engine.devices_held("a"), 1);
+    // A refusal for another reason (the table full of graduated devices) takes nothing.
+    for seq in 1..=2 {
+        for id in ["a-2", "other"] {
+            assert!(
+                ingest(&engine, sample(id, seq, &[("x", 1.0)]))
+                    .error
+                    .is_empty()
+            );
+        }
+    }
+    let refused = ingest_for(&engine, a, "a-3");
+    assert!(
+        refused.error.starts_with("device_limit"),
+        "{}",
+        refused.error
+    );
+    assert_eq!(engine.devices_held("a"), 1);
+}

@@ -26,6 +26,7 @@ mod metrics;
 mod module_graph;
 mod otel;
 mod overload;
+mod quota_devices;
 mod redis_values;
 mod replicas;
 mod security;
