@@ -13,12 +13,11 @@
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use foldhash::fast::FixedState;
-
 use super::index::Index;
 use super::names::Names;
 use super::pool::ValuePool;
 use super::resident::Device;
+use super::seed::IdHasher;
 
 /// Devices per chunk of the dense store.
 const CHUNK: usize = 2048;
@@ -33,14 +32,14 @@ pub(crate) struct Shard {
 
 impl Shard {
     /// An empty shard whose index hashes ids with `hasher` (the engine's).
-    pub(crate) fn new(hasher: FixedState) -> Self {
+    pub(crate) fn new(hasher: IdHasher) -> Self {
         Self {
             table: Mutex::new(Table {
                 index: Index::default(),
                 chunks: Vec::new(),
                 len: 0,
                 pool: ValuePool::default(),
-                names: Names::default(),
+                names: Names::new(hasher.clone()),
                 hasher,
             }),
         }
@@ -68,7 +67,7 @@ pub(crate) struct Table {
     /// The devices' metric names.
     pub(crate) names: Names,
     /// The engine's id hasher (the index is rehashed with it when it grows).
-    hasher: FixedState,
+    hasher: IdHasher,
 }
 
 impl Table {
@@ -202,7 +201,7 @@ mod tests {
 
     #[test]
     fn insert_find_and_remove_keep_the_index_right() {
-        let hasher = FixedState::with_seed(7);
+        let hasher = crate::engine::seed::id_hasher();
         let shard = Shard::new(hasher.clone());
         let mut table = shard.lock();
         let n = 3 * CHUNK + 5;
