@@ -1277,7 +1277,8 @@ mod tests {
         assert!(!format!("{c:?}").contains(secret), "{c:?}");
         assert!(format!("{c:?}").contains("rediss://app:***@redis:6380/1"));
         assert!(!c.redis_url.as_ref().unwrap().to_string().contains(secret));
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        type Change = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "REDIS_CLIENT_KEY",
                 Box::new(|c| c.redis_client_cert = Some("c.pem".into())),
