@@ -28,7 +28,12 @@
 #       servers at the same offered rate, LAT_PAIRS pairs: p50/p99, with a timeline of
 #       the slow messages by 100 ms of intended send time (stalls or steady queueing);
 #   (d) RSS for 1,000,000 devices x 2 metrics (windows full, realistic ids), and for
-#       10,000 idle Ingest streams.
+#       10,000 idle Ingest streams;
+#   (t) with TLS=1 (or "t" in PARTS): the cost of TLS and token authentication,
+#       100 samples per message, closed loop: tidewatch as (b) runs it, then tidewatch
+#       with TLS (a certificate made with openssl for the run) and an API key checked
+#       once per stream (AUTH_POLICY), alternating, PAIRS times: samples/s and p99 of
+#       both, the ratio per pair and its median (goal >= 0.85).
 # The server's own counter of answered samples (GET /metrics) must cover what the load
 # generator counted.
 # Results: $OUT/summary.md, $OUT/runs.tsv and the raw outputs beside them.
@@ -40,7 +45,7 @@
 # default 1: a single-threaded runtime on the load core), TRAFFIC (extra
 # tidewatch-bench flags for every run, e.g. "--ids uuid --anomaly-rate 0.02"),
 # PROFILE=1 to record `perf` profiles of the server during (a) and (b), PARTS
-# ("a b c d", a subset runs only those parts), BIN (directory of the binaries, default
+# ("a b c d", a subset runs only those parts; TLS=1 runs "t" alone), BIN (directory of the binaries, default
 # target/release) and BUILD=0 to skip the release build (to measure saved binaries of
 # an earlier commit while the tree changes: copy tidewatch, bare-tonic and
 # tidewatch-bench from target/release to DIR, then `BIN=DIR BUILD=0`).
@@ -62,11 +67,14 @@ LAT_STREAMS=${LAT_STREAMS:-4}
 LOAD_THREADS=${LOAD_THREADS:-1}
 TRAFFIC=${TRAFFIC:-}
 PROFILE=${PROFILE:-0}
+TLS=${TLS:-0}
+if [ "$TLS" = 1 ]; then PARTS=${PARTS:-"t"}; fi
 PARTS=${PARTS:-"a b c d"}
 OUT=${OUT:-target/bench}
 PORT=${PORT:-50061}
 HTTP_PORT=${HTTP_PORT:-50081}
 BARE_PORT=${BARE_PORT:-50062}
+ADMIN_PORT=${ADMIN_PORT:-50082}
 BIN=${BIN:-target/release}
 BUILD=${BUILD:-1}
 
@@ -124,9 +132,10 @@ start_bare() {
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # Samples the server has answered over gRPC, from its Prometheus counter; empty when
-# the server has no /metrics.
+# the server has no /metrics. With TLS on, the admin listener serves it in plain HTTP.
+METRICS_URL="http://127.0.0.1:$HTTP_PORT/metrics"
 samples_answered() {
-  curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null |
+  curl -sf "$METRICS_URL" 2>/dev/null |
     awk '/^tidewatch_samples_total\{/ && /transport="grpc"/ {s += $NF; n++} END {if (n) printf "%d", s}' || true
 }
 
@@ -145,18 +154,20 @@ profile_during() {
 # One tidewatch-bench run against the running server; appends a row to runs.tsv and
 # prints "<messages/s> <server CPU µs per message> <p99 µs>".
 # Arguments: part pair server detector port name tidewatch-bench flags...
+# (server "tidewatch-tls" is tidewatch over TLS with a token: URL and flags from TLS_ARGS)
 bench_run() {
   local part=$1 pair=$2 server=$3 detector=$4 port=$5 name=$6
   shift 6
-  local t0 t1 before after
-  before=$(if [ "$server" = tidewatch ]; then samples_answered; fi)
+  local t0 t1 before after url="http://127.0.0.1:$port" extra=()
+  if [ "$server" = tidewatch-tls ]; then url="https://localhost:$port"; extra=("${TLS_ARGS[@]}"); fi
+  before=$(if [ "$server" != bare ]; then samples_answered; fi)
   t0=$(cpu_ticks "$server_pid")
   # shellcheck disable=SC2086 # TRAFFIC is a list of flags
-  taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "http://127.0.0.1:$port" --threads "$LOAD_THREADS" \
+  taskset -c "$LOAD_CPU" "$BIN/tidewatch-bench" --url "$url" "${extra[@]}" --threads "$LOAD_THREADS" \
     --devices "$DEVICES" --watchers 1 --duration "${DURATION}s" --output "$OUT/$name.json" $TRAFFIC "$@" \
     >"$OUT/$name.txt" 2>&1 || { cat "$OUT/$name.txt" >&2; exit 1; }
   t1=$(cpu_ticks "$server_pid")
-  if [ "$server" = tidewatch ]; then
+  if [ "$server" != bare ]; then
     after=$(samples_answered)
     local claimed
     claimed=$(python3 -c "import json; print(json.load(open('$OUT/$name.json'))['tags']['samples_answered'])")
@@ -223,6 +234,46 @@ RATE="-" LAT="-" RSS_EMPTY=0 RSS_DEVICES=0 RSS_BASE=0 RSS_IDLE=0
 want a && closed_pairs a "$ZSCORE" 1
 if want b; then
   for detector in $DETECTORS; do closed_pairs b "$detector" 100; done
+fi
+
+TLS_ROW=""
+if want t; then
+  # A CA and a certificate for localhost, and a policy with one API key, for this run.
+  TLS_DIR="$OUT/tls"
+  mkdir -p "$TLS_DIR"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca \
+    -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\n' >"$TLS_DIR/san.ext"
+  openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 1 -extfile "$TLS_DIR/san.ext" -out "$TLS_DIR/server.pem" 2>/dev/null
+  KEY=$(openssl rand -hex 32)
+  HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
+  printf '{"principals": [{"name": "bench", "scopes": ["ingest", "analyze", "watch"], "devices": ["*"], "api_keys_sha256": ["%s"]}]}\n' \
+    "$HASH" >"$TLS_DIR/policy.json"
+  TLS_ARGS=(--cacert "$TLS_DIR/ca.pem" --token "$KEY")
+  ratios=() plain_rates=() tls_rates=() p99s=""
+  for i in $(seq 1 "$PAIRS"); do
+    step "(t) pair $i/$PAIRS: tidewatch, then tidewatch with TLS and a token, 100 samples/message, ${DURATION}s each"
+    METRICS_URL="http://127.0.0.1:$HTTP_PORT/metrics"
+    start_tidewatch DETECTOR="$ZSCORE"
+    read -r plain_rps _ plain_p99 < <(bench_run t "$i" tidewatch "$ZSCORE" "$PORT" "plain-t-$i" \
+      -c "$H2_CONNECTIONS" -s "$H2_STREAMS" --rate 0 --window 64 --batch 100)
+    stop_server
+    METRICS_URL="http://127.0.0.1:$ADMIN_PORT/metrics"
+    start_tidewatch DETECTOR="$ZSCORE" TLS_CERT="$TLS_DIR/server.pem" TLS_KEY="$TLS_DIR/server.key" \
+      AUTH_POLICY="$TLS_DIR/policy.json" ADMIN_ADDR="127.0.0.1:$ADMIN_PORT"
+    read -r tls_rps _ tls_p99 < <(bench_run t "$i" tidewatch-tls "$ZSCORE" "$PORT" "tls-t-$i" \
+      -c "$H2_CONNECTIONS" -s "$H2_STREAMS" --rate 0 --window 64 --batch 100)
+    stop_server
+    ratios+=("$(python3 -c "print(f'{$tls_rps / $plain_rps:.2f}')")")
+    plain_rates+=("$plain_rps") tls_rates+=("$tls_rps")
+    p99s="$p99s $tls_p99/$plain_p99"
+    echo "plain $((plain_rps * 100)) samples/s (p99 $plain_p99 µs); TLS + token $((tls_rps * 100)) samples/s (p99 $tls_p99 µs)"
+  done
+  TLS_ROW="
+| (t) 100 samples/message with TLS + token: samples/s (median), TLS / plain per pair; p99 TLS/plain µs | $(python3 -c "print(round($(median "${tls_rates[@]}") * 100))") (plain $(python3 -c "print(round($(median "${plain_rates[@]}") * 100))")) | ${ratios[*]} (median $(median "${ratios[@]}")); p99${p99s} | >= 0.85 x plain |"
 fi
 
 if want c; then
@@ -292,7 +343,7 @@ cat >"$OUT/summary.md" <<EOF
 | (a) 1 sample/message: messages/s (median of $PAIRS pairs), tidewatch / bare per pair | ${RESULT[a.$ZSCORE.tw_msgs]} | ${RESULT[a.$ZSCORE.pairs]:--} (median ${RESULT[a.$ZSCORE.ratio]}; server CPU per message, bare / tidewatch ${RESULT[a.$ZSCORE.cpu_ratio]}) | >= 1.3 x bare |${B_ROWS}
 | (c) latency at ${RATE} msg/s (50 % of peak), p99 tidewatch / bare per pair, µs | ${LAT} | | tidewatch's p99 <= bare's in most pairs |
 | (d) RSS, 1M devices x 2 metrics x ${MEM_ROUNDS} values | ${DEV_MIB} MiB (empty server: $((RSS_EMPTY / 1024)) MiB) | | <= 1 GiB |
-| (d) RSS per idle Ingest stream (10,000 streams) | ${PER_STREAM} bytes ($((RSS_BASE / 1024)) -> $((RSS_IDLE / 1024)) MiB) | | measured |
+| (d) RSS per idle Ingest stream (10,000 streams) | ${PER_STREAM} bytes ($((RSS_BASE / 1024)) -> $((RSS_IDLE / 1024)) MiB) | | measured |${TLS_ROW}
 EOF
 step "summary ($OUT/summary.md, every run in $OUT/runs.tsv; server core $SERVER_CPU, load core $LOAD_CPU, ${DURATION}s runs)"
 cat "$OUT/summary.md"

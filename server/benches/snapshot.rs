@@ -65,7 +65,7 @@ async fn flush_benchmark(redis: &RedisServer, devices: usize) {
         started.elapsed()
     );
     let mut config = Config::defaults();
-    config.redis_url = Some(redis.url());
+    config.redis_url = Some(redis.url().into());
     let snapshot_config = SnapshotConfig::from_config(&config).expect("redis url");
     println!(
         "flush settings: SNAPSHOT_BATCH={} REDIS_POOL_SIZE={}",
@@ -222,7 +222,7 @@ async fn throughput(
     requests: &[Vec<IngestRequest>],
 ) -> Run {
     let mut config = Config::for_tests();
-    config.redis_url = redis_url;
+    config.redis_url = redis_url.map(Into::into);
     config.snapshot_interval = interval;
     let server = Server::bind(config).await.expect("bind");
     let url = format!("http://{}", server.grpc_addr());

@@ -354,10 +354,38 @@ pub struct Config {
     #[arg(help_heading = "Network", long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
-    /// Redis for window snapshots (`redis://[:password@]host:port[/db]`); unset or
-    /// empty runs in memory only.
-    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    /// Redis for window snapshots (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` for TLS); unset or empty runs in memory only. Never printed: logs
+    /// show it with the password replaced.
+    #[arg(
+        help_heading = "Snapshots (Redis)",
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<RedisUrl>,
+
+    /// PEM CA certificates that sign the Redis server's certificate (`rediss://`);
+    /// unset: the system's CA certificates.
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
+    /// PEM client certificate chain for Redis (`rediss://` with `tls-auth-clients`).
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `REDIS_CLIENT_CERT`.
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<std::path::PathBuf>,
+
+    /// Redis ACL user (instead of the URL's).
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// File holding the Redis password (instead of the URL's), e.g. a mounted
+    /// Kubernetes Secret; one trailing newline is ignored.
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
 
     /// How often changed devices are written to Redis; a crash loses at most this much.
     #[arg(help_heading = "Snapshots (Redis)", long, env = "SNAPSHOT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -597,16 +625,36 @@ pub struct Config {
     #[arg(help_heading = "Security", long, env = "ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
 
-    /// Serve gRPC reflection (it describes the API, never device data).
-    #[arg(
-        help_heading = "Security",
-        long,
-        env = "REFLECTION",
-        default_value_t = true,
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new(),
-    )]
-    pub reflection: bool,
+    /// gRPC reflection (it describes the API, never device data): `auth` needs the
+    /// credentials of any principal when authentication is on, `open` needs none,
+    /// `off` does not serve it.
+    #[arg(help_heading = "Security", long, env = "REFLECTION", value_enum, default_value_t = Reflection::Auth)]
+    pub reflection: Reflection,
+}
+
+/// Who may use gRPC reflection (`REFLECTION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Reflection {
+    /// Served under the API's rule: with authentication on, a caller needs valid
+    /// credentials (of any principal, whatever its scopes).
+    #[value(alias = "true")]
+    Auth,
+    /// Served to anyone who reaches the gRPC port.
+    Open,
+    /// Not served.
+    #[value(alias = "false")]
+    Off,
+}
+
+impl Reflection {
+    /// The setting's value as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auth => "auth",
+            Self::Open => "open",
+            Self::Off => "off",
+        }
+    }
 }
 
 /// The detector settings (shared with `tidewatch-eval`, which takes the same flags).
@@ -729,6 +777,76 @@ impl DetectorSettings {
         engine.robust_threshold = self.robust_threshold;
         engine.robust_min_samples = self.robust_min_samples;
     }
+}
+
+/// `REDIS_URL`: the URL as given, which may hold a password. `Debug` and `Display`
+/// show it with the password (and any query, which may carry one) replaced by `***`;
+/// [`RedisUrl::expose`] gives it whole, for connecting only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL whole, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`, for logs.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl std::str::FromStr for RedisUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl From<String> for RedisUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl From<&str> for RedisUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `url` with any password (and query, which may carry one) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, _)) => (rest, "?***"),
+        None => (rest, ""),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    format!("{scheme}://{authority}{path}{query}")
 }
 
 /// A setting with an invalid value.
@@ -979,11 +1097,7 @@ impl Config {
                 ),
             );
         }
-        if let Some(url) = self.redis_url()
-            && let Err(e) = redis::IntoConnectionInfo::into_connection_info(url)
-        {
-            return fail("REDIS_URL", format!("{e}"));
-        }
+        self.validate_redis()?;
         if self.snapshot_interval.is_zero() {
             return fail("SNAPSHOT_INTERVAL", "must be above 0".into());
         }
@@ -1018,6 +1132,60 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// `REDIS_URL` parses (its error never shows the URL); the TLS files go with
+    /// `rediss://`, the client certificate with its key. The files themselves are read
+    /// when the snapshot store is built (`snapshot::target`).
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let fail = |setting, message: String| Err(ConfigError { setting, message });
+        let Some(url) = self.redis_url() else {
+            for (setting, set) in [
+                ("REDIS_CA_FILE", self.redis_ca_file.is_some()),
+                ("REDIS_CLIENT_CERT", self.redis_client_cert.is_some()),
+                ("REDIS_CLIENT_KEY", self.redis_client_key.is_some()),
+                ("REDIS_USERNAME", self.redis_username.is_some()),
+                ("REDIS_PASSWORD_FILE", self.redis_password_file.is_some()),
+            ] {
+                if set {
+                    return fail(setting, "is set but REDIS_URL is not".into());
+                }
+            }
+            return Ok(());
+        };
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
+            return fail("REDIS_URL", format!("{e}"));
+        }
+        let tls = url.starts_with("rediss://") || url.starts_with("valkeys://");
+        if tls && url.contains('#') {
+            return fail(
+                "REDIS_URL",
+                "a fragment such as #insecure (no certificate check) is not supported: set REDIS_CA_FILE to the CA that signed Redis's certificate".into(),
+            );
+        }
+        for (setting, set) in [
+            ("REDIS_CA_FILE", self.redis_ca_file.is_some()),
+            ("REDIS_CLIENT_CERT", self.redis_client_cert.is_some()),
+            ("REDIS_CLIENT_KEY", self.redis_client_key.is_some()),
+        ] {
+            if set && !tls {
+                return fail(
+                    setting,
+                    format!("needs a rediss:// REDIS_URL (it is {})", redact_url(url)),
+                );
+            }
+        }
+        match (&self.redis_client_cert, &self.redis_client_key) {
+            (Some(_), None) => fail(
+                "REDIS_CLIENT_KEY",
+                "must be set with REDIS_CLIENT_CERT".into(),
+            ),
+            (None, Some(_)) => fail(
+                "REDIS_CLIENT_CERT",
+                "must be set with REDIS_CLIENT_KEY".into(),
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// TLS needs both files; mutual TLS needs TLS; a listener outside loopback needs
@@ -1084,11 +1252,11 @@ impl Config {
         exposed && (self.tls_cert.is_none() || !self.authenticates())
     }
 
-    /// `REDIS_URL` when snapshots are on (set and not empty).
+    /// `REDIS_URL` when snapshots are on (set and not empty), password included.
     pub fn redis_url(&self) -> Option<&str> {
         self.redis_url
-            .as_deref()
-            .map(str::trim)
+            .as_ref()
+            .map(|u| u.expose().trim())
             .filter(|u| !u.is_empty())
     }
 
@@ -1431,6 +1599,73 @@ mod tests {
         assert!(e.to_string().contains("between 1 and 65535"), "{e}");
         c.window_size = 65_535;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn redis_settings_go_together_and_the_password_is_never_shown() {
+        let secret = "pa55-w0rd";
+        let c = Config::try_parse_from([
+            "tidewatch",
+            "--redis-url",
+            &format!("rediss://app:{secret}@redis:6380/1"),
+        ])
+        .unwrap();
+        c.validate().unwrap();
+        assert!(!format!("{c:?}").contains(secret), "{c:?}");
+        assert!(format!("{c:?}").contains("rediss://app:***@redis:6380/1"));
+        assert!(!c.redis_url.as_ref().unwrap().to_string().contains(secret));
+        type Change = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "REDIS_CLIENT_KEY",
+                Box::new(|c| c.redis_client_cert = Some("c.pem".into())),
+            ),
+            (
+                "REDIS_CLIENT_CERT",
+                Box::new(|c| c.redis_client_key = Some("c.key".into())),
+            ),
+            (
+                "REDIS_URL",
+                Box::new(|c| c.redis_url = Some("rediss://redis:6380/#insecure".into())),
+            ),
+            (
+                "REDIS_CA_FILE",
+                Box::new(move |c| {
+                    c.redis_url = Some(format!("redis://:{secret}@redis:6379").into());
+                    c.redis_ca_file = Some("ca.pem".into());
+                }),
+            ),
+            (
+                "REDIS_PASSWORD_FILE",
+                Box::new(|c| {
+                    c.redis_url = None;
+                    c.redis_password_file = Some("password".into());
+                }),
+            ),
+        ];
+        for (setting, change) in cases {
+            let mut c = c.clone();
+            change(&mut c);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.setting, setting, "{e}");
+            assert!(!e.to_string().contains(secret), "{e}");
+        }
+    }
+
+    #[test]
+    fn reflection_modes_parse_with_the_old_booleans() {
+        assert_eq!(Config::defaults().reflection, Reflection::Auth);
+        for (value, expected) in [
+            ("auth", Reflection::Auth),
+            ("open", Reflection::Open),
+            ("off", Reflection::Off),
+            ("true", Reflection::Auth),
+            ("false", Reflection::Off),
+        ] {
+            let c = Config::try_parse_from(["tidewatch", "--reflection", value]).unwrap();
+            assert_eq!(c.reflection, expected, "{value}");
+        }
+        assert!(Config::try_parse_from(["tidewatch", "--reflection", "maybe"]).is_err());
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! - `holders.rs`: the devices each principal holds, against its `devices` quota.
 //! - `shard.rs` (one shard's table), `index.rs` (its hash index), `pool.rs` (its window
 //!   values), `names.rs` (its metric names), `resident.rs` (a device in memory, and
-//!   judging one value).
+//!   judging one value), `seed.rs` (the hasher of those indexes, seeded at random
+//!   once per process).
 //! - `device.rs`: a device as a snapshot holds it, converted to and from the generated
 //!   message; `persist.rs`: that message's bytes written straight from memory.
 //! - `window.rs` (the rolling statistics), `detector.rs` (the rules behind `anomaly`,
@@ -42,6 +43,7 @@ mod persist;
 mod pool;
 mod prefetch;
 mod resident;
+mod seed;
 mod shard;
 mod sharded;
 #[cfg(test)]

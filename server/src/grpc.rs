@@ -191,6 +191,58 @@ where
     }
 }
 
+/// A gRPC service served under the API's authentication rule: a call without valid
+/// credentials (when authentication is on) is `UNAUTHENTICATED` before it reaches
+/// `inner`; any principal may call, whatever its scopes. Reflection is served this
+/// way by default (`REFLECTION=auth`, `docs/security.md`).
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    state: Arc<AppState>,
+    inner: S,
+}
+
+impl<S> Authenticated<S> {
+    /// `inner`, authenticated against `state`'s credentials.
+    pub fn new(state: &Arc<AppState>, inner: S) -> Self {
+        Self {
+            state: Arc::clone(state),
+            inner,
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Authenticated<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticated").finish_non_exhaustive()
+    }
+}
+
+impl<S: NamedService> NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Authenticated<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let mut request = request;
+        if let Err(status) = authenticate(&self.state, &mut request) {
+            return Box::pin(ready(Ok(status.into_http())));
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
 /// The compressions of the generated services (tonic's): requests in gzip, deflate and
 /// zstd are accepted; responses use those of `GRPC_COMPRESSION` that the client
 /// accepts (docs/api.md, "Compression"). Health and reflection get the same.

@@ -33,12 +33,11 @@ use tower::{
 };
 
 use crate::{
-    config::{Config, OtlpProtocol, nonzero},
+    config::{Config, OtlpProtocol, Reflection, nonzero},
     connections::{ActiveBody, Admission, Conn, HasConn as _, IdleWatch, PROBE_HEADROOM},
     gateway, grpc, overload,
     security::tls,
     service::AppState,
-    snapshot,
     tasks::Background,
 };
 
@@ -274,10 +273,18 @@ fn grpc_services(
     }
     let api = grpc::TelemetryApi::new(Arc::clone(state)).into_server();
     let mut router = builder.add_service(health);
-    if config.reflection {
-        router = router
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+    match config.reflection {
+        Reflection::Auth => {
+            router = router
+                .add_service(grpc::Authenticated::new(state, reflection_v1))
+                .add_service(grpc::Authenticated::new(state, reflection_v1alpha));
+        }
+        Reflection::Open => {
+            router = router
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha);
+        }
+        Reflection::Off => {}
     }
     Ok(router.add_service(overload::guard_grpc(state, api)))
 }
@@ -461,7 +468,7 @@ fn announce_security(state: &AppState) {
         tls = security.grpc_tls.is_some(),
         mutual_tls = config.tls_client_ca.is_some(),
         authentication = security.authenticates(),
-        reflection = config.reflection,
+        reflection = config.reflection.as_str(),
         "security"
     );
     if config.insecure_exposure() {
@@ -554,7 +561,8 @@ fn announce_storage(state: &AppState) {
         Some(snapshots) => {
             let sc = snapshots.config();
             tracing::info!(
-                redis = %snapshot::store::redact(&sc.url),
+                redis = %sc.redis.url.redacted(),
+                tls = snapshots.tls(),
                 interval = ?sc.interval,
                 ttl_secs = sc.ttl_secs,
                 window_size = config.window_size,

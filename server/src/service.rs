@@ -128,7 +128,7 @@ impl AppState {
                     Arc::clone(&engine),
                     metrics.shared_counters(),
                 )
-                .context("REDIS_URL")?,
+                .context("redis (REDIS_URL and the REDIS_* settings)")?,
             )),
             None => None,
         };
@@ -628,7 +628,7 @@ mod tests {
 
     fn state(redis_url: Option<&str>) -> Arc<AppState> {
         let mut config = Config::defaults();
-        config.redis_url = redis_url.map(str::to_owned);
+        config.redis_url = redis_url.map(Into::into);
         config.redis_connect_timeout = Duration::from_millis(200);
         config.redis_command_timeout = Duration::from_millis(200);
         Arc::new(AppState::new(config).expect("state"))

@@ -37,6 +37,7 @@ mod fixtures;
 mod legacy;
 pub mod resp;
 pub mod store;
+pub mod target;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -89,8 +90,8 @@ const HANDOFF_POLL: Duration = Duration::from_millis(10);
 /// Snapshot settings, from [`Config`].
 #[derive(Debug, Clone)]
 pub struct SnapshotConfig {
-    /// `REDIS_URL`.
-    pub url: String,
+    /// `REDIS_URL` and the TLS and credential settings beside it.
+    pub redis: target::RedisSettings,
     /// `SNAPSHOT_INTERVAL`.
     pub interval: Duration,
     /// `SNAPSHOT_TTL`, in whole seconds (at least 1).
@@ -111,7 +112,14 @@ impl SnapshotConfig {
     /// The snapshot settings, or `None` when `REDIS_URL` is unset.
     pub fn from_config(config: &Config) -> Option<Self> {
         Some(Self {
-            url: config.redis_url()?.to_owned(),
+            redis: target::RedisSettings {
+                url: config.redis_url()?.into(),
+                ca_file: config.redis_ca_file.clone(),
+                client_cert: config.redis_client_cert.clone(),
+                client_key: config.redis_client_key.clone(),
+                username: config.redis_username.clone(),
+                password_file: config.redis_password_file.clone(),
+            },
             interval: config.snapshot_interval,
             ttl_secs: config.snapshot_ttl.as_secs().max(1),
             batch: config.snapshot_batch.max(1),
@@ -287,8 +295,8 @@ impl Snapshots {
         engine: Arc<Engine>,
         counters: Arc<Counters>,
     ) -> Result<Self, StoreError> {
-        let store = Store::new(
-            &config.url,
+        let store = Store::with_target(
+            target::RedisTarget::load(&config.redis)?,
             config.pool_size,
             config.connect_timeout,
             config.command_timeout,
@@ -313,6 +321,11 @@ impl Snapshots {
     /// The settings.
     pub fn config(&self) -> &SnapshotConfig {
         &self.config
+    }
+
+    /// Whether the connections to Redis speak TLS (`rediss://`).
+    pub fn tls(&self) -> bool {
+        self.store.tls()
     }
 
     /// The Redis store (tests and benchmarks read keys through it).
@@ -948,8 +961,7 @@ impl Snapshots {
         let channel = fence::handoff_channel(&self.replica);
         loop {
             let listen = async {
-                let client = redis::Client::open(self.store.url())?;
-                let mut pubsub = client.get_async_pubsub().await?;
+                let mut pubsub = self.store.client().get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 pubsub.subscribe(fence::DELETED_CHANNEL).await?;
                 let mut messages = pubsub.into_on_message();

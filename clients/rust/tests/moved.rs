@@ -67,7 +67,7 @@ async fn moved_samples_are_sent_again_until_applied() {
     redis.cli(&["SET", "tidewatch:v1:replica:ghost", "1", "PX", "3000"]);
     redis.cli(&["SET", "{tidewatch:v1:device:held}:owner", "ghost"]);
     let url = format!("redis://127.0.0.1:{}", redis.1);
-    let server = TestServer::start_with(|c| c.redis_url = Some(url)).await;
+    let server = TestServer::start_with(|c| c.redis_url = Some(url.into())).await;
     let client = Client::connect(server.url()).await.expect("connect");
     let mut session = client.ingest();
     for value in [1.0, 2.0, 3.0] {

@@ -4,10 +4,10 @@
 
 use std::hash::BuildHasher;
 
-use foldhash::fast::FixedState;
 use hashbrown::HashTable;
 
 use super::pool::heap;
+use super::seed::IdHasher;
 
 /// What a name of `len` bytes costs while interned (`budget.rs`): its entry (the
 /// name's pointer and length, and its count), its slot in the lookup table, and its
@@ -25,24 +25,24 @@ pub(crate) struct Names {
     lookup: HashTable<u32>,
     /// Free ids.
     free: Vec<u32>,
-    hasher: FixedState,
+    /// The process's hasher (`seed.rs`): metric names are chosen by clients too.
+    hasher: IdHasher,
     /// What the names held cost (`budget.rs`).
     bytes: usize,
 }
 
-impl Default for Names {
-    fn default() -> Self {
+impl Names {
+    /// No names, hashed with `hasher`.
+    pub(crate) fn new(hasher: IdHasher) -> Self {
         Self {
             entries: Vec::new(),
             lookup: HashTable::new(),
             free: Vec::new(),
-            hasher: FixedState::with_seed(0x6e61_6d65),
+            hasher,
             bytes: 0,
         }
     }
-}
 
-impl Names {
     /// The name of `id`.
     #[inline]
     pub(crate) fn get(&self, id: u32) -> &str {
@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn one_copy_per_name_until_the_last_holder_leaves() {
-        let mut names = Names::default();
+        let mut names = Names::new(super::super::seed::id_hasher());
         let cpu = names.intern("cpu");
         let mem = names.intern("mem");
         assert_ne!(cpu, mem);

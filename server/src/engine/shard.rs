@@ -14,12 +14,11 @@ use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use foldhash::fast::FixedState;
-
 use super::index::Index;
 use super::names::Names;
 use super::pool::ValuePool;
 use super::resident::Device;
+use super::seed::IdHasher;
 
 /// Devices per chunk of the dense store.
 const CHUNK: usize = 2048;
@@ -39,14 +38,14 @@ pub(crate) struct Shard {
 
 impl Shard {
     /// An empty shard whose index hashes ids with `hasher` (the engine's).
-    pub(crate) fn new(hasher: FixedState) -> Self {
+    pub(crate) fn new(hasher: IdHasher) -> Self {
         Self {
             table: Mutex::new(Table {
                 index: Index::default(),
                 chunks: Vec::new(),
                 len: 0,
                 pool: ValuePool::default(),
-                names: Names::default(),
+                names: Names::new(hasher.clone()),
                 probation: VecDeque::new(),
                 hasher,
             }),
@@ -79,7 +78,7 @@ pub(crate) struct Table {
     /// device graduated or left stays until it is met or the queue is trimmed.
     probation: VecDeque<u64>,
     /// The engine's id hasher (the index is rehashed with it when it grows).
-    hasher: FixedState,
+    hasher: IdHasher,
 }
 
 impl Table {
@@ -296,7 +295,7 @@ mod tests {
 
     #[test]
     fn insert_find_and_remove_keep_the_index_right() {
-        let hasher = FixedState::with_seed(7);
+        let hasher = crate::engine::seed::id_hasher();
         let shard = Shard::new(hasher.clone());
         let mut table = shard.lock();
         let n = 3 * CHUNK + 5;

@@ -19,6 +19,7 @@ use super::detector::{DetectorDefaults, DetectorSpec};
 use super::device::DeviceState;
 use super::holders::{Holders, NOBODY, Owner};
 use super::resident::Device;
+use super::seed::{IdHasher, id_hasher};
 use super::shard::{Shard, Table};
 use super::validate::normalize_device_id;
 use crate::error::{ApiError, SampleError};
@@ -38,8 +39,9 @@ pub struct Engine {
     pub(super) shards: Box<[Shard]>,
     /// Devices in memory, for `MAX_DEVICES` and the devices gauge.
     pub(super) devices: AtomicUsize,
-    /// Hasher for device ids (fixed seed: shard placement is stable within a process).
-    hasher: foldhash::fast::FixedState,
+    /// Hasher for device ids (seeded at random once per process, `seed.rs`: shard
+    /// placement is stable within a process).
+    hasher: IdHasher,
     /// The idle tick and receive times.
     pub(super) clock: Clock,
     /// `MEMORY_BUDGET` and what the devices in memory hold of it.
@@ -60,7 +62,7 @@ const MAX_VICTIMS: usize = 16;
 impl Engine {
     /// An empty engine.
     pub fn new(config: EngineConfig) -> Self {
-        let hasher = foldhash::fast::FixedState::with_seed(0x7469_6465_7761_7463);
+        let hasher = id_hasher();
         let shards = (0..config.shards.max(1))
             .map(|_| Shard::new(hasher.clone()))
             .collect();

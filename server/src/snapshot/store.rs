@@ -2,10 +2,11 @@
 //! `REDIS_COMMAND_TIMEOUT`: a bb8 pool of redis-rs multiplexed connections for reads
 //! (restores, `Analyze`, `PING`), and a bb8 pool of plain connections for the flush,
 //! which sends batches of `SET`s it packed itself (see [`super::resp`]): redis-rs
-//! cannot send bytes that are already packed on an async connection.
+//! cannot send bytes that are already packed on an async connection. Both speak TLS
+//! for `rediss://` and log in as [`super::target`] resolved.
 
 use std::{
-    fmt, io,
+    io,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -13,16 +14,19 @@ use std::{
 use bb8_redis::{
     RedisConnectionManager,
     bb8::{self, Pool, RunError},
-    redis::{self, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError},
+    redis::{self, ConnectionAddr, RedisError},
 };
+use futures::FutureExt as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+use tokio_rustls::client::TlsStream;
 
 use super::{
     fence,
     resp::{self, ProtocolError, Reply},
+    target::{RedisSettings, RedisTarget, TargetError},
 };
 
 pub use super::KEY_PREFIX;
@@ -57,6 +61,15 @@ pub enum StoreError {
     /// Redis refused the credentials of `REDIS_URL` (`AUTH`: wrong password or user).
     #[error("redis refused authentication (check the user and password of REDIS_URL): {0}")]
     Auth(String),
+    /// The TLS handshake with Redis failed: its certificate is not signed by
+    /// `REDIS_CA_FILE` (or does not name the host), or it wants a client certificate.
+    #[error(
+        "redis TLS handshake failed (check REDIS_CA_FILE, the host name of REDIS_URL against redis's certificate, and REDIS_CLIENT_CERT): {0}"
+    )]
+    Tls(String),
+    /// A Redis setting cannot be used.
+    #[error(transparent)]
+    Setting(#[from] TargetError),
     /// Redis refused a command (out of memory, read-only replica, ...).
     #[error("redis refused the command: {0}")]
     Refused(String),
@@ -71,6 +84,7 @@ impl From<RunError<RedisError>> for StoreError {
             RunError::User(e) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
                 Self::Auth(e.to_string())
             }
+            RunError::User(e) if is_tls_failure(&e.to_string()) => Self::Tls(e.to_string()),
             RunError::User(e) => Self::login_refused(e.to_string()),
             RunError::TimedOut => Self::connect_timed_out(),
         }
@@ -80,12 +94,26 @@ impl From<RunError<RedisError>> for StoreError {
 impl From<RunError<StoreError>> for StoreError {
     fn from(e: RunError<StoreError>) -> Self {
         match e {
-            RunError::User(e @ Self::Auth(_)) => e,
+            RunError::User(e @ (Self::Auth(_) | Self::Tls(_))) => e,
             RunError::User(Self::Refused(e)) => Self::login_refused(e),
             RunError::User(e) => Self::Connect(e.to_string()),
             RunError::TimedOut => Self::connect_timed_out(),
         }
     }
+}
+
+/// Whether a connection error is the TLS handshake's (rustls's messages, as redis-rs
+/// passes them on in an I/O error).
+fn is_tls_failure(message: &str) -> bool {
+    [
+        "invalid peer certificate",
+        "received fatal alert",
+        "peer is incompatible",
+        "peer misbehaved",
+        "certificate",
+    ]
+    .iter()
+    .any(|marker| message.contains(marker))
 }
 
 impl StoreError {
@@ -121,31 +149,41 @@ pub struct Store {
     writers: Pool<WriteManager>,
     /// Bound on one operation, connection wait included.
     command_timeout: Duration,
-    /// `REDIS_URL`.
-    url: String,
-    /// The last authentication failure of either pool's connection attempts (made in
+    /// Where Redis is, how to log in, and the TLS to speak.
+    target: RedisTarget,
+    /// The last authentication or TLS failure of either pool's connection attempts (made in
     /// the background, where a caller only sees its wait time out).
     refused: RefusedLogin,
 }
 
-/// Keeps the last connection attempt Redis refused the credentials of, so that a
-/// caller whose wait timed out is told why.
+/// Keeps the last connection attempt Redis refused the credentials of (or whose TLS
+/// handshake failed), so that a caller whose wait timed out is told why.
 #[derive(Debug, Clone, Default)]
-struct RefusedLogin(Arc<Mutex<Option<String>>>);
+struct RefusedLogin(Arc<Mutex<Option<Refusal>>>);
+
+/// Why a connection attempt was refused: (TLS, message); not TLS is authentication.
+type Refusal = (bool, String);
 
 impl RefusedLogin {
     fn record(&self, e: StoreError) {
-        if let StoreError::Auth(message) = e {
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
-        }
+        let refusal = match e {
+            StoreError::Auth(message) => (false, message),
+            StoreError::Tls(message) => (true, message),
+            _ => return,
+        };
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(refusal);
     }
 
-    /// `e`, or the authentication failure behind it when a connection attempt was
-    /// refused since the last connection that worked.
+    /// `e`, or the authentication or TLS failure behind it when a connection attempt
+    /// was refused since the last connection that worked.
     fn explain(&self, e: StoreError) -> StoreError {
         match (&e, self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()) {
-            (StoreError::Timeout(_) | StoreError::Connect(_), Some(message)) => {
-                StoreError::Auth(message)
+            (StoreError::Timeout(_) | StoreError::Connect(_), Some((tls, message))) => {
+                if tls {
+                    StoreError::Tls(message)
+                } else {
+                    StoreError::Auth(message)
+                }
             }
             _ => e,
         }
@@ -177,15 +215,28 @@ impl bb8::ErrorSink<StoreError> for RefusedLogin {
 }
 
 impl Store {
-    /// A store for `url`. No connection is made yet: a Redis that is down at start does
-    /// not keep the service from starting (ingestion runs from memory meanwhile).
+    /// A store for `url`, with its credentials and TLS against the system's CA
+    /// certificates (see [`Store::with_target`]).
     pub fn new(
         url: &str,
         pool_size: u32,
         connect_timeout: Duration,
         command_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let manager = RedisConnectionManager::new(url)?;
+        let target = RedisTarget::load(&RedisSettings::url(url))?;
+        Self::with_target(target, pool_size, connect_timeout, command_timeout)
+    }
+
+    /// A store for `target`. No connection is made yet: a Redis that is down at start
+    /// does not keep the service from starting (ingestion runs from memory meanwhile).
+    pub fn with_target(
+        target: RedisTarget,
+        pool_size: u32,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        // The connection info carries the TLS parameters the target resolved.
+        let manager = RedisConnectionManager::new(target.info().clone())?;
         let refused = RefusedLogin::default();
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
@@ -205,13 +256,13 @@ impl Store {
             .test_on_check_out(true)
             .error_sink(Box::new(refused.clone()))
             .build_unchecked(WriteManager {
-                info: url.into_connection_info()?,
+                target: target.clone(),
             });
         Ok(Self {
             pool,
             writers,
             command_timeout,
-            url: url.to_owned(),
+            target,
             refused,
         })
     }
@@ -313,10 +364,20 @@ impl Store {
         })
     }
 
-    /// The URL this store connects to (the hand-off listener opens its own
+    /// The redis-rs client of this store's Redis (the hand-off listener opens its own
     /// subscription connection).
-    pub fn url(&self) -> &str {
-        &self.url
+    pub fn client(&self) -> &redis::Client {
+        self.target.client()
+    }
+
+    /// Whether connections speak TLS.
+    pub fn tls(&self) -> bool {
+        self.target.tls()
+    }
+
+    /// Where this store's Redis is, its password replaced, for logs.
+    pub fn shown(&self) -> &str {
+        self.target.shown()
     }
 
     /// Reads the values of `ids` in one `MGET`, in order; `None` where there is none.
@@ -340,16 +401,10 @@ impl Store {
 }
 
 /// Opens [`WriteConnection`]s for the pool.
+#[derive(Debug)]
 struct WriteManager {
-    /// Where Redis is and how to log in (from `REDIS_URL`).
-    info: ConnectionInfo,
-}
-
-impl fmt::Debug for WriteManager {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Not the connection info: it holds the password.
-        f.debug_struct("WriteManager").finish_non_exhaustive()
-    }
+    /// Where Redis is, how to log in, and the TLS to speak.
+    target: RedisTarget,
 }
 
 impl bb8::ManageConnection for WriteManager {
@@ -357,7 +412,7 @@ impl bb8::ManageConnection for WriteManager {
     type Error = StoreError;
 
     async fn connect(&self) -> Result<WriteConnection, StoreError> {
-        WriteConnection::connect(&self.info).await
+        WriteConnection::connect(&self.target).await
     }
 
     async fn is_valid(&self, conn: &mut WriteConnection) -> Result<(), StoreError> {
@@ -373,6 +428,8 @@ impl bb8::ManageConnection for WriteManager {
 enum Stream {
     /// `redis://host:port`.
     Tcp(TcpStream),
+    /// `rediss://host:port`.
+    Tls(Box<TlsStream<TcpStream>>),
     /// `redis+unix:///path` (or `unix:///path`).
     #[cfg(unix)]
     Unix(tokio::net::UnixStream),
@@ -382,6 +439,7 @@ impl Stream {
     async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.write_all(bytes).await,
+            Self::Tls(s) => s.write_all(bytes).await,
             #[cfg(unix)]
             Self::Unix(s) => s.write_all(bytes).await,
         }
@@ -390,14 +448,22 @@ impl Stream {
     async fn read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.read_buf(buf).await,
+            Self::Tls(s) => s.read_buf(buf).await,
             #[cfg(unix)]
             Self::Unix(s) => s.read_buf(buf).await,
         }
     }
 
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads what is there without waiting (`WouldBlock` when nothing is).
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.try_read(buf),
+            // Through TLS: the socket's bytes are records, so only a read of the TLS
+            // stream says whether data (or the end) came; one poll, never a wait.
+            Self::Tls(s) => s
+                .read(buf)
+                .now_or_never()
+                .unwrap_or_else(|| Err(io::ErrorKind::WouldBlock.into())),
             #[cfg(unix)]
             Self::Unix(s) => s.try_read(buf),
         }
@@ -418,13 +484,26 @@ pub struct WriteConnection {
 }
 
 impl WriteConnection {
-    /// Connects and logs in (`AUTH`, `SELECT`) as the URL says.
-    async fn connect(info: &ConnectionInfo) -> Result<Self, StoreError> {
+    /// Connects (with TLS for `rediss://`) and logs in (`AUTH`, `SELECT`) as the
+    /// target says.
+    async fn connect(target: &RedisTarget) -> Result<Self, StoreError> {
+        let info = target.info();
         let stream = match info.addr() {
             ConnectionAddr::Tcp(host, port) => {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
                 stream.set_nodelay(true)?;
                 Stream::Tcp(stream)
+            }
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                match target.handshake(stream).await {
+                    Ok(Some(tls)) => Stream::Tls(Box::new(tls)),
+                    Ok(None) => {
+                        return Err(StoreError::Connect("rediss:// without TLS settings".into()));
+                    }
+                    Err(e) => return Err(StoreError::Tls(e.to_string())),
+                }
             }
             #[cfg(unix)]
             ConnectionAddr::Unix(path) => {
@@ -432,7 +511,7 @@ impl WriteConnection {
             }
             other => {
                 return Err(StoreError::Connect(format!(
-                    "snapshot writes cannot connect to {other}: use redis:// or redis+unix://"
+                    "snapshot writes cannot connect to {other}: use redis://, rediss:// or redis+unix://"
                 )));
             }
         };
@@ -534,22 +613,7 @@ impl WriteConnection {
 
 /// `url` with any password (and query, which may carry one) replaced by `***`, for logs.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "***".into();
-    };
-    let (rest, query) = match rest.split_once('?') {
-        Some((rest, _)) => (rest, "?***"),
-        None => (rest, ""),
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    format!("{scheme}://{authority}{path}{query}")
+    crate::config::redact_url(url)
 }
 
 #[cfg(test)]

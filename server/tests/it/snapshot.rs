@@ -73,7 +73,7 @@ async fn reference(samples: &[Sample]) -> Vec<Verdict> {
 async fn with_redis(redis: &RedisServer, configure: impl FnOnce(&mut Config)) -> TestServer {
     let url = redis.url();
     TestServer::start_with(move |c| {
-        c.redis_url = Some(url);
+        c.redis_url = Some(url.into());
         configure(c);
     })
     .await
@@ -566,7 +566,7 @@ async fn refused_writes_stay_dirty_and_the_url_database_is_used() {
         assert!(engine.insert_if_absent(device));
     }
     let mut config = Config::defaults();
-    config.redis_url = Some(format!("{}/3", redis.url()));
+    config.redis_url = Some(format!("{}/3", redis.url()).into());
     config.snapshot_batch = 10;
     let snapshots = Arc::new(
         Snapshots::new(

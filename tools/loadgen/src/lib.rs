@@ -6,6 +6,7 @@
 //! - [`traffic`]: the generated traffic (device ids, metrics, timestamps, values with
 //!   noise, drift and injected anomalies), encoded once before a run, and what it
 //!   really covers.
+//! - [`tls`]: `https://` for the load generator (rustls, `--cacert`).
 //! - `src/bin/tidewatch_bench.rs`: the load generator (raw HTTP/2, open or closed loop,
 //!   HdrHistogram latency, ghz-compatible report, h2load bodies).
 //! - `src/bin/bare_tonic.rs`: the gRPC baseline, a constant-verdict tonic server.
@@ -20,6 +21,7 @@
 //! and `bare-tonic` with the same HTTP/2 keepalive and message size limits. What
 //! differs is only the work: no engine, no metrics, no overload layers.
 
+pub mod tls;
 pub mod traffic;
 
 /// The tokio runtime the `tidewatch` binary builds (`server/src/main.rs`): the

@@ -20,6 +20,9 @@
 //! request body of length-prefixed `IngestRequest`s for h2load; `--watch-only` holds
 //! the watchers for `--duration` and offers no load (beside an h2load run).
 //!
+//! An `https://` URL is reached over TLS trusting `--cacert`; `--token` sends
+//! `authorization: Bearer` on every stream (once per stream, as a client would).
+//!
 //! The load path speaks gRPC over the raw `h2` crate, so that one load core can offer
 //! far more load than one server core takes and its own queueing stays out of the
 //! numbers:
@@ -54,7 +57,10 @@ use h2::{
 use hdrhistogram::Histogram;
 use http::{HeaderMap, Method, Request, Uri};
 use serde_json::{Value, json};
-use tidewatch_loadgen::traffic::{IdStyle, MetricRange, Stats, Traffic};
+use tidewatch_loadgen::{
+    tls::{self, Io},
+    traffic::{IdStyle, MetricRange, Stats, Traffic},
+};
 use tidewatch_proto::v1::{
     WatchAnomaliesRequest, telemetry_service_client::TelemetryServiceClient,
 };
@@ -72,9 +78,15 @@ const INGEST_PATH: &str = "/tidewatch.v1.TelemetryService/Ingest";
     about = "Load generator for tidewatch's Ingest stream: realistic fleet traffic, per-message latency without coordinated omission, ghz-compatible JSON report"
 )]
 struct Args {
-    /// Server URL.
+    /// Server URL: `http://` or `https://` (TLS, with --cacert).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     url: String,
+    /// PEM CA certificate(s) the server's certificate must be signed by (`https://`).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Bearer token sent with every stream and watcher (`authorization` header).
+    #[arg(long)]
+    token: Option<String>,
     /// HTTP/2 connections.
     #[arg(short = 'c', long, default_value_t = 1)]
     connections: usize,
@@ -235,21 +247,35 @@ struct WatchCounts {
 /// Attaches `n` WatchAnomalies subscribers on their own connection; they count until
 /// the runtime ends.
 async fn start_watchers(
-    url: &str,
+    args: &Args,
     n: usize,
 ) -> Result<Arc<WatchCounts>, Box<dyn std::error::Error>> {
+    let url = &args.url;
     let counts = Arc::new(WatchCounts::default());
     if n == 0 {
         return Ok(counts);
     }
-    let mut client = TelemetryServiceClient::connect(url.to_string())
+    let mut endpoint = tonic::transport::Channel::from_shared(url.clone())?;
+    if let Some(ca) = &args.cacert {
+        let pem = std::fs::read(ca)?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
+    }
+    let channel = endpoint
+        .connect()
         .await
         .map_err(|e| format!("cannot connect the watchers to {url}: {e}"))?;
+    let mut client = TelemetryServiceClient::new(channel);
     for _ in 0..n {
-        let mut stream = client
-            .watch_anomalies(WatchAnomaliesRequest::default())
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(WatchAnomaliesRequest::default());
+        if let Some(token) = &args.token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+        }
+        let mut stream = client.watch_anomalies(request).await?.into_inner();
         let counts = Arc::clone(&counts);
         tokio::spawn(async move {
             loop {
@@ -992,7 +1018,7 @@ struct Driver {
     /// Index of this connection (its ticker slot).
     id: usize,
     /// The HTTP/2 connection; `None` once it has ended.
-    connection: Option<Connection<TcpStream, Bytes>>,
+    connection: Option<Connection<Io, Bytes>>,
     /// Its streams.
     streams: Vec<Stream>,
     /// Coarse wait until the next send when it is more than 2 ms away.
@@ -1086,13 +1112,14 @@ impl Driver {
     }
 }
 
-/// The Ingest request head, naming gzip for the messages (`--gzip`) and the answers
-/// (`--accept-gzip`) as asked.
+/// The Ingest request head, with the bearer token when there is one, naming gzip for
+/// the messages (`--gzip`) and the answers (`--accept-gzip`) as asked.
 fn ingest_request(base: &Uri, args: &Args) -> Result<Request<()>, http::Error> {
     let authority = base.authority().map_or("localhost", |a| a.as_str());
+    let scheme = base.scheme_str().unwrap_or("http");
     let mut request = Request::builder()
         .method(Method::POST)
-        .uri(format!("http://{authority}{INGEST_PATH}"))
+        .uri(format!("{scheme}://{authority}{INGEST_PATH}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("user-agent", "tidewatch-bench");
@@ -1102,27 +1129,51 @@ fn ingest_request(base: &Uri, args: &Args) -> Result<Request<()>, http::Error> {
     if args.accept_gzip {
         request = request.header("grpc-accept-encoding", "gzip");
     }
+    if let Some(token) = &args.token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
     request.body(())
 }
 
+/// The TLS connector for an `https://` URL (`None` for `http://`).
+fn tls_connector(
+    base: &Uri,
+    args: &Args,
+) -> Result<Option<tokio_rustls::TlsConnector>, Box<dyn std::error::Error>> {
+    match (base.scheme_str(), &args.cacert) {
+        (Some("https"), Some(ca)) => Ok(Some(tls::connector(ca)?)),
+        (Some("https"), None) => Err("an https:// --url needs --cacert".into()),
+        _ => Ok(None),
+    }
+}
+
 /// Opens one HTTP/2 connection (stream window 1 MiB, connection window 16 MiB,
-/// TCP_NODELAY).
+/// TCP_NODELAY), over TLS when `tls` is set.
 async fn connect_one(
     base: &Uri,
     url: &str,
-) -> Result<(SendRequest<Bytes>, Connection<TcpStream, Bytes>), Box<dyn std::error::Error>> {
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<(SendRequest<Bytes>, Connection<Io, Bytes>), Box<dyn std::error::Error>> {
     let host = base.host().ok_or("the URL has no host")?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = base.port_u16().unwrap_or(80);
+    let port = base
+        .port_u16()
+        .unwrap_or(if tls.is_some() { 443 } else { 80 });
     let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((host, port)))
         .await
         .map_err(|_| format!("cannot connect to {url}: timed out after 5 s"))?
         .map_err(|e| format!("cannot connect to {url}: {e}"))?;
     tcp.set_nodelay(true)?;
+    let io = match tls {
+        Some(connector) => tls::handshake(connector, host, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {url} failed: {e}"))?,
+        None => Io::Plain(tcp),
+    };
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)
-        .handshake::<_, Bytes>(tcp)
+        .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| format!("HTTP/2 handshake with {url} failed: {e}"))?;
     Ok((send, connection))
@@ -1132,12 +1183,12 @@ async fn connect_one(
 /// (the server may limit concurrent streams).
 async fn open_streams(
     mut send: SendRequest<Bytes>,
-    mut connection: Connection<TcpStream, Bytes>,
+    mut connection: Connection<Io, Bytes>,
     request: &Request<()>,
     streams: usize,
 ) -> Result<
     (
-        Connection<TcpStream, Bytes>,
+        Connection<Io, Bytes>,
         Vec<(ResponseFuture, SendStream<Bytes>)>,
     ),
     h2::Error,
@@ -1175,10 +1226,11 @@ async fn start_drivers(
         .parse()
         .map_err(|e| format!("bad --url {:?}: {e}", args.url))?;
     let request = ingest_request(&base, args)?;
+    let tls = tls_connector(&base, args)?;
     let mut drivers = Vec::with_capacity(connections);
     let mut stream_index = 0usize;
     for (id, &streams) in streams_per_connection.iter().enumerate().take(connections) {
-        let (send, connection) = connect_one(&base, &args.url).await?;
+        let (send, connection) = connect_one(&base, &args.url, tls.as_ref()).await?;
         let (connection, opened) = open_streams(send, connection, &request, streams)
             .await
             .map_err(|e| format!("cannot open Ingest streams on {}: {e}", args.url))?;
@@ -1270,7 +1322,7 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "{}",
         describe(&traffic, &stats, traffic.devices_reached(stats.messages))
     );
-    let watchers = start_watchers(&args.url, args.watchers).await?;
+    let watchers = start_watchers(&args, args.watchers).await?;
     let mut plan = Plan {
         pool: Pool::new(&messages, args.gzip),
         interval_ns,
@@ -1675,7 +1727,7 @@ fn write_body(args: &Args, path: &Path) -> std::process::ExitCode {
 /// Holds the watchers for the duration and reports what they received.
 async fn watch_only(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let n = args.watchers.max(1);
-    let counts = start_watchers(&args.url, n).await?;
+    let counts = start_watchers(&args, n).await?;
     println!("watchers attached: {n}");
     tokio::select! {
         () = tokio::time::sleep(args.duration) => {}
