@@ -95,7 +95,7 @@ use tonic::Status;
 
 use crate::error::{ApiError, ErrorKind};
 pub(crate) use connection::incoming;
-pub use decode::{Samples, WireError, WireMetrics, WireRequest, WireSample};
+pub use decode::{Samples, WireError, WireErrorKind, WireMetrics, WireRequest, WireSample};
 pub use encode::WireSink;
 
 /// Protobuf wire types.
