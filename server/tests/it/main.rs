@@ -7,6 +7,7 @@
 
 mod common;
 
+mod abuse;
 mod analyze_watch;
 mod backpressure;
 mod bad_samples;
