@@ -28,8 +28,11 @@ use crate::{
 #[cfg(test)]
 mod tests;
 
+/// A property checked on one input: panics when it fails.
+pub type Check = fn(&[u8]);
+
 /// The fuzz targets, by name: the folder of each one's corpus under `fuzz/corpus/`.
-pub const TARGETS: [(&str, fn(&[u8])); 3] = [
+pub const TARGETS: [(&str, Check); 3] = [
     ("ingest_codec", ingest_codec),
     ("rest_body", rest_body),
     ("snapshot", snapshot),
