@@ -36,6 +36,8 @@
 //!   exposition and OTLP export, and the server spans with W3C trace context.
 //! - [`shutdown`]: the signals that start the drain.
 //! - [`eval`]: detection quality on labeled data (`tidewatch-eval`).
+//! - [`fuzz`]: the properties the fuzz targets (`fuzz/`) check on one input: the
+//!   `Ingest` codec against prost, the REST body parser, the snapshot decoder.
 //!
 //! # A request's path
 //!
@@ -52,6 +54,7 @@ pub mod connections;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fuzz;
 pub mod gateway;
 pub mod grpc;
 pub mod intake;

@@ -33,7 +33,7 @@ pub mod codec;
 mod error;
 pub mod fence;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 mod legacy;
 pub mod resp;
 pub mod store;

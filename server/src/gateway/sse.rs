@@ -42,9 +42,9 @@ use super::schema_names::ErrorBody;
 use crate::{
     AnomalyEvent, AppState,
     error::{ApiError, ErrorKind},
-    grpc::watch::{admit, admit_principal, wanted},
+    grpc::watch::{admit, admit_principal, refused, wanted},
     security::policy::Principal,
-    telemetry::ActiveGauge,
+    telemetry::{ActiveGauge, Transport},
 };
 
 /// How often an idle connection gets a comment line, so proxies keep it open.
@@ -129,8 +129,11 @@ impl Feed {
             Ok(gauge) => gauge,
             // At the limit, the watcher the idle recorder holds is this client's to
             // take: the recorder needs none while a client is connected.
-            Err(e) if e.kind == ErrorKind::Overloaded => self.lock().idle_gauge.take().ok_or(e)?,
-            Err(e) => return Err(e),
+            Err(e) if e.kind == ErrorKind::Overloaded => match self.lock().idle_gauge.take() {
+                Some(gauge) => gauge,
+                None => return Err(refused(&self.state, Transport::Http, e)),
+            },
+            Err(e) => return Err(refused(&self.state, Transport::Http, e)),
         };
         let mut inner = self.lock();
         inner.clients += 1;

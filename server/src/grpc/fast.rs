@@ -128,7 +128,7 @@ use tonic::Status;
 use crate::error::{ApiError, ErrorKind};
 pub use compression::Encoding;
 pub(crate) use connection::incoming;
-pub use decode::{Samples, WireError, WireMetrics, WireRequest, WireSample};
+pub use decode::{Samples, WireError, WireErrorKind, WireMetrics, WireRequest, WireSample};
 pub use encode::WireSink;
 
 /// Protobuf wire types.

@@ -6,7 +6,8 @@
 //!
 //! Watchers are bounded the same way over gRPC and HTTP (`GET /anomalies`, see
 //! `gateway/sse.rs`): at most `MAX_WATCHERS` open at once, refused as overloaded past
-//! it, and at most `MAX_WATCH_FILTER` device ids plus metrics in one filter.
+//! it, and at most `MAX_WATCH_FILTER` device ids plus metrics in one filter. Either
+//! refusal is counted in `tidewatch_load_shed_total` ([`refused`]).
 
 use std::sync::Arc;
 
@@ -22,12 +23,13 @@ use crate::{
         quota::Slot,
     },
     service::{AnomalyEvent, AppState},
-    telemetry::ActiveGauge,
+    telemetry::{ActiveGauge, Transport},
 };
 
 /// Admits one more watcher whose filter has `filter_len` device ids plus metrics, or
 /// refuses it: `InvalidArgument` past `MAX_WATCH_FILTER`, `Overloaded` when
-/// `MAX_WATCHERS` are open. The gauge counts the watcher while it lives.
+/// `MAX_WATCHERS` are open. The gauge counts the watcher while it lives. A refusal
+/// the caller does not recover from goes through [`refused`].
 pub(crate) fn admit(state: &AppState, filter_len: usize) -> Result<ActiveGauge, ApiError> {
     let max_filter = state.config.max_watch_filter;
     if filter_len > max_filter {
@@ -51,6 +53,12 @@ pub(crate) fn admit(state: &AppState, filter_len: usize) -> Result<ActiveGauge, 
                 ),
             )
         })
+}
+
+/// A watcher refusal of [`admit`] that stands, counted as shed on `transport`.
+pub(crate) fn refused(state: &AppState, transport: Transport, error: ApiError) -> ApiError {
+    state.metrics.record_shed(transport);
+    error
 }
 
 /// Admits a watcher of `principal`: it needs the `watch` scope, every device it names
@@ -90,7 +98,8 @@ pub(crate) fn watch(
     filter: WatchAnomaliesRequest,
 ) -> Result<BoxStream<WatchAnomaliesResponse>, ApiError> {
     let slot = admit_principal(state, &principal, &filter.device_ids)?;
-    let gauge = admit(state, filter.device_ids.len() + filter.metrics.len())?;
+    let gauge = admit(state, filter.device_ids.len() + filter.metrics.len())
+        .map_err(|e| refused(state, Transport::Grpc, e))?;
     let mut receiver = state.anomalies.subscribe();
     let state = Arc::clone(state);
     Ok(Box::pin(async_stream::stream! {

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod abuse;
 mod abuse_conn;
 mod abuse_memory;
 mod analyze_watch;
