@@ -449,7 +449,7 @@ async fn deleting_needs_the_admin_scope_and_the_namespace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_does_not_exist_is_not_deleted() {
     let redis = RedisServer::start();
-    let with_redis = TestServer::start_with(|c| c.redis_url = Some(redis.url())).await;
+    let with_redis = TestServer::start_with(|c| c.redis_url = Some(redis.url().into())).await;
     let memory = TestServer::start().await;
     for server in [&with_redis, &memory] {
         let mut client = server.client().await;
@@ -499,7 +499,7 @@ async fn a_deletion_that_cannot_reach_everything_deletes_nothing() {
     let mut redis = RedisServer::start();
     let url = redis.url();
     let server = TestServer::start_with(|c| {
-        c.redis_url = Some(url);
+        c.redis_url = Some(url.into());
         c.snapshot_interval = Duration::from_millis(100);
     })
     .await;

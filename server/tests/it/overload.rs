@@ -93,7 +93,7 @@ async fn with_redis(
 ) -> TestServer {
     let url = redis.url();
     TestServer::start_with(move |c| {
-        c.redis_url = Some(url);
+        c.redis_url = Some(url.into());
         c.redis_command_timeout = stall;
         c.redis_connect_timeout = stall;
         configure(c);

@@ -103,7 +103,7 @@ async fn bytes_sent(redis: &RedisServer) -> u64 {
 async fn with_redis(redis: &RedisServer, max_bytes: u64) -> TestServer {
     let url = redis.url();
     TestServer::start_with(move |c| {
-        c.redis_url = Some(url);
+        c.redis_url = Some(url.into());
         c.snapshot_interval = Duration::from_millis(100);
         c.snapshot_max_bytes = max_bytes;
     })
