@@ -353,6 +353,7 @@ fn announce_storage(state: &AppState) {
             let sc = snapshots.config();
             tracing::info!(
                 redis = %snapshot::store::redact(&sc.url),
+                redis_cluster = sc.cluster_nodes.is_some(),
                 interval = ?sc.interval,
                 ttl_secs = sc.ttl_secs,
                 window_size = config.window_size,

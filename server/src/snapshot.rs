@@ -23,6 +23,7 @@
 //! Redis being slow or down costs a caller at most `REDIS_COMMAND_TIMEOUT`; the outage
 //! is logged once when it starts and once when it ends, and counted.
 
+pub mod cluster;
 pub mod codec;
 mod error;
 pub mod fence;
@@ -83,8 +84,10 @@ const HANDOFF_POLL: Duration = Duration::from_millis(10);
 /// Snapshot settings, from [`Config`].
 #[derive(Debug, Clone)]
 pub struct SnapshotConfig {
-    /// `REDIS_URL`.
+    /// `REDIS_URL`, or the first node of `REDIS_CLUSTER_NODES` (for logs).
     pub url: String,
+    /// `REDIS_CLUSTER_NODES`: the seeds of a Redis Cluster, when snapshots go to one.
+    pub cluster_nodes: Option<String>,
     /// `SNAPSHOT_INTERVAL`.
     pub interval: Duration,
     /// `SNAPSHOT_TTL`, in whole seconds (at least 1).
@@ -100,10 +103,25 @@ pub struct SnapshotConfig {
 }
 
 impl SnapshotConfig {
-    /// The snapshot settings, or `None` when `REDIS_URL` is unset.
+    /// The snapshot settings, or `None` when neither `REDIS_URL` nor
+    /// `REDIS_CLUSTER_NODES` is set.
     pub fn from_config(config: &Config) -> Option<Self> {
+        let cluster_nodes = config.redis_cluster_nodes().map(str::to_owned);
+        let url = match (config.redis_url(), &cluster_nodes) {
+            (Some(url), _) => url.to_owned(),
+            (None, Some(nodes)) => {
+                let first = nodes.split(',').map(str::trim).find(|n| !n.is_empty())?;
+                if first.contains("://") {
+                    first.to_owned()
+                } else {
+                    format!("redis://{first}")
+                }
+            }
+            (None, None) => return None,
+        };
         Some(Self {
-            url: config.redis_url()?.to_owned(),
+            url,
+            cluster_nodes,
             interval: config.snapshot_interval,
             ttl_secs: config.snapshot_ttl.as_secs().max(1),
             batch: config.snapshot_batch.max(1),
@@ -187,6 +205,8 @@ struct Batch {
     /// Their ids and fence tokens, in command order, to record the new version or
     /// drop a device whose write lost.
     ids: Vec<(Box<str>, u64)>,
+    /// The Redis Cluster master every command of it goes to (`None`: the one Redis).
+    node: Option<Arc<cluster::Node>>,
 }
 
 /// Emptied batches, back from the writers for the encoder to fill again: a batch of
@@ -227,12 +247,20 @@ impl Snapshots {
         engine: Arc<Engine>,
         counters: Arc<Counters>,
     ) -> Result<Self, StoreError> {
-        let store = Store::new(
-            &config.url,
-            config.pool_size,
-            config.connect_timeout,
-            config.command_timeout,
-        )?;
+        let store = match &config.cluster_nodes {
+            Some(nodes) => Store::cluster(
+                nodes,
+                config.pool_size,
+                config.connect_timeout,
+                config.command_timeout,
+            )?,
+            None => Store::new(
+                &config.url,
+                config.pool_size,
+                config.connect_timeout,
+                config.command_timeout,
+            )?,
+        };
         let max_device_id_len = engine.config().max_device_id_len;
         Ok(Self {
             engine,
@@ -324,15 +352,33 @@ impl Snapshots {
     /// (or has failed and been marked dirty again).
     pub async fn flush(self: &Arc<Self>) -> FlushReport {
         self.renew().await;
-        let concurrency = self.config.pool_size as usize;
+        let mut report = FlushReport::default();
+        // On a cluster, batches are made per master, by the slot map of this flush.
+        let routing = match self.store.cluster_of() {
+            None => None,
+            Some(cluster) => match cluster.routing().await {
+                Ok(routing) => Some(routing),
+                Err(e) => {
+                    // Nothing was taken: every dirty device stays dirty.
+                    self.link.failed("flush", &e);
+                    self.counters
+                        .snapshot_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    return report;
+                }
+            },
+        };
+        let concurrency = match &routing {
+            Some(routing) => self.config.pool_size as usize * routing.nodes.len(),
+            None => self.config.pool_size as usize,
+        };
         let (tx, rx) = mpsc::channel::<Batch>(concurrency);
         let recycled = Arc::new(Recycled::default());
         let this = Arc::clone(self);
         let producer = tokio::task::spawn_blocking({
             let recycled = Arc::clone(&recycled);
-            move || this.collect_dirty(&tx, &recycled)
+            move || this.collect_dirty(&tx, &recycled, routing.as_deref())
         });
-        let mut report = FlushReport::default();
         let mut writes = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|batch| self.write_batch(batch, &recycled))
             .buffer_unordered(concurrency);
@@ -351,22 +397,47 @@ impl Snapshots {
         report
     }
 
-    /// Encodes the dirty devices shard by shard into batches (blocking pool).
-    fn collect_dirty(&self, tx: &mpsc::Sender<Batch>, recycled: &Recycled) {
+    /// Encodes the dirty devices shard by shard into batches (blocking pool): one
+    /// batch being filled for the one Redis, or one per master of `routing`.
+    fn collect_dirty(
+        &self,
+        tx: &mpsc::Sender<Batch>,
+        recycled: &Recycled,
+        routing: Option<&cluster::Routing>,
+    ) {
         let engine = &*self.engine;
         let mut sets = fence::FlushCommands::new(self.config.ttl_secs, &self.replica);
         let mut keys = Vec::new();
-        let mut batch = Batch::default();
+        let node_of = |i: usize| routing.and_then(|r| r.nodes.get(i).cloned());
+        let mut batches: Vec<Batch> = (0..routing.map_or(1, |r| r.nodes.len().max(1)))
+            .map(|i| Batch {
+                node: node_of(i),
+                ..Batch::default()
+            })
+            .collect();
+        let mut key = Vec::new();
         for shard in 0..engine.shard_count() {
             keys.clear();
             engine.dirty_keys(shard, &mut keys);
             let mut rest = &keys[..];
             while !rest.is_empty() {
-                let room = (self.config.batch - batch.keys.len()).clamp(1, LOCK_CHUNK);
+                let room = match &batches[..] {
+                    [one] => (self.config.batch - one.keys.len()).clamp(1, LOCK_CHUNK),
+                    _ => LOCK_CHUNK,
+                };
                 let (chunk, tail) = rest.split_at(room.min(rest.len()));
                 rest = tail;
                 self.versions.with(|versions| {
                     engine.visit_dirty(shard, chunk, |mut device| {
+                        let batch = match routing {
+                            None => &mut batches[0],
+                            Some(routing) => {
+                                store::write_key(&mut key, device.id());
+                                let i = routing.node_index(cluster::key_slot(&key));
+                                let last = batches.len() - 1;
+                                &mut batches[i.min(last)]
+                            }
+                        };
                         let fence = fence::Versions::begin_write(versions, device.id());
                         sets.push(
                             &mut batch.commands,
@@ -380,13 +451,20 @@ impl Snapshots {
                         device.mark_clean();
                     });
                 });
-                if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch, recycled) {
-                    return;
+                for (i, batch) in batches.iter_mut().enumerate() {
+                    if batch.keys.len() >= self.config.batch {
+                        if !self.send(tx, batch, recycled) {
+                            return;
+                        }
+                        batch.node = node_of(i);
+                    }
                 }
             }
         }
-        if !batch.keys.is_empty() {
-            self.send(tx, &mut batch, recycled);
+        for batch in &mut batches {
+            if !batch.keys.is_empty() && !self.send(tx, batch, recycled) {
+                return;
+            }
         }
     }
 
@@ -416,33 +494,39 @@ impl Snapshots {
         let mut refused = Vec::new();
         let mut lost = Vec::new();
         let mut answered = vec![false; batch.ids.len()];
+        let node = batch.node.take();
         let result = self
             .store
-            .write_commands(&batch.commands, batch.keys.len(), |i, reply| {
-                answered[i] = true;
-                let (id, token) = &batch.ids[i];
-                match reply {
-                    resp::Reply::Integer(version) if version > 0 => {
-                        self.versions.end_write(id, *token, Some(version as u64));
-                    }
-                    resp::Reply::Integer(_) => {
-                        // Another replica wrote this device after the state this
-                        // one started from: its history wins, and this copy leaves
-                        // memory (unless it was taken again since the write began).
-                        if self.versions.end_write(id, *token, None) {
-                            lost.push(i);
+            .write_commands_on(
+                node.as_deref(),
+                &batch.commands,
+                batch.keys.len(),
+                |i, reply| {
+                    answered[i] = true;
+                    let (id, token) = &batch.ids[i];
+                    match reply {
+                        resp::Reply::Integer(version) if version > 0 => {
+                            self.versions.end_write(id, *token, Some(version as u64));
+                        }
+                        resp::Reply::Integer(_) => {
+                            // Another replica wrote this device after the state this
+                            // one started from: its history wins, and this copy leaves
+                            // memory (unless it was taken again since the write began).
+                            if self.versions.end_write(id, *token, None) {
+                                lost.push(i);
+                            }
+                        }
+                        resp::Reply::Error(e) => {
+                            self.versions.end_write(id, *token, None);
+                            refused.push((i, e));
+                        }
+                        other => {
+                            self.versions.end_write(id, *token, None);
+                            refused.push((i, format!("unexpected reply {other:?}")));
                         }
                     }
-                    resp::Reply::Error(e) => {
-                        self.versions.end_write(id, *token, None);
-                        refused.push((i, e));
-                    }
-                    other => {
-                        self.versions.end_write(id, *token, None);
-                        refused.push((i, format!("unexpected reply {other:?}")));
-                    }
-                }
-            })
+                },
+            )
             .await;
         for (i, (id, token)) in batch.ids.iter().enumerate() {
             if !answered[i] {
@@ -466,8 +550,13 @@ impl Snapshots {
                 (devices, 0)
             }
             Ok(()) => {
-                // Redis refused some commands (out of memory, say): those devices stay
-                // dirty, the rest are written.
+                // Redis refused some commands (out of memory, say, or a cluster slot
+                // that moved): those devices stay dirty, the rest are written.
+                if let Some(cluster) = self.store.cluster_of()
+                    && refused.iter().any(|(_, e)| cluster::is_routing_error(e))
+                {
+                    cluster.mark_stale();
+                }
                 let keys: Vec<DeviceKey> = refused.iter().map(|&(i, _)| batch.keys[i]).collect();
                 self.engine.mark_dirty(&keys);
                 let (_, first) = refused.swap_remove(0);
@@ -663,6 +752,7 @@ impl Snapshots {
                 )
                 .await?;
             let owner = match parse_acquired(reply)? {
+                Ok(Acquired::Mine(0, None)) => return self.legacy(device_id).await,
                 Ok(mine) => return Ok(mine),
                 Err(owner) => owner,
             };
@@ -696,13 +786,24 @@ impl Snapshots {
         }
     }
 
+    /// A device taken with no snapshot: when its id holds a brace, builds before
+    /// Redis Cluster support kept it under another key (`store::legacy_key`), read
+    /// once here; its first write goes to the new key.
+    async fn legacy(&self, device_id: &str) -> Result<Acquired, StoreError> {
+        let value = match store::legacy_key(device_id) {
+            Some(key) => self.store.get(&key).await?,
+            None => None,
+        };
+        Ok(Acquired::Mine(0, value))
+    }
+
     /// Listens for hand-off requests addressed to this replica until `stop`, and
     /// hands each device asked for over (see [`Snapshots::hand_off`]).
     pub async fn serve_handoffs(self: Arc<Self>, stop: CancellationToken) {
         let channel = fence::handoff_channel(&self.replica);
         loop {
             let listen = async {
-                let client = redis::Client::open(self.store.url())?;
+                let client = self.store.subscriber()?;
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 let mut messages = pubsub.into_on_message();
@@ -794,10 +895,16 @@ impl Snapshots {
             |out| codec::encode_value(&state, out),
         );
         let mut answer = None;
-        let result = self
-            .store
-            .write_commands(&command, 1, |_, reply| answer = Some(reply))
-            .await;
+        let result = match self.store.writer_for(device_id).await {
+            Ok(node) => {
+                self.store
+                    .write_commands_on(node.as_deref(), &command, 1, |_, reply| {
+                        answer = Some(reply);
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match (result, answer) {
             (Ok(()), Some(resp::Reply::Integer(version))) => {
                 // Written (or lost to a newer history): either way not held here.

@@ -10,6 +10,7 @@ mod common;
 mod analyze_watch;
 mod backpressure;
 mod bad_samples;
+mod cluster;
 mod config;
 mod conformance;
 mod detectors;
