@@ -477,7 +477,12 @@ def test_redis_cluster_seeds_are_accepted_by_the_binary(redis_cluster, procs):
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=parse_duration_s(config["data"]["SHUTDOWN_TIMEOUT"]) + 5)
-    assert code == 0, procs.log("tidewatch")
+    log = procs.log("tidewatch")
+    assert code == 0, log
+    # Snapshots were on, in cluster mode, and the password never reached the log.
+    started = [json.loads(line) for line in log.splitlines() if "snapshots on" in line]
+    assert started and started[0]["redis_cluster"] is True, log
+    assert "example-password" not in log
 
 
 def test_configmap_settings_are_accepted_by_the_binary(base, procs):

@@ -122,6 +122,7 @@ async fn flush_into(target: &Target<'_>, devices: usize) {
         Target::Single(redis) => config.redis_url = Some(redis.url()),
         Target::Cluster(cluster) => config.redis_cluster_nodes = Some(cluster.seeds()),
     }
+    config.redis_command_timeout = Duration::from_secs(30);
     let snapshots = Arc::new(
         Snapshots::new(
             SnapshotConfig::from_config(&config).expect("redis"),
@@ -175,6 +176,9 @@ async fn flush_benchmark(redis: &RedisServer, devices: usize) {
     );
     let mut config = Config::defaults();
     config.redis_url = Some(redis.url());
+    // A throughput figure, not a timeout test: on a loaded machine a batch of fenced
+    // writes can take longer than the default 500 ms.
+    config.redis_command_timeout = Duration::from_secs(30);
     let snapshot_config = SnapshotConfig::from_config(&config).expect("redis url");
     println!(
         "flush settings: SNAPSHOT_BATCH={} REDIS_POOL_SIZE={}",

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::{ServerProcess, TestServer, connect, redis_cluster::RedisCluster, sample};
 use tidewatch_proto::v1::{
-    IngestRequest, Sample, Verdict, telemetry_service_client::TelemetryServiceClient,
+    AnalyzeRequest, IngestRequest, Sample, Verdict,
+    telemetry_service_client::TelemetryServiceClient,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -208,5 +209,18 @@ async fn replicas_on_a_cluster_keep_one_history() {
         got.push(send_retrying(&mut cc, &round(&ids, seq)).await);
     }
     assert_same(&got, &want);
+    // Analyze on a replica that does not hold the devices answers from the master
+    // of each one's slot.
+    wait_for_flush(&cluster, &ids, 60).await;
+    for id in [&ids[0], &ids[ids.len() - 1]] {
+        let stats = cb
+            .analyze(AnalyzeRequest {
+                device_id: id.clone(),
+            })
+            .await
+            .expect("analyze")
+            .into_inner();
+        assert_eq!(stats.last_seq, 60, "{id}");
+    }
     drop(b);
 }
