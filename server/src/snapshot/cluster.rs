@@ -82,6 +82,10 @@ pub struct Node {
     pub(super) reads: Pool<RedisConnectionManager>,
     /// Plain connections for flush batches.
     pub(super) writes: Pool<WriteManager>,
+    /// One permit per write connection: a flush sends batches to all masters at
+    /// once, and a batch waits here, not in the pool (whose wait is the connect
+    /// timeout), for its master to have a connection free.
+    pub(super) batches: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Node {
@@ -345,6 +349,7 @@ impl Cluster {
             info,
             reads,
             writes,
+            batches: tokio::sync::Semaphore::new(self.pool_size as usize),
         });
         pools.insert(node.addr.clone(), Arc::clone(&node));
         node

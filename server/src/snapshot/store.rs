@@ -324,6 +324,12 @@ impl Store {
         on_reply: impl FnMut(usize, Reply),
     ) -> Result<(), StoreError> {
         let writers = node.map_or(&self.writers, |n| &n.writes);
+        // On a cluster, wait for a free connection of this master first (the one
+        // Redis gets only as many batches at once as it has connections).
+        let _turn = match node {
+            Some(node) => node.batches.acquire().await.ok(),
+            None => None,
+        };
         let work = async {
             let mut conn = writers.get().await?;
             self.refused.clear();
