@@ -91,14 +91,14 @@ pub fn lease(interval: Duration) -> Duration {
 
 /// The key of a device's snapshot version: `{<snapshot key>}:version`, which hashes
 /// to the snapshot key's slot (a snapshot key holds no brace: see
-/// [`super::store::key`]).
+/// [`super::key`]).
 pub fn version_key(device_id: &str) -> String {
-    format!("{{{}}}:version", super::store::key(device_id))
+    format!("{{{}}}:version", super::key(device_id))
 }
 
 /// The key of a device's owner: `{<snapshot key>}:owner`.
 pub fn owner_key(device_id: &str) -> String {
-    format!("{{{}}}:owner", super::store::key(device_id))
+    format!("{{{}}}:owner", super::key(device_id))
 }
 
 /// The liveness key of a replica.
@@ -258,7 +258,7 @@ impl FlushCommands {
         put_bulk(out, self.sha.as_bytes());
         put_bulk(out, b"3");
         let mut key = Vec::with_capacity(KEY_PREFIX.len() + device_id.len());
-        super::store::write_key(&mut key, device_id);
+        super::write_key(&mut key, device_id);
         put_bulk(out, &key);
         put_bulk(out, version_key(device_id).as_bytes());
         put_bulk(out, owner_key(device_id).as_bytes());
@@ -351,7 +351,7 @@ mod tests {
     fn companion_keys_share_the_snapshot_keys_slot() {
         assert_eq!(version_key("a"), "{tidewatch:v1:device:a}:version");
         assert_eq!(owner_key("a"), "{tidewatch:v1:device:a}:owner");
-        use super::super::{cluster::key_slot, store::key};
+        use super::super::{cluster::key_slot, key};
         for id in ["a", "pump-7", "x{y}z", "{", "}", "{}", "a}b{c", "é{"] {
             let slot = key_slot(key(id).as_bytes());
             assert_eq!(key_slot(version_key(id).as_bytes()), slot, "{id}");

@@ -20,53 +20,16 @@ use tokio::{
     net::TcpStream,
 };
 
+pub mod cluster;
+
+use cluster::Cluster;
+
 use super::{
-    cluster::{self, Cluster},
     fence,
     resp::{self, ProtocolError, Reply},
 };
 
-pub use super::KEY_PREFIX;
-
-/// Prefix of the key of a device whose id holds a brace (`{` or `}`): the id follows
-/// in lowercase hex, so that the key has no hash tag and its version and owner keys
-/// (`{<key>}:...`) share its Redis Cluster slot.
-pub const HEX_KEY_PREFIX: &str = "tidewatch:v1:device-hex:";
-
-/// Whether `device_id` is keyed in hex (see [`HEX_KEY_PREFIX`]).
-pub fn keyed_in_hex(device_id: &str) -> bool {
-    device_id.bytes().any(|b| b == b'{' || b == b'}')
-}
-
-/// The Redis key of a device's snapshot: `tidewatch:v1:device:<id>`, or
-/// `tidewatch:v1:device-hex:<id in hex>` when the id holds a brace.
-pub fn key(device_id: &str) -> String {
-    let mut out = Vec::new();
-    write_key(&mut out, device_id);
-    String::from_utf8(out).unwrap_or_default()
-}
-
-/// Where builds before Redis Cluster support kept the snapshot of a device whose id
-/// holds a brace (read once when the new key has none).
-pub fn legacy_key(device_id: &str) -> Option<String> {
-    keyed_in_hex(device_id).then(|| format!("{KEY_PREFIX}{device_id}"))
-}
-
-/// Appends the key of `device_id` to `out` (the flusher reuses one buffer).
-pub fn write_key(out: &mut Vec<u8>, device_id: &str) {
-    out.clear();
-    if keyed_in_hex(device_id) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        out.extend_from_slice(HEX_KEY_PREFIX.as_bytes());
-        for b in device_id.bytes() {
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 15)]);
-        }
-    } else {
-        out.extend_from_slice(KEY_PREFIX.as_bytes());
-        out.extend_from_slice(device_id.as_bytes());
-    }
-}
+pub use super::{HEX_KEY_PREFIX, KEY_PREFIX, key, keyed_in_hex, legacy_key, write_key};
 
 /// Why a Redis operation failed.
 #[derive(Debug, thiserror::Error)]

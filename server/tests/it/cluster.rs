@@ -31,7 +31,7 @@ fn round(devices: &[String], seq: u64) -> Vec<Sample> {
         .enumerate()
         .map(|(d, id)| {
             let noise = ((seq * 7919 + d as u64 * 31) % 101) as f64 * 0.37;
-            let spike = if (seq + d as u64) % 17 == 0 {
+            let spike = if (seq + d as u64).is_multiple_of(17) {
                 400.0
             } else {
                 0.0

@@ -3,7 +3,7 @@
 //! Cluster"; `docs/architecture.md`, "Snapshot protocol").
 //!
 //! Every script touches the keys of one device only, and those keys share one slot
-//! (see [`super::store::key`]), so every command goes to exactly one master. The slot
+//! (see [`super::key`]), so every command goes to exactly one master. The slot
 //! map comes from `CLUSTER SLOTS`, asked of any node that answers (the masters last
 //! known, then the seeds), and is asked again after any reply that says it is stale:
 //! `MOVED`, a connection that fails, `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`,
@@ -27,7 +27,7 @@ use bb8_redis::{
     redis::{self, ConnectionAddr, ConnectionInfo, Value},
 };
 
-use super::store::{StoreError, WriteManager};
+use super::{StoreError, WriteManager};
 #[cfg(test)]
 use crate::config::MAX_CLUSTER_SEEDS as MAX_SEEDS;
 
