@@ -133,6 +133,13 @@ def test_deployment_wiring(base):
     assert config["ADMIN_ADDR"] == f"0.0.0.0:{ports['admin']}"
     assert "ALLOW_INSECURE" not in config
     assert parse_duration_s(config["MAX_CONNECTION_AGE"]) > 0
+    # Memory (docs/operations.md, "Sizing"): MEMORY_BUDGET is left to its default, 3/4
+    # of the container's limit, which holds MAX_DEVICES devices of 2 metrics x 50
+    # values at what the budget charges each (1,059 bytes).
+    assert "MEMORY_BUDGET" not in config
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    assert int(config["MAX_DEVICES"]) * 1059 <= int(limit[:-2]) * 2**20 * 3 // 4
     # The Redis password comes from its Secret, spliced into REDIS_URL by the kubelet.
     env = {e["name"]: e for e in container["env"]}
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The Python and TypeScript SDKs: generated code is fresh against proto/, then each SDK's
+# The Python and TypeScript SDKs: generated code is fresh against proto/ (buf generate,
+# buf.gen.yaml: needs .venv's grpcio-tools and the SDK's protoc-gen-es), then each SDK's
 # suite runs against the real server binary (target/release/tidewatch, built by
 # scripts/test): `pip install ./clients/python[test]` into a fresh venv + pytest, and
 # `npm ci && npm run build && npm test` in clients/typescript.
@@ -19,8 +20,18 @@ trap 'rm -rf "$work"' EXIT
 echo "--> npm ci (clients/typescript)"
 (cd clients/typescript && npm ci --no-audit --no-fund --silent)
 
-echo "--> generated SDK code is fresh (scripts/gen-clients --check)"
-scripts/gen-clients --check
+echo "--> generated SDK code is fresh (buf generate, buf.gen.yaml)"
+# Regenerated into a scratch directory: every generated file must be committed as is,
+# and nothing else may sit in the generated directories.
+PATH="$root/scripts/node_modules/.bin:$PATH" buf generate -o "$work/gen"
+stale=0
+for dir in clients/python/src/tidewatch/v1 clients/typescript/src/gen; do
+  diff -ru "$work/gen/$dir" "$dir" || stale=1
+done
+if [ "$stale" != 0 ]; then
+  echo "sdk.sh: generated SDK code is stale against proto/: run buf generate and commit" >&2
+  exit 1
+fi
 
 echo "--> Python SDK: fresh venv, pip install ./clients/python[test], pytest"
 python3 -m venv "$work/venv"

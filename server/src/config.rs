@@ -25,6 +25,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// A value of `GRPC_COMPRESSION`: an encoding gRPC responses may use, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GrpcCompression {
+    /// gzip (RFC 1952), as grpcio, grpc-js, Connect and tonic clients send it.
+    Gzip,
+    /// zlib-wrapped deflate (RFC 1950), gRPC's `deflate`.
+    Deflate,
+    /// Zstandard (RFC 8878).
+    Zstd,
+    /// No response is compressed.
+    Off,
+}
+
 /// Every setting of the service.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -133,6 +146,24 @@ pub struct Config {
     )]
     pub max_metric_name_len: usize,
 
+    /// Bytes the devices in memory may hold, as docs/operations.md ("Memory") counts
+    /// them (e.g. `384MiB`, `2GiB`); unset: 3/4 of the cgroup memory limit when there
+    /// is one, else 2GiB. A new device, new metric or larger window past it is
+    /// refused with a `memory_budget` error.
+    #[arg(help_heading = "Limits", long, env = "MEMORY_BUDGET", value_parser = parse_bytes)]
+    pub memory_budget: Option<usize>,
+
+    /// Largest `window_size` a stream's `detector` section may ask for (the zscore
+    /// window or the robust baseline), 1 to 4096; beyond it the stream or request is
+    /// refused (`INVALID_ARGUMENT`, HTTP 400).
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MAX_STREAM_WINDOW",
+        default_value_t = MAX_WINDOW
+    )]
+    pub max_stream_window: usize,
+
     /// Devices without samples for this long are evicted from memory (e.g. `1h`).
     #[arg(help_heading = "Engine", long, env = "IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub idle_timeout: Duration,
@@ -177,6 +208,46 @@ pub struct Config {
     #[arg(help_heading = "Network", long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub max_connection_age_grace: Duration,
 
+    /// Connections each main listener (gRPC, HTTP) serves at once; a few more are
+    /// admitted for probes only, and any further one is closed at once; 0 means no
+    /// limit.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_connections: usize,
+
+    /// A connection with no request or stream in progress for this long is closed;
+    /// 0 disables.
+    #[arg(help_heading = "Network", long, env = "CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// Time an HTTP/1 client gets to send a request's headers, counted from when the
+    /// connection starts waiting for them (so an idle keep-alive connection is also
+    /// closed after it); on both listeners, a new connection without a first request
+    /// (an HTTP/2 stream) within it is closed too.
+    #[arg(help_heading = "Network", long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// HTTP/2 streams one connection may have open at once, on both listeners.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "MAX_CONCURRENT_STREAMS",
+        default_value_t = 200
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Interval of the HTTP/2 keepalive PINGs both listeners send; 0 disables them.
+    #[arg(help_heading = "Network", long, env = "HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A peer that does not acknowledge a keepalive PING within this is closed.
+    #[arg(help_heading = "Network", long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
     /// gRPC connections batch their writes across the streams that answer in one turn
     /// of the runtime and send them with one system call, instead of one per stream
     /// (`grpc::fast::connection`); `false` sends at every HTTP/2 flush.
@@ -190,12 +261,55 @@ pub struct Config {
     )]
     pub flush_consolidation: bool,
 
+    /// Bytes of incomplete gRPC messages and HTTP request bodies held at once across
+    /// all streams and requests; past it the request ends with RESOURCE_EXHAUSTED /
+    /// `503`; 0 means no limit.
+    #[arg(help_heading = "Limits", long, env = "MAX_INCOMPLETE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_incomplete_bytes: usize,
+
+    /// An incomplete gRPC message or HTTP body must arrive at this many bytes per
+    /// second at least (after `MIN_UPLOAD_RATE_GRACE`), else DEADLINE_EXCEEDED /
+    /// `408`; 0 disables.
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "MIN_UPLOAD_RATE",
+        default_value_t = 1024
+    )]
+    pub min_upload_rate: u64,
+
+    /// Waiting time an incomplete message or body is allowed before
+    /// `MIN_UPLOAD_RATE` applies.
+    #[arg(help_heading = "Limits", long, env = "MIN_UPLOAD_RATE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub min_upload_rate_grace: Duration,
+
+    /// A unary or server-streaming gRPC call (Analyze, WatchAnomalies, health) must
+    /// send its whole request within this, before it takes a concurrency slot
+    /// (DEADLINE_EXCEEDED otherwise); 0 disables.
+    #[arg(help_heading = "Limits", long, env = "FIRST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub first_message_timeout: Duration,
+
+    /// Encodings gRPC responses may be compressed with, when the client lists one in
+    /// `grpc-accept-encoding` (the first it lists that is here is used): `gzip`,
+    /// `deflate`, `zstd`, comma-separated, or `off`. Compressed requests (gzip, deflate,
+    /// zstd) are accepted whatever this says.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "GRPC_COMPRESSION",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "off"
+    )]
+    pub grpc_compression: Vec<GrpcCompression>,
+
     /// Largest HTTP request body accepted, in bytes; larger bodies get `413`.
     #[arg(help_heading = "Limits", long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Time one HTTP request or unary gRPC call may take, body upload included (HTTP
-    /// `504`, gRPC `DEADLINE_EXCEEDED`); streams only count their opening; 0 disables.
+    /// Time one HTTP request or unary gRPC call may take once its request is in
+    /// (HTTP `504`, gRPC `DEADLINE_EXCEEDED`); an HTTP body must also be uploaded
+    /// within it (`408`); streams only count their opening; 0 disables.
     #[arg(help_heading = "Limits", long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
@@ -267,6 +381,17 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub snapshot_batch: usize,
+
+    /// Largest snapshot value read from Redis, in bytes (at least 1024): a larger value
+    /// is never transferred; it counts as undecodable and the device starts fresh.
+    /// Keep it above the largest snapshot the limits allow.
+    #[arg(
+        help_heading = "Snapshots (Redis)",
+        long,
+        env = "SNAPSHOT_MAX_BYTES",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    pub snapshot_max_bytes: u64,
 
     /// Redis connections in the pool (flush batches run this many at once).
     #[arg(
@@ -672,6 +797,94 @@ pub fn parse_cluster_nodes(list: &str) -> Result<Vec<redis::ConnectionInfo>, Str
         .collect()
 }
 
+/// A size in bytes: a number, optionally followed by `KiB`, `MiB` or `GiB` (or `K`,
+/// `M`, `G`, `Ki`, `Mi`, `Gi`: all powers of 1024).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "Ki" | "KiB" => 10,
+        "M" | "Mi" | "MiB" => 20,
+        "G" | "Gi" | "GiB" => 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (expected e.g. 512MiB, 2GiB)"
+            ));
+        }
+    };
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512MiB, 2GiB)"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
+}
+
+/// Share of a cgroup memory limit `MEMORY_BUDGET` defaults to: the rest is for what
+/// the budget does not count (streams, buffers, snapshot batches, allocator slack and
+/// the window-value pool's free runs: `docs/operations.md`, "Memory").
+pub const CGROUP_BUDGET_SHARE: (usize, usize) = (3, 4);
+
+/// Where `MEMORY_BUDGET` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetSource {
+    /// The setting.
+    Setting,
+    /// 3/4 of this cgroup memory limit, in bytes.
+    Cgroup(u64),
+    /// Neither: the built-in default.
+    Default,
+}
+
+impl BudgetSource {
+    /// How the start-up log names it.
+    pub fn describe(self) -> String {
+        match self {
+            Self::Setting => "MEMORY_BUDGET".into(),
+            Self::Cgroup(limit) => format!("3/4 of the cgroup memory limit ({limit} bytes)"),
+            Self::Default => "default (no cgroup memory limit)".into(),
+        }
+    }
+}
+
+/// The memory limit of this process's cgroup, if it has one: `memory.max` (cgroup
+/// v2) or `memory.limit_in_bytes` (v1), of its own cgroup as `/proc/self/cgroup`
+/// names it, else at the root of `/sys/fs/cgroup` (a container's own cgroup).
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroup_limit_in(std::path::Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// [`cgroup_memory_limit`] under the cgroup mount `root`, for the `/proc/self/cgroup`
+/// text `own`.
+fn cgroup_limit_in(root: &std::path::Path, own: &str) -> Option<u64> {
+    let mut candidates = Vec::new();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if id == "0" && controllers.is_empty() {
+            candidates.push(root.join(path).join("memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(root.join("memory").join(path).join("memory.limit_in_bytes"));
+        }
+    }
+    candidates.push(root.join("memory.max"));
+    candidates.push(root.join("memory").join("memory.limit_in_bytes"));
+    candidates.into_iter().find_map(|file| {
+        let text = std::fs::read_to_string(file).ok()?;
+        // "max" (v2), or a number near 2^63 (v1), means no limit.
+        let limit: u64 = text.trim().parse().ok()?;
+        (limit > 0 && limit < 1 << 60).then_some(limit)
+    })
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
@@ -738,6 +951,23 @@ impl Config {
         if self.max_devices == 0 {
             return fail("MAX_DEVICES", "must be at least 1".into());
         }
+        if let Some(budget) = self.memory_budget
+            && budget < 1 << 20
+        {
+            return fail(
+                "MEMORY_BUDGET",
+                format!("must be at least 1MiB, got {budget} bytes"),
+            );
+        }
+        if self.max_stream_window == 0 || self.max_stream_window > MAX_WINDOW {
+            return fail(
+                "MAX_STREAM_WINDOW",
+                format!(
+                    "must be between 1 and {MAX_WINDOW}, got {}",
+                    self.max_stream_window
+                ),
+            );
+        }
         if self.max_metrics_per_device == 0 {
             return fail("MAX_METRICS_PER_DEVICE", "must be at least 1".into());
         }
@@ -768,8 +998,27 @@ impl Config {
         if self.feed_replay_buffer == 0 {
             return fail("FEED_REPLAY_BUFFER", "must be at least 1".into());
         }
+        if self.max_concurrent_streams == 0 {
+            return fail("MAX_CONCURRENT_STREAMS", "must be at least 1".into());
+        }
+        if self.header_read_timeout.is_zero() {
+            return fail("HEADER_READ_TIMEOUT", "must be above 0".into());
+        }
+        if !self.http2_keepalive_interval.is_zero() && self.http2_keepalive_timeout.is_zero() {
+            return fail(
+                "HTTP2_KEEPALIVE_TIMEOUT",
+                "must be above 0 while HTTP2_KEEPALIVE_INTERVAL is set".into(),
+            );
+        }
         if self.shutdown_timeout.is_zero() {
             return fail("SHUTDOWN_TIMEOUT", "must be above 0".into());
+        }
+        if self.grpc_compression.contains(&GrpcCompression::Off) && self.grpc_compression.len() > 1
+        {
+            return fail(
+                "GRPC_COMPRESSION",
+                "`off` cannot be listed with an encoding".into(),
+            );
         }
         if self.max_body_bytes < 1024 {
             return fail(
@@ -811,6 +1060,12 @@ impl Config {
         }
         if self.snapshot_batch == 0 {
             return fail("SNAPSHOT_BATCH", "must be at least 1".into());
+        }
+        if self.snapshot_max_bytes < 1024 {
+            return fail(
+                "SNAPSHOT_MAX_BYTES",
+                format!("must be at least 1024, got {}", self.snapshot_max_bytes),
+            );
         }
         if self.redis_pool_size == 0 {
             return fail("REDIS_POOL_SIZE", "must be at least 1".into());
@@ -913,6 +1168,22 @@ impl Config {
             .filter(|u| !u.is_empty())
     }
 
+    /// `MEMORY_BUDGET` in bytes, and where it came from: the setting, else 3/4 of the
+    /// cgroup memory limit, else 2 GiB.
+    pub fn memory_budget(&self) -> (usize, BudgetSource) {
+        if let Some(budget) = self.memory_budget {
+            return (budget, BudgetSource::Setting);
+        }
+        match cgroup_memory_limit() {
+            Some(limit) => {
+                let (share, of) = CGROUP_BUDGET_SHARE;
+                let budget = usize::try_from(limit).unwrap_or(usize::MAX) / of * share;
+                (budget, BudgetSource::Cgroup(limit))
+            }
+            None => (crate::engine::DEFAULT_MEMORY_BUDGET, BudgetSource::Default),
+        }
+    }
+
     /// The engine's part of the configuration.
     pub fn engine(&self) -> EngineConfig {
         let defaults = EngineConfig::default();
@@ -932,6 +1203,9 @@ impl Config {
             max_device_id_len: self.max_device_id_len,
             max_metric_name_len: self.max_metric_name_len,
             idle_timeout: self.idle_timeout,
+            memory_budget: self.memory_budget().0,
+            max_stream_window: self.max_stream_window,
+            snapshots: self.redis_url().is_some(),
             ..defaults
         };
         self.detectors.apply(&mut engine);
@@ -1116,6 +1390,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_parse_in_powers_of_1024() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("384MiB"), Ok(384 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes(" 512Mi "), Ok(512 << 20));
+        assert!(parse_bytes("2GB").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        let c = Config::try_parse_from(["tidewatch", "--memory-budget", "64MiB"]).unwrap();
+        assert_eq!(c.memory_budget(), (64 << 20, BudgetSource::Setting));
+        assert_eq!(c.engine().memory_budget, 64 << 20);
+        let small = Config::try_parse_from(["tidewatch", "--memory-budget", "1000"]).unwrap();
+        assert_eq!(small.validate().unwrap_err().setting, "MEMORY_BUDGET");
+        let wide = Config::try_parse_from(["tidewatch", "--max-stream-window", "4097"]).unwrap();
+        assert_eq!(wide.validate().unwrap_err().setting, "MAX_STREAM_WINDOW");
+    }
+
+    #[test]
+    fn the_cgroup_memory_limit_is_found_for_v1_and_v2() {
+        let root = std::env::temp_dir().join(format!("tidewatch-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // v2: the process's own cgroup, "max" at the root.
+        std::fs::create_dir_all(root.join("pod/app")).unwrap();
+        std::fs::write(root.join("memory.max"), "max\n").unwrap();
+        std::fs::write(root.join("pod/app/memory.max"), "536870912\n").unwrap();
+        assert_eq!(cgroup_limit_in(&root, "0::/pod/app\n"), Some(512 << 20));
+        assert_eq!(cgroup_limit_in(&root, "0::/\n"), None, "max is no limit");
+        // v1: the memory controller's hierarchy; the unlimited value is no limit.
+        std::fs::create_dir_all(root.join("memory/job")).unwrap();
+        std::fs::write(
+            root.join("memory/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("memory/job/memory.limit_in_bytes"), "1073741824").unwrap();
+        let v1 = "5:memory:/job\n4:cpu,cpuacct:/job\n";
+        std::fs::remove_file(root.join("memory.max")).unwrap();
+        assert_eq!(cgroup_limit_in(&root, v1), Some(1 << 30));
+        assert_eq!(cgroup_limit_in(&root, "5:memory:/elsewhere\n"), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn defaults_are_valid_and_local() {
         let c = Config::defaults();
         c.validate().unwrap();
@@ -1139,6 +1456,21 @@ mod tests {
             let c = Config::try_parse_from(["tidewatch", "--flush-consolidation", value]).unwrap();
             assert_eq!(c.flush_consolidation, expected, "{value}");
         }
+    }
+
+    #[test]
+    fn grpc_compression_parses() {
+        assert_eq!(Config::defaults().grpc_compression, [GrpcCompression::Off]);
+        let c = Config::try_parse_from(["tidewatch", "--grpc-compression", "zstd,gzip"]).unwrap();
+        assert_eq!(
+            c.grpc_compression,
+            [GrpcCompression::Zstd, GrpcCompression::Gzip]
+        );
+        c.validate().unwrap();
+        assert!(Config::try_parse_from(["tidewatch", "--grpc-compression", "br"]).is_err());
+        let c = Config::try_parse_from(["tidewatch", "--grpc-compression", "gzip,off"]).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "GRPC_COMPRESSION");
     }
 
     #[test]
@@ -1171,6 +1503,11 @@ mod tests {
         let mut c = Config::defaults();
         c.snapshot_ttl = Duration::from_millis(10);
         assert_eq!(c.validate().unwrap_err().setting, "SNAPSHOT_TTL");
+        let mut c = Config::defaults();
+        c.snapshot_max_bytes = 1023;
+        assert_eq!(c.validate().unwrap_err().setting, "SNAPSHOT_MAX_BYTES");
+        c.snapshot_max_bytes = 1024;
+        c.validate().unwrap();
         let mut c = Config::defaults();
         c.redis_command_timeout = Duration::ZERO;
         assert_eq!(c.validate().unwrap_err().setting, "REDIS_COMMAND_TIMEOUT");
@@ -1209,6 +1546,52 @@ mod tests {
         let mut c = Config::defaults();
         c.max_body_bytes = 10;
         assert_eq!(c.validate().unwrap_err().setting, "MAX_BODY_BYTES");
+    }
+
+    #[test]
+    fn connection_and_intake_settings() {
+        let c = Config::try_parse_from([
+            "tidewatch",
+            "--max-connections",
+            "100",
+            "--connection-idle-timeout",
+            "0",
+            "--max-concurrent-streams",
+            "50",
+            "--http2-keepalive-interval",
+            "0",
+            "--max-incomplete-bytes",
+            "1048576",
+            "--min-upload-rate",
+            "0",
+            "--first-message-timeout",
+            "2s",
+        ])
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.max_connections, c.max_concurrent_streams), (100, 50));
+        assert_eq!(c.connection_idle_timeout, Duration::ZERO);
+        assert_eq!(c.max_incomplete_bytes, 1 << 20);
+        assert_eq!(c.first_message_timeout, Duration::from_secs(2));
+        let d = Config::defaults();
+        assert_eq!(d.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.min_upload_rate, 1024);
+        for (setting, change) in [
+            (
+                "MAX_CONCURRENT_STREAMS",
+                (|c: &mut Config| c.max_concurrent_streams = 0) as fn(&mut Config),
+            ),
+            ("HEADER_READ_TIMEOUT", |c: &mut Config| {
+                c.header_read_timeout = Duration::ZERO
+            }),
+            ("HTTP2_KEEPALIVE_TIMEOUT", |c: &mut Config| {
+                c.http2_keepalive_timeout = Duration::ZERO;
+            }),
+        ] {
+            let mut c = Config::defaults();
+            change(&mut c);
+            assert_eq!(c.validate().unwrap_err().setting, setting);
+        }
     }
 
     #[test]

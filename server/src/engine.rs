@@ -16,6 +16,7 @@
 //!   `lookahead.rs` (with `prefetch.rs`, the hint itself); `validate.rs` says what a
 //!   sample must be; `clock.rs` gives receive times and the idle tick.
 //! - `flush.rs`: what the snapshot flusher and the idle evictor ask of the engine.
+//! - `holders.rs`: the devices each principal holds, against its `devices` quota.
 //! - `shard.rs` (one shard's table), `index.rs` (its hash index), `pool.rs` (its window
 //!   values), `names.rs` (its metric names), `resident.rs` (a device in memory, and
 //!   judging one value).
@@ -24,11 +25,13 @@
 //! - `window.rs` (the rolling statistics), `detector.rs` (the rules behind `anomaly`,
 //!   `score` and `alert`), `io.rs` (what samples come as and verdicts go to).
 
+mod budget;
 mod clock;
 mod config;
 pub mod detector;
 mod device;
 mod flush;
+mod holders;
 mod index;
 mod ingest;
 mod io;
@@ -47,10 +50,11 @@ mod validate;
 mod window;
 
 pub use clock::now_timestamp;
-pub use config::EngineConfig;
+pub use config::{DEFAULT_MEMORY_BUDGET, EngineConfig};
 pub use detector::{DetectorDefaults, DetectorKind, DetectorSpec, DetectorState, RobustParams};
 pub use device::{DeviceState, MetricState, analyze_response};
 pub use flush::{DeviceKey, DirtyDevice};
+pub use holders::Owner;
 pub use ingest::BatchOutcome;
 pub(crate) use io::text;
 pub use io::{AnomalyKeeper, MetricOutcome, SampleLike, Tee, VerdictSink};

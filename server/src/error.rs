@@ -76,6 +76,33 @@ pub enum SampleError {
         /// Who sent the sample.
         principal: String,
     },
+    /// Admitting the device, its new metrics or a larger window would take the
+    /// engine's memory past `MEMORY_BUDGET` (`docs/operations.md`, "Memory").
+    #[error(
+        "memory_budget: device {device:?} needs {need} more bytes; {used} of MEMORY_BUDGET ({budget} bytes) are in use"
+    )]
+    MemoryBudget {
+        /// The device.
+        device: String,
+        /// Bytes the sample would have added.
+        need: usize,
+        /// Bytes in use when it was refused.
+        used: usize,
+        /// The configured budget.
+        budget: usize,
+    },
+    /// The device is not in memory and the principal holds its `devices` quota of
+    /// devices already (`docs/security.md`, "Quotas"). Says nothing of whether the
+    /// device has a snapshot.
+    #[error(
+        "device_quota: principal {principal:?} holds its quota of {limit} devices; no room for a new one"
+    )]
+    DeviceQuota {
+        /// Who sent the sample.
+        principal: String,
+        /// Its `devices` quota.
+        limit: u64,
+    },
     /// Another replica holds the device and did not hand it over in time (it is
     /// busy, or it died and its lease has not run out): nothing was applied, and
     /// sending the sample again is safe (`docs/architecture.md`, "Replicas").
@@ -98,7 +125,7 @@ fn describe(value: f64) -> &'static str {
 
 impl SampleError {
     /// Every stable reason, in the order of [`SampleError::index`].
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 11] = [
         "invalid_device_id",
         "no_metrics",
         "invalid_metric_name",
@@ -108,6 +135,8 @@ impl SampleError {
         "permission_denied",
         "moved",
         "invalid_seq",
+        "memory_budget",
+        "device_quota",
     ];
 
     /// Position of this error's reason in [`SampleError::REASONS`].
@@ -122,6 +151,8 @@ impl SampleError {
             Self::PermissionDenied { .. } => 6,
             Self::Moved { .. } => 7,
             Self::InvalidSeq { .. } => 8,
+            Self::MemoryBudget { .. } => 9,
+            Self::DeviceQuota { .. } => 10,
         }
     }
 
@@ -146,6 +177,9 @@ pub enum ErrorKind {
     Unavailable,
     /// A stream or request ran out of its time.
     Timeout,
+    /// The client sent its request too slowly, or not all of it in time
+    /// (`MIN_UPLOAD_RATE`, `FIRST_MESSAGE_TIMEOUT`): HTTP `408`.
+    SlowClient,
     /// A bug or an unexpected failure; never carries internal detail to the client.
     Internal,
     /// No valid credentials.
@@ -165,7 +199,7 @@ impl ErrorKind {
             Self::NotFound => Code::NotFound,
             Self::Overloaded => Code::ResourceExhausted,
             Self::Unavailable => Code::Unavailable,
-            Self::Timeout => Code::DeadlineExceeded,
+            Self::Timeout | Self::SlowClient => Code::DeadlineExceeded,
             Self::Internal => Code::Internal,
             Self::Unauthenticated => Code::Unauthenticated,
             Self::PermissionDenied => Code::PermissionDenied,
@@ -182,6 +216,7 @@ impl ErrorKind {
             Self::Overloaded => 503,
             Self::Unavailable => 503,
             Self::Timeout => 504,
+            Self::SlowClient => 408,
             Self::Internal => 500,
             Self::Unauthenticated => 401,
             Self::PermissionDenied => 403,
@@ -198,6 +233,7 @@ impl ErrorKind {
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
+            Self::SlowClient => "request_timeout",
             Self::Internal => "internal",
             Self::Unauthenticated => "unauthenticated",
             Self::PermissionDenied => "permission_denied",

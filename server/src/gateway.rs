@@ -9,6 +9,7 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /anomalies` | the live anomaly feed as Server-Sent Events ([`sse`]) |
 //! | `GET /devices`, `GET /window` | device ids by prefix, one device's window values ([`devices`]) |
+//! | `DELETE /devices/{id}` | `DeleteDevice`: the device's state gone from every replica and Redis |
 //! | `GET /console/` | the web console ([`console`]) |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of all of these ([`openapi`]) |
 //!
@@ -41,7 +42,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{delete, get, post},
 };
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
@@ -60,6 +61,7 @@ use tracing::Instrument as _;
 use crate::{
     config::nonzero,
     error::{ApiError, ErrorKind},
+    intake::{IntakeBody, IntakeError, Mode},
     overload::{self, RETRY_AFTER_SECONDS},
     security::{
         policy::{Principal, Scope},
@@ -89,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/analyze", get(analyze))
         .route("/devices", get(devices::devices))
         .route("/window", get(devices::window))
+        .route("/devices/{*id}", delete(devices::delete))
         .route_layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(move |e: BoxError| {
@@ -103,6 +106,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .option_layer(nonzero(config.request_timeout).map(TimeoutLayer::new))
                 .map_err(BoxError::from),
         )
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            prefetch_body,
+        ))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authenticate,
@@ -121,6 +128,73 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .with_state(state)
+}
+
+/// The routes of a connection admitted past `MAX_CONNECTIONS` (see
+/// `connections`): probes and metrics; anything else gets `503` and the connection
+/// is closed.
+pub fn probe_only_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(live))
+        .route("/healthz", get(live))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(connection_limit)
+        .with_state(state)
+}
+
+/// What a probe-only connection answers outside the probes.
+async fn connection_limit(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.record_shed(Transport::Http);
+    let mut response = ApiError::new(
+        ErrorKind::Overloaded,
+        "the server is at its connection limit (MAX_CONNECTIONS); retry shortly",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Reads an API request's body before the request takes a concurrency slot, under
+/// the intake rules (`MAX_INCOMPLETE_BYTES`, `MIN_UPLOAD_RATE`) and within
+/// `REQUEST_TIMEOUT` (`408` past it), so a slow upload holds no slot: the handler
+/// gets the body whole.
+async fn prefetch_body(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let deadline = nonzero(state.config.request_timeout).map(|t| tokio::time::Instant::now() + t);
+    let body = Body::new(IntakeBody::new(
+        body,
+        Arc::clone(&state.intake),
+        Mode::Whole {
+            deadline,
+            setting: "REQUEST_TIMEOUT",
+        },
+    ));
+    match read_body(&parts.headers, body, state.config.max_body_bytes).await {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(e) => {
+            if e.kind == ErrorKind::Overloaded {
+                state.metrics.record_shed(Transport::Http);
+            }
+            let mut response = e.into_response();
+            if response.status() == StatusCode::REQUEST_TIMEOUT {
+                // The rest of a slow upload is not worth waiting for.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
 }
 
 /// The admin listener's routes: probes and metrics only (see `ADMIN_ADDR`).
@@ -264,6 +338,7 @@ fn route_label(path: Option<&str>) -> Option<&'static str> {
         "/anomalies" => "/anomalies",
         "/devices" => "/devices",
         "/window" => "/window",
+        "/devices/{*id}" => "/devices/{id}",
         "/openapi.json" => "/openapi.json",
         "/console" => "/console",
         "/console/" => "/console/",
@@ -402,9 +477,12 @@ impl IngestQuery {
                                       an `error` in its verdict", body = schema_names::IngestResponseBody),
         (status = 400, description = "Malformed body or query; nothing was ingested",
          body = schema_names::ErrorBody),
+        (status = 408, description = "Body uploaded slower than MIN_UPLOAD_RATE, or not \
+                                      within REQUEST_TIMEOUT", body = schema_names::ErrorBody),
         (status = 413, description = "Body larger than MAX_BODY_BYTES", body = schema_names::ErrorBody),
-        (status = 503, description = "Overloaded (HTTP_CONCURRENCY_LIMIT) or shutting down; \
-                                      retry after Retry-After", body = schema_names::ErrorBody),
+        (status = 503, description = "Overloaded (HTTP_CONCURRENCY_LIMIT, \
+                                      MAX_INCOMPLETE_BYTES) or shutting down; retry after \
+                                      Retry-After", body = schema_names::ErrorBody),
         (status = 504, description = "REQUEST_TIMEOUT passed", body = schema_names::ErrorBody),
     )
 )]
@@ -504,23 +582,40 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
         linger(headers, body, declared);
         return Err(too_large());
     }
-    let mut bytes = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    // A body that arrives in one chunk is kept as it is (no copy); otherwise the
+    // chunks are copied together as they come, never reserved at the announced
+    // length: an incomplete body holds what was received.
+    let mut first: Option<Bytes> = None;
+    let mut bytes = BytesMut::new();
+    let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!("cannot read the request body: {e}"),
-            )
+            let e = e.into_inner();
+            match IntakeError::find(&*e) {
+                Some(intake) => ApiError::from(intake),
+                None => ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("cannot read the request body: {e}"),
+                ),
+            }
         })?;
         if let Ok(data) = frame.into_data() {
-            if bytes.len() + data.len() > limit {
+            total += data.len();
+            if total > limit {
                 linger(headers, body, 0);
                 return Err(too_large());
             }
-            bytes.extend_from_slice(&data);
+            match first.take() {
+                None if bytes.is_empty() => first = Some(data),
+                Some(earlier) => {
+                    bytes.extend_from_slice(&earlier);
+                    bytes.extend_from_slice(&data);
+                }
+                None => bytes.extend_from_slice(&data),
+            }
         }
     }
-    Ok(bytes.freeze())
+    Ok(first.unwrap_or_else(|| bytes.freeze()))
 }
 
 /// Reads and discards the rest of a refused body in the background, within

@@ -17,18 +17,20 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
 use tidewatch_proto::v1::{
-    AnalyzeRequest, AnalyzeResponse, IngestRequest, IngestResponse, WatchAnomaliesRequest,
-    WatchAnomaliesResponse,
+    AnalyzeRequest, AnalyzeResponse, DeleteDeviceRequest, DeleteDeviceResponse, IngestRequest,
+    IngestResponse, WatchAnomaliesRequest, WatchAnomaliesResponse,
     telemetry_service_server::{TelemetryService, TelemetryServiceServer},
 };
 use tonic::{
     Request, Response, Status, Streaming,
     body::Body,
+    codec::CompressionEncoding,
     codegen::{BoxFuture, Service},
     server::NamedService,
 };
 
 use crate::{
+    config::{Config, GrpcCompression},
     security::{policy::Principal, tls::PeerInfo},
     service::AppState,
     telemetry::rpc::RpcCall,
@@ -56,15 +58,26 @@ impl TelemetryApi {
         Self { state }
     }
 
-    /// The tonic service: `Ingest` through the [`fast`] path, the other methods through the generated server, with message
-    /// size limits applied.
+    /// The tonic service: `Ingest` through the [`fast`] path, the other methods through
+    /// the generated server, with message size limits and compression applied.
     pub fn into_server(self) -> TelemetryRouter {
-        let max = self.state.config.max_message_bytes;
+        let state = Arc::clone(&self.state);
+        let max = state.config.max_message_bytes;
+        let (accept, send) = compression(&state.config);
+        let send_fast = response_encodings(&state.config);
+        let mut generated = TelemetryServiceServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(usize::MAX);
+        for encoding in accept {
+            generated = generated.accept_compressed(encoding);
+        }
+        for encoding in send {
+            generated = generated.send_compressed(encoding);
+        }
         TelemetryRouter {
-            state: Arc::clone(&self.state),
-            generated: TelemetryServiceServer::new(self)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(usize::MAX),
+            state,
+            send: send_fast,
+            generated,
         }
     }
 }
@@ -111,6 +124,18 @@ impl TelemetryService for TelemetryApi {
             .map_err(Status::from)
     }
 
+    async fn delete_device(
+        &self,
+        request: Request<DeleteDeviceRequest>,
+    ) -> Result<Response<DeleteDeviceResponse>, Status> {
+        let principal = caller(&self.state, request.extensions())?;
+        self.state
+            .delete_device(&principal, request.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
     type WatchAnomaliesStream = BoxStream<WatchAnomaliesResponse>;
 
     async fn watch_anomalies(
@@ -132,6 +157,8 @@ impl TelemetryService for TelemetryApi {
 #[derive(Debug, Clone)]
 pub struct TelemetryRouter {
     state: Arc<AppState>,
+    /// The encodings `Ingest` responses may use (`GRPC_COMPRESSION`).
+    send: Arc<[fast::Encoding]>,
     generated: TelemetryServiceServer<TelemetryApi>,
 }
 
@@ -160,20 +187,58 @@ where
         if request.uri().path() != INGEST_PATH {
             return self.generated.call(request);
         }
-        Box::pin(ready(Ok(serve_ingest(&self.state, request))))
+        Box::pin(ready(Ok(serve_ingest(&self.state, &self.send, request))))
     }
 }
 
-/// Serves an `Ingest` call through the [`fast`] path, carrying the service's stream.
+/// The compressions of the generated services (tonic's): requests in gzip, deflate and
+/// zstd are accepted; responses use those of `GRPC_COMPRESSION` that the client
+/// accepts (docs/api.md, "Compression"). Health and reflection get the same.
+pub(crate) fn compression(config: &Config) -> ([CompressionEncoding; 3], Vec<CompressionEncoding>) {
+    // Accepted in this order: tonic's `grpc-accept-encoding` lists them so, as the fast
+    // path's does.
+    let accept = [
+        CompressionEncoding::Gzip,
+        CompressionEncoding::Deflate,
+        CompressionEncoding::Zstd,
+    ];
+    let send = response_encodings(config)
+        .iter()
+        .map(|encoding| match encoding {
+            fast::Encoding::Gzip => CompressionEncoding::Gzip,
+            fast::Encoding::Deflate => CompressionEncoding::Deflate,
+            fast::Encoding::Zstd => CompressionEncoding::Zstd,
+        })
+        .collect();
+    (accept, send)
+}
+
+/// The encodings of `GRPC_COMPRESSION`, in its order; none for `off`.
+fn response_encodings(config: &Config) -> Arc<[fast::Encoding]> {
+    config
+        .grpc_compression
+        .iter()
+        .filter_map(|c| match c {
+            GrpcCompression::Gzip => Some(fast::Encoding::Gzip),
+            GrpcCompression::Deflate => Some(fast::Encoding::Deflate),
+            GrpcCompression::Zstd => Some(fast::Encoding::Zstd),
+            GrpcCompression::Off => None,
+        })
+        .collect()
+}
+
+/// Serves an `Ingest` call through the [`fast`] path, carrying the service's stream;
+/// `send`: the encodings its responses may use.
 pub(crate) fn serve_ingest<B>(
     state: &Arc<AppState>,
+    send: &[fast::Encoding],
     request: http::Request<B>,
 ) -> http::Response<Body>
 where
     B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<tonic::codegen::StdError> + Send + 'static,
 {
-    fast::serve(request, state.config.max_message_bytes, |request| {
+    fast::serve(request, state.config.max_message_bytes, send, |request| {
         let principal = caller(state, request.extensions())?;
         let call = request.extensions().get::<RpcCall>().cloned();
         ingest::StreamCore::start(state, principal, call)

@@ -17,6 +17,10 @@
 //!   speaking the proto3 JSON of the same messages.
 //! - [`overload`]: concurrency limits with load shedding and request timeouts for both
 //!   servers.
+//! - [`intake`]: bounds on request data still arriving (incomplete messages and
+//!   bodies: a byte budget, a minimum rate, a deadline for whole requests).
+//! - [`connections`]: `MAX_CONNECTIONS` with probe headroom, connection activity and
+//!   the idle timeout.
 //! - [`engine`]: the sharded per-(device, metric) windows, the detectors
 //!   ([`engine::detector`]) and their semantics; it knows no transport.
 //! - [`security`]: TLS with certificates reloaded from disk, mutual TLS, bearer
@@ -44,11 +48,13 @@
 //! shutdown future; the binary does the same with SIGTERM/SIGINT.
 
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod gateway;
 pub mod grpc;
+pub mod intake;
 pub mod overload;
 pub mod security;
 pub mod server;

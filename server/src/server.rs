@@ -4,6 +4,7 @@
 //! `SHUTDOWN_TIMEOUT` (`docs/architecture.md`, "Shutdown and drain").
 
 use std::{
+    convert::Infallible,
     future::{Future, IntoFuture as _},
     io,
     net::SocketAddr,
@@ -12,6 +13,11 @@ use std::{
 };
 
 use anyhow::Context as _;
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tidewatch_proto::v1::telemetry_service_server::TelemetryServiceServer;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -21,9 +27,14 @@ use tonic_health::{
     pb::health_server::{Health, HealthServer},
     server::HealthReporter,
 };
+use tower::{
+    ServiceExt as _,
+    layer::util::{Identity, Stack},
+};
 
 use crate::{
     config::{Config, OtlpProtocol, nonzero},
+    connections::{ActiveBody, Admission, Conn, HasConn as _, IdleWatch, PROBE_HEADROOM},
     gateway, grpc, overload,
     security::tls,
     service::AppState,
@@ -141,12 +152,14 @@ impl Server {
         let background = Background::start(&state);
         announce_storage(&state);
         announce_telemetry(&state);
+        announce_memory(&state);
         // Ready before the gateway answers its first request: `/readyz` is 503 only
         // while the server is not serving yet (connections wait in the backlog until
         // here) and while it drains.
         state.ready.store(true, Ordering::Relaxed);
         let http = start_http(&state, http)?;
         announce_security(&state);
+        check_file_limit(&config);
         tracing::info!(%http_addr, "http listening");
         tracing::info!(%grpc_addr, "grpc listening");
 
@@ -194,12 +207,18 @@ async fn start_grpc(
     let services = grpc_services(state, health_service)?;
     let drained = state.shutdown.clone();
     let (lingering, lingered) = mpsc::channel::<()>(1);
+    let admission = Admission::new(
+        state.config.max_connections,
+        nonzero(state.config.connection_idle_timeout),
+        state.config.header_read_timeout,
+    );
     let incoming = tls::maybe_tls(
         grpc::incoming(
             listener,
             state.config.shutdown_timeout,
             state.config.flush_consolidation,
             lingering,
+            admission,
         ),
         state.security.grpc_tls.clone(),
         state.config.tls_handshake_timeout,
@@ -212,23 +231,42 @@ async fn start_grpc(
 }
 
 /// The gRPC services: health, reflection (v1, and v1alpha since grpcurl 1.8 speaks
-/// only that) and the API behind its overload guard, with keepalive and the
-/// connection age limit.
+/// only that) and the API behind its overload guard, all behind the intake layer
+/// (`overload::GrpcIntakeLayer`), with `MAX_CONCURRENT_STREAMS`, keepalive PINGs and
+/// the connection age limit.
 fn grpc_services(
     state: &Arc<AppState>,
     health: HealthServer<impl Health>,
-) -> anyhow::Result<Router> {
+) -> anyhow::Result<Router<Stack<overload::GrpcIntakeLayer, Identity>>> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tidewatch_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
     let config = &state.config;
+    // The compressions of every generated service (`grpc::compression`): each type has
+    // its own `accept_compressed`/`send_compressed`, so a macro applies them.
+    let (accept, send) = grpc::compression(config);
+    macro_rules! compressed {
+        ($service:expr) => {{
+            let mut service = $service;
+            for &encoding in &accept {
+                service = service.accept_compressed(encoding);
+            }
+            for &encoding in &send {
+                service = service.send_compressed(encoding);
+            }
+            service
+        }};
+    }
+    let health = compressed!(health);
+    let reflection_v1 = compressed!(reflection().build_v1()?);
+    let reflection_v1alpha = compressed!(reflection().build_v1alpha()?);
     let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(nonzero(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .layer(overload::GrpcIntakeLayer::new(state));
     if let Some(age) = nonzero(config.max_connection_age) {
         builder = builder
             .max_connection_age(age)
@@ -246,20 +284,172 @@ fn grpc_services(
 
 /// Starts the HTTP gateway on `listener`; it runs until its `stop` is cancelled.
 fn start_http(state: &Arc<AppState>, listener: TcpListener) -> io::Result<HttpTask> {
+    let config = &state.config;
     let stop = CancellationToken::new();
-    let stopped = stop.clone();
+    let admission = Admission::new(
+        config.max_connections,
+        nonzero(config.connection_idle_timeout),
+        config.header_read_timeout,
+    );
     let listener = tls::GatewayListener::new(
         listener,
         state.security.http_tls.clone(),
-        state.config.tls_handshake_timeout,
+        config.tls_handshake_timeout,
+        admission,
     )?;
-    let server = axum::serve(
+    let apps = HttpApps {
+        full: gateway::router(Arc::clone(state)),
+        probes: gateway::probe_only_router(Arc::clone(state)),
+    };
+    let task = tokio::spawn(serve_http(
         listener,
-        gateway::router(Arc::clone(state)).into_make_service_with_connect_info::<tls::PeerInfo>(),
-    )
-    .with_graceful_shutdown(async move { stopped.cancelled().await });
-    let task = tokio::spawn(server.into_future());
+        apps,
+        http_builder(config),
+        stop.clone(),
+    ));
     Ok(HttpTask { task, stop })
+}
+
+/// The gateway's HTTP/1 and HTTP/2 settings: `HEADER_READ_TIMEOUT`,
+/// `MAX_CONCURRENT_STREAMS`, keepalive PINGs.
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .keep_alive_interval(nonzero(config.http2_keepalive_interval))
+        .keep_alive_timeout(config.http2_keepalive_timeout);
+    builder
+}
+
+/// The gateway's routes: all of them, and those a probe-only connection gets.
+#[derive(Clone)]
+struct HttpApps {
+    full: axum::Router,
+    probes: axum::Router,
+}
+
+/// The gateway's accept loop, as `axum::serve` runs it, with the connection settings
+/// axum does not expose: each connection is served with `builder`, gets its
+/// [`tls::PeerInfo`], keeps itself active while a request is answered, and is
+/// closed gracefully once idle for `CONNECTION_IDLE_TIMEOUT` or when `stop` is
+/// cancelled (which also stops accepting); returns once every connection is closed.
+async fn serve_http(
+    mut listener: tls::GatewayListener,
+    apps: HttpApps,
+    builder: auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    use axum::serve::Listener as _;
+    let (open, mut closed) = mpsc::channel::<()>(1);
+    loop {
+        let (io, addr) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let conn = io.inner().conn();
+        let peer = tls::PeerInfo {
+            remote_addr: Some(addr),
+            identity: io.identity().cloned(),
+            conn: conn.clone(),
+        };
+        let app = if conn.as_ref().is_some_and(|c| c.probe_only()) {
+            apps.probes.clone()
+        } else {
+            apps.full.clone()
+        };
+        let active = conn.clone();
+        let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let mut request = request.map(axum::body::Body::new);
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer.clone()));
+            let activity = active.as_ref().map(Conn::enter);
+            let answer = app.clone().oneshot(request);
+            async move {
+                let response = answer.await?;
+                Ok::<_, Infallible>(
+                    response.map(|body| axum::body::Body::new(ActiveBody::new(body, activity))),
+                )
+            }
+        });
+        let builder = builder.clone();
+        let stop = stop.clone();
+        let open = open.clone();
+        tokio::spawn(async move {
+            let _open = open;
+            let mut idle = conn.as_ref().and_then(Conn::idle_watch);
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            let mut connection = std::pin::pin!(connection);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "http connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = stop.cancelled(), if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    () = idle_of(&mut idle), if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    drop(open);
+    while closed.recv().await.is_some() {}
+    Ok(())
+}
+
+/// Resolves when the connection of `watch` is idle for its timeout; never without one.
+async fn idle_of(watch: &mut Option<IdleWatch>) {
+    match watch {
+        Some(watch) => watch.idle().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Warns when the process may open fewer files than `MAX_CONNECTIONS` needs on both
+/// listeners, with their probe headroom and a margin for the rest (Redis, OTLP): past
+/// the file limit, accepting fails and probes stop answering.
+fn check_file_limit(config: &Config) {
+    if config.max_connections == 0 {
+        return;
+    }
+    let needed = 2 * (config.max_connections + PROBE_HEADROOM) + FILE_MARGIN;
+    let Some(limit) = open_files_limit() else {
+        return;
+    };
+    if needed > limit {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            needed,
+            limit,
+            "MAX_CONNECTIONS needs more file descriptors than the process may open (ulimit -n): raise the limit or lower MAX_CONNECTIONS"
+        );
+    }
+}
+
+/// File descriptors kept for everything but the two listeners' connections.
+const FILE_MARGIN: usize = 256;
+
+/// The soft limit on open files (Linux `/proc/self/limits`), if known and finite.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Logs how the listeners are protected, once; an exposed listener without TLS or
@@ -281,6 +471,18 @@ fn announce_security(state: &AppState) {
             "ALLOW_INSECURE: serving outside loopback without TLS or without authentication"
         );
     }
+}
+
+/// Logs the memory budget and where it came from, once at start.
+fn announce_memory(state: &AppState) {
+    let (_, source) = state.config.memory_budget();
+    tracing::info!(
+        memory_budget = state.engine.memory_budget(),
+        source = %source.describe(),
+        max_devices = state.config.max_devices,
+        max_stream_window = state.config.max_stream_window,
+        "memory budget"
+    );
 }
 
 /// Says where OpenTelemetry data goes, once at start (endpoints may carry
@@ -372,7 +574,7 @@ fn announce_storage(state: &AppState) {
             z_threshold = config.z_threshold,
             min_samples = config.min_samples,
             detector = %config.detectors.detector,
-            "running in memory without Redis (REDIS_URL unset): window state is lost on restart"
+            "running in memory without Redis (REDIS_URL unset or empty): window state is lost on restart"
         ),
     }
 }

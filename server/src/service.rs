@@ -25,7 +25,10 @@ use std::{
 use anyhow::Context as _;
 use tidewatch_proto::{
     pbjson_types::Timestamp,
-    v1::{AnalyzeRequest, AnalyzeResponse, Sample, Source, Verdict},
+    v1::{
+        AnalyzeRequest, AnalyzeResponse, DeleteDeviceRequest, DeleteDeviceResponse, Sample, Source,
+        Verdict,
+    },
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -33,17 +36,27 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     engine::{
-        AnomalyKeeper, DetectorSpec, Engine, SampleLike, Tee, VerdictSink, analyze_response,
+        AnomalyKeeper, DetectorSpec, Engine, Owner, SampleLike, Tee, VerdictSink, analyze_response,
         normalize_device_id, now_timestamp,
     },
     error::{ApiError, ErrorKind, SampleError},
+    intake::IntakeRules,
     security::{
         Security,
         policy::{Principal, Scope},
     },
-    snapshot::{SnapshotConfig, Snapshots},
+    snapshot::{DeleteError, SnapshotConfig, Snapshots},
     telemetry::{self, Metrics, Transport, trace::Tracing},
 };
+
+/// Whose `devices` quota counts the devices `principal`'s samples create: nobody's
+/// when it has no such quota (or authentication is off).
+fn owner(principal: &Principal) -> Option<Owner<'_>> {
+    principal.quota.devices.map(|limit| Owner {
+        name: &principal.name,
+        limit,
+    })
+}
 
 /// Requests with at least this many samples are judged on the blocking pool, so that
 /// a 10,000-sample batch does not hold a runtime worker for milliseconds.
@@ -82,6 +95,9 @@ pub struct AppState {
     pub snapshots: Option<Arc<Snapshots>>,
     /// TLS, authentication, per-principal quotas.
     pub security: Arc<Security>,
+    /// The bounds on request data still arriving (`MAX_INCOMPLETE_BYTES`,
+    /// `MIN_UPLOAD_RATE`), shared by both listeners.
+    pub intake: Arc<IntakeRules>,
 }
 
 /// How far [`AppState::judge_now`] got through a request.
@@ -117,8 +133,14 @@ impl AppState {
             None => None,
         };
         let security = Arc::new(Security::from_config(&config)?);
+        let intake = Arc::new(IntakeRules::new(
+            config.max_incomplete_bytes,
+            config.min_upload_rate,
+            config.min_upload_rate_grace,
+        ));
         Ok(Self {
             security,
+            intake,
             config: Arc::new(config),
             engine,
             metrics,
@@ -186,10 +208,21 @@ impl AppState {
         let mut verdicts = Vec::with_capacity(samples.len());
         let mut moved = HashSet::new();
         let mut at = 0;
+        // Restored devices count against the caller's `devices` quota as created ones do.
+        let holder = principal
+            .quota
+            .devices
+            .map(|limit| (Arc::clone(&principal.name), limit));
         for round in 0..RESTORE_ROUNDS {
             let rest = &samples[at..];
-            if principal.devices.is_everything() {
-                moved.extend(snapshots.restore_missing(rest).await);
+            let full = holder
+                .as_ref()
+                .is_some_and(|(name, limit)| self.engine.devices_held(name) >= *limit);
+            if full {
+                // Nothing is read for a caller whose quota has no room: its samples of
+                // devices not in memory are refused (`device_quota`) when judged.
+            } else if principal.devices.is_everything() {
+                moved.extend(snapshots.restore_missing(rest, holder.clone()).await);
             } else {
                 // A device outside the caller's namespace is refused, never loaded.
                 let allowed: Vec<Sample> = rest
@@ -197,7 +230,7 @@ impl AppState {
                     .filter(|s| principal.may_touch(normalize_device_id(&s.device_id)))
                     .cloned()
                     .collect();
-                moved.extend(snapshots.restore_missing(&allowed).await);
+                moved.extend(snapshots.restore_missing(&allowed, holder.clone()).await);
             }
             let last = round + 1 == RESTORE_ROUNDS;
             at += if samples.len() - at >= BLOCKING_BATCH && moved.is_empty() {
@@ -307,6 +340,59 @@ impl AppState {
         ))
     }
 
+    /// `DeleteDevice`: removes a device's state from memory, on every replica, and
+    /// from Redis (`docs/snapshots.md`, "Deleting a device"); `deleted` says whether
+    /// it had any. Needs the `admin` scope; a device outside the caller's namespace is
+    /// refused before any lookup, so the answer says nothing of whether it exists.
+    /// The gRPC method and the gateway's `DELETE /devices/{id}` both serve it.
+    pub async fn delete_device(
+        &self,
+        principal: &Principal,
+        request: &DeleteDeviceRequest,
+    ) -> Result<DeleteDeviceResponse, ApiError> {
+        principal.require(Scope::Admin)?;
+        let id = normalize_device_id(&request.device_id);
+        principal.require_device(id)?;
+        let limit = self.engine.config().max_device_id_len;
+        if id.len() > limit {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "device id is {} bytes; limit is {limit} (MAX_DEVICE_ID_LEN)",
+                    id.len()
+                ),
+            ));
+        }
+        let deleted = match &self.snapshots {
+            None => self.engine.remove(id).is_some(),
+            Some(snapshots) => match snapshots.delete(id).await {
+                Ok(deleted) => deleted.existed,
+                Err(e @ DeleteError::Held(_)) => {
+                    return Err(ApiError::new(ErrorKind::Unavailable, e.to_string()));
+                }
+                Err(DeleteError::Store(_)) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "device {id:?} was not deleted: the snapshot store does not answer; retry"
+                        ),
+                    ));
+                }
+            },
+        };
+        if deleted {
+            self.metrics
+                .shared_counters()
+                .devices_deleted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tracing::info!(device_id = id, principal = %principal.name, deleted, "device deletion done");
+        Ok(DeleteDeviceResponse {
+            device_id: id.to_owned(),
+            deleted,
+        })
+    }
+
     /// Judges `samples` into `out` in order, except that the samples of the devices
     /// in `moved` (another replica holds them) are not judged: their verdicts carry
     /// the `moved` error, and the client sends them again (`docs/architecture.md`,
@@ -402,8 +488,17 @@ impl AppState {
         out: &mut impl VerdictSink,
         stop_at_unknown: bool,
     ) -> Judged {
+        let owner = owner(principal);
         if principal.devices.is_everything() {
-            return self.judge_run(samples, detector, transport, started, out, stop_at_unknown);
+            return self.judge_run(
+                samples,
+                detector,
+                transport,
+                started,
+                out,
+                stop_at_unknown,
+                owner,
+            );
         }
         let mut samples = samples.into_iter();
         let mut run: Vec<S> = Vec::with_capacity(samples.len());
@@ -426,6 +521,7 @@ impl AppState {
                     finished,
                     out,
                     stop_at_unknown,
+                    owner,
                 );
                 count += judged.count;
                 finished = judged.finished;
@@ -456,7 +552,9 @@ impl AppState {
     /// broadcast. Judges all of `samples` unless `stop_at_unknown` (see
     /// [`Engine::ingest_batch_with`]). While anomaly watchers are subscribed, the
     /// anomalous verdicts are also kept as prost messages for them (unless `out` keeps them
-    /// already). The message's latency is recorded when it is judged whole here.
+    /// already). The message's latency is recorded when it is judged whole here. The
+    /// devices it creates count against `owner`'s `devices` quota.
+    #[allow(clippy::too_many_arguments)]
     fn judge_run<S: SampleLike>(
         &self,
         samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
@@ -465,25 +563,28 @@ impl AppState {
         started: Instant,
         out: &mut impl VerdictSink,
         stop_at_unknown: bool,
+        owner: Option<Owner<'_>>,
     ) -> Judged {
         let samples = samples.into_iter();
         let total = samples.len();
         let engine = &self.engine;
         let (outcome, count) = if !self.metrics.watching() {
-            engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown)
+            engine.ingest_batch_for(samples, detector, out, started, stop_at_unknown, owner)
         } else if let Some(before) = out.verdicts().map(<[Verdict]>::len) {
-            let result = engine.ingest_batch_with(samples, detector, out, started, stop_at_unknown);
+            let result =
+                engine.ingest_batch_for(samples, detector, out, started, stop_at_unknown, owner);
             let verdicts = out.verdicts().unwrap_or_default();
             self.publish_anomalies(&verdicts[before.min(verdicts.len())..], result.0.anomalies);
             result
         } else {
             let mut kept = AnomalyKeeper::default();
-            let result = engine.ingest_batch_with(
+            let result = engine.ingest_batch_for(
                 samples,
                 detector,
                 &mut Tee(out, &mut kept),
                 started,
                 stop_at_unknown,
+                owner,
             );
             self.publish_anomalies(&kept.kept, result.0.anomalies);
             result
@@ -715,6 +816,24 @@ mod tests {
                 )
                 .await
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn only_a_principal_with_a_devices_quota_is_counted() {
+        // Without authentication (and for principals without the quota): no owner,
+        // so the engine counts nothing.
+        assert_eq!(owner(&Principal::anonymous()), None);
+        let mut principal = Principal::anonymous();
+        principal.quota.streams = Some(2);
+        assert_eq!(owner(&principal), None);
+        principal.quota.devices = Some(3);
+        assert_eq!(
+            owner(&principal),
+            Some(Owner {
+                name: "anonymous",
+                limit: 3
+            })
         );
     }
 }

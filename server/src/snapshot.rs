@@ -15,6 +15,12 @@
 //!   is not in memory waits for its snapshot to be read and inserted before it is
 //!   judged. Concurrent first samples of one device share one read.
 //! - **Analyze** of a device not in memory reads its snapshot ([`Snapshots::read`]).
+//!   Every read checks the key's type and length in Redis first: a key of another
+//!   type, or a value above `SNAPSHOT_MAX_BYTES`, is counted and never transferred.
+//! - **Delete** ([`Snapshots::delete`], `DeleteDevice`): the device is taken like a
+//!   first sample takes it, leaves memory, and its keys are deleted with the version
+//!   bumped as a tombstone, so no older copy on any replica is judged or written back
+//!   (`docs/snapshots.md`, "Deleting a device").
 //! - **Eviction** runs in the flusher right after a flush, and evicts only idle
 //!   devices that are clean: an evicted device's newest state is always in Redis.
 //! - **Shutdown** ([`Snapshots::flush`] once more after streams drained) writes
@@ -53,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    engine::{DeviceKey, DeviceState, Engine, normalize_device_id},
+    engine::{DeviceKey, DeviceState, Engine, Owner, normalize_device_id},
     telemetry::Counters,
 };
 pub use store::{Store, StoreError, cluster};
@@ -139,6 +145,8 @@ pub struct SnapshotConfig {
     pub connect_timeout: Duration,
     /// `REDIS_COMMAND_TIMEOUT`.
     pub command_timeout: Duration,
+    /// `SNAPSHOT_MAX_BYTES`: a larger value is not read (it counts as undecodable).
+    pub max_bytes: u64,
 }
 
 impl SnapshotConfig {
@@ -167,6 +175,7 @@ impl SnapshotConfig {
             pool_size: config.redis_pool_size.max(1),
             connect_timeout: config.redis_connect_timeout,
             command_timeout: config.redis_command_timeout,
+            max_bytes: config.snapshot_max_bytes,
         })
     }
 }
@@ -228,10 +237,61 @@ pub struct Settled {
 
 /// What acquiring one device found.
 enum Acquired {
-    /// This replica owns it now: its version, and its snapshot if it has one.
-    Mine(u64, Option<Vec<u8>>),
+    /// This replica owns it now: its version, what its key holds, and how many of its
+    /// version and owner keys were of another type (deleted).
+    Mine(u64, Fetched, u64),
     /// Another live replica kept it past [`HANDOFF_WAIT`].
     Held,
+}
+
+/// What a device's snapshot key held, as the read scripts report it
+/// (`docs/architecture.md`, "Snapshot protocol", "Layout").
+#[derive(Debug)]
+enum Fetched {
+    /// No key.
+    Nothing,
+    /// A value of at most `SNAPSHOT_MAX_BYTES`.
+    Value(Vec<u8>),
+    /// A key of another type than a string (a hash, a list, ...): never read.
+    WrongType(String),
+    /// A value of this many bytes, above `SNAPSHOT_MAX_BYTES`: never read.
+    TooLarge(u64),
+}
+
+impl Fetched {
+    /// From the value (or nil) and the optional problem of a read script's reply.
+    fn from_reply(value: Option<Vec<u8>>, problem: Option<Vec<u8>>) -> Result<Self, StoreError> {
+        let bad = || StoreError::Refused("unexpected reply to a snapshot read script".into());
+        let Some(problem) = problem else {
+            return Ok(value.map_or(Self::Nothing, Self::Value));
+        };
+        let problem = String::from_utf8_lossy(&problem);
+        match problem.split_once(':') {
+            Some(("type", kind)) => Ok(Self::WrongType(kind.to_owned())),
+            Some(("size", len)) => Ok(Self::TooLarge(len.parse().map_err(|_| bad())?)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// What a deletion did, when it went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// The device had state (in memory here, handed over by its owner, or in Redis).
+    pub existed: bool,
+    /// The tombstone version left in Redis.
+    pub version: u64,
+}
+
+/// Why a deletion did not go through; nothing was deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// Another live replica kept the device past the hand-off wait.
+    #[error("device {0:?} is held by another replica that did not let go in time; retry")]
+    Held(String),
+    /// Redis failed or did not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// One pipeline of encoded devices on its way to Redis.
@@ -350,6 +410,16 @@ impl Snapshots {
         }
     }
 
+    /// Forgets the fences of devices evicted on probation ([`Engine::take_evicted`]),
+    /// unless one came back meanwhile (it holds a fence of its own then).
+    pub fn forget_evicted(&self, ids: &[Box<str>]) {
+        for id in ids {
+            if !self.engine.contains(id) {
+                self.versions.remove(id);
+            }
+        }
+    }
+
     /// This replica's id, as Redis knows it.
     pub fn replica(&self) -> &str {
         &self.replica
@@ -455,6 +525,7 @@ impl Snapshots {
             })
             .collect();
         let mut key = Vec::new();
+        let mut oversized = 0u64;
         for shard in 0..engine.shard_count() {
             keys.clear();
             engine.dirty_keys(shard, &mut keys);
@@ -485,6 +556,9 @@ impl Snapshots {
                             false,
                             |out| codec::encode_value(&device, out),
                         );
+                        if sets.last_value_len() as u64 > self.config.max_bytes {
+                            oversized += 1;
+                        }
                         batch.keys.push(device.key());
                         batch.ids.push((device.id().into(), fence.token));
                         device.mark_clean();
@@ -504,6 +578,13 @@ impl Snapshots {
             if !batch.keys.is_empty() && !self.send(tx, batch, recycled) {
                 return;
             }
+        }
+        if oversized > 0 {
+            tracing::warn!(
+                devices = oversized,
+                limit = self.config.max_bytes,
+                "snapshots larger than SNAPSHOT_MAX_BYTES written: they will not be restored; raise SNAPSHOT_MAX_BYTES"
+            );
         }
     }
 
@@ -649,7 +730,15 @@ impl Snapshots {
     /// samples are answered `moved`). A device already being restored for another
     /// request is waited for, not read again; one being handed to another replica is
     /// waited for and then taken back.
-    pub async fn restore_missing(self: &Arc<Self>, samples: &[Sample]) -> HashSet<Box<str>> {
+    ///
+    /// With `owner` (a principal's name and `devices` quota), the devices restored
+    /// count against that quota, and one that does not fit is not restored (its
+    /// samples are refused with `device_quota` when judged).
+    pub async fn restore_missing(
+        self: &Arc<Self>,
+        samples: &[Sample],
+        owner: Option<(Arc<str>, u64)>,
+    ) -> HashSet<Box<str>> {
         let mut blocked = HashSet::new();
         let mut ids: Vec<&str> = Vec::new();
         let mut seen = HashSet::new();
@@ -662,7 +751,7 @@ impl Snapshots {
         // A hand-off waited for sends its devices round again; two rounds are enough
         // unless the device keeps bouncing, and then its samples wait for the next try.
         for _ in 0..3 {
-            let waited = self.restore_round(&ids).await;
+            let waited = self.restore_round(&ids, &owner).await;
             let mut again = Vec::new();
             for (id, settled) in waited {
                 blocked.extend(settled.blocked.iter().cloned());
@@ -680,7 +769,11 @@ impl Snapshots {
 
     /// One round of [`Snapshots::restore_missing`]: starts what is missing, waits for
     /// everything in flight, and returns each waited id with how it settled.
-    async fn restore_round<'a>(self: &Arc<Self>, ids: &[&'a str]) -> Vec<(&'a str, Arc<Settled>)> {
+    async fn restore_round<'a>(
+        self: &Arc<Self>,
+        ids: &[&'a str],
+        owner: &Option<(Arc<str>, u64)>,
+    ) -> Vec<(&'a str, Arc<Settled>)> {
         let mut waits: Vec<(&'a str, Restore)> = Vec::new();
         let mut mine: Vec<Box<str>> = Vec::new();
         {
@@ -699,9 +792,10 @@ impl Snapshots {
             if !mine.is_empty() {
                 let ids: Arc<[Box<str>]> = mine.into();
                 let this = Arc::clone(self);
+                let owner = owner.clone();
                 let task = tokio::spawn({
                     let ids = Arc::clone(&ids);
-                    async move { this.load(&ids).await }
+                    async move { this.load(&ids, owner).await }
                 });
                 // The read runs as its own task: a client that goes away does not
                 // cancel a restore that other requests wait for.
@@ -721,7 +815,11 @@ impl Snapshots {
 
     /// Acquires, reads, decodes and inserts the snapshots of `ids`, then forgets the
     /// restore.
-    async fn load(&self, ids: &[Box<str>]) -> Arc<Settled> {
+    async fn load(&self, ids: &[Box<str>], owner: Option<(Arc<str>, u64)>) -> Arc<Settled> {
+        let owner = owner.as_ref().map(|(name, limit)| Owner {
+            name,
+            limit: *limit,
+        });
         if !self.renewed.load(Ordering::Relaxed) {
             // Others must see this replica live before it owns anything, or they
             // would take its devices for a dead replica's.
@@ -733,11 +831,26 @@ impl Snapshots {
             let mut found = Vec::new();
             for (id, result) in chunk.iter().zip(acquired) {
                 match result {
-                    Ok(Acquired::Mine(version, value)) => {
+                    Ok(Acquired::Mine(version, fetched, fixed)) => {
                         self.link.succeeded();
-                        match value {
-                            Some(value) => found.push((id.clone(), version, value)),
-                            None => self.start_fresh(id, Some(version)),
+                        if fixed > 0 {
+                            self.counters
+                                .snapshot_wrong_type
+                                .fetch_add(fixed, Ordering::Relaxed);
+                            tracing::warn!(
+                                device_id = &**id,
+                                keys = fixed,
+                                "version or owner key of the device held another redis type than a string: deleted"
+                            );
+                        }
+                        match fetched {
+                            Fetched::Value(value) => found.push((id.clone(), version, value)),
+                            Fetched::Nothing => self.start_fresh(id, Some(version), owner),
+                            unread => {
+                                // Its first write replaces what could not be read.
+                                self.unreadable(id, &unread);
+                                self.start_fresh(id, Some(version), owner);
+                            }
                         }
                     }
                     Ok(Acquired::Held) => settled.blocked.push(id.clone()),
@@ -746,17 +859,17 @@ impl Snapshots {
                             .snapshot_read_failures
                             .fetch_add(1, Ordering::Relaxed);
                         self.link.failed("restore", &e);
-                        self.start_fresh(id, None);
+                        self.start_fresh(id, None, owner);
                     }
                 }
             }
             if found.len() >= BLOCKING_DECODE {
                 let decoded = tokio::task::spawn_blocking(move || decode_all(found)).await;
                 if let Ok(decoded) = decoded {
-                    self.insert_all(decoded);
+                    self.insert_all(decoded, owner);
                 }
             } else {
-                self.insert_all(decode_all(found));
+                self.insert_all(decode_all(found), owner);
             }
         }
         let mut restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
@@ -767,32 +880,46 @@ impl Snapshots {
     }
 
     /// Makes this replica the owner of `device_id` and reads its snapshot, in one
-    /// round trip when nobody else owns it. When a live replica does, asks it to hand
-    /// the device over and waits up to [`HANDOFF_WAIT`]; when the owner is dead (its
-    /// lease ran out), takes the device from it.
+    /// round trip when nobody else owns it (see [`Snapshots::as_owner`]).
     async fn acquire(&self, device_id: &str) -> Result<Acquired, StoreError> {
+        let ttl = self.config.ttl_secs.to_string();
+        let cap = self.config.max_bytes.to_string();
+        let args = [self.replica.as_bytes(), ttl.as_bytes(), cap.as_bytes()];
+        match self
+            .as_owner(device_id, fence::ACQUIRE, &args, parse_acquired)
+            .await?
+        {
+            Some(Acquired::Mine(0, Fetched::Nothing, fixed)) => self.legacy(device_id, fixed).await,
+            Some(mine) => Ok(mine),
+            None => Ok(Acquired::Held),
+        }
+    }
+
+    /// Runs `script` (`KEYS`: snapshot, version, owner) until it answers as the
+    /// device's owner, or `None` when another live replica keeps it. The script
+    /// refuses (`parse` gives `Err(owner)`) while another replica owns the device:
+    /// then a live owner is asked to hand the device over, and asked again, for up to
+    /// [`HANDOFF_WAIT`]; a dead one (its lease ran out) is cleared.
+    async fn as_owner<T>(
+        &self,
+        device_id: &str,
+        script: &'static str,
+        args: &[&[u8]],
+        parse: fn(redis::Value) -> Result<Result<T, String>, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
         let keys = [
             store::key(device_id),
             fence::version_key(device_id),
             fence::owner_key(device_id),
         ];
         let keys = [keys[0].as_str(), keys[1].as_str(), keys[2].as_str()];
-        let ttl = self.config.ttl_secs.to_string();
         let started = Instant::now();
         let mut deadline: Option<Instant> = None;
         let mut asked: Option<Instant> = None;
         loop {
-            let reply: redis::Value = self
-                .store
-                .eval(
-                    fence::ACQUIRE,
-                    &keys,
-                    &[self.replica.as_bytes(), ttl.as_bytes()],
-                )
-                .await?;
-            let owner = match parse_acquired(reply)? {
-                Ok(Acquired::Mine(0, None)) => return self.legacy(device_id).await,
-                Ok(mine) => return Ok(mine),
+            let reply: redis::Value = self.store.eval(script, &keys, args).await?;
+            let owner = match parse(reply)? {
+                Ok(mine) => return Ok(Some(mine)),
                 Err(owner) => owner,
             };
             let Some(alive_for) = self.store.ttl(&fence::replica_key(&owner)).await? else {
@@ -813,7 +940,7 @@ impl Snapshots {
             });
             let now = Instant::now();
             if now >= limit {
-                return Ok(Acquired::Held);
+                return Ok(None);
             }
             if asked.is_none_or(|at| now.duration_since(at) >= HANDOFF_WAIT / 4) {
                 self.store
@@ -825,15 +952,145 @@ impl Snapshots {
         }
     }
 
-    /// A device taken with no snapshot: when its id holds a brace, builds before
-    /// Redis Cluster support kept it under another key (`store::legacy_key`), read
-    /// once here; its first write goes to the new key.
-    async fn legacy(&self, device_id: &str) -> Result<Acquired, StoreError> {
-        let value = match store::legacy_key(device_id) {
-            Some(key) => self.store.get(&key).await?,
-            None => None,
+    /// A device taken with no snapshot and no version: when its id holds a brace,
+    /// builds before Redis Cluster support kept it under another key
+    /// (`store::legacy_key`), read once here (checked as [`fence::READ`] checks any
+    /// read); its first write goes to the new key.
+    async fn legacy(&self, device_id: &str, fixed: u64) -> Result<Acquired, StoreError> {
+        let fetched = match store::legacy_key(device_id) {
+            Some(key) => {
+                let cap = self.config.max_bytes.to_string();
+                let reply = self
+                    .store
+                    .eval::<redis::Value>(fence::READ, &[&key], &[cap.as_bytes()])
+                    .await?;
+                parse_read(reply)?
+            }
+            None => Fetched::Nothing,
         };
-        Ok(Acquired::Mine(0, value))
+        Ok(Acquired::Mine(0, fetched, fixed))
+    }
+
+    /// Deletes `device_id` everywhere (`DeleteDevice`; `docs/snapshots.md`, "Deleting
+    /// a device"): takes it the way a first sample does (its owner, if another live
+    /// replica, hands it over and drops its copy), removes it from memory here and
+    /// from Redis, and leaves its version bumped in Redis, so a copy any replica
+    /// still holds loses its next write and is dropped. Every replica is also told
+    /// on [`fence::DELETED_CHANNEL`], and drops an older copy at once.
+    ///
+    /// Requests here for the device wait until it is done, then start it fresh. The
+    /// work runs as its own task: a caller that goes away does not cut it in half.
+    /// When it fails, nothing is deleted (a copy taken out of memory goes back).
+    pub async fn delete(self: &Arc<Self>, device_id: &str) -> Result<Deleted, DeleteError> {
+        let id: Box<str> = device_id.into();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        loop {
+            let waiting = {
+                let mut restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
+                match restores.get(&id) {
+                    Some(restore) => restore.clone(),
+                    None => {
+                        let this = Arc::clone(self);
+                        let task_id = id.clone();
+                        let task = tokio::spawn(async move {
+                            let result = this.erase(&task_id).await;
+                            let mut restores =
+                                this.restores.lock().unwrap_or_else(PoisonError::into_inner);
+                            restores.remove(&task_id);
+                            drop(restores);
+                            let _ = done.send(result);
+                            Arc::new(Settled {
+                                blocked: Vec::new(),
+                                handoff: true,
+                            })
+                        });
+                        let settled: Restore = task
+                            .map(|settled| {
+                                settled.unwrap_or_else(|_| {
+                                    Arc::new(Settled {
+                                        blocked: Vec::new(),
+                                        handoff: true,
+                                    })
+                                })
+                            })
+                            .boxed()
+                            .shared();
+                        restores.insert(id.clone(), settled);
+                        break;
+                    }
+                }
+            };
+            // A restore or a hand-off of the device is in flight: let it finish first.
+            waiting.await;
+        }
+        finished.await.unwrap_or_else(|_| {
+            Err(DeleteError::Store(StoreError::Refused(
+                "the deletion task failed".into(),
+            )))
+        })
+    }
+
+    /// The work of [`Snapshots::delete`].
+    async fn erase(&self, device_id: &str) -> Result<Deleted, DeleteError> {
+        let removed = self.engine.remove(device_id);
+        let ttl = self.config.ttl_secs.to_string();
+        let args = [self.replica.as_bytes(), ttl.as_bytes()];
+        let result = match self
+            .as_owner(device_id, fence::DELETE, &args, parse_deleted)
+            .await
+        {
+            Ok(Some(deleted)) => Ok(deleted),
+            Ok(None) => Err(DeleteError::Held(device_id.to_owned())),
+            Err(e) => {
+                self.link.failed("delete", &e);
+                Err(DeleteError::Store(e))
+            }
+        };
+        match result {
+            Ok(mut deleted) => {
+                self.link.succeeded();
+                self.versions.remove(device_id);
+                deleted.existed |= removed.is_some();
+                let notice = format!("{} {device_id}", deleted.version);
+                if let Err(e) = self.store.publish(fence::DELETED_CHANNEL, &notice).await {
+                    tracing::debug!(device_id, error = %e, "deletion notice not published");
+                }
+                Ok(deleted)
+            }
+            Err(e) => {
+                if let Some(mut state) = removed {
+                    state.dirty = true;
+                    self.engine.insert_if_absent(state);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A deletion notice from [`fence::DELETED_CHANNEL`]: drops this replica's copy
+    /// of the device if it started from a version older than the deletion's.
+    fn deleted_elsewhere(&self, notice: &str) {
+        let Some((version, device_id)) = notice.split_once(' ') else {
+            return;
+        };
+        let Ok(version) = version.parse::<u64>() else {
+            return;
+        };
+        if self.versions.get(device_id).version >= version {
+            return;
+        }
+        let restores = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
+        if restores.contains_key(device_id) {
+            // Being taken (or deleted) here right now: that reads the newer state.
+            return;
+        }
+        if self.engine.remove(device_id).is_some() {
+            self.versions.remove(device_id);
+            tracing::info!(
+                device_id,
+                "device deleted by another replica: this copy is dropped"
+            );
+        }
     }
 
     /// Listens for hand-off requests addressed to this replica until `stop`, and
@@ -845,10 +1102,16 @@ impl Snapshots {
                 let client = self.store.subscriber()?;
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(fence::DELETED_CHANNEL).await?;
                 let mut messages = pubsub.into_on_message();
                 while let Some(message) = messages.next().await {
-                    if let Ok(id) = message.get_payload::<String>() {
-                        self.hand_off(id.into());
+                    let Ok(payload) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    if message.get_channel_name() == fence::DELETED_CHANNEL {
+                        self.deleted_elsewhere(&payload);
+                    } else {
+                        self.hand_off(payload.into());
                     }
                 }
                 Ok::<(), redis::RedisError>(())
@@ -910,6 +1173,7 @@ impl Snapshots {
     /// are waited for (a hand-off written before an older flush would lose to it),
     /// then the final write goes with ownership.
     async fn give_up(&self, device_id: &str) {
+        let holder = self.engine.holder_of(device_id);
         let removed = self.engine.remove(device_id);
         let deadline = Instant::now() + self.config.command_timeout;
         while self.versions.get(device_id).in_flight > 0 && Instant::now() < deadline {
@@ -957,16 +1221,25 @@ impl Snapshots {
             (result, answer) => {
                 tracing::warn!(device_id, ?answer, error = ?result.err(), "hand-off write failed; the device stays here");
                 state.dirty = true;
-                self.engine.insert_if_absent(state);
+                // Counted again for its principal, whatever its quota says now: it
+                // never left this replica for the principal.
+                let owner = holder.as_deref().map(|name| Owner {
+                    name,
+                    limit: u64::MAX,
+                });
+                if owner.is_none() || !self.engine.insert_if_absent_for(state.clone(), owner) {
+                    // (Or uncounted, when the registry of principals is full.)
+                    self.engine.insert_if_absent(state);
+                }
             }
         }
     }
 
-    fn insert_all(&self, decoded: Decoded) {
+    fn insert_all(&self, decoded: Decoded, owner: Option<Owner<'_>>) {
         for (id, version, result) in decoded {
             match result {
                 Ok(device) => {
-                    if self.engine.insert_if_absent(device) {
+                    if self.engine.insert_if_absent_for(device, owner) {
                         self.versions.taken(&id, version);
                         self.counters
                             .snapshot_restores
@@ -977,7 +1250,7 @@ impl Snapshots {
                     // The device starts fresh here, and its first write replaces
                     // what could not be read.
                     self.decode_failed(&id, &e);
-                    self.start_fresh(&id, Some(version));
+                    self.start_fresh(&id, Some(version), owner);
                 }
             }
         }
@@ -986,8 +1259,11 @@ impl Snapshots {
     /// Puts a device with no history into memory (it had no snapshot, or Redis could
     /// not give it), so that the request that asked judges it as settled; `version`
     /// is what its first write expects, when Redis answered.
-    fn start_fresh(&self, device_id: &str, version: Option<u64>) {
-        if self.engine.insert_if_absent(DeviceState::new(device_id)) {
+    fn start_fresh(&self, device_id: &str, version: Option<u64>, owner: Option<Owner<'_>>) {
+        if self
+            .engine
+            .insert_if_absent_for(DeviceState::new(device_id), owner)
+        {
             self.versions.taken(device_id, version.unwrap_or(0));
         }
     }
@@ -999,14 +1275,60 @@ impl Snapshots {
         tracing::warn!(device_id, error = %error, "snapshot cannot be decoded; device starts fresh");
     }
 
+    /// Counts and logs a snapshot key that was not read: a value above
+    /// `SNAPSHOT_MAX_BYTES` is a decode error, a key of another type is counted on
+    /// its own. One line per read that finds it; a restore's first write replaces it.
+    fn unreadable(&self, device_id: &str, fetched: &Fetched) {
+        match fetched {
+            Fetched::TooLarge(bytes) => {
+                self.counters
+                    .snapshot_decode_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    device_id,
+                    bytes,
+                    limit = self.config.max_bytes,
+                    "snapshot is larger than SNAPSHOT_MAX_BYTES and was not read; device starts fresh"
+                );
+            }
+            Fetched::WrongType(kind) => {
+                self.counters
+                    .snapshot_wrong_type
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    device_id,
+                    key = %store::key(device_id),
+                    redis_type = %kind,
+                    "snapshot key holds a redis {kind}, not a string; device starts fresh"
+                );
+            }
+            Fetched::Nothing | Fetched::Value(_) => {}
+        }
+    }
+
     /// The snapshot of a device, without taking it into memory (`Analyze` of a device
     /// another replica holds). A value that cannot be decoded counts as none.
     pub async fn read(&self, device_id: &str) -> Result<Option<DeviceState>, StoreError> {
-        let ids = [Box::<str>::from(device_id)];
-        let value = match self.store.read(&ids).await {
-            Ok(mut values) => {
+        let key = store::key(device_id);
+        let cap = self.config.max_bytes.to_string();
+        let reply = self
+            .store
+            .eval::<redis::Value>(fence::READ, &[&key], &[cap.as_bytes()])
+            .await
+            .and_then(parse_read);
+        let value = match reply {
+            Ok(Fetched::Value(value)) => {
                 self.link.succeeded();
-                values.pop().flatten()
+                Some(value)
+            }
+            Ok(Fetched::Nothing) => {
+                self.link.succeeded();
+                None
+            }
+            Ok(unread) => {
+                self.link.succeeded();
+                self.unreadable(device_id, &unread);
+                None
             }
             Err(e) => {
                 self.counters
@@ -1042,6 +1364,45 @@ fn decode_all(found: Vec<(Box<str>, u64, Vec<u8>)>) -> Decoded {
         .collect()
 }
 
+/// The reply of [`fence::DELETE`]: `Ok` when it deleted, `Err(owner)` when another
+/// replica owns the device.
+fn parse_deleted(reply: redis::Value) -> Result<Result<Deleted, String>, StoreError> {
+    let bad = || StoreError::Refused("unexpected reply to the delete script".into());
+    let redis::Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    match items.as_slice() {
+        [
+            redis::Value::Int(1),
+            redis::Value::Int(existed),
+            redis::Value::Int(version),
+        ] => Ok(Ok(Deleted {
+            existed: *existed > 0,
+            version: u64::try_from(*version).map_err(|_| bad())?,
+        })),
+        [redis::Value::Int(0), redis::Value::BulkString(owner)] => {
+            Ok(Err(String::from_utf8_lossy(owner).into_owned()))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// The reply of [`fence::READ`].
+fn parse_read(reply: redis::Value) -> Result<Fetched, StoreError> {
+    let bad = || StoreError::Refused("unexpected reply to the read script".into());
+    let redis::Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    let mut items = items.into_iter().map(|item| match item {
+        redis::Value::BulkString(bytes) => Ok(Some(bytes)),
+        redis::Value::Nil => Ok(None),
+        _ => Err(bad()),
+    });
+    let value = items.next().transpose()?.flatten();
+    let problem = items.next().transpose()?.flatten();
+    Fetched::from_reply(value, problem)
+}
+
 /// The reply of [`fence::ACQUIRE`]: `Ok` when this replica owns the device now,
 /// `Err(owner)` when another one does.
 fn parse_acquired(reply: redis::Value) -> Result<Result<Acquired, String>, StoreError> {
@@ -1068,7 +1429,19 @@ fn parse_acquired(reply: redis::Value) -> Result<Result<Acquired, String>, Store
                 Some(value) => text(value)?,
                 None => None,
             };
-            Ok(Ok(Acquired::Mine(version, value)))
+            let problem = match items.next() {
+                Some(problem) => text(problem)?,
+                None => None,
+            };
+            let fixed = match items.next() {
+                Some(redis::Value::Int(n)) => u64::try_from(n).unwrap_or(0),
+                _ => 0,
+            };
+            Ok(Ok(Acquired::Mine(
+                version,
+                Fetched::from_reply(value, problem)?,
+                fixed,
+            )))
         }
         redis::Value::Int(0) => {
             let owner = text(items.next().ok_or_else(bad)?)?.ok_or_else(bad)?;

@@ -136,6 +136,7 @@ async fn flusher(state: Arc<AppState>, snapshots: Arc<Snapshots>, stop: Cancella
             _ = ticker.tick() => {}
         }
         flush_and_record(&state, &snapshots).await;
+        snapshots.forget_evicted(&state.engine.take_evicted());
         if last_eviction.elapsed() >= evict_every {
             last_eviction = Instant::now();
             let engine = Arc::clone(&state.engine);

@@ -195,6 +195,13 @@ impl Transport {
 /// Reasons a sample is rejected, as labels (the prefixes of `SampleError`).
 const REJECT_REASONS: [&str; SampleError::REASONS.len()] = SampleError::REASONS;
 
+/// Index of `memory_budget` in [`REJECT_REASONS`].
+const MEMORY_BUDGET_REASON: usize = 9;
+const _: () = assert!(matches!(
+    REJECT_REASONS[MEMORY_BUDGET_REASON].as_bytes(),
+    b"memory_budget"
+));
+
 /// Per-transport counters.
 #[derive(Debug, Default)]
 struct TransportCounters {
@@ -229,8 +236,13 @@ pub struct Counters {
     pub snapshot_restores: AtomicU64,
     /// Snapshot reads (restore, analyze) that failed against Redis.
     pub snapshot_read_failures: AtomicU64,
-    /// Snapshots that could not be decoded (other version, garbage).
+    /// Snapshots that could not be decoded (other version, garbage, above
+    /// `SNAPSHOT_MAX_BYTES`).
     pub snapshot_decode_errors: AtomicU64,
+    /// Snapshot keys that held another Redis type than a string.
+    pub snapshot_wrong_type: AtomicU64,
+    /// Devices deleted by `DeleteDevice` (or `DELETE /devices/{id}`) that had state.
+    pub devices_deleted: AtomicU64,
 }
 
 /// The service's metrics; cheap to share behind an `Arc`.
@@ -376,6 +388,11 @@ impl Metrics {
                 if n > 0 {
                     counter.fetch_add(n, Ordering::Relaxed);
                 }
+            }
+            // A sample refused by the memory budget is load shed too (one per sample).
+            let over_budget = outcome.rejected_by_reason[MEMORY_BUDGET_REASON];
+            if over_budget > 0 {
+                c.shed.fetch_add(over_budget, Ordering::Relaxed);
             }
         }
         if transport == Transport::Grpc
@@ -587,7 +604,7 @@ fn register_observables(meter: &Meter, counters: &Arc<Counters>, engine: Arc<Eng
         })
         .build();
     type ReadAll = fn(&Counters) -> u64;
-    let totals: [(&'static str, &'static str, ReadAll); 6] = [
+    let totals: [(&'static str, &'static str, ReadAll); 8] = [
         (
             "tidewatch_watch_events_missed",
             "Anomaly events watchers missed by reading too slowly",
@@ -618,6 +635,16 @@ fn register_observables(meter: &Meter, counters: &Arc<Counters>, engine: Arc<Eng
             "Snapshots that could not be decoded",
             |c| c.snapshot_decode_errors.load(Ordering::Relaxed),
         ),
+        (
+            "tidewatch_snapshot_wrong_type",
+            "Snapshot keys that held another Redis type than a string",
+            |c| c.snapshot_wrong_type.load(Ordering::Relaxed),
+        ),
+        (
+            "tidewatch_devices_deleted",
+            "Devices deleted through DeleteDevice that had state",
+            |c| c.devices_deleted.load(Ordering::Relaxed),
+        ),
     ];
     for (name, description, read) in totals {
         let c = Arc::clone(counters);
@@ -639,10 +666,30 @@ fn register_observables(meter: &Meter, counters: &Arc<Counters>, engine: Arc<Eng
         .with_description("Open WatchAnomalies streams")
         .with_callback(move |o| o.observe(c.watchers.load(Ordering::Relaxed), &[]))
         .build();
+    let e = Arc::clone(&engine);
     meter
         .u64_observable_gauge("tidewatch_devices")
         .with_description("Devices held in memory")
-        .with_callback(move |o| o.observe(engine.device_count() as u64, &[]))
+        .with_callback(move |o| o.observe(e.device_count() as u64, &[]))
+        .build();
+    let e = Arc::clone(&engine);
+    meter
+        .u64_observable_gauge("tidewatch_memory_budget_bytes")
+        .with_description("MEMORY_BUDGET: bytes the devices in memory may hold")
+        .with_callback(move |o| o.observe(e.memory_budget() as u64, &[]))
+        .build();
+    let e = Arc::clone(&engine);
+    meter
+        .u64_observable_gauge("tidewatch_memory_used_bytes")
+        .with_description("Bytes the devices in memory hold, as MEMORY_BUDGET counts them")
+        .with_callback(move |o| o.observe(e.memory_used() as u64, &[]))
+        .build();
+    meter
+        .u64_observable_counter("tidewatch_devices_evicted_on_probation")
+        .with_description(
+            "Devices with one sample evicted to admit a new device when MAX_DEVICES or MEMORY_BUDGET was reached",
+        )
+        .with_callback(move |o| o.observe(engine.probation_evictions(), &[]))
         .build();
 }
 

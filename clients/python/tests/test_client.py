@@ -111,6 +111,16 @@ async def test_analyze_and_not_found(client: tidewatch.Client) -> None:
     assert raised.value.code is not None and raised.value.code.name == "NOT_FOUND"
 
 
+async def test_delete_device(client: tidewatch.Client) -> None:
+    await collect(client, [rps("to-delete", v) for v in SEED])
+    deleted = await client.delete_device("to-delete")
+    assert isinstance(deleted, tidewatch.DeleteDeviceResponse)
+    assert (deleted.device_id, deleted.deleted) == ("to-delete", True)
+    with pytest.raises(tidewatch.NotFoundError):
+        await client.analyze("to-delete")
+    assert not (await client.delete_device("to-delete")).deleted
+
+
 async def test_watch_anomalies(client: tidewatch.Client) -> None:
     every = client.watch_anomalies()
     only_b = client.watch_anomalies(device_ids=["watch-b"], metrics=["rps"])

@@ -42,6 +42,10 @@ def test_ingest_analyze_health(server: Server) -> None:
         assert stats.metrics[0].last_value == 900.0 and stats.metrics[0].last_anomaly
         with pytest.raises(tidewatch.NotFoundError):
             client.analyze("sync-nobody")
+        assert client.delete_device("sync-seed").deleted
+        assert not client.delete_device("sync-seed").deleted
+        with pytest.raises(tidewatch.NotFoundError):
+            client.analyze("sync-seed")
 
 
 def test_many_samples_in_order(server: Server) -> None:

@@ -12,6 +12,8 @@
 //!   sample not yet answered. Re-sending is safe: the server answers a sample whose
 //!   `seq` it has already applied with `duplicate: true` and leaves the window alone.
 //! - [`Client::analyze`] returns the window statistics of a device.
+//! - [`Client::delete_device`] deletes a device's state on every replica and in Redis
+//!   (the `admin` scope when the server authenticates).
 //! - [`Client::watch_anomalies`] streams anomalous verdicts as they happen.
 //! - TLS ([`ClientConfig::tls`], an `https://` URL) and a bearer token
 //!   ([`ClientConfig::token`]: static, or a callback that returns a refreshed one) for
@@ -62,7 +64,7 @@
 //!
 //! # Layout
 //!
-//! - [`Client`] (this file): connection, `Analyze`, `WatchAnomalies`.
+//! - [`Client`] (this file): connection, `Analyze`, `DeleteDevice`, `WatchAnomalies`.
 //! - [`auth`]: TLS settings and the token interceptor.
 //! - [`session`]: the batching, reconnecting Ingest session.
 //! - [`backoff`]: reconnect delays.
@@ -80,7 +82,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use futures::{Stream, StreamExt};
 use tidewatch_proto::v1::{
-    AnalyzeRequest, WatchAnomaliesRequest, telemetry_service_client::TelemetryServiceClient,
+    AnalyzeRequest, DeleteDeviceRequest, WatchAnomaliesRequest,
+    telemetry_service_client::TelemetryServiceClient,
 };
 use tonic::{
     Code,
@@ -94,7 +97,8 @@ pub use backoff::Backoff;
 pub use error::Error;
 pub use session::{Answered, IngestSession, SessionConfig};
 pub use tidewatch_proto::v1::{
-    AnalyzeResponse, MetricStats, MetricVerdict, Sample, Verdict, WatchAnomaliesResponse,
+    AnalyzeResponse, DeleteDeviceResponse, MetricStats, MetricVerdict, Sample, Verdict,
+    WatchAnomaliesResponse,
 };
 /// The generated protobuf types and stubs, for what this API does not wrap.
 pub use tidewatch_proto::{self as proto, pbjson_types::Timestamp};
@@ -245,6 +249,19 @@ impl Client {
             }),
             Err(status) => Err(status.into()),
         }
+    }
+
+    /// Deletes the state of `device_id` (empty means `"default"`) from the memory of
+    /// every replica and from Redis: its next sample starts fresh. `deleted` in the
+    /// answer says whether it had any. Needs the `admin` scope when the server
+    /// authenticates ([`Error::Status`] with `PERMISSION_DENIED` otherwise);
+    /// `UNAVAILABLE` means nothing was deleted and the call may be sent again.
+    pub async fn delete_device(&self, device_id: &str) -> Result<DeleteDeviceResponse, Error> {
+        let mut request = tonic::Request::new(DeleteDeviceRequest {
+            device_id: device_id.to_string(),
+        });
+        request.set_timeout(self.config.request_timeout);
+        Ok(self.grpc.clone().delete_device(request).await?.into_inner())
     }
 
     /// The live feed of anomalous verdicts, filtered by device ids and metric names

@@ -1,6 +1,6 @@
 //! The SDK against the real server in-process: one verdict per sample over 100,000
 //! samples, `seq` assignment across sessions, a non-retryable error ending the session,
-//! `analyze` and `watch_anomalies`.
+//! `analyze`, `watch_anomalies` and `delete_device`.
 
 mod common;
 
@@ -226,4 +226,33 @@ async fn an_unreachable_server_is_a_typed_connect_error() {
         Client::connect("not a url").await,
         Err(Error::InvalidEndpoint { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_device_forgets_a_device() {
+    let server = TestServer::start_with(|_| {}).await;
+    let client = Client::connect(server.url()).await.expect("connect");
+    let mut session = client.ingest();
+    for rps in [1.0, 2.0, 3.0] {
+        session
+            .send(sample("to-delete").metric("rps", rps))
+            .await
+            .expect("send");
+    }
+    session.close_input();
+    while let Some(answered) = session.next().await {
+        answered.expect("answer");
+    }
+    let deleted = client.delete_device("to-delete").await.expect("delete");
+    assert_eq!(
+        (deleted.device_id.as_str(), deleted.deleted),
+        ("to-delete", true)
+    );
+    assert!(matches!(
+        client.analyze("to-delete").await,
+        Err(Error::NotFound { .. })
+    ));
+    let again = client.delete_device("to-delete").await.expect("delete");
+    assert!(!again.deleted);
+    server.stop().await;
 }

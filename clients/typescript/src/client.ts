@@ -22,6 +22,7 @@ import {
   TelemetryService,
   WatchAnomaliesRequestSchema,
   type AnalyzeResponse,
+  type DeleteDeviceResponse,
   type Sample,
   type Verdict,
   type WatchAnomaliesResponse,
@@ -236,6 +237,20 @@ export class TidewatchClient {
   async analyze(deviceId = "", options: { timeoutMs?: number } = {}): Promise<AnalyzeResponse> {
     try {
       return await this.rpc.analyze({ deviceId }, { timeoutMs: options.timeoutMs ?? this.timeoutMs });
+    } catch (error) {
+      throw toTidewatchError(error);
+    }
+  }
+
+  /**
+   * Deletes one device's state from the memory of every replica and from Redis; its
+   * next sample starts fresh. `deleted` in the answer says whether it had any. Needs
+   * the `admin` scope when the server authenticates (`PermissionDeniedError`);
+   * `UnavailableError` means nothing was deleted.
+   */
+  async deleteDevice(deviceId = "", options: { timeoutMs?: number } = {}): Promise<DeleteDeviceResponse> {
+    try {
+      return await this.rpc.deleteDevice({ deviceId }, { timeoutMs: options.timeoutMs ?? this.timeoutMs });
     } catch (error) {
       throw toTidewatchError(error);
     }

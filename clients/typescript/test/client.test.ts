@@ -141,6 +141,16 @@ test("analyze returns a device's statistics; an unknown device is NOT_FOUND", ()
     });
   }));
 
+test("deleteDevice forgets a device; deleting it again finds nothing", () =>
+  withServer(async (_server, client) => {
+    await collect(client, SEED.map((v) => rps("to-delete", v)));
+    const deleted = await client.deleteDevice("to-delete");
+    assert.equal(deleted.deviceId, "to-delete");
+    assert.equal(deleted.deleted, true);
+    await assert.rejects(client.analyze("to-delete"), (error: unknown) => error instanceof NotFoundError);
+    assert.equal((await client.deleteDevice("to-delete")).deleted, false);
+  }));
+
 test("watchAnomalies delivers anomalies, filtered by device and metric", () =>
   withServer(async (_server, client) => {
     const every = client.watchAnomalies();

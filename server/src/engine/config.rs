@@ -47,7 +47,17 @@ pub struct EngineConfig {
     pub robust_threshold: f64,
     /// Warm-up of the `robust` detector (`ROBUST_MIN_SAMPLES`).
     pub robust_min_samples: usize,
+    /// Bytes the devices in memory may hold (`MEMORY_BUDGET`).
+    pub memory_budget: usize,
+    /// Largest `window_size` a stream may ask for (`MAX_STREAM_WINDOW`).
+    pub max_stream_window: usize,
+    /// Devices are snapshotted: probation eviction takes only devices whose newest
+    /// state is in Redis, and only when a device is admitted through a restore.
+    pub snapshots: bool,
 }
+
+/// `MEMORY_BUDGET` when neither the setting nor a cgroup memory limit gives one.
+pub const DEFAULT_MEMORY_BUDGET: usize = 2 << 30;
 
 impl EngineConfig {
     /// The detector settings streams are resolved against.
@@ -61,6 +71,7 @@ impl EngineConfig {
             robust: self.robust,
             robust_threshold: self.robust_threshold,
             robust_min_samples: self.robust_min_samples,
+            max_window: self.max_stream_window,
         }
     }
 }
@@ -87,6 +98,9 @@ impl Default for EngineConfig {
             robust: RobustParams::default(),
             robust_threshold: detector::robust::DEFAULT_THRESHOLD,
             robust_min_samples: detector::robust::DEFAULT_MIN_SAMPLES,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_stream_window: detector::MAX_WINDOW,
+            snapshots: false,
         }
     }
 }

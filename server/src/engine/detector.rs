@@ -99,6 +99,8 @@ pub struct DetectorDefaults {
     pub robust_threshold: f64,
     /// `ROBUST_MIN_SAMPLES`.
     pub robust_min_samples: usize,
+    /// `MAX_STREAM_WINDOW`: the largest `window_size` a stream may ask for.
+    pub max_window: usize,
 }
 
 impl Default for DetectorDefaults {
@@ -112,6 +114,7 @@ impl Default for DetectorDefaults {
             robust: RobustParams::default(),
             robust_threshold: robust::DEFAULT_THRESHOLD,
             robust_min_samples: robust::DEFAULT_MIN_SAMPLES,
+            max_window: MAX_WINDOW,
         }
     }
 }
@@ -172,9 +175,10 @@ impl DetectorDefaults {
         let invalid = |message: String| ApiError::new(ErrorKind::InvalidArgument, message);
         if config.window_size > 0 {
             let w = config.window_size as usize;
-            if w > MAX_WINDOW {
+            let limit = self.max_window.min(MAX_WINDOW);
+            if w > limit {
                 return Err(invalid(format!(
-                    "detector {}: window_size {w} is above the limit {MAX_WINDOW}",
+                    "detector {}: window_size {w} is above the server's limit {limit} (MAX_STREAM_WINDOW)",
                     kind.as_str()
                 )));
             }

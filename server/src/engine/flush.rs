@@ -1,7 +1,7 @@
 //! What the snapshot flusher and the idle evictor ask of the engine: the dirty devices
 //! of a shard, written in place under its lock, and the devices that left memory.
 
-use std::{sync::atomic::Ordering, time::Instant};
+use std::time::Instant;
 
 use smallvec::SmallVec;
 
@@ -19,11 +19,8 @@ impl Engine {
         let hash = self.hash_id(id);
         let mut table = self.shard(hash).lock();
         let pos = table.find(hash, id)?;
-        let device = table.remove(pos);
-        let state = device.to_state(&table.pool, &table.names);
-        let table = &mut *table;
-        device.release(&mut table.pool, &mut table.names);
-        self.devices.fetch_sub(1, Ordering::Relaxed);
+        let state = self.remove_state_at(&mut table, pos);
+        table.compact_values_if_wasteful();
         Some(state)
     }
 
@@ -67,13 +64,10 @@ impl Engine {
                     continue;
                 }
                 // The last device moves into `pos`: look at `pos` again.
-                let device = table.remove(pos);
-                evicted.push(device.to_state(&table.pool, &table.names));
-                let table = &mut *table;
-                device.release(&mut table.pool, &mut table.names);
+                evicted.push(self.remove_state_at(&mut table, pos));
             }
+            table.compact_values_if_wasteful();
         }
-        self.devices.fetch_sub(evicted.len(), Ordering::Relaxed);
         evicted
     }
 

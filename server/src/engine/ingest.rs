@@ -12,7 +12,9 @@ use smallvec::SmallVec;
 use tidewatch_proto::pbjson_types::Timestamp;
 use tidewatch_proto::v1::{Sample, Verdict};
 
-use super::detector::DetectorSpec;
+use super::budget::{capacity_after, device_bytes, metric_bytes, records_bytes};
+use super::detector::{DetectorKind, DetectorSpec, MAX_WINDOW};
+use super::holders::{NOBODY, Owner};
 use super::io::{SampleLike, VerdictSink, text};
 use super::locks::{LockPolicy, Locks, ShardTable};
 use super::lookahead::{DEVICE_AT, LookAhead, Prefetch, Queued, SLOTS_AT, prefetch};
@@ -20,6 +22,7 @@ use super::resident::{Device, Metric};
 use super::shard::Table;
 use super::sharded::Engine;
 use super::validate::{check_shape, normalize_id, validate_metric_name};
+use super::window::MAX_WINDOW_SIZE;
 use crate::error::SampleError;
 
 /// Counts of one `ingest_batch` call, for metrics (recorded once per message).
@@ -48,6 +51,15 @@ struct BatchContext<'a, O> {
     /// Stop at the first sample of a device not in memory (see
     /// [`Engine::ingest_batch_with`]).
     stop_at_unknown: bool,
+    /// The rolling window the detector keeps, as a device's charge records it.
+    window: u16,
+    /// The robust baseline it keeps (0: none), likewise.
+    robust_window: u16,
+    /// A device was evicted to admit another: positions found ahead are stale.
+    evicted: bool,
+    /// Whose `devices` quota counts the devices the message creates (read only when
+    /// one is created).
+    owner: Option<Owner<'a>>,
     out: &'a mut O,
     outcome: BatchOutcome,
 }
@@ -122,6 +134,22 @@ impl Engine {
         received: Instant,
         stop_at_unknown: bool,
     ) -> (BatchOutcome, usize) {
+        self.ingest_batch_for(samples, detector, out, received, stop_at_unknown, None)
+    }
+
+    /// [`Engine::ingest_batch_with`] for `owner`: the devices the message creates
+    /// count against its `devices` quota, and a sample that would create one past it
+    /// is refused (`device_quota`). Devices already in memory are judged as for
+    /// anybody: the quota is looked at only when a device is created.
+    pub fn ingest_batch_for<S: SampleLike>(
+        &self,
+        samples: impl IntoIterator<Item = S, IntoIter: ExactSizeIterator>,
+        detector: &DetectorSpec,
+        out: &mut impl VerdictSink,
+        received: Instant,
+        stop_at_unknown: bool,
+        owner: Option<Owner<'_>>,
+    ) -> (BatchOutcome, usize) {
         let (received, tick) = self.clock.read(received);
         let mut samples = samples.into_iter();
         out.reserve(samples.len());
@@ -130,6 +158,13 @@ impl Engine {
             received,
             tick,
             stop_at_unknown,
+            window: detector.window_size.clamp(1, MAX_WINDOW_SIZE) as u16,
+            robust_window: match detector.kind {
+                DetectorKind::ZScore => 0,
+                DetectorKind::Robust => detector.robust.window.clamp(1, MAX_WINDOW) as u16,
+            },
+            evicted: false,
+            owner,
             out,
             outcome: BatchOutcome::default(),
         };
@@ -198,6 +233,11 @@ impl Engine {
                     batch.outcome.rejected_by_reason[error.index()] += 1;
                     batch.out.error(id, sample.seq(), &error);
                 }
+            }
+            if batch.evicted {
+                // A device left its table: positions found ahead may name another.
+                batch.evicted = false;
+                ahead.forget_positions();
             }
             judged += 1;
         }
@@ -281,26 +321,13 @@ impl Engine {
                 self.check_seq_against_clock(seq, last, &batch.received)?;
             }
         }
+        let created = found.is_none();
         let pos = match found {
             Some(pos) => pos,
-            None => {
-                if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
-                    return Err(SampleError::DeviceLimit {
-                        limit: self.config.max_devices,
-                    });
-                }
-                if batch.stop_at_unknown {
-                    return Ok(Judged::UnknownDevice);
-                }
-                self.devices.fetch_add(1, Ordering::Relaxed);
-                let device = match std::str::from_utf8(id) {
-                    Ok(id) => Device::new(id),
-                    // Not reached: every SampleLike hands over UTF-8 (its decoder
-                    // checked it).
-                    Err(_) => Device::new(&text(id)),
-                };
-                table.insert(hash, device)
-            }
+            None => match self.create(table, id, hash, new_metrics, batch)? {
+                Some(pos) => pos,
+                None => return Ok(Judged::UnknownDevice),
+            },
         };
         let (device, pool, names) = table.entry(pos);
         device.last_seen = batch.tick;
@@ -309,15 +336,22 @@ impl Engine {
             batch.out.duplicate(id, seq);
             return Ok(Judged::Yes);
         }
-        if new_metrics > 0
-            && device.metrics.len() + new_metrics > self.config.max_metrics_per_device
-        {
-            return Err(SampleError::TooManyMetrics {
-                device: text(id),
-                count: device.metrics.len() + new_metrics,
-                limit: self.config.max_metrics_per_device,
-            });
+        if batch.window > device.window || batch.robust_window > device.robust_window {
+            self.charge_windows(device, id, batch)?;
         }
+        if new_metrics > 0 {
+            if device.metrics.len() + new_metrics > self.config.max_metrics_per_device {
+                return Err(SampleError::TooManyMetrics {
+                    device: text(id),
+                    count: device.metrics.len() + new_metrics,
+                    limit: self.config.max_metrics_per_device,
+                });
+            }
+            if !created {
+                self.charge_metrics(device, id, new_metrics)?;
+            }
+        }
+        let names_before = names.bytes();
         batch.out.begin(id, seq, count);
         let (mut anomaly, mut alert, mut score) = (false, false, 0.0f64);
         let time = sample.time().unwrap_or(batch.received);
@@ -342,6 +376,10 @@ impl Engine {
             batch.out.metric(name, &metric);
         }
         batch.out.end(anomaly, alert, score);
+        if new_metrics > 0 {
+            // The names new metrics interned (admitted with their metrics above).
+            self.budget.force(names.bytes() - names_before);
+        }
         batch.outcome.applied += 1;
         batch.outcome.anomalies += u64::from(anomaly);
         if seq > 0 {
@@ -349,6 +387,135 @@ impl Engine {
         }
         device.set_updated_at(time);
         device.dirty = true;
+        device.visited();
         Ok(Judged::Yes)
+    }
+
+    /// Creates the device of a sample with `new_metrics` metrics, not in `table`
+    /// (whose id is `id`, hashing to `hash`), charging the budget for it and its
+    /// metrics at the batch's windows, evicting devices on probation when there is no
+    /// room (without snapshots: with them, a restore admits devices, see
+    /// [`Engine::insert_if_absent`]). `None`: the caller asked to stop at unknown
+    /// devices and there may be room for it. With an owner, its `devices` quota must
+    /// have room first, and the device counts against it.
+    #[cold]
+    fn create<O: VerdictSink>(
+        &self,
+        table: &mut Table,
+        id: &[u8],
+        hash: u64,
+        new_metrics: usize,
+        batch: &mut BatchContext<'_, O>,
+    ) -> Result<Option<usize>, SampleError> {
+        let holder = match batch.owner {
+            Some(owner) => self.holders.take(owner)?,
+            None => NOBODY,
+        };
+        let created = self.create_for(table, id, hash, new_metrics, batch, holder);
+        if !matches!(created, Ok(Some(_))) {
+            self.holders.give(holder);
+        }
+        created
+    }
+
+    /// [`Engine::create`] once the owner's quota counts the device (as `holder`).
+    fn create_for<O: VerdictSink>(
+        &self,
+        table: &mut Table,
+        id: &[u8],
+        hash: u64,
+        new_metrics: usize,
+        batch: &mut BatchContext<'_, O>,
+        holder: u16,
+    ) -> Result<Option<usize>, SampleError> {
+        let need = device_bytes(id.len())
+            + records_bytes(capacity_after(0, 2, new_metrics))
+            + new_metrics
+                * metric_bytes(usize::from(batch.window), usize::from(batch.robust_window));
+        let full = self.devices.load(Ordering::Relaxed) >= self.config.max_devices;
+        if full && !table.has_probation() {
+            // Nothing to evict: refused whether or not a snapshot would restore it.
+            return Err(SampleError::DeviceLimit {
+                limit: self.config.max_devices,
+            });
+        }
+        if !self.budget.fits(need) && !table.has_probation() {
+            return Err(self.over_budget(id, need, self.budget.used()));
+        }
+        if batch.stop_at_unknown {
+            return Ok(None);
+        }
+        let (evicted, admitted) = self.admit(table, id, need, !self.config.snapshots);
+        if evicted {
+            batch.evicted = true;
+            table.compact_values_if_wasteful();
+        }
+        admitted?;
+        self.insert_new(table, id, hash, batch, holder).map(Some)
+    }
+
+    /// Inserts an admitted device (charged at the batch's windows).
+    fn insert_new<O: VerdictSink>(
+        &self,
+        table: &mut Table,
+        id: &[u8],
+        hash: u64,
+        batch: &BatchContext<'_, O>,
+        holder: u16,
+    ) -> Result<usize, SampleError> {
+        let mut device = match std::str::from_utf8(id) {
+            Ok(id) => Device::new(id),
+            // Not reached: every SampleLike hands over UTF-8 (its decoder checked it).
+            Err(_) => Device::new(&text(id)),
+        };
+        device.window = batch.window;
+        device.robust_window = batch.robust_window;
+        device.holder = holder;
+        Ok(table.insert(hash, device))
+    }
+
+    /// Charges a device's metrics for the larger window (or robust baseline) a
+    /// stream keeps, or refuses the sample.
+    #[cold]
+    fn charge_windows<O: VerdictSink>(
+        &self,
+        device: &mut Device,
+        id: &[u8],
+        batch: &BatchContext<'_, O>,
+    ) -> Result<(), SampleError> {
+        let (window, robust) = (
+            batch.window.max(device.window),
+            batch.robust_window.max(device.robust_window),
+        );
+        let before = metric_bytes(device.window.into(), device.robust_window.into());
+        let after = metric_bytes(window.into(), robust.into());
+        let need = device.metrics.len() * (after - before);
+        self.budget
+            .take(need)
+            .map_err(|used| self.over_budget(id, need, used))?;
+        device.window = window;
+        device.robust_window = robust;
+        Ok(())
+    }
+
+    /// Charges `new` metrics about to be added to a device, or refuses the sample.
+    #[cold]
+    fn charge_metrics(&self, device: &Device, id: &[u8], new: usize) -> Result<(), SampleError> {
+        let capacity = device.metrics.capacity();
+        let need = records_bytes(capacity_after(device.metrics.len(), capacity, new))
+            - records_bytes(capacity)
+            + new * metric_bytes(device.window.into(), device.robust_window.into());
+        self.budget
+            .take(need)
+            .map_err(|used| self.over_budget(id, need, used))
+    }
+
+    fn over_budget(&self, id: &[u8], need: usize, used: usize) -> SampleError {
+        SampleError::MemoryBudget {
+            device: text(id),
+            need,
+            used,
+            budget: self.budget.limit(),
+        }
     }
 }

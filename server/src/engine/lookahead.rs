@@ -35,7 +35,7 @@ pub(super) struct Queued<S> {
     pub(super) shard: usize,
     /// Its device's position, as the window slots' step found it with the locks held
     /// (the judging does not look the device up again: no device leaves a locked
-    /// table).
+    /// table but by probation eviction, after which the positions are forgotten).
     pub(super) found: Option<usize>,
 }
 

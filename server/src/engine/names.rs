@@ -7,6 +7,15 @@ use std::hash::BuildHasher;
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
 
+use super::pool::heap;
+
+/// What a name of `len` bytes costs while interned (`budget.rs`): its entry (the
+/// name's pointer and length, and its count), its slot in the lookup table, and its
+/// bytes as the allocator rounds them.
+pub(crate) const fn name_bytes(len: usize) -> usize {
+    size_of::<(Box<str>, u32)>() + 8 + heap(len)
+}
+
 /// Interned metric names with reference counts.
 #[derive(Debug)]
 pub(crate) struct Names {
@@ -17,6 +26,8 @@ pub(crate) struct Names {
     /// Free ids.
     free: Vec<u32>,
     hasher: FixedState,
+    /// What the names held cost (`budget.rs`).
+    bytes: usize,
 }
 
 impl Default for Names {
@@ -26,6 +37,7 @@ impl Default for Names {
             lookup: HashTable::new(),
             free: Vec::new(),
             hasher: FixedState::with_seed(0x6e61_6d65),
+            bytes: 0,
         }
     }
 }
@@ -48,6 +60,7 @@ impl Names {
             entries[id as usize].1 += 1;
             return id;
         }
+        self.bytes += name_bytes(name.len());
         let id = match self.free.pop() {
             Some(id) => {
                 entries[id as usize] = (name.into(), 1);
@@ -69,6 +82,7 @@ impl Names {
         let entry = &mut self.entries[id as usize];
         entry.1 -= 1;
         if entry.1 == 0 {
+            self.bytes -= name_bytes(entry.0.len());
             let hash = self.hasher.hash_one(&*entry.0);
             if let Ok(found) = self.lookup.find_entry(hash, |&i| i == id) {
                 found.remove();
@@ -76,6 +90,11 @@ impl Names {
             entry.0 = Box::default();
             self.free.push(id);
         }
+    }
+
+    /// What the names held cost, in bytes (`budget.rs`).
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Distinct names held.
@@ -110,5 +129,6 @@ mod tests {
         let cpu2 = names.intern("cpu");
         assert_eq!(names.get(cpu2), "cpu");
         assert_eq!(names.len(), 3);
+        assert_eq!(names.bytes(), 2 * name_bytes(3) + name_bytes(4));
     }
 }

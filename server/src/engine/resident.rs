@@ -15,6 +15,7 @@ use tidewatch_proto::v1::{AnalyzeResponse, MetricStats, Source};
 
 use super::detector::{DetectorKind, DetectorSpec, DetectorState, Episode, RobustState, squash};
 use super::device::{DeviceState, MetricFields, MetricState, analyze_response_of, write_device};
+use super::holders::NOBODY;
 use super::io::MetricOutcome;
 use super::names::Names;
 use super::pool::ValuePool;
@@ -26,7 +27,7 @@ use super::window::{Ring, Slots, Window};
 /// besides the 16-byte pointer; inline it costs 16 bytes more in every device. With
 /// 34-byte ids, 1M devices x 2 metrics took 1,041 MiB on the heap and 1,010 MiB inline
 /// (BENCHMARKS.md, goal (d)).
-const INLINE_ID: usize = 38;
+pub(crate) const INLINE_ID: usize = 38;
 
 /// A device id: up to [`INLINE_ID`] bytes inline (40 bytes in all, no allocation),
 /// longer ones on the heap.
@@ -252,6 +253,13 @@ impl Metric {
         }
     }
 
+    /// Where the window's values are in the pool and how many slots they take, to
+    /// move them (`None` before the first value).
+    pub(crate) fn run_mut(&mut self) -> Option<(&mut u32, usize)> {
+        let slots = self.ring.slots();
+        (slots > 0).then_some((&mut self.at, slots))
+    }
+
     /// Prefetches the window slot the next value will go to (see [`Ring::next_slot`]).
     #[inline]
     pub(crate) fn prefetch_slot(&self, pool: &ValuePool) {
@@ -371,6 +379,16 @@ pub(crate) struct Device {
     pub(crate) last_seen: u32,
     /// Changed since the last snapshot flush.
     pub(crate) dirty: bool,
+    /// Samples applied, up to 2: a device at 0 or 1 is on probation, the first to be
+    /// evicted when the table is full (`docs/operations.md`, "Memory").
+    pub(crate) visits: u8,
+    /// The rolling window its metrics are charged for (`budget.rs`).
+    pub(crate) window: u16,
+    /// The robust baseline its metrics are charged for; 0: none.
+    pub(crate) robust_window: u16,
+    /// The slot of the principal whose `devices` quota counts it (`holders.rs`);
+    /// [`NOBODY`]: none. Sits in what was padding.
+    pub(crate) holder: u16,
 }
 
 impl Device {
@@ -383,7 +401,19 @@ impl Device {
             updated_nanos: 0,
             last_seen: 0,
             dirty: false,
+            visits: 0,
+            window: 0,
+            robust_window: 0,
+            holder: NOBODY,
             metrics: SmallVec::new(),
+        }
+    }
+
+    /// Applied one more sample (graduates it from probation at the second).
+    #[inline]
+    pub(crate) fn visited(&mut self) {
+        if self.visits < 2 {
+            self.visits += 1;
         }
     }
 
@@ -437,6 +467,23 @@ impl Device {
         device.last_seq = state.last_seq;
         device.set_updated_at(state.updated_at);
         device.dirty = state.dirty;
+        // Charged for the windows it holds (a larger one is charged when a stream
+        // asks for it); a device with history is no longer on probation.
+        device.window = state
+            .metrics
+            .iter()
+            .map(|m| m.window.ring.slots())
+            .max()
+            .unwrap_or(0) as u16;
+        device.robust_window = state
+            .metrics
+            .iter()
+            .filter_map(|m| m.detector.robust.as_ref().map(|r| r.capacity()))
+            .max()
+            .unwrap_or(0) as u16;
+        if !state.metrics.is_empty() || state.last_seq > 0 {
+            device.visits = 2;
+        }
         device.metrics = state
             .metrics
             .into_iter()

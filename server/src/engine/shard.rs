@@ -10,6 +10,7 @@
 //! devices themselves sits between half and seven-eighths full, so at a million
 //! devices it kept up to 200 bytes of empty slot per device; the index keeps 9 to 18.
 
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -22,6 +23,11 @@ use super::resident::Device;
 
 /// Devices per chunk of the dense store.
 const CHUNK: usize = 2048;
+
+/// Probation entries one eviction looks at, at most: bounds the time a new device's
+/// admission can take when the oldest entries are devices being admitted or, with
+/// snapshots, not yet written.
+const PROBATION_SCAN: usize = 64;
 
 /// A shard, padded to its own cache lines so that two cores working on neighbouring
 /// shards do not fight over one line.
@@ -41,6 +47,7 @@ impl Shard {
                 len: 0,
                 pool: ValuePool::default(),
                 names: Names::default(),
+                probation: VecDeque::new(),
                 hasher,
             }),
         }
@@ -67,6 +74,10 @@ pub(crate) struct Table {
     pub(crate) pool: ValuePool,
     /// The devices' metric names.
     pub(crate) names: Names,
+    /// The id hashes of devices that came in on probation (fewer than two samples
+    /// applied), oldest first: the order probation eviction follows. An entry whose
+    /// device graduated or left stays until it is met or the queue is trimmed.
+    probation: VecDeque<u64>,
     /// The engine's id hasher (the index is rehashed with it when it grows).
     hasher: FixedState,
 }
@@ -165,7 +176,90 @@ impl Table {
         }
         self.len += 1;
         self.index.insert(hash, pos);
+        if self.device(pos).visits < 2 {
+            self.probation.push_back(hash);
+            if self.probation.len() > 2 * self.len + 64 {
+                self.trim_probation();
+            }
+        }
         pos
+    }
+
+    /// Drops the queue's entries of devices no longer on probation (amortized: the
+    /// queue is trimmed when it reaches twice the shard's devices).
+    fn trim_probation(&mut self) {
+        let mut queue = std::mem::take(&mut self.probation);
+        queue.retain(|&hash| self.on_probation(hash).is_some());
+        self.probation = queue;
+    }
+
+    /// The position of a device with id hash `hash` still on probation, if any.
+    fn on_probation(&self, hash: u64) -> Option<usize> {
+        self.find_hash(hash).find(|&p| self.device(p).visits < 2)
+    }
+
+    /// Whether some device may be on probation (the queue is not empty).
+    pub(crate) fn has_probation(&self) -> bool {
+        !self.probation.is_empty()
+    }
+
+    /// The positions of the devices to evict first, in order, at most `max`: the
+    /// oldest on probation that have had a sample applied (one admitted for a request
+    /// that has not judged it yet is passed over) and, with `clean_only`, whose newest
+    /// state is in a snapshot. Looks at the [`PROBATION_SCAN`] oldest entries at most,
+    /// dropping stale ones; the entries of the devices returned go when they are met
+    /// again after the devices left.
+    pub(crate) fn probation_victims(&mut self, clean_only: bool, max: usize) -> Vec<usize> {
+        let mut victims = Vec::new();
+        let mut i = 0;
+        while i < self.probation.len().min(PROBATION_SCAN) && victims.len() < max {
+            let hash = self.probation[i];
+            let mut stale = true;
+            for pos in self.find_hash(hash) {
+                let device = self.device(pos);
+                if device.visits >= 2 {
+                    continue;
+                }
+                stale = false;
+                if device.visits == 1 && !(clean_only && device.dirty) && !victims.contains(&pos) {
+                    victims.push(pos);
+                    break;
+                }
+            }
+            if stale {
+                self.probation.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        victims
+    }
+
+    /// Compacts the shard's window values when freed runs have piled up (see
+    /// [`ValuePool::wasteful`]): O(values in the shard), under the shard's lock, and
+    /// only once removals have freed an eighth of them. Devices keep their positions.
+    pub(crate) fn compact_values_if_wasteful(&mut self) {
+        if !self.pool.wasteful() {
+            return;
+        }
+        let mut runs: Vec<(u32, u16, u32, u32)> = Vec::new();
+        for (pos, device) in self.chunks.iter_mut().flatten().enumerate() {
+            for (i, metric) in device.metrics.iter_mut().enumerate() {
+                if let Some((at, slots)) = metric.run_mut() {
+                    runs.push((*at, slots as u16, pos as u32, i as u32));
+                }
+            }
+        }
+        runs.sort_unstable_by_key(|&(at, ..)| at);
+        let positions: Vec<(u32, u16)> = runs.iter().map(|&(at, len, ..)| (at, len)).collect();
+        let moved = self.pool.compact(&positions);
+        for (&(_, _, pos, i), at) in runs.iter().zip(moved) {
+            let pos = pos as usize;
+            let device = &mut self.chunks[pos / CHUNK][pos % CHUNK];
+            if let Some((slot, _)) = device.metrics[i as usize].run_mut() {
+                *slot = at;
+            }
+        }
     }
 
     /// Removes the device at `pos` and returns it; the last device takes its place.

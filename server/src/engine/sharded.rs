@@ -4,19 +4,24 @@
 
 use std::{
     hash::BuildHasher,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use tidewatch_proto::v1::{AnalyzeResponse, DetectorConfig, Source};
 
+use super::budget::{Budget, device_cost};
 use super::clock::Clock;
 use super::config::EngineConfig;
 use super::detector::{DetectorDefaults, DetectorSpec};
 use super::device::DeviceState;
+use super::holders::{Holders, NOBODY, Owner};
 use super::resident::Device;
-use super::shard::Shard;
+use super::shard::{Shard, Table};
 use super::validate::normalize_device_id;
-use crate::error::ApiError;
+use crate::error::{ApiError, SampleError};
 
 /// The sharded device table and the detector settings.
 ///
@@ -37,7 +42,20 @@ pub struct Engine {
     hasher: foldhash::fast::FixedState,
     /// The idle tick and receive times.
     pub(super) clock: Clock,
+    /// `MEMORY_BUDGET` and what the devices in memory hold of it.
+    pub(super) budget: Budget,
+    /// The devices each principal holds, against its `devices` quota.
+    pub(super) holders: Holders,
+    /// Devices evicted on probation (to make room for a new one).
+    probation_evictions: AtomicU64,
+    /// With snapshots: the ids of devices evicted on probation, for the snapshot
+    /// module to forget (see [`Engine::take_evicted`]).
+    evicted: Mutex<Vec<Box<str>>>,
 }
+
+/// Probation devices one admission evicts at most (a device of 32 metrics × 4,096
+/// values takes the room of about a thousand small ones, not the other way round).
+const MAX_VICTIMS: usize = 16;
 
 impl Engine {
     /// An empty engine.
@@ -48,12 +66,165 @@ impl Engine {
             .collect();
         Self {
             detectors: config.detector_defaults(),
+            budget: Budget::new(config.memory_budget),
             config,
             shards,
             devices: AtomicUsize::new(0),
             hasher,
             clock: Clock::new(),
+            holders: Holders::default(),
+            probation_evictions: AtomicU64::new(0),
+            evicted: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `MEMORY_BUDGET`, in bytes.
+    pub fn memory_budget(&self) -> usize {
+        self.budget.limit()
+    }
+
+    /// Bytes the devices in memory hold, as the budget counts them.
+    pub fn memory_used(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// Devices `principal` holds in memory now, as its `devices` quota counts them
+    /// (0 for one without that quota).
+    pub fn devices_held(&self, principal: &str) -> u64 {
+        self.holders.held(principal)
+    }
+
+    /// The principal whose `devices` quota counts the device, if any (a hand-off
+    /// that fails puts the device back counted for it again).
+    pub fn holder_of(&self, device_id: &str) -> Option<Box<str>> {
+        let id = normalize_device_id(device_id).as_bytes();
+        let hash = self.hash_id(id);
+        let holder = {
+            let table = self.shard(hash).lock();
+            table.device(table.find(hash, id)?).holder
+        };
+        self.holders.name(holder)
+    }
+
+    /// Devices evicted on probation so far.
+    pub fn probation_evictions(&self) -> u64 {
+        self.probation_evictions.load(Ordering::Relaxed)
+    }
+
+    /// The ids of the devices evicted on probation since the last call (kept only
+    /// with snapshots, whose fences of them must go).
+    pub fn take_evicted(&self) -> Vec<Box<str>> {
+        std::mem::take(&mut *self.evicted.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Admits a new device of id `id` costing `need` bytes into `table` (its shard,
+    /// locked): when `MAX_DEVICES` or the budget leaves no room and `evict` allows,
+    /// evicts the shard's oldest devices on probation first (`docs/operations.md`,
+    /// "Memory"), as many as make room (at most [`MAX_VICTIMS`]), and none when that
+    /// many would not. On success the device is counted and its bytes are taken; the
+    /// caller inserts it. Returns whether anything was evicted (positions in `table`
+    /// moved), with the refusal when there is no room.
+    pub(super) fn admit(
+        &self,
+        table: &mut Table,
+        id: &[u8],
+        need: usize,
+        evict: bool,
+    ) -> (bool, Result<(), SampleError>) {
+        let full = self.devices.load(Ordering::Relaxed) >= self.config.max_devices;
+        let refusal = if full {
+            SampleError::DeviceLimit {
+                limit: self.config.max_devices,
+            }
+        } else {
+            match self.budget.take(need) {
+                Ok(()) => {
+                    self.devices.fetch_add(1, Ordering::Relaxed);
+                    return (false, Ok(()));
+                }
+                Err(used) => SampleError::MemoryBudget {
+                    device: super::io::text(id),
+                    need,
+                    used,
+                    budget: self.budget.limit(),
+                },
+            }
+        };
+        if !evict {
+            return (false, Err(refusal));
+        }
+        // The fewest of the oldest devices on probation whose bytes make room.
+        let candidates = table.probation_victims(self.config.snapshots, MAX_VICTIMS);
+        let used = self.budget.used();
+        let mut freed = 0;
+        let mut enough = None;
+        for (n, &pos) in candidates.iter().enumerate() {
+            freed += device_cost(table.device(pos));
+            if used.saturating_sub(freed).saturating_add(need) <= self.budget.limit() {
+                enough = Some(n + 1);
+                break;
+            }
+        }
+        let Some(n) = enough else {
+            return (false, Err(refusal));
+        };
+        let mut victims = candidates[..n].to_vec();
+        // Highest position first: a removal moves the last device into the hole,
+        // which is then never one of the lower positions still to remove.
+        victims.sort_unstable_by(|a, b| b.cmp(a));
+        for pos in victims {
+            let device = self.remove_at(table, pos);
+            self.probation_evictions.fetch_add(1, Ordering::Relaxed);
+            if self.config.snapshots {
+                self.evicted
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(device.id.as_str().into());
+            }
+        }
+        // Taken again: another shard may have admitted a device meanwhile.
+        let admitted = match self.budget.take(need) {
+            Ok(()) => {
+                self.devices.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(used) => Err(SampleError::MemoryBudget {
+                device: super::io::text(id),
+                need,
+                used,
+                budget: self.budget.limit(),
+            }),
+        };
+        (true, admitted)
+    }
+
+    /// Removes the device at `pos` of `table` and gives back what it held: its values
+    /// and names to the shard, its bytes to the budget, its place to `MAX_DEVICES`.
+    /// Returns it (its values are gone: convert it first when they matter, with
+    /// [`Engine::remove_state_at`]).
+    pub(super) fn remove_at(&self, table: &mut Table, pos: usize) -> Device {
+        let device = table.remove(pos);
+        self.release(table, &device);
+        device
+    }
+
+    /// [`Engine::remove_at`], returning the device's state as a snapshot holds it.
+    pub(super) fn remove_state_at(&self, table: &mut Table, pos: usize) -> DeviceState {
+        let device = table.remove(pos);
+        let state = device.to_state(&table.pool, &table.names);
+        self.release(table, &device);
+        state
+    }
+
+    /// Gives back what a device that left `table` held, its principal's quota
+    /// included.
+    fn release(&self, table: &mut Table, device: &Device) {
+        self.holders.give(device.holder);
+        let names = table.names.bytes();
+        device.release(&mut table.pool, &mut table.names);
+        self.budget
+            .give(device_cost(device) + (names - table.names.bytes()));
+        self.devices.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The settings.
@@ -159,20 +330,50 @@ impl Engine {
 
     /// Inserts a device's state unless the device is already in memory (a restore
     /// racing with a first sample loses to the sample). Returns whether it was inserted.
+    ///
+    /// It is admitted as a new device is (`MAX_DEVICES`, `MEMORY_BUDGET`, probation
+    /// eviction: see [`Engine::admit`]); with snapshots, this is where devices on
+    /// probation are evicted to make room.
     pub fn insert_if_absent(&self, state: DeviceState) -> bool {
+        self.insert_if_absent_for(state, None)
+    }
+
+    /// [`Engine::insert_if_absent`] for `owner`, whose `devices` quota counts the
+    /// device: not inserted when the quota is full.
+    pub fn insert_if_absent_for(&self, state: DeviceState, owner: Option<Owner<'_>>) -> bool {
         let hash = self.hash_id(state.id.as_bytes());
         let mut table = self.shard(hash).lock();
         if table.find(hash, state.id.as_bytes()).is_some() {
             return false;
         }
-        if self.devices.load(Ordering::Relaxed) >= self.config.max_devices {
+        let full = self.devices.load(Ordering::Relaxed) >= self.config.max_devices;
+        if full && !table.has_probation() {
             return false;
         }
+        let holder = match owner.map(|owner| self.holders.take(owner)) {
+            Some(Ok(holder)) => holder,
+            Some(Err(_)) => return false,
+            None => NOBODY,
+        };
         let table = &mut *table;
+        let names = table.names.bytes();
         let mut device = Device::from_state(state, &mut table.pool, &mut table.names);
+        device.holder = holder;
+        let need = device_cost(&device) + (table.names.bytes() - names);
+        let (evicted, admitted) = self.admit(table, device.id.as_bytes(), need, true);
+        if admitted.is_err() {
+            self.holders.give(holder);
+            device.release(&mut table.pool, &mut table.names);
+            if evicted {
+                table.compact_values_if_wasteful();
+            }
+            return false;
+        }
         device.last_seen = self.clock.tick();
-        self.devices.fetch_add(1, Ordering::Relaxed);
         table.insert(hash, device);
+        if evicted {
+            table.compact_values_if_wasteful();
+        }
         true
     }
 }

@@ -101,9 +101,11 @@ fn held_shards_judge_a_batch_as_a_lock_per_sample_does() {
             _ => sample(&format!("dev-{}", i % 50), i, &[("cpu", (i % 13) as f64)]),
         })
         .collect();
-    // One shard (always held), four held, four with a lock per sample.
+    // Four shards held, four with a lock per sample, eight held. Probation eviction
+    // is per shard, so engines of other shard counts may evict other devices; the
+    // eight-shard one is compared on its counts only.
     let engines = [
-        Engine::new(config(1, false)),
+        Engine::new(config(8, true)),
         Engine::new(config(4, true)),
         Engine::new(config(4, false)),
     ];
@@ -121,23 +123,42 @@ fn held_shards_judge_a_batch_as_a_lock_per_sample_does() {
             .zip(&mut verdicts)
             .map(|(e, out)| e.ingest_batch_at(chunk, &e.default_detector(), out, at))
             .collect();
-        assert_eq!(outcomes[0], outcomes[2]);
+        assert_eq!(
+            outcomes[0].applied + outcomes[0].rejected + outcomes[0].duplicates,
+            chunk.len() as u64
+        );
         assert_eq!(outcomes[1], outcomes[2]);
     }
-    let [one, held, each] = &verdicts;
+    let [eight, held, each] = &verdicts;
     assert_eq!(each.len(), batch.len());
-    assert_eq!(one, each);
+    assert_eq!(eight.len(), batch.len());
     assert_eq!(held, each);
-    let refused = each
-        .iter()
-        .filter(|v| v.error.contains("device_limit"))
-        .count();
+    // Past the limit, devices on probation leave the tables mid-message (held: with
+    // positions found ahead of them).
     assert!(
-        refused > 0 && each.iter().any(|v| v.duplicate),
+        engines[1].probation_evictions() > 0 && each.iter().any(|v| v.duplicate),
         "the batch exercises both"
+    );
+    assert_eq!(
+        engines[1].probation_evictions(),
+        engines[2].probation_evictions()
     );
     for engine in &engines {
         assert_eq!(engine.device_count(), 40);
+    }
+    // Once every device in memory came back, a new one is refused.
+    for engine in &engines[1..] {
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let known: Vec<Sample> = (0..50)
+                .map(|i| format!("dev-{i}"))
+                .filter(|id| engine.contains(id))
+                .map(|id| sample(&id, 0, &[("cpu", 1.0)]))
+                .collect();
+            engine.ingest_batch(&known, &engine.default_detector(), &mut out);
+        }
+        let v = ingest(engine, sample("dev-new", 0, &[("cpu", 1.0)]));
+        assert!(v.error.starts_with("device_limit"), "{}", v.error);
     }
 }
 
@@ -264,8 +285,11 @@ fn device_limit_refuses_new_devices_only() {
         max_devices: 2,
         ..EngineConfig::default()
     });
-    ingest(&engine, sample("a", 0, &[("x", 1.0)]));
-    ingest(&engine, sample("b", 0, &[("x", 1.0)]));
+    // Two samples each: neither is on probation any more.
+    for _ in 0..2 {
+        ingest(&engine, sample("a", 0, &[("x", 1.0)]));
+        ingest(&engine, sample("b", 0, &[("x", 1.0)]));
+    }
     assert!(
         ingest(&engine, sample("c", 0, &[("x", 1.0)]))
             .error
@@ -442,4 +466,434 @@ fn metrics_in_verdict_are_sorted_by_name() {
     );
     let names: Vec<_> = v.metrics.iter().map(|m| m.metric.as_str()).collect();
     assert_eq!(names, ["cpu", "mem", "rps"]);
+}
+
+/// A detector spec asking for `window_size` (and `name`).
+fn spec(engine: &Engine, name: &str, window_size: u32) -> DetectorSpec {
+    engine
+        .detector(Some(&DetectorConfig {
+            name: name.into(),
+            window_size,
+            ..DetectorConfig::default()
+        }))
+        .unwrap()
+}
+
+/// `count` metrics named m0, m1, ... with value `v`.
+fn metrics(count: usize, v: f64) -> Vec<(String, f64)> {
+    (0..count).map(|i| (format!("m{i}"), v)).collect()
+}
+
+fn sample_of(device: &str, metrics: &[(String, f64)]) -> Sample {
+    let named: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    sample(device, 0, &named)
+}
+
+fn ingest_with(engine: &Engine, s: Sample, spec: &DetectorSpec) -> Verdict {
+    let mut out = Vec::new();
+    engine.ingest_batch(&[s], spec, &mut out);
+    out.pop().unwrap()
+}
+
+#[test]
+fn the_budget_counts_what_devices_hold_and_gets_it_all_back() {
+    use super::budget::{DEVICE_BYTES, capacity_after, device_bytes, metric_bytes, records_bytes};
+    use super::names::name_bytes;
+    use super::pool::heap;
+    let engine = Engine::new(EngineConfig {
+        shards: 1,
+        idle_timeout: Duration::from_secs(10),
+        ..EngineConfig::default()
+    });
+    let (zscore, wide, robust) = (
+        engine.default_detector(),
+        spec(&engine, "zscore", 4096),
+        spec(&engine, "robust", 0),
+    );
+    // 2 metrics × 50 values: the README's device.
+    ingest_with(
+        &engine,
+        sample("small", 0, &[("cpu", 1.0), ("mem", 2.0)]),
+        &zscore,
+    );
+    let names = name_bytes(3) * 2;
+    let small = DEVICE_BYTES + 2 * 8 * 50;
+    assert_eq!(engine.memory_used(), small + names);
+    // 32 metrics × 4,096 values, a 39-byte id on the heap.
+    let long = "a-device-id-of-39-bytes-000000000000001";
+    ingest_with(&engine, sample_of(long, &metrics(32, 1.0)), &wide);
+    let names32: usize = (0..32).map(|i| name_bytes(format!("m{i}").len())).sum();
+    let big = device_bytes(long.len()) + records_bytes(32) + 32 * metric_bytes(4096, 0);
+    assert_eq!(device_bytes(long.len()), DEVICE_BYTES + heap(long.len()));
+    assert_eq!(engine.memory_used(), small + names + big + names32);
+    // The robust detector's state, for the default baseline of 128 values.
+    ingest_with(
+        &engine,
+        sample("robust", 0, &[("cpu", 1.0), ("mem", 2.0)]),
+        &robust,
+    );
+    let with_robust = DEVICE_BYTES + 2 * metric_bytes(50, 128);
+    assert_eq!(
+        engine.memory_used(),
+        small + names + big + names32 + with_robust
+    );
+    // A third metric moves the records to the heap; a wider stream regrows the rest.
+    ingest_with(&engine, sample("small", 0, &[("disk", 1.0)]), &zscore);
+    let grown = small + records_bytes(capacity_after(2, 2, 1)) + 8 * 50 + name_bytes(4);
+    assert_eq!(
+        engine.memory_used(),
+        grown + names + big + names32 + with_robust
+    );
+    ingest_with(&engine, sample("small", 0, &[("disk", 1.0)]), &wide);
+    let wider = grown + 3 * 8 * (4096 - 50);
+    assert_eq!(
+        engine.memory_used(),
+        wider + names + big + names32 + with_robust
+    );
+    // Everything comes back when the devices leave, names included.
+    assert!(engine.remove("robust").is_some());
+    assert_eq!(
+        engine
+            .evict_idle(Instant::now() + Duration::from_secs(11))
+            .len(),
+        2
+    );
+    assert_eq!(engine.memory_used(), 0);
+    assert_eq!(engine.device_count(), 0);
+}
+
+#[test]
+fn past_the_budget_a_sample_is_refused_and_nothing_else_changes() {
+    use super::budget::{DEVICE_BYTES, metric_bytes};
+    use super::names::name_bytes;
+    let engine = Engine::new(EngineConfig {
+        memory_budget: 8192,
+        ..EngineConfig::default()
+    });
+    let (zscore, wide) = (engine.default_detector(), spec(&engine, "zscore", 4096));
+    // 32 × 4,096 values (1 MiB): refused, and no device is created.
+    let v = ingest_with(&engine, sample_of("huge", &metrics(32, 1.0)), &wide);
+    assert!(
+        v.error.starts_with("memory_budget: device \"huge\" needs "),
+        "{}",
+        v.error
+    );
+    assert!(
+        v.error.contains("MEMORY_BUDGET (8192 bytes)"),
+        "{}",
+        v.error
+    );
+    assert!(engine.analyze("huge").is_none());
+    assert_eq!((engine.device_count(), engine.memory_used()), (0, 0));
+    // Small devices fit; the same device asking for a wide window does not.
+    for _ in 0..2 {
+        assert!(
+            ingest_with(&engine, sample("a", 0, &[("cpu", 1.0)]), &zscore)
+                .error
+                .is_empty()
+        );
+    }
+    let used = engine.memory_used();
+    assert_eq!(used, DEVICE_BYTES + metric_bytes(50, 0) + name_bytes(3));
+    let v = ingest_with(&engine, sample("a", 0, &[("cpu", 2.0)]), &wide);
+    assert!(v.error.starts_with("memory_budget"), "{}", v.error);
+    let v = ingest_with(&engine, sample_of("a", &metrics(31, 1.0)), &zscore);
+    assert!(v.error.starts_with("memory_budget"), "{}", v.error);
+    assert_eq!(engine.memory_used(), used, "refusals take nothing");
+    let stats = engine.analyze("a").unwrap();
+    assert_eq!((stats.metrics.len(), stats.metrics[0].window_count), (1, 2));
+    // The device's own samples go on.
+    assert!(
+        ingest_with(&engine, sample("a", 0, &[("cpu", 3.0)]), &zscore)
+            .error
+            .is_empty()
+    );
+    // A device on probation is not evicted for one that would not fit anyway.
+    let mut out = Vec::new();
+    let outcome = engine.ingest_batch(
+        &[
+            sample("b", 0, &[("cpu", 1.0)]),
+            sample_of("c", &metrics(32, 1.0)),
+        ],
+        &zscore,
+        &mut out,
+    );
+    assert_eq!(outcome.rejected_by_reason[9], 1, "{out:?}");
+    assert!(engine.contains("b") && !engine.contains("c"));
+    assert_eq!(engine.probation_evictions(), 0);
+    assert_eq!(crate::error::SampleError::REASONS[9], "memory_budget");
+}
+
+#[test]
+fn devices_on_probation_are_evicted_first_when_the_table_is_full() {
+    let engine = Engine::new(EngineConfig {
+        shards: 1,
+        max_devices: 4,
+        ..EngineConfig::default()
+    });
+    // Two devices that came back, then junk ids seen once each.
+    for _ in 0..2 {
+        ingest(&engine, sample("legit-1", 0, &[("x", 1.0)]));
+        ingest(&engine, sample("legit-2", 0, &[("x", 1.0)]));
+    }
+    for i in 0..100 {
+        let v = ingest(&engine, sample(&format!("junk-{i}"), 0, &[("x", 1.0)]));
+        assert!(v.error.is_empty(), "junk-{i}: {}", v.error);
+    }
+    assert_eq!(engine.device_count(), 4);
+    assert_eq!(engine.probation_evictions(), 98);
+    assert!(engine.contains("junk-99") && engine.contains("junk-98"));
+    // The devices that came back kept their windows; a new one gets in, and stays
+    // once it comes back.
+    assert_eq!(
+        engine.analyze("legit-1").unwrap().metrics[0].window_count,
+        2
+    );
+    assert!(
+        ingest(&engine, sample("new", 0, &[("x", 1.0)]))
+            .error
+            .is_empty()
+    );
+    assert!(!engine.contains("junk-98"), "the oldest on probation left");
+    assert!(
+        ingest(&engine, sample("new", 0, &[("x", 2.0)]))
+            .error
+            .is_empty()
+    );
+    assert!(
+        ingest(&engine, sample("junk-x", 0, &[("x", 1.0)]))
+            .error
+            .is_empty()
+    );
+    assert!(engine.contains("new") && !engine.contains("junk-99"));
+    // With no device on probation left, new devices are refused.
+    ingest(&engine, sample("junk-x", 0, &[("x", 1.0)]));
+    let v = ingest(&engine, sample("late", 0, &[("x", 1.0)]));
+    assert!(v.error.starts_with("device_limit"), "{}", v.error);
+    for id in ["legit-1", "legit-2", "new", "junk-x"] {
+        assert!(engine.contains(id), "{id}");
+    }
+}
+
+#[test]
+fn with_snapshots_only_written_devices_on_probation_make_room() {
+    let engine = Engine::new(EngineConfig {
+        shards: 1,
+        max_devices: 2,
+        snapshots: true,
+        ..EngineConfig::default()
+    });
+    let restored = |id: &str| DeviceState::new(id);
+    // As a restore admits them: inserted, then judged once.
+    for id in ["a", "b"] {
+        assert!(engine.insert_if_absent(restored(id)));
+        assert!(
+            ingest(&engine, sample(id, 0, &[("x", 1.0)]))
+                .error
+                .is_empty()
+        );
+    }
+    // Both are dirty (not in Redis yet): nothing can make room.
+    assert!(!engine.insert_if_absent(restored("c")));
+    // Judging stops at an unknown device so that a restore admits it.
+    let mut out = Vec::new();
+    let (_, judged) = engine.ingest_batch_with(
+        &[sample("c", 0, &[("x", 1.0)])],
+        &engine.default_detector(),
+        &mut out,
+        Instant::now(),
+        true,
+    );
+    assert_eq!(judged, 0);
+    // Once written, the oldest is evicted, and its id is handed to the snapshots.
+    let mut keys = Vec::new();
+    engine.dirty_keys(0, &mut keys);
+    engine.visit_dirty(0, &keys, |mut d| d.mark_clean());
+    assert!(engine.insert_if_absent(restored("c")));
+    assert!(!engine.contains("a") && engine.contains("b") && engine.contains("c"));
+    assert_eq!(engine.take_evicted(), vec![Box::<str>::from("a")]);
+    assert!(engine.take_evicted().is_empty());
+    // A device restored with history is not on probation.
+    let mut history = DeviceState::new("d");
+    history.last_seq = 7;
+    assert!(engine.insert_if_absent(history));
+    assert!(!engine.contains("b"));
+}
+
+#[test]
+fn the_value_pool_compacts_when_devices_leave() {
+    let engine = Engine::new(EngineConfig {
+        shards: 1,
+        ..EngineConfig::default()
+    });
+    let (w200, w150) = (spec(&engine, "zscore", 200), spec(&engine, "zscore", 150));
+    let fleet = |prefix: &str, spec: &DetectorSpec, n: usize| {
+        let samples: Vec<Sample> = (0..n)
+            .flat_map(|i| {
+                (0..10).map(move |k| {
+                    sample(
+                        &format!("{prefix}{i}"),
+                        0,
+                        &[("cpu", (i * 7 + k) as f64), ("mem", k as f64)],
+                    )
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        engine.ingest_batch(&samples, spec, &mut out);
+        assert!(out.iter().all(|v| v.error.is_empty()));
+    };
+    // 3,000 devices × 2 full windows of 200 values: more than two chunks of the pool.
+    fleet("a-", &w200, 3000);
+    let grown = engine.shards[0].lock().pool.bump();
+    assert!(grown > 1_000_000, "{grown}");
+    let kept: Vec<DeviceState> = (0..3000)
+        .step_by(3)
+        .map(|i| engine.device_state(&format!("a-{i}")).unwrap())
+        .collect();
+    for i in 0..3000 {
+        if i % 3 != 0 {
+            engine.remove(&format!("a-{i}")).unwrap();
+        }
+    }
+    // The pool compacted as devices left: the kept windows are intact.
+    assert!(engine.shards[0].lock().pool.bump() < grown / 2);
+    for state in &kept {
+        assert_eq!(&engine.device_state(&state.id).unwrap(), state);
+    }
+    // A fleet of another window length fits in what the first one left.
+    fleet("b-", &w150, 2000);
+    assert!(engine.shards[0].lock().pool.bump() <= grown);
+    for state in &kept {
+        assert_eq!(&engine.device_state(&state.id).unwrap(), state);
+    }
+}
+
+#[test]
+fn a_stream_window_above_max_stream_window_is_refused() {
+    let engine = Engine::new(EngineConfig {
+        max_stream_window: 256,
+        ..EngineConfig::default()
+    });
+    for name in ["zscore", "robust"] {
+        let error = engine
+            .detector(Some(&DetectorConfig {
+                name: name.into(),
+                window_size: 257,
+                ..DetectorConfig::default()
+            }))
+            .unwrap_err();
+        assert_eq!(error.kind, crate::error::ErrorKind::InvalidArgument);
+        assert_eq!(
+            error.message,
+            format!(
+                "detector {name}: window_size 257 is above the server's limit 256 (MAX_STREAM_WINDOW)"
+            )
+        );
+        assert!(spec(&engine, name, 256).window_size > 0);
+    }
+}
+
+/// One sample of `device` judged for `owner`; its verdict.
+fn ingest_for(engine: &Engine, owner: Option<Owner<'_>>, device: &str) -> Verdict {
+    let mut out = Vec::new();
+    engine.ingest_batch_for(
+        &[sample(device, 0, &[("x", 1.0)])],
+        &engine.default_detector(),
+        &mut out,
+        Instant::now(),
+        false,
+        owner,
+    );
+    out.pop().unwrap()
+}
+
+#[test]
+fn a_devices_quota_counts_what_enters_and_leaves_memory() {
+    let engine = Engine::new(EngineConfig {
+        shards: 2,
+        idle_timeout: Duration::from_secs(60),
+        ..EngineConfig::default()
+    });
+    let a = Some(Owner {
+        name: "a",
+        limit: 3,
+    });
+    for id in ["a-1", "a-2", "a-3"] {
+        assert!(ingest_for(&engine, a, id).error.is_empty(), "{id}");
+    }
+    assert_eq!(engine.devices_held("a"), 3);
+    // A fourth device is refused, and nothing of it enters memory.
+    let refused = ingest_for(&engine, a, "a-4");
+    assert!(
+        refused.error.starts_with("device_quota:"),
+        "{}",
+        refused.error
+    );
+    assert!(!engine.contains("a-4"));
+    // Devices in memory are judged as before; other callers are not counted.
+    assert!(ingest_for(&engine, a, "a-1").error.is_empty());
+    assert!(ingest_for(&engine, None, "free-1").error.is_empty());
+    let b = Some(Owner {
+        name: "b",
+        limit: 1,
+    });
+    assert!(ingest_for(&engine, b, "b-1").error.is_empty());
+    assert_eq!((engine.devices_held("a"), engine.devices_held("b")), (3, 1));
+    // A removal (hand-off, loss race, delete) gives the slot back.
+    assert_eq!(engine.holder_of("a-2").as_deref(), Some("a"));
+    assert_eq!(engine.holder_of("free-1"), None);
+    assert!(engine.remove("a-2").is_some());
+    assert_eq!(engine.holder_of("a-2"), None);
+    assert_eq!(engine.devices_held("a"), 2);
+    assert!(ingest_for(&engine, a, "a-4").error.is_empty());
+    // A restore for the owner counts, and is refused when full.
+    assert!(!engine.insert_if_absent_for(DeviceState::new("a-5"), a));
+    assert!(
+        engine.insert_if_absent_for(DeviceState::new("b-2"), b.map(|b| Owner { limit: 2, ..b }))
+    );
+    assert_eq!(engine.devices_held("b"), 2);
+    // Idle eviction gives every slot back.
+    let evicted = engine.evict_idle(Instant::now() + Duration::from_secs(3600));
+    assert_eq!(evicted.len(), 6);
+    assert_eq!((engine.devices_held("a"), engine.devices_held("b")), (0, 0));
+    for id in ["a-5", "a-6", "a-7"] {
+        assert!(ingest_for(&engine, a, id).error.is_empty(), "{id}");
+    }
+}
+
+#[test]
+fn probation_eviction_gives_the_quota_back() {
+    let engine = Engine::new(EngineConfig {
+        shards: 1,
+        max_devices: 2,
+        ..EngineConfig::default()
+    });
+    let a = Some(Owner {
+        name: "a",
+        limit: 2,
+    });
+    assert!(ingest_for(&engine, a, "a-1").error.is_empty());
+    assert!(ingest_for(&engine, a, "a-2").error.is_empty());
+    // Another caller's new device evicts a-1 (on probation) to make room.
+    assert!(ingest_for(&engine, None, "other").error.is_empty());
+    assert!(!engine.contains("a-1"));
+    assert_eq!(engine.devices_held("a"), 1);
+    // A refusal for another reason (the table full of graduated devices) takes nothing.
+    for seq in 1..=2 {
+        for id in ["a-2", "other"] {
+            assert!(
+                ingest(&engine, sample(id, seq, &[("x", 1.0)]))
+                    .error
+                    .is_empty()
+            );
+        }
+    }
+    let refused = ingest_for(&engine, a, "a-3");
+    assert!(
+        refused.error.starts_with("device_limit"),
+        "{}",
+        refused.error
+    );
+    assert_eq!(engine.devices_held("a"), 1);
 }

@@ -1,23 +1,33 @@
 //! `GET /devices` (a page of the device ids in memory, by prefix) and `GET /window` (the
 //! values in one device's windows): what the console needs to find a device and chart
-//! its recent values.
+//! its recent values. `DELETE /devices/{id}`: the admin call that deletes a device
+//! (`DeleteDevice` over HTTP).
 
 use std::sync::Arc;
 
 use axum::{
     Extension,
-    extract::{Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{PathRejection, QueryRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
-use tidewatch_proto::json::{ProtoDouble, ProtoTimestamp};
+use tidewatch_proto::{
+    json::{ProtoDouble, ProtoTimestamp},
+    v1::DeleteDeviceRequest,
+};
 use utoipa::{
     IntoParams, ToSchema,
     openapi::{Ref, schema::ArrayBuilder},
 };
 
-use super::{json_response, schema_names::ErrorBody};
+use super::{
+    json_response,
+    schema_names::{DeleteDeviceBody, ErrorBody},
+};
 use crate::{
     AppState,
     engine::normalize_device_id,
@@ -248,4 +258,48 @@ pub(crate) async fn window(
             .collect(),
     };
     json_response(StatusCode::OK, &document)
+}
+
+/// `DELETE /devices/{id}`: deletes the device's state from memory on every replica and
+/// from Redis, as `DeleteDevice` does; the answer is its proto3 JSON. The id is the
+/// rest of the path, percent-decoded (`fleet-a/pump-1` or `fleet-a%2Fpump-1`).
+#[utoipa::path(
+    delete,
+    path = "/devices/{id}",
+    tag = "admin",
+    params(("id" = String, Path, min_length = 1,
+            description = "The device id (percent-encoded; a `/` may stay as it is)")),
+    responses(
+        (status = 200, description = "`deleted` says whether the device had state",
+         body = DeleteDeviceBody),
+        (status = 400, description = "A device id longer than MAX_DEVICE_ID_LEN, or not \
+                                      UTF-8", body = ErrorBody),
+        (status = 401, description = "No valid credentials (with authentication on)",
+         body = ErrorBody),
+        (status = 403, description = "No admin scope, or a device outside the caller's \
+                                      namespace (whether or not it exists)", body = ErrorBody),
+        (status = 404, description = "No device id in the path (`/devices/`)", body = ErrorBody),
+        (status = 503, description = "Overloaded, or the device could not be deleted \
+                                      everywhere (Redis does not answer, its owner did not \
+                                      let go in time): nothing was deleted; retry",
+         body = ErrorBody),
+        (status = 504, description = "REQUEST_TIMEOUT passed", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Path(id) = match id {
+        Ok(id) => id,
+        Err(e) => {
+            return ApiError::new(ErrorKind::InvalidArgument, e.body_text()).into_response();
+        }
+    };
+    let request = DeleteDeviceRequest { device_id: id };
+    match state.delete_device(&principal, &request).await {
+        Ok(response) => json_response(StatusCode::OK, &response),
+        Err(e) => e.into_response(),
+    }
 }

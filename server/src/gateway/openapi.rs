@@ -48,6 +48,7 @@ use super::{
         super::sse::anomalies,
         super::devices::devices,
         super::devices::window,
+        super::devices::delete,
         super::console::index,
         super::console::redirect,
         super::console::asset,
@@ -60,6 +61,7 @@ use super::{
         (name = "query", description = "Device statistics and the anomaly feed"),
         (name = "operations", description = "Probes, metrics and this document"),
         (name = "console", description = "The web console and what it reads"),
+        (name = "admin", description = "Administrative calls (the admin scope)"),
     )
 )]
 pub(crate) struct ApiDoc;
@@ -201,7 +203,8 @@ fn proto_schemas() -> Vec<(&'static str, serde_json::Value)> {
                     "properties": {
                         "code": {"type": "string", "enum": [
                             "invalid_argument", "too_large", "not_found", "overloaded",
-                            "unavailable", "timeout", "internal",
+                            "unavailable", "timeout", "internal", "unauthenticated",
+                            "permission_denied", "rate_limited",
                         ]},
                         "message": {"type": "string"},
                     },
@@ -364,6 +367,18 @@ fn proto_schemas() -> Vec<(&'static str, serde_json::Value)> {
                 },
                 "required": ["anomaly"],
                 "additionalProperties": r("Double"),
+            }),
+        ),
+        (
+            "DeleteDeviceResponse",
+            json!({
+                "type": "object",
+                "description": "What DELETE /devices/{id} did",
+                "properties": {
+                    "deviceId": {"type": "string"},
+                    "deleted": {"type": "boolean"},
+                },
+                "additionalProperties": false,
             }),
         ),
         (

@@ -35,4 +35,5 @@ schema_types!(
     IngestResponseBody => "IngestResponse",
     AnalyzeBody => "AnalyzeDocument",
     AnomalyEventBody => "WatchAnomaliesResponse",
+    DeleteDeviceBody => "DeleteDeviceResponse",
 );

@@ -320,9 +320,15 @@ fn saturating_i64(n: u64) -> i64 {
 }
 
 /// Maps a receive error of tonic's decoder to the status the client sees: a message
-/// over the size limit is [`super::fast::too_large`].
+/// over the size limit is [`super::fast::too_large`], one that decompresses past it
+/// [`super::fast::too_large_decompressed`].
 fn receive_error(status: Status) -> Status {
-    if status.code() == Code::OutOfRange && status.message().contains("too large") {
+    let too_large = status.code() == Code::OutOfRange && status.message().contains("too large");
+    let too_large_decompressed = status.code() == Code::ResourceExhausted
+        && status
+            .message()
+            .starts_with("Error decompressing: size limit");
+    if too_large || too_large_decompressed {
         return ApiError::new(
             ErrorKind::TooLarge,
             format!("{} (MAX_MESSAGE_BYTES)", status.message()),

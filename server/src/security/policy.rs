@@ -157,7 +157,8 @@ impl DeviceNamespace {
 #[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaLimits {
-    /// Devices in memory whose id is in the principal's namespace.
+    /// Devices in memory that the principal's samples created or restored (counted
+    /// by the engine, `engine/holders.rs`).
     pub devices: Option<u64>,
     /// Samples per second, sustained.
     pub samples_per_second: Option<f64>,

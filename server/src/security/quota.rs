@@ -1,7 +1,9 @@
 //! Per-principal limits in force: a token bucket for samples per second, and counters
-//! of open streams, watchers and devices held. One tenant reaching its limits is
-//! refused (`RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms`, HTTP 429 with
-//! `Retry-After`); no other tenant notices.
+//! of open streams and watchers. One tenant reaching its limits is refused
+//! (`RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms`, HTTP 429 with `Retry-After`);
+//! no other tenant notices. The `devices` quota is counted by the engine, where
+//! devices enter and leave memory (`engine/holders.rs`): a sample past it gets the
+//! `device_quota` verdict error.
 
 use std::{
     collections::HashMap,
@@ -59,7 +61,6 @@ pub struct Usage {
     samples: Option<TokenBucket>,
     streams: AtomicU64,
     watchers: AtomicU64,
-    devices: AtomicU64,
 }
 
 /// A limit that is reached.
@@ -75,7 +76,7 @@ pub enum QuotaError {
         /// When the samples would fit.
         retry_after: Duration,
     },
-    /// Open streams, watchers or devices.
+    /// Open streams or watchers.
     #[error("quota: principal {principal:?} has {limit} {what} open; limit reached")]
     Count {
         /// Who.
@@ -128,7 +129,6 @@ impl Usage {
             samples,
             streams: AtomicU64::new(0),
             watchers: AtomicU64::new(0),
-            devices: AtomicU64::new(0),
         }
     }
 
@@ -199,39 +199,6 @@ impl Usage {
             which,
         })
     }
-
-    /// Whether one more device fits the principal's device quota.
-    pub fn device_fits(&self, principal: &str) -> Result<(), QuotaError> {
-        match self.limits.devices {
-            Some(limit) if self.devices.load(Ordering::Relaxed) >= limit => {
-                Err(QuotaError::Count {
-                    principal: principal.into(),
-                    what: "devices",
-                    limit,
-                })
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts a device created for the principal.
-    pub fn device_added(&self) {
-        self.devices.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts devices of the principal that left memory.
-    pub fn devices_removed(&self, n: u64) {
-        let _ = self
-            .devices
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
-                Some(d.saturating_sub(n))
-            });
-    }
-
-    /// Devices held now.
-    pub fn devices(&self) -> u64 {
-        self.devices.load(Ordering::Relaxed)
-    }
 }
 
 /// Every principal's [`Usage`], created on first use.
@@ -249,10 +216,9 @@ impl Quotas {
             Some(usage) if usage.limits == principal.quota => Arc::clone(usage),
             Some(usage) => {
                 let mut fresh = Usage::new(principal.quota, Instant::now());
-                // Open slots and held devices stay counted across a policy change.
+                // Open slots stay counted across a policy change.
                 fresh.streams = AtomicU64::new(usage.streams.load(Ordering::Relaxed));
                 fresh.watchers = AtomicU64::new(usage.watchers.load(Ordering::Relaxed));
-                fresh.devices = AtomicU64::new(usage.devices.load(Ordering::Relaxed));
                 *usage = Arc::new(fresh);
                 Arc::clone(usage)
             }

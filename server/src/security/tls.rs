@@ -32,6 +32,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::Stamps;
+use crate::connections::{Admission, AdmittedTcp, Conn, HasConn};
 
 /// The files of one TLS configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,11 +384,14 @@ pub struct PeerInfo {
     pub remote_addr: Option<std::net::SocketAddr>,
     /// The client certificate identity (see the module documentation).
     pub identity: Option<Arc<str>>,
+    /// The connection's admission and activity (`MAX_CONNECTIONS`, idle timeout).
+    pub conn: Option<Arc<Conn>>,
 }
 
 impl<S> tonic::transport::server::Connected for MaybeTls<S>
 where
-    S: tonic::transport::server::Connected<ConnectInfo = tonic::transport::server::TcpConnectInfo>,
+    S: tonic::transport::server::Connected<ConnectInfo = tonic::transport::server::TcpConnectInfo>
+        + HasConn,
 {
     type ConnectInfo = PeerInfo;
 
@@ -395,6 +399,7 @@ where
         PeerInfo {
             remote_addr: self.inner().connect_info().remote_addr,
             identity: self.identity().cloned(),
+            conn: self.inner().conn(),
         }
     }
 }
@@ -404,7 +409,7 @@ where
 /// out at once).
 pub struct GatewayListener {
     local: std::net::SocketAddr,
-    accepted: Pin<Box<dyn Stream<Item = io::Result<MaybeTls<tokio::net::TcpStream>>> + Send>>,
+    accepted: Pin<Box<dyn Stream<Item = io::Result<MaybeTls<AdmittedTcp>>> + Send>>,
 }
 
 impl std::fmt::Debug for GatewayListener {
@@ -416,19 +421,33 @@ impl std::fmt::Debug for GatewayListener {
 }
 
 impl GatewayListener {
-    /// Serves `listener`, through `tls` when it is set.
+    /// Serves `listener`, through `tls` when it is set; `admission` decides, before
+    /// any handshake, whether each connection is served, probe-only or closed at once.
     pub fn new(
         listener: tokio::net::TcpListener,
         tls: Option<Arc<ReloadingTls>>,
         handshake_timeout: Duration,
+        admission: Arc<Admission>,
     ) -> io::Result<Self> {
         let local = listener.local_addr()?;
-        let tcp = futures::stream::unfold(listener, |listener| async move {
-            let next = listener.accept().await.map(|(stream, _)| {
-                let _ = stream.set_nodelay(true);
-                stream
-            });
-            Some((next, listener))
+        let tcp = futures::stream::unfold(listener, move |listener| {
+            let admission = Arc::clone(&admission);
+            async move {
+                loop {
+                    let next = match listener.accept().await {
+                        Ok((stream, peer)) => {
+                            let Some(conn) = admission.admit() else {
+                                tracing::debug!(%peer, "http connection refused: MAX_CONNECTIONS and the probe headroom are in use");
+                                continue;
+                            };
+                            let _ = stream.set_nodelay(true);
+                            Ok(AdmittedTcp::new(stream, conn))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    return Some((next, listener));
+                }
+            }
         });
         Ok(Self {
             local,
@@ -466,7 +485,7 @@ where
 pub const MAX_HANDSHAKES: usize = 256;
 
 impl axum::serve::Listener for GatewayListener {
-    type Io = MaybeTls<tokio::net::TcpStream>;
+    type Io = MaybeTls<AdmittedTcp>;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -499,6 +518,7 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Gate
         PeerInfo {
             remote_addr: Some(*stream.remote_addr()),
             identity: stream.io().identity().cloned(),
+            conn: stream.io().inner().conn(),
         }
     }
 }

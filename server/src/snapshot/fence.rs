@@ -14,6 +14,12 @@
 //! - [`ACQUIRE`] makes the caller the owner unless another replica is, and returns
 //!   the version and the snapshot in the same round trip as the old `MGET`.
 //! - [`RELEASE`] gives ownership up; [`TAKE_OVER`] clears the owner a dead replica left.
+//! - [`DELETE`] deletes a device its caller owns (or nobody does), leaving its version
+//!   bumped behind as a tombstone so that no older copy can be written back.
+//! - [`READ`] reads a snapshot without owning it (`Analyze`).
+//!
+//! Reads check the key's type and length in the script first: a value above
+//! `SNAPSHOT_MAX_BYTES` or a key of another type is reported, never sent.
 //!
 //! Scripts are sent by `EVALSHA`; their SHA-1 is computed here ([`sha1_hex`]) so
 //! that a batch can be packed before it has a connection, and every write connection
@@ -47,13 +53,55 @@ else
 end
 return n";
 
-/// `KEYS`: snapshot, version, owner. `ARGV`: this replica, ttl seconds. Returns
-/// `{1, version, value or nil}` when the caller owns the device now, `{0, owner}`
-/// when another replica does.
-pub const ACQUIRE: &str = r"local o = redis.call('GET', KEYS[3])
+/// `KEYS`: snapshot, version, owner. `ARGV`: this replica, ttl seconds, the largest
+/// value read (`SNAPSHOT_MAX_BYTES`). Returns `{1, version, value or nil, problem or
+/// nil, fixed}` when the caller owns the device now, `{0, owner}` when another replica
+/// does. `problem` says why the value is not returned: `type:<type>` (the key holds a
+/// hash, a list, ...), or `size:<bytes>` (above the cap, so a huge value never crosses
+/// the network). `fixed` counts version and owner keys of another type than a string
+/// that were deleted first (they would fail every script of the device).
+pub const ACQUIRE: &str = r"local fixed = 0
+for i = 2, 3 do
+  local k = redis.call('TYPE', KEYS[i])['ok']
+  if k ~= 'none' and k ~= 'string' then
+    redis.call('DEL', KEYS[i])
+    fixed = fixed + 1
+  end
+end
+local o = redis.call('GET', KEYS[3])
 if o and o ~= ARGV[1] then return {0, o} end
 redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
-return {1, redis.call('GET', KEYS[2]) or '0', redis.call('GET', KEYS[1])}";
+local v = redis.call('GET', KEYS[2]) or '0'
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return {1, v, false, false, fixed} end
+if t ~= 'string' then return {1, v, false, 'type:' .. t, fixed} end
+local n = redis.call('STRLEN', KEYS[1])
+if n > tonumber(ARGV[3]) then return {1, v, false, 'size:' .. n, fixed} end
+return {1, v, redis.call('GET', KEYS[1]), false, fixed}";
+
+/// `KEYS`: snapshot. `ARGV`: the largest value read. Returns `{}` when there is no
+/// snapshot, `{value}`, or `{false, problem}` as [`ACQUIRE`] says (`Analyze` of a
+/// device not in memory).
+pub const READ: &str = r"local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return {} end
+if t ~= 'string' then return {false, 'type:' .. t} end
+local n = redis.call('STRLEN', KEYS[1])
+if n > tonumber(ARGV[1]) then return {false, 'size:' .. n} end
+return {redis.call('GET', KEYS[1])}";
+
+/// `KEYS`: snapshot, version, owner. `ARGV`: this replica, ttl seconds. Deletes a
+/// device (`DeleteDevice`) unless another replica owns it: removes the snapshot and
+/// the owner and bumps the version, which stays behind as a tombstone for
+/// `SNAPSHOT_TTL`, so that a write of any copy older than the deletion loses (its base
+/// version is below it). Returns `{1, whether a snapshot existed, the new version}`,
+/// or `{0, owner}`.
+pub const DELETE: &str = r"local o = redis.call('GET', KEYS[3])
+if o and o ~= ARGV[1] then return {0, o} end
+local existed = redis.call('EXISTS', KEYS[1])
+local n = (tonumber(redis.call('GET', KEYS[2])) or 0) + 1
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('SET', KEYS[2], n, 'EX', ARGV[2])
+return {1, existed, n}";
 
 /// `KEYS`: owner. `ARGV`: this replica. Deletes the owner if it is this replica.
 pub const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -73,7 +121,7 @@ redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return e";
 
 /// Every script, for `SCRIPT LOAD` on a new connection.
-pub const SCRIPTS: [&str; 4] = [FLUSH, ACQUIRE, RELEASE, RENEW];
+pub const SCRIPTS: [&str; 6] = [FLUSH, ACQUIRE, RELEASE, RENEW, READ, DELETE];
 
 /// Prefix of the replicas' liveness keys.
 pub const REPLICA_PREFIX: &str = "tidewatch:v1:replica:";
@@ -81,6 +129,12 @@ pub const REPLICA_PREFIX: &str = "tidewatch:v1:replica:";
 /// Prefix of the hand-off channels, one per replica: a replica that finds another
 /// live owner publishes the device id there, and the owner writes and releases it.
 pub const HANDOFF_PREFIX: &str = "tidewatch:v1:handoff:";
+
+/// The channel every replica listens on for deletions: `<version> <device id>`, the
+/// tombstone version [`DELETE`] left. A replica drops a copy of that device that
+/// started from an older version (one it held without owning it, say after Redis
+/// lost the owner key); a copy taken since is newer and stays.
+pub const DELETED_CHANNEL: &str = "tidewatch:v1:deleted";
 
 /// How long a replica's ownership lasts without a flush renewing it: three flush
 /// intervals, at least two seconds. A replica killed without a drain keeps its
@@ -239,6 +293,11 @@ impl FlushCommands {
             replica: replica.to_owned(),
             value: Vec::with_capacity(2048),
         }
+    }
+
+    /// The length of the value of the last write pushed.
+    pub fn last_value_len(&self) -> usize {
+        self.value.len()
     }
 
     /// Appends the write of `device_id`, expecting version `base`, with the value

@@ -34,6 +34,8 @@ pub enum RpcMethod {
     Analyze,
     /// The anomaly feed.
     WatchAnomalies,
+    /// The admin call that deletes a device.
+    DeleteDevice,
     /// A path naming no method of the service (answered `UNIMPLEMENTED`).
     Other,
 }
@@ -49,6 +51,7 @@ impl RpcMethod {
             Some("Ingest") => Self::Ingest,
             Some("Analyze") => Self::Analyze,
             Some("WatchAnomalies") => Self::WatchAnomalies,
+            Some("DeleteDevice") => Self::DeleteDevice,
             _ => Self::Other,
         }
     }
@@ -60,6 +63,7 @@ impl RpcMethod {
             Self::Ingest => "Ingest",
             Self::Analyze => "Analyze",
             Self::WatchAnomalies => "WatchAnomalies",
+            Self::DeleteDevice => "DeleteDevice",
             Self::Other => "_OTHER",
         }
     }
@@ -70,6 +74,7 @@ impl RpcMethod {
             Self::Ingest => "tidewatch.v1.TelemetryService/Ingest",
             Self::Analyze => "tidewatch.v1.TelemetryService/Analyze",
             Self::WatchAnomalies => "tidewatch.v1.TelemetryService/WatchAnomalies",
+            Self::DeleteDevice => "tidewatch.v1.TelemetryService/DeleteDevice",
             Self::Other => "tidewatch.v1.TelemetryService/_OTHER",
         }
     }
@@ -264,6 +269,10 @@ mod tests {
             (
                 "/tidewatch.v1.TelemetryService/WatchAnomalies",
                 RpcMethod::WatchAnomalies,
+            ),
+            (
+                "/tidewatch.v1.TelemetryService/DeleteDevice",
+                RpcMethod::DeleteDevice,
             ),
             ("/tidewatch.v1.TelemetryService/Nope", RpcMethod::Other),
             ("/other.Service/Analyze", RpcMethod::Other),

@@ -145,6 +145,8 @@ async fn metric_and_device_limits_count_across_samples() {
         // Known metrics are fine.
         one("a", 0, &[("m2", 2.0)]),
         one("b", 0, &[("m1", 1.0)]),
+        // Its second sample: no device is on probation (docs/operations.md, "Memory").
+        one("b", 0, &[("m1", 1.5)]),
         // A third device when two are in memory.
         one("c", 0, &[("m1", 1.0)]),
         one("b", 0, &[("m1", 2.0)]),
@@ -155,7 +157,10 @@ async fn metric_and_device_limits_count_across_samples() {
         .iter()
         .map(|r| r.verdicts[0].error.split(':').next().unwrap_or_default())
         .collect();
-    assert_eq!(errors, ["", "too_many_metrics", "", "", "device_limit", ""]);
+    assert_eq!(
+        errors,
+        ["", "too_many_metrics", "", "", "", "device_limit", ""]
+    );
     server.stop().await.expect("clean shutdown");
 }
 

@@ -50,6 +50,8 @@ fn invalid_settings_exit_64_with_one_line_naming_the_setting() {
         ),
         (&[], &[("MAX_MESSAGE_BYTES", "10")], "MAX_MESSAGE_BYTES"),
         (&[], &[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+        (&[], &[("GRPC_COMPRESSION", "brotli")], "GRPC_COMPRESSION"),
+        (&[], &[("GRPC_COMPRESSION", "gzip,off")], "GRPC_COMPRESSION"),
         (&["--window-size", "0"], &[], "WINDOW_SIZE"),
         (&["--shutdown-timeout", "0"], &[], "SHUTDOWN_TIMEOUT"),
     ];

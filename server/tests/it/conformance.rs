@@ -1,12 +1,16 @@
 //! Conformance of the `Ingest` fast path with tonic: one corpus of raw gRPC request
 //! bodies (split frames, compression flags, oversized and truncated messages, bad
-//! UTF-8, unknown fields and groups, repeated map keys, `grpc-encoding` and
-//! `content-type` headers) goes over real HTTP/2 to a plain tonic server generated
-//! from the same proto (prost decoding, started here on `127.0.0.1:0`) and to the
-//! real server, with and without flush consolidation. Each answer (HTTP status, gRPC
-//! status and message, `grpc-accept-encoding`, the responses) must be the same,
-//! except for the differences the contract in `server/src/grpc/fast.rs` lists, which
-//! are asserted as such.
+//! UTF-8, unknown fields and groups, repeated map keys, gzip, deflate and zstd
+//! messages (whole, split, cut short, bombs), `grpc-encoding`,
+//! `grpc-accept-encoding` and `content-type` headers) goes over real HTTP/2 to a
+//! plain tonic server generated from the same proto (prost decoding, tonic's
+//! compression, started here on `127.0.0.1:0`) and to the real server: with flush
+//! consolidation and `GRPC_COMPRESSION=gzip,deflate,zstd` against a tonic server that
+//! sends the same, and without either against one that sends none. Each answer (HTTP
+//! status, gRPC status and message, `grpc-accept-encoding`, `grpc-encoding`, each
+//! response's compressed flag and contents) must be the same, except for the
+//! differences the contract in `server/src/grpc/fast.rs` lists, which are asserted as
+//! such.
 //!
 //! Verdicts are the engine's, which a plain tonic service does not have: the
 //! reference answers each sample with a verdict that echoes its device id, `seq` and
@@ -24,15 +28,24 @@ use prost::Message as _;
 use tidewatch_proto::{
     pbjson_types::Timestamp,
     v1::{
-        AnalyzeRequest, AnalyzeResponse, DetectorConfig, IngestRequest, IngestResponse,
-        MetricVerdict, Sample, Verdict, WatchAnomaliesRequest, WatchAnomaliesResponse,
+        AnalyzeRequest, AnalyzeResponse, DeleteDeviceRequest, DeleteDeviceResponse, DetectorConfig,
+        IngestRequest, IngestResponse, MetricVerdict, Sample, Verdict, WatchAnomaliesRequest,
+        WatchAnomaliesResponse,
         telemetry_service_server::{TelemetryService, TelemetryServiceServer},
     },
 };
-use tonic::{Code, Request, Response, Status, Streaming};
+use tidewatch_server::config::GrpcCompression;
+use tonic::{Code, Request, Response, Status, Streaming, codec::CompressionEncoding};
 
 /// `MAX_MESSAGE_BYTES` of both servers.
 const MAX_MESSAGE: usize = 4096;
+
+/// The encodings both servers accept, in tonic's order.
+const ENCODINGS: [CompressionEncoding; 3] = [
+    CompressionEncoding::Gzip,
+    CompressionEncoding::Deflate,
+    CompressionEncoding::Zstd,
+];
 
 /// A plain tonic `TelemetryService`: prost decodes, each request is answered with an
 /// echo of its samples, and a receive error ends the stream with its status (what a
@@ -67,6 +80,13 @@ impl TelemetryService for Reference {
         Err(Status::unimplemented("the reference serves Ingest only"))
     }
 
+    async fn delete_device(
+        &self,
+        _request: Request<DeleteDeviceRequest>,
+    ) -> Result<Response<DeleteDeviceResponse>, Status> {
+        Err(Status::unimplemented("the reference serves Ingest only"))
+    }
+
     type WatchAnomaliesStream = BoxStream<WatchAnomaliesResponse>;
 
     async fn watch_anomalies(
@@ -95,13 +115,20 @@ fn echo(sample: Sample) -> Verdict {
     }
 }
 
-/// Starts the reference on a free port.
-async fn start_reference() -> SocketAddr {
+/// Starts the reference on a free port: it accepts gzip, deflate and zstd, and sends
+/// them when `compressing` (as the server does with `GRPC_COMPRESSION=gzip,deflate,zstd`).
+async fn start_reference(compressing: bool) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let service = TelemetryServiceServer::new(Reference).max_decoding_message_size(MAX_MESSAGE);
+    let mut service = TelemetryServiceServer::new(Reference).max_decoding_message_size(MAX_MESSAGE);
+    for encoding in ENCODINGS {
+        service = service.accept_compressed(encoding);
+        if compressing {
+            service = service.send_compressed(encoding);
+        }
+    }
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -120,8 +147,10 @@ struct Outcome {
     code: Code,
     message: String,
     accept_encoding: Option<String>,
-    /// The verdicts of each response, in order.
-    responses: Vec<Vec<Echo>>,
+    /// The responses' `grpc-encoding`.
+    encoding: Option<String>,
+    /// Each response, in order: whether it is compressed, and its verdicts.
+    responses: Vec<(bool, Vec<Echo>)>,
 }
 
 /// One corpus entry: a request body as DATA frames, with extra headers.
@@ -144,6 +173,9 @@ enum Expect {
     /// A message over `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` instead of
     /// `OUT_OF_RANGE`, tonic's text naming the setting; the rest the same.
     TooLarge,
+    /// A message that decompresses past `MAX_MESSAGE_BYTES`: `RESOURCE_EXHAUSTED` as
+    /// tonic, its text naming the setting; the rest the same.
+    Bomb,
     /// A `content-type` that is not gRPC: tonic serves it; the real server answers
     /// HTTP 415 with `INTERNAL` and reads nothing.
     NotGrpc,
@@ -193,6 +225,10 @@ async fn call(addr: SocketAddr, case: &Case) -> Outcome {
         .headers()
         .get("grpc-accept-encoding")
         .map(|v| v.to_str().expect("ascii").to_owned());
+    let encoding = response
+        .headers()
+        .get("grpc-encoding")
+        .map(|v| v.to_str().expect("ascii").to_owned());
     let header_status = Status::from_header_map(response.headers());
     let collected = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
         .await
@@ -206,19 +242,64 @@ async fn call(addr: SocketAddr, case: &Case) -> Outcome {
     let mut data = collected.to_bytes();
     let mut responses = Vec::new();
     while !data.is_empty() {
-        assert_eq!(data[0], 0, "{}: uncompressed responses", case.name);
+        let compressed = match data[0] {
+            0 => false,
+            1 => true,
+            flag => panic!("{}: response flag {flag}", case.name),
+        };
         let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
         data.advance(5);
-        let response = IngestResponse::decode(data.split_to(len)).expect("a response");
-        responses.push(response.verdicts.iter().map(project).collect());
+        let mut message = data.split_to(len);
+        if compressed {
+            let encoding = encoding
+                .as_deref()
+                .expect("a compressed response names its encoding");
+            message = decompress(encoding, &message);
+        }
+        let response = IngestResponse::decode(message).expect("a response");
+        responses.push((compressed, response.verdicts.iter().map(project).collect()));
     }
     Outcome {
         http,
         code: status.code(),
         message: status.message().to_owned(),
         accept_encoding,
+        encoding,
         responses,
     }
+}
+
+/// `data` compressed with the named encoding, at the level tonic uses.
+fn compress(encoding: &str, data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    match encoding {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            e.write_all(data).expect("in memory");
+            e.finish().expect("in memory")
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+            e.write_all(data).expect("in memory");
+            e.finish().expect("in memory")
+        }
+        "zstd" => zstd::encode_all(data, 3).expect("in memory"),
+        other => panic!("no encoding {other}"),
+    }
+}
+
+/// A response's bytes decompressed with the named encoding.
+fn decompress(encoding: &str, data: &[u8]) -> Bytes {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    match encoding {
+        "gzip" => flate2::read::GzDecoder::new(data).read_to_end(&mut out),
+        "deflate" => flate2::read::ZlibDecoder::new(data).read_to_end(&mut out),
+        "zstd" => zstd::stream::read::Decoder::new(data).and_then(|mut d| d.read_to_end(&mut out)),
+        other => panic!("no encoding {other}"),
+    }
+    .expect("a response decompresses");
+    Bytes::from(out)
 }
 
 fn project(verdict: &Verdict) -> Echo {
@@ -421,19 +502,9 @@ fn corpus() -> Vec<Case> {
     let mut whole = case("oversized, sent whole", vec![framed(0, &big)]);
     whole.expect = Expect::TooLarge;
     cases.push(whole);
-    let limit = {
-        // A message of exactly MAX_MESSAGE bytes: one sample padded with an unknown
-        // field.
-        let mut m = request(&["at-limit"], 1);
-        // The padding field's key and length take two bytes each.
-        let pad = MAX_MESSAGE - m.len() - 4;
-        len_field(&mut m, 99, &vec![b'p'; pad]);
-        assert_eq!(m.len(), MAX_MESSAGE);
-        m
-    };
     cases.push(case(
         "a message of exactly the limit",
-        vec![framed(0, &limit)],
+        vec![framed(0, &at_limit("at-limit"))],
     ));
     let cut = framed(0, &request(&["cut"], 1));
     cases.push(case(
@@ -579,17 +650,34 @@ fn corpus() -> Vec<Case> {
     cases.push(case("seq u64::MAX", vec![framed(0, &raw_sample(&s))]));
 
     // Headers.
-    for encoding in ["gzip", "zstd", "br"] {
-        let mut c = case(format!("grpc-encoding {encoding}"), vec![one_of("gzip")]);
+    for (i, encoding) in ["gzip", "deflate", "zstd", "br", "GZIP", "gzip,zstd", ""]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = case(
+            format!("grpc-encoding {encoding:?}, an uncompressed message"),
+            vec![one_of(&format!("named-{i}"))],
+        );
         c.headers.push(("grpc-encoding", encoding));
         cases.push(c);
     }
     let mut c = case(
-        "grpc-encoding gzip with a compressed message",
+        "grpc-encoding gzip with a message that is not gzip",
         vec![framed(1, &request(&["gz"], 1))],
     );
     c.headers.push(("grpc-encoding", "gzip"));
     cases.push(c);
+    let mut c = case(
+        "grpc-encoding identity with the compressed flag",
+        vec![framed(
+            1,
+            &compress("gzip", &request(&["identity-flag"], 1)),
+        )],
+    );
+    c.headers.push(("grpc-encoding", "identity"));
+    cases.push(c);
+    cases.extend(compressed_cases());
+    cases.extend(accept_encoding_cases());
     let mut c = case("grpc-encoding identity", vec![one_of("identity")]);
     c.headers.push(("grpc-encoding", "identity"));
     cases.push(c);
@@ -619,6 +707,216 @@ fn corpus() -> Vec<Case> {
     cases
 }
 
+/// Compressed requests, for each encoding: whole, mixed with uncompressed messages,
+/// split across frames, empty, at and over the limit once decompressed (bombs), cut
+/// short, not compressed at all, over the limit compressed, and answered compressed.
+fn compressed_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for encoding in ["gzip", "deflate", "zstd"] {
+        let named = |name: String, frames: Vec<Vec<u8>>| {
+            let mut c = case(format!("{encoding}: {name}"), frames);
+            c.headers.push(("grpc-encoding", encoding));
+            c
+        };
+        let packed =
+            |device: &str, seq: u64| framed(1, &compress(encoding, &request(&[device], seq)));
+        let id = |name: &str| format!("{encoding}-{name}");
+        cases.push(named("one message".into(), vec![packed(&id("one"), 1)]));
+        cases.push(named(
+            "compressed and uncompressed messages in one frame".into(),
+            vec![
+                [
+                    packed(&id("mix-a"), 1),
+                    one_of(&id("mix-b")),
+                    packed(&id("mix-c"), 1),
+                ]
+                .concat(),
+            ],
+        ));
+        let two = |cut: usize| {
+            let a = packed(&id(&format!("split{cut}-a")), 1);
+            [a, packed(&id(&format!("split{cut}-b")), 2)].concat()
+        };
+        for cut in [3, 9, usize::MAX] {
+            let two = two(cut);
+            let cut = cut.min(two.len() - 1);
+            cases.push(named(
+                format!("split at byte {cut}"),
+                vec![two[..cut].to_vec(), two[cut..].to_vec()],
+            ));
+        }
+        let devices: Vec<String> = (0..40).map(|i| id(&format!("batch-{i}"))).collect();
+        let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
+        cases.push(named(
+            "40 samples in a message".into(),
+            vec![framed(1, &compress(encoding, &request(&refs, 1)))],
+        ));
+        cases.push(named(
+            "an empty message".into(),
+            vec![framed(1, &compress(encoding, &[]))],
+        ));
+        cases.push(named("no bytes at all".into(), vec![framed(1, &[])]));
+        cases.push(named(
+            "exactly the limit once decompressed".into(),
+            vec![framed(1, &compress(encoding, &at_limit(&id("at-limit"))))],
+        ));
+        let over = padded(&id("over-limit"), MAX_MESSAGE + 1);
+        let mut c = named(
+            "one byte over the limit once decompressed".into(),
+            vec![
+                [
+                    one_of(&id("before-over")),
+                    framed(1, &compress(encoding, &over)),
+                ]
+                .concat(),
+            ],
+        );
+        c.expect = Expect::Bomb;
+        cases.push(c);
+        // 512 times the limit in half of it (deflate expands at most about 1,000-fold).
+        let bomb = compress(encoding, &vec![0; 2 << 20]);
+        assert!(bomb.len() < MAX_MESSAGE, "{encoding}: {} bytes", bomb.len());
+        let mut c = named(
+            "a bomb (2 MiB of zeros)".into(),
+            vec![
+                [
+                    one_of(&id("before-bomb")),
+                    framed(1, &bomb),
+                    packed(&id("never"), 1),
+                ]
+                .concat(),
+            ],
+        );
+        c.expect = Expect::Bomb;
+        cases.push(c);
+        let whole = compress(encoding, &request(&[&id("cut")], 1));
+        for keep in [whole.len() / 2, whole.len() - 1] {
+            cases.push(named(
+                format!("compressed data cut to {keep} of {} bytes", whole.len()),
+                vec![
+                    [
+                        one_of(&id(&format!("before-cut-{keep}"))),
+                        framed(1, &whole[..keep]),
+                    ]
+                    .concat(),
+                ],
+            ));
+        }
+        cases.push(named(
+            "data that is not compressed".into(),
+            vec![framed(1, b"\x0a\x05hello, not compressed")],
+        ));
+        cases.push(named(
+            "decompresses to invalid protobuf".into(),
+            vec![framed(1, &compress(encoding, &[0x0A, 0xff]))],
+        ));
+        // Incompressible bytes: the compressed message itself is over the limit.
+        let mut noise = Vec::new();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        while noise.len() < 2 * MAX_MESSAGE {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            noise.extend_from_slice(&x.to_le_bytes());
+        }
+        let mut r = request(&[&id("noise")], 1);
+        len_field(&mut r, 99, &noise);
+        let mut c = named(
+            "over the limit compressed".into(),
+            vec![framed(1, &compress(encoding, &r))],
+        );
+        c.expect = Expect::TooLarge;
+        cases.push(c);
+        let cut = packed(&id("eof"), 2);
+        cases.push(named(
+            "body ends inside a compressed message".into(),
+            vec![[packed(&id("eof-first"), 1), cut[..cut.len() - 1].to_vec()].concat()],
+        ));
+        let mut c = named(
+            "compressed in, the same accepted out".into(),
+            vec![[packed(&id("both-a"), 1), packed(&id("both-b"), 2)].concat()],
+        );
+        c.headers.push(("grpc-accept-encoding", encoding));
+        cases.push(c);
+        let mut c = named(
+            "a bomb with compressed answers before it".into(),
+            vec![[packed(&id("bomb-answered"), 1), framed(1, &bomb)].concat()],
+        );
+        c.headers.push(("grpc-accept-encoding", encoding));
+        c.expect = Expect::Bomb;
+        cases.push(c);
+    }
+    cases
+}
+
+/// Uncompressed requests that accept compressed answers: `grpc-accept-encoding` as
+/// grpcio and grpc-js send it (`identity,deflate,gzip`), as Connect does (`gzip,br`),
+/// in other orders and spacings, with unknown names only, and with many answers, an
+/// empty one and an error.
+fn accept_encoding_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, accept) in [
+        "gzip",
+        "identity,deflate,gzip",
+        "gzip,br",
+        "zstd",
+        " zstd , gzip",
+        "br",
+        "identity",
+        "",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = case(
+            format!("grpc-accept-encoding {accept:?}"),
+            vec![
+                [
+                    one_of(&format!("accept-{i}-a")),
+                    one_of(&format!("accept-{i}-b")),
+                ]
+                .concat(),
+            ],
+        );
+        c.headers.push(("grpc-accept-encoding", accept));
+        cases.push(c);
+    }
+    let many: Vec<u8> = (0..1500)
+        .flat_map(|i| framed(0, &request(&[&format!("accept-many-{i}")], i)))
+        .collect();
+    let mut c = case("gzip accepted, 1,500 answers", vec![many]);
+    c.headers.push(("grpc-accept-encoding", "gzip"));
+    cases.push(c);
+    let mut c = case("zstd accepted, an empty message", vec![framed(0, &[])]);
+    c.headers.push(("grpc-accept-encoding", "zstd"));
+    cases.push(c);
+    let mut bad = Vec::new();
+    len_field(&mut bad, 1, &[0xff, 0xfe]);
+    let mut c = case(
+        "deflate accepted, an error after an answer",
+        vec![[one_of("accept-error-first"), framed(0, &raw_sample(&bad))].concat()],
+    );
+    c.headers.push(("grpc-accept-encoding", "deflate"));
+    cases.push(c);
+    cases
+}
+
+/// A request of one sample `device`, padded with an unknown field to exactly
+/// `MAX_MESSAGE` bytes.
+fn at_limit(device: &str) -> Vec<u8> {
+    padded(device, MAX_MESSAGE)
+}
+
+/// A request of one sample `device`, padded with an unknown field to `size` bytes.
+fn padded(device: &str, size: usize) -> Vec<u8> {
+    let mut m = request(&[device], 1);
+    // The padding field's key and length take two bytes each.
+    let pad = size - m.len() - 4;
+    len_field(&mut m, 99, &vec![b'p'; pad]);
+    assert_eq!(m.len(), size);
+    m
+}
+
 /// One framed single-sample request for `device`.
 fn one_of(device: &str) -> Vec<u8> {
     framed(0, &request(&[device], 1))
@@ -626,13 +924,19 @@ fn one_of(device: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_path_answers_the_corpus_as_tonic_does() {
-    let reference = start_reference().await;
+    let compressing_reference = start_reference(true).await;
+    let plain_reference = start_reference(false).await;
     // The corpus tests the wire, not the engine's rules: any seq is applied (the
     // `seq u64::MAX` case would otherwise be refused as `invalid_seq`).
     let consolidating = TestServer::start_with(|c| {
         c.max_message_bytes = MAX_MESSAGE;
         c.flush_consolidation = true;
         c.max_seq_jump = u64::MAX;
+        c.grpc_compression = vec![
+            GrpcCompression::Gzip,
+            GrpcCompression::Deflate,
+            GrpcCompression::Zstd,
+        ];
     })
     .await;
     let direct = TestServer::start_with(|c| {
@@ -642,21 +946,33 @@ async fn the_fast_path_answers_the_corpus_as_tonic_does() {
     })
     .await;
     let corpus = corpus();
-    assert!(corpus.len() >= 50, "{} cases", corpus.len());
+    assert!(corpus.len() >= 120, "{} cases", corpus.len());
     let mut failures = Vec::new();
+    let mut compressed_answers = 0;
     for case in &corpus {
-        let theirs = call(reference, case).await;
-        for server in [&consolidating, &direct] {
+        for (server, reference) in [
+            (&consolidating, compressing_reference),
+            (&direct, plain_reference),
+        ] {
+            let theirs = call(reference, case).await;
             let ours = call(server.grpc_addr, case).await;
+            compressed_answers += ours.responses.iter().filter(|(c, _)| *c).count();
             if let Err(why) = compare(case, &theirs, &ours) {
                 failures.push(format!(
-                    "{} (consolidation {}): {why}\n  tonic: {theirs:?}\n  ours:  {ours:?}",
-                    case.name, server.state.config.flush_consolidation
+                    "{} (consolidation {}, GRPC_COMPRESSION {:?}): {why}\n  tonic: {theirs:?}\n  ours:  {ours:?}",
+                    case.name,
+                    server.state.config.flush_consolidation,
+                    server.state.config.grpc_compression,
                 ));
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Not a corpus that compares nothing compressed.
+    assert!(
+        compressed_answers > 1500,
+        "{compressed_answers} compressed answers"
+    );
     consolidating.stop().await.expect("clean shutdown");
     direct.stop().await.expect("clean shutdown");
 }
@@ -685,6 +1001,21 @@ fn compare(case: &Case, theirs: &Outcome, ours: &Outcome) -> Result<(), String> 
                 return Err("answers differ".into());
             }
         }
+        Expect::Bomb => {
+            if theirs.code != Code::ResourceExhausted || ours.code != Code::ResourceExhausted {
+                return Err("codes are not both RESOURCE_EXHAUSTED".into());
+            }
+            if ours.message != format!("{} (MAX_MESSAGE_BYTES)", theirs.message) {
+                return Err("messages differ beyond the setting's name".into());
+            }
+            let same_rest = Outcome {
+                message: theirs.message.clone(),
+                ..ours.clone()
+            };
+            if &same_rest != theirs {
+                return Err("answers differ".into());
+            }
+        }
         Expect::NotGrpc => {
             // tonic serves any content-type as gRPC; the fast path refuses it.
             if (theirs.http, theirs.code) != (200, Code::Ok) || theirs.responses.len() != 1 {
@@ -702,6 +1033,7 @@ fn compare(case: &Case, theirs: &Outcome, ours: &Outcome) -> Result<(), String> 
                 code: Code::Internal,
                 message: format!("invalid gRPC request content-type {shown}"),
                 accept_encoding: None,
+                encoding: None,
                 responses: Vec::new(),
             };
             if ours != &expected {

@@ -167,6 +167,9 @@ async fn reflection_describes_the_service_file() {
         .iter()
         .find(|(name, _)| name == "tidewatch/v1/telemetry.proto")
         .unwrap_or_else(|| panic!("no telemetry.proto in {described:?}"));
-    assert_eq!(methods, &["Ingest", "Analyze", "WatchAnomalies"]);
+    assert_eq!(
+        methods,
+        &["Ingest", "Analyze", "WatchAnomalies", "DeleteDevice"]
+    );
     server.stop().await.expect("clean shutdown");
 }

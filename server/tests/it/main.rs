@@ -7,12 +7,15 @@
 
 mod common;
 
+mod abuse_conn;
+mod abuse_memory;
 mod analyze_watch;
 mod backpressure;
 mod bad_samples;
 mod cluster;
 mod config;
 mod conformance;
+mod delete_device;
 mod detectors;
 mod gateway;
 mod grpcurl;
@@ -24,6 +27,7 @@ mod metrics;
 mod module_graph;
 mod otel;
 mod overload;
+mod quota_devices;
 mod redis_values;
 mod replicas;
 mod security;

@@ -1,13 +1,14 @@
 //! Overload protection over real sockets: with a concurrency limit of 1 and a real
-//! slow request in flight (an upload the test trickles), the next request is shed at
-//! once — HTTP `503` with `Retry-After`, gRPC `RESOURCE_EXHAUSTED` — and counted;
-//! probes and health checks are never shed; long-lived streams do not hold a slot;
-//! `REQUEST_TIMEOUT` and `MAX_INGEST_STREAMS` hold.
+//! slow request in flight (one that waits on a stalled Redis), the next request is
+//! shed at once — HTTP `503` with `Retry-After`, gRPC `RESOURCE_EXHAUSTED` — and
+//! counted; probes and health checks are never shed; long-lived streams and slow
+//! uploads do not hold a slot; `REQUEST_TIMEOUT` and `MAX_INGEST_STREAMS` hold.
 
 use std::time::Duration;
 
 use crate::common::{
     TestServer, channel_body, http_get, http_send, ingest_json, metric_value, one,
+    redis_server::RedisServer,
 };
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
@@ -55,30 +56,98 @@ fn slow_upload(
     )
 }
 
+/// A `redis-server` stopped (SIGSTOP) until this is dropped: every Redis command
+/// waits for `REDIS_COMMAND_TIMEOUT`, so a request that needs Redis is a real slow
+/// request holding its concurrency slot.
+struct Stalled(u32);
+
+impl Stalled {
+    fn new(redis: &RedisServer) -> Self {
+        let pid = redis.pid().expect("redis runs");
+        signal(pid, "-STOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// A test server with `configure`, snapshots on a real Redis, and Redis command and
+/// connection timeouts of `stall`: how long a request that needs the stalled Redis
+/// holds its slot.
+async fn with_redis(
+    redis: &RedisServer,
+    stall: Duration,
+    configure: impl FnOnce(&mut tidewatch_server::config::Config),
+) -> TestServer {
+    let url = redis.url();
+    TestServer::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.redis_command_timeout = stall;
+        c.redis_connect_timeout = stall;
+        configure(c);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_sheds_beyond_the_concurrency_limit() {
-    let server = TestServer::start_with(|c| c.http_concurrency_limit = 1).await;
+    let redis = RedisServer::start();
+    let server = with_redis(&redis, Duration::from_secs(4), |c| {
+        c.http_concurrency_limit = 1;
+    })
+    .await;
     let addr = server.http_addr;
     assert_eq!(shed_count(&server, "http").await, 0.0);
+    let known = ingest_json(addr, r#"{"device_id":"slow","rps":1}"#).await;
+    assert_eq!(known.status, 200, "{}", known.text());
 
-    let first = "{\"device_id\":\"slow\",\"rps\":1}\n";
-    let (mut tx, mut slow) = slow_upload(&server, first);
-    // The slow request takes the only slot once the server has read its head; from
-    // then on every API request is shed at once (404 = served, 503 = shed).
+    // A slow upload does not take the slot: its body is read first.
+    let (tx, upload) = slow_upload(&server, "{\"device_id\":\"slow\",\"rps\":2}\n");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = http_get(addr, "/analyze?device_id=slow").await;
+    assert_eq!(
+        answer.status,
+        200,
+        "served during an upload: {}",
+        answer.text()
+    );
+    drop(tx);
+    let uploaded = upload.await.expect("upload");
+    assert_eq!(uploaded.status, 200, "{}", uploaded.text());
+
+    // With Redis stalled, reading a device that is not in memory waits: that request
+    // takes the only slot; from then on every API request is shed at once (200 =
+    // served from memory, 503 = shed).
+    let stalled = Stalled::new(&redis);
+    let elsewhere = move || tokio::spawn(http_get(addr, "/analyze?device_id=elsewhere"));
+    let mut slow = elsewhere();
     let mut shed = 0;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let mut answer = http_get(addr, "/analyze?device_id=slow").await;
     for _ in 0..1000 {
         if answer.status == 503 {
             break;
         }
-        assert_eq!(answer.status, 404, "{}", answer.text());
+        assert_eq!(answer.status, 200, "{}", answer.text());
         if slow.is_finished() {
-            // A probe held the slot when the upload's head arrived: the upload was
-            // the one shed. It counts as shed, and starts again.
+            // A probe held the slot when the slow request arrived: that one was
+            // shed. It counts as shed, and starts again.
             let lost = (&mut slow).await.expect("slow request");
             lost.assert_error(503, "overloaded");
             shed += 1;
-            (tx, slow) = slow_upload(&server, first);
+            slow = elsewhere();
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
         answer = http_get(addr, "/analyze?device_id=slow").await;
@@ -100,16 +169,11 @@ async fn http_sheds_beyond_the_concurrency_limit() {
     assert_eq!(shed_count(&server, "grpc").await, 0.0);
     assert!(!slow.is_finished(), "the slow request is still in flight");
 
-    // The slow request completes normally, then the slot is free again.
-    tx.send(Ok(Frame::data(Bytes::from_static(
-        b"{\"device_id\":\"slow\",\"rps\":2}\n",
-    ))))
-    .await
-    .expect("second chunk");
-    drop(tx);
+    // The slow request ends when Redis does not answer in time; then the slot is
+    // free again.
     let answer = slow.await.expect("slow request");
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    assert_eq!(answer.json()["verdicts"].as_array().unwrap().len(), 2);
+    answer.assert_error(503, "unavailable");
+    drop(stalled);
     let answer = http_get(addr, "/analyze?device_id=slow").await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.json()["rps_avg"], 1.5);
@@ -184,9 +248,24 @@ async fn slow_analyze(
     (rest, tx, answer)
 }
 
+/// An Analyze call over raw HTTP/2 whose request is sent whole at once (see
+/// [`slow_analyze`] for the shape of the answer).
+async fn slow_analyze_whole(
+    server: &TestServer,
+    device_id: &str,
+) -> tokio::task::JoinHandle<(u16, Bytes, Option<String>)> {
+    let (rest, tx, answer) = slow_analyze(server, device_id).await;
+    tx.send(Ok(Frame::data(Bytes::from(rest)))).await.unwrap();
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_sheds_beyond_the_concurrency_limit() {
-    let server = TestServer::start_with(|c| c.grpc_concurrency_limit = 1).await;
+    let redis = RedisServer::start();
+    let server = with_redis(&redis, Duration::from_secs(4), |c| {
+        c.grpc_concurrency_limit = 1;
+    })
+    .await;
     let mut client = server.client().await;
 
     // A long-lived Ingest stream does not hold the only slot: it stays open all along.
@@ -210,12 +289,29 @@ async fn grpc_sheds_beyond_the_concurrency_limit() {
         .expect("analyze is not shed while a stream is open");
     assert_eq!(found.get_ref().metrics[0].window_count, 1);
 
+    // A call whose request arrives slowly does not take the slot: it is read first.
+    let (rest, tx, slow_request) = slow_analyze(&server, "known").await;
+    client
+        .analyze(AnalyzeRequest {
+            device_id: "known".into(),
+        })
+        .await
+        .expect("served while a request trickles");
+    tx.send(Ok(Frame::data(Bytes::from(rest)))).await.unwrap();
+    drop(tx);
+    let (http_status, body, grpc_status) = slow_request.await.expect("slow call");
+    assert_eq!(http_status, 200);
+    assert_eq!(grpc_status.as_deref(), Some("0"));
+    assert!(body.len() > 5, "an AnalyzeResponse message");
+
     // Probe with calls that answer OK: tonic releases their slot before the client
-    // sees the end of the answer, so a probe is shed only while the slow call holds
-    // the slot. The slow call itself may arrive while a probe holds it and be shed:
-    // that is a shed too; start another.
+    // sees the end of the answer, so a probe is shed only while the slow call (an
+    // Analyze that waits on the stalled Redis) holds the slot. The slow call itself
+    // may arrive while a probe holds it and be shed: that is a shed too; start
+    // another.
+    let stalled = Stalled::new(&redis);
     let mut shed = 0;
-    let (mut rest, mut tx, mut slow) = slow_analyze(&server, "known").await;
+    let mut slow = slow_analyze_whole(&server, "elsewhere").await;
     let mut result = client
         .analyze(AnalyzeRequest {
             device_id: "known".into(),
@@ -227,7 +323,7 @@ async fn grpc_sheds_beyond_the_concurrency_limit() {
             let exhausted = (Code::ResourceExhausted as i32).to_string();
             assert_eq!(grpc_status.as_deref(), Some(exhausted.as_str()));
             shed += 1;
-            (rest, tx, slow) = slow_analyze(&server, "known").await;
+            slow = slow_analyze_whole(&server, "elsewhere").await;
         }
         match &result {
             Err(status) if status.code() == Code::ResourceExhausted => break,
@@ -289,13 +385,14 @@ async fn grpc_sheds_beyond_the_concurrency_limit() {
     assert_eq!(shed_count(&server, "grpc").await, f64::from(shed));
     assert_eq!(shed_count(&server, "http").await, 0.0);
 
-    // The slow call completes with its answer once its message is whole.
-    tx.send(Ok(Frame::data(Bytes::from(rest)))).await.unwrap();
-    drop(tx);
-    let (http_status, body, grpc_status) = slow.await.expect("slow call");
+    // The slow call ends when Redis does not answer in time; then the slot is free.
+    let (http_status, _, grpc_status) = slow.await.expect("slow call");
     assert_eq!(http_status, 200);
-    assert_eq!(grpc_status.as_deref(), Some("0"));
-    assert!(body.len() > 5, "an AnalyzeResponse message");
+    assert_eq!(
+        grpc_status.as_deref(),
+        Some((Code::Unavailable as i32).to_string().as_str())
+    );
+    drop(stalled);
     client
         .analyze(AnalyzeRequest {
             device_id: "known".into(),
@@ -308,19 +405,41 @@ async fn grpc_sheds_beyond_the_concurrency_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_timeout_ends_slow_requests() {
-    let server = TestServer::start_with(|c| c.request_timeout = Duration::from_millis(300)).await;
-    // An upload that never finishes.
+    let redis = RedisServer::start();
+    let server = with_redis(&redis, Duration::from_secs(5), |c| {
+        c.request_timeout = Duration::from_millis(300);
+        c.first_message_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // An upload that never finishes: 408 within REQUEST_TIMEOUT.
     let (_tx, slow) = slow_upload(&server, "{\"device_id\":\"late\",\"rps\":1}\n");
     let answer = slow.await.expect("slow request");
-    let message = answer.assert_error(504, "timeout");
+    let message = answer.assert_error(408, "request_timeout");
     assert!(message.contains("REQUEST_TIMEOUT"), "{message}");
-    // A gRPC call whose message never completes.
+    // A gRPC call whose message never completes: FIRST_MESSAGE_TIMEOUT.
     let (_rest, _grpc_tx, slow) = slow_analyze(&server, "late").await;
     let (_, _, grpc_status) = slow.await.expect("slow call");
     assert_eq!(
         grpc_status.as_deref(),
         Some((Code::DeadlineExceeded as i32).to_string().as_str())
     );
+    // Requests that are in but take too long (Redis stalled): 504 and
+    // DEADLINE_EXCEEDED after REQUEST_TIMEOUT.
+    {
+        let _stalled = Stalled::new(&redis);
+        let started = std::time::Instant::now();
+        let message = http_get(server.http_addr, "/analyze?device_id=elsewhere")
+            .await
+            .assert_error(504, "timeout");
+        assert!(message.contains("REQUEST_TIMEOUT"), "{message}");
+        let slow = slow_analyze_whole(&server, "elsewhere").await;
+        let (_, _, grpc_status) = slow.await.expect("slow call");
+        assert_eq!(
+            grpc_status.as_deref(),
+            Some((Code::DeadlineExceeded as i32).to_string().as_str())
+        );
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
     // Nothing of the late upload was ingested; streams outlive the timeout.
     http_get(server.http_addr, "/analyze?device_id=late")
         .await

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tidewatch_proto::v1::WatchAnomaliesRequest;
 
 /// Every route the gateway serves, with its method.
-const ROUTES: [(&str, &str); 14] = [
+const ROUTES: [(&str, &str); 15] = [
     ("/ingest", "post"),
     ("/metric", "post"),
     ("/analyze", "get"),
@@ -23,6 +23,7 @@ const ROUTES: [(&str, &str); 14] = [
     ("/anomalies", "get"),
     ("/devices", "get"),
     ("/window", "get"),
+    ("/devices/{id}", "delete"),
     ("/openapi.json", "get"),
     ("/console", "get"),
     ("/console/", "get"),

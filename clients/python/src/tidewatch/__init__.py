@@ -42,6 +42,7 @@ from .errors import (
 )
 from .v1.telemetry_pb2 import (
     AnalyzeResponse,
+    DeleteDeviceResponse,
     DetectorConfig,
     IngestRequest,
     IngestResponse,
@@ -59,6 +60,7 @@ __all__ = [
     "Backoff",
     "Client",
     "DeadlineExceededError",
+    "DeleteDeviceResponse",
     "DetectorConfig",
     "IngestRequest",
     "IngestResponse",

@@ -174,6 +174,20 @@ class Client:
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 
+    async def delete_device(
+        self, device_id: str = "", *, timeout: float | None = 10.0
+    ) -> pb.DeleteDeviceResponse:
+        """Delete one device's state from the memory of every replica and from Redis;
+        its next sample starts fresh. ``deleted`` in the answer says whether it had
+        any. Needs the ``admin`` scope when the server authenticates
+        (``PermissionDeniedError``); ``UnavailableError`` means nothing was deleted."""
+        try:
+            return await self._stub.DeleteDevice(
+                pb.DeleteDeviceRequest(device_id=device_id), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
     def watch_anomalies(
         self, device_ids: Iterable[str] = (), metrics: Iterable[str] = ()
     ) -> AnomalyWatch:

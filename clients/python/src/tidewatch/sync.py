@@ -165,6 +165,13 @@ class Client:
         client = self._aio()
         return self._loop.run(lambda: client.analyze(device_id, timeout=timeout))
 
+    def delete_device(
+        self, device_id: str = "", *, timeout: float | None = 10.0
+    ) -> pb.DeleteDeviceResponse:
+        """Delete one device's state on every replica and in Redis (``admin`` scope)."""
+        client = self._aio()
+        return self._loop.run(lambda: client.delete_device(device_id, timeout=timeout))
+
     def watch_anomalies(
         self, device_ids: Iterable[str] = (), metrics: Iterable[str] = ()
     ) -> AnomalyWatch:

@@ -131,6 +131,11 @@ pub struct RobustJudgement {
     pub anomaly: bool,
 }
 
+/// Bytes of a [`RobustState`] itself (it is boxed) and of its daily profile (boxed
+/// too), for what a metric's state costs (`engine/budget.rs`): beside them, 10 bytes
+/// per value of its window (a value and its position in the order).
+pub(crate) const STATE_BYTES: (usize, usize) = (size_of::<RobustState>(), size_of::<Season>());
+
 /// Per-metric state of the robust detector.
 #[derive(Debug, Clone)]
 pub struct RobustState {
@@ -210,6 +215,11 @@ impl RobustState {
     /// Whether the baseline window is empty.
     pub fn is_empty(&self) -> bool {
         self.ring.is_empty()
+    }
+
+    /// The window capacity the state is built for.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Bytes this state holds on the heap beside itself (its allocations as sized).

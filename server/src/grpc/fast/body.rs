@@ -13,8 +13,11 @@
 //! HTTP/2 as one chunk; the final status goes out as trailers, as tonic sends it.
 //!
 //! What it reproduces from tonic, and where it differs on purpose, is the contract
-//! in [`super`]. Errors before the stream starts (a `content-type` that is not gRPC,
-//! a `grpc-encoding`, `MAX_INGEST_STREAMS` reached) are trailers-only responses; the
+//! in [`super`]. A compressed message is decompressed on its own ([`compression`]);
+//! with a response encoding, each response is compressed when it is finished
+//! ([`WireSink::finish_message`]). Errors before the stream starts (a `content-type`
+//! that is not gRPC, an unknown `grpc-encoding`, `MAX_INGEST_STREAMS` reached) are
+//! trailers-only responses; the
 //! others end the stream after the answers to every message before the failing one.
 //! Backpressure is tonic's: the request body is read only when every received
 //! message is answered and less than [`YIELD_THRESHOLD`] of responses waits, and
@@ -31,7 +34,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, header::CONTENT_TYPE};
 use hyper::body::Frame;
 use tonic::{Code, Status, codegen::Body};
 
-use super::{GRPC_HEADER, IngestCore, WireRequest, WireSink, YIELD_THRESHOLD, too_large};
+use super::{
+    GRPC_HEADER, IngestCore, WireRequest, WireSink, YIELD_THRESHOLD,
+    compression::{self, Compressor, Decompressor, Encoding},
+    too_large,
+};
 
 #[cfg(test)]
 mod tests;
@@ -39,16 +46,15 @@ mod tests;
 /// The least a new output chunk reserves.
 const MIN_CHUNK: usize = 512;
 
-/// The request header that names a message compression.
-const ENCODING_HEADER: &str = "grpc-encoding";
-
 /// Serves one `Ingest` call: the response, whose body judges the request body's
-/// messages as HTTP/2 asks for answers. Errors before the stream starts (a
-/// `content-type` that is not gRPC, an unknown `grpc-encoding`, `MAX_INGEST_STREAMS`
-/// reached) are trailers-only responses.
+/// messages as HTTP/2 asks for answers. `max_message` is `MAX_MESSAGE_BYTES`, compressed
+/// or not; `send` the encodings responses may use (`GRPC_COMPRESSION`). Errors before
+/// the stream starts (a `content-type` that is not gRPC, an unknown `grpc-encoding`,
+/// `MAX_INGEST_STREAMS` reached) are trailers-only responses.
 pub(crate) fn serve<B, C>(
     request: http::Request<B>,
     max_message: usize,
+    send: &[Encoding],
     start: impl FnOnce(&http::Request<B>) -> Result<C, Status>,
 ) -> http::Response<tonic::body::Body>
 where
@@ -61,18 +67,25 @@ where
         *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
         return response;
     }
-    if let Err(status) = check_encoding(request.headers()) {
-        return status.into_http();
-    }
+    let decoding = match compression::request_encoding(request.headers()) {
+        Ok(decoding) => decoding,
+        Err(status) => return status.into_http(),
+    };
+    let encoding = compression::response_encoding(request.headers(), send);
     let core = match start(&request) {
         Ok(core) => core,
         Err(status) => return status.into_http(),
     };
+    let mut sink = WireSink::new();
+    if let Some(encoding) = encoding {
+        sink.compress_with(Compressor::new(encoding));
+    }
     let body = IngestBody {
         inbound: Box::pin(request.into_body()),
         core,
         inbox: Inbox::default(),
-        sink: WireSink::new(),
+        decompressor: decoding.map(Decompressor::new),
+        sink,
         request: WireRequest::default(),
         max_message,
         chunk_hint: MIN_CHUNK,
@@ -80,9 +93,12 @@ where
         done: false,
     };
     let mut response = http::Response::new(tonic::body::Body::new(body));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    if let Some(encoding) = encoding {
+        let (name, value) = compression::encoding_header(encoding);
+        headers.insert(name, value);
+    }
     response
 }
 
@@ -111,28 +127,6 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Status> {
     )))
 }
 
-/// Refuses a request whose messages are compressed: the server accepts no encoding
-/// (tonic's answer for an encoding it has not enabled).
-fn check_encoding(headers: &HeaderMap) -> Result<(), Status> {
-    let Some(value) = headers.get(ENCODING_HEADER) else {
-        return Ok(());
-    };
-    if value.as_bytes() == b"identity" {
-        return Ok(());
-    }
-    let name = match std::str::from_utf8(value.as_bytes()) {
-        Ok(name) => name.to_owned(),
-        Err(_) => format!("{:?}", value.as_bytes()),
-    };
-    let mut status = Status::unimplemented(format!(
-        "Content is compressed with `{name}` which isn't supported"
-    ));
-    status
-        .metadata_mut()
-        .insert("grpc-accept-encoding", "identity".parse().expect("ascii"));
-    Err(status)
-}
-
 /// The response body of one `Ingest` call; see the module documentation.
 pub(crate) struct IngestBody<B, C> {
     /// The request body: length-prefixed `IngestRequest`s.
@@ -141,6 +135,9 @@ pub(crate) struct IngestBody<B, C> {
     core: C,
     /// Received bytes not yet judged.
     inbox: Inbox,
+    /// The request's `grpc-encoding`, if not `identity`: what a message with the
+    /// compressed flag is decompressed with.
+    decompressor: Option<Decompressor>,
     /// Framed responses not yet handed to HTTP/2.
     sink: WireSink,
     /// The request being judged, reused for every message of the stream.
@@ -178,12 +175,15 @@ struct Inbox {
     partial: BytesMut,
 }
 
-/// The length of the message whose prefix is `header`, or why it is refused.
-fn message_len(header: &[u8], limit: usize) -> Result<usize, Status> {
+/// The length of the message whose prefix is `header`, or why it is refused;
+/// `encoded`: the request named a `grpc-encoding`, so the compressed flag is valid. The
+/// limit is on the bytes received here, compressed or not, as tonic's.
+fn message_len(header: &[u8], limit: usize, encoded: bool) -> Result<usize, Status> {
     match header[0] {
         0 => {}
+        1 if encoded => {}
         1 => {
-            // tonic's text: no encoding is accepted, so no message may be compressed.
+            // tonic's text: the flag says compressed, the request named no encoding.
             return Err(Status::internal(
                 "protocol error: received message with compressed-flag but no grpc-encoding was specified",
             ));
@@ -214,19 +214,24 @@ impl Inbox {
         self.frame.is_empty() && self.partial.is_empty()
     }
 
-    /// The next complete message, without its prefix; `None` when more bytes are
-    /// needed (the frame is used up then).
-    fn next_message(&mut self, limit: usize) -> Result<Option<Bytes>, Status> {
+    /// The next complete message, without its prefix, and whether it is compressed;
+    /// `None` when more bytes are needed (the frame is used up then). `encoded`: see
+    /// [`message_len`].
+    fn next_message(
+        &mut self,
+        limit: usize,
+        encoded: bool,
+    ) -> Result<Option<(Bytes, bool)>, Status> {
         if self.partial.is_empty() {
             if self.frame.len() >= GRPC_HEADER {
-                let len = message_len(&self.frame[..GRPC_HEADER], limit)?;
+                let len = message_len(&self.frame[..GRPC_HEADER], limit, encoded)?;
                 let end = GRPC_HEADER + len;
                 if self.frame.len() >= end {
+                    let compressed = self.frame[0] == 1;
                     let message = self.frame.slice(GRPC_HEADER..end);
                     self.frame.advance(end);
-                    return Ok(Some(message));
+                    return Ok(Some((message, compressed)));
                 }
-                self.partial.reserve(end);
             }
             self.partial.extend_from_slice(&self.frame);
             self.frame.clear();
@@ -240,17 +245,20 @@ impl Inbox {
                 return Ok(None);
             }
         }
-        let end = GRPC_HEADER + message_len(&self.partial[..GRPC_HEADER], limit)?;
+        let end = GRPC_HEADER + message_len(&self.partial[..GRPC_HEADER], limit, encoded)?;
+        // Grows with what arrives, never to the length the prefix announces: an
+        // incomplete message holds only the bytes received (bounded in total by
+        // `MAX_INCOMPLETE_BYTES`, see `intake`).
         let take = (end - self.partial.len()).min(self.frame.len());
-        self.partial.reserve(end - self.partial.len());
         self.partial.extend_from_slice(&self.frame[..take]);
         self.frame.advance(take);
         if self.partial.len() < end {
             return Ok(None);
         }
         let mut message = self.partial.split().freeze();
+        let compressed = message[0] == 1;
         message.advance(GRPC_HEADER);
-        Ok(Some(message))
+        Ok(Some((message, compressed)))
     }
 }
 
@@ -273,9 +281,15 @@ impl<B, C: IngestCore> IngestBody<B, C> {
             self.sink.reserve_bytes(self.chunk_hint);
         }
         while self.sink.len() < YIELD_THRESHOLD {
-            let Some(message) = self.inbox.next_message(self.max_message)? else {
+            let encoded = self.decompressor.is_some();
+            let Some((mut message, compressed)) =
+                self.inbox.next_message(self.max_message, encoded)?
+            else {
                 return Ok(Judged::All);
             };
+            if compressed && let Some(decompressor) = self.decompressor.as_mut() {
+                message = decompressor.decompress(&message, self.max_message)?;
+            }
             self.request.decode_into(message)?;
             let received = clock.unwrap_or_else(Instant::now);
             self.sink.begin_message();

@@ -41,6 +41,7 @@
 use std::{
     io,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -52,6 +53,8 @@ use tokio::{
     sync::mpsc,
 };
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::connections::{Admission, Conn, HasConn, IdleWatch};
 
 #[cfg(test)]
 mod tests;
@@ -76,16 +79,26 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// `lingering` until its lingering close is over, so the receiver learns when every
 /// connection is fully closed (its `recv` returns `None`). `consolidate`
 /// (`FLUSH_CONSOLIDATION`) switches flush consolidation on.
+///
+/// `admission` decides whether each connection is served, probe-only, or closed at
+/// once (`MAX_CONNECTIONS`); an admitted connection is closed once it has been idle
+/// for its timeout (see `connections`).
 pub(crate) fn incoming(
     listener: TcpListener,
     linger: Duration,
     consolidate: bool,
     lingering: mpsc::Sender<()>,
+    admission: Arc<Admission>,
 ) -> impl Stream<Item = io::Result<LingeringStream>> + Send + 'static {
     async_stream::stream! {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    let Some(conn) = admission.admit() else {
+                        tracing::debug!(%peer, "grpc connection refused: MAX_CONNECTIONS and the probe headroom are in use");
+                        drop(stream);
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
@@ -96,6 +109,8 @@ pub(crate) fn incoming(
                         consolidate,
                         linger,
                         lingering: lingering.clone(),
+                        idle: conn.idle_watch(),
+                        conn: Some(conn),
                     });
                 }
                 Err(e) => {
@@ -123,6 +138,10 @@ pub(crate) struct LingeringStream {
     linger: Duration,
     /// Held until the lingering close is over.
     lingering: mpsc::Sender<()>,
+    /// The connection's admission (`MAX_CONNECTIONS`), held until its socket closes.
+    conn: Option<Arc<Conn>>,
+    /// Ends the connection (reads end) once it has been idle for its timeout.
+    idle: Option<IdleWatch>,
 }
 
 /// Bytes written to a connection and not sent yet.
@@ -196,7 +215,8 @@ impl Drop for LingeringStream {
         // Outside a runtime (never, in practice) the socket simply closes.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let unsent = std::mem::take(&mut self.out);
-            runtime.spawn(linger(stream, unsent, self.linger, self.lingering.clone()));
+            let held = (self.lingering.clone(), self.conn.take());
+            runtime.spawn(linger(stream, unsent, self.linger, held));
         }
     }
 }
@@ -207,7 +227,7 @@ async fn linger(
     mut stream: TcpStream,
     unsent: Outbox,
     limit: Duration,
-    _lingering: mpsc::Sender<()>,
+    _held: (mpsc::Sender<()>, Option<Arc<Conn>>),
 ) {
     if stream
         .write_all(&unsent.bytes[unsent.sent..])
@@ -237,6 +257,12 @@ impl Connected for LingeringStream {
     }
 }
 
+impl HasConn for LingeringStream {
+    fn conn(&self) -> Option<Arc<Conn>> {
+        self.conn.clone()
+    }
+}
+
 impl AsyncRead for LingeringStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -262,6 +288,15 @@ impl AsyncRead for LingeringStream {
         }
         let read = Pin::new(this.socket()?).poll_read(cx, buf);
         this.run_ended = read.is_pending();
+        if read.is_pending()
+            && let Some(idle) = this.idle.as_mut()
+            && idle.poll_idle(cx).is_ready()
+        {
+            // Idle for CONNECTION_IDLE_TIMEOUT: the end of input closes it.
+            this.idle = None;
+            tracing::debug!("grpc connection idle: closing");
+            return Poll::Ready(Ok(()));
+        }
         read
     }
 }

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tonic::Status;
 
-use super::{GRPC_HEADER, I64, LEN, VARINT};
+use super::{GRPC_HEADER, I64, LEN, VARINT, compression::Compressor};
 use crate::{
     engine::{MetricOutcome, VerdictSink},
     error::SampleError,
@@ -96,6 +96,9 @@ pub struct WireSink {
     /// Where the gRPC message opened by [`WireSink::begin_message`] starts in `out`
     /// (its 5-byte prefix), while it is open.
     message: Option<usize>,
+    /// The responses' compression, when the call has one: each message is compressed
+    /// in place when it is finished.
+    compressor: Option<Compressor>,
 }
 
 /// Most bytes `begin` leaves for a verdict's length (a 2 MiB verdict); a longer one
@@ -226,6 +229,12 @@ impl WireSink {
         Self::default()
     }
 
+    /// Compresses every message finished from now on with `compressor` (the call's
+    /// response encoding).
+    pub(crate) fn compress_with(&mut self, compressor: Compressor) {
+        self.compressor = Some(compressor);
+    }
+
     /// Takes the encoded response written so far, leaving the sink empty (its buffer
     /// is reused once the response has been sent).
     pub fn take(&mut self) -> Bytes {
@@ -242,7 +251,8 @@ impl WireSink {
         self.out.put_bytes(0, GRPC_HEADER);
     }
 
-    /// Closes the message opened by [`WireSink::begin_message`]: uncompressed, its
+    /// Closes the message opened by [`WireSink::begin_message`]: compressed in place
+    /// when the sink has a compression ([`WireSink::compress_with`]), its flag and
     /// length in the prefix. A response over 4 GiB cannot be framed (it would take a
     /// request of a million samples with hundreds of metrics each); it is dropped and
     /// reported as tonic reports it.
@@ -250,6 +260,14 @@ impl WireSink {
         let Some(start) = self.message.take() else {
             return Ok(());
         };
+        let mut flag = 0;
+        if let Some(compressor) = self.compressor.as_mut() {
+            if let Err(status) = compressor.compress_tail(&mut self.out, start + GRPC_HEADER) {
+                self.out.truncate(start);
+                return Err(status);
+            }
+            flag = 1;
+        }
         let len = self.out.len() - start - GRPC_HEADER;
         let Ok(len32) = u32::try_from(len) else {
             self.out.truncate(start);
@@ -257,7 +275,7 @@ impl WireSink {
                 "Cannot return body with more than 4GB of data but got {len} bytes"
             )));
         };
-        self.out[start] = 0;
+        self.out[start] = flag;
         self.out[start + 1..start + GRPC_HEADER].copy_from_slice(&len32.to_be_bytes());
         Ok(())
     }

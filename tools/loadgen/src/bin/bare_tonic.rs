@@ -10,8 +10,8 @@ use std::{net::SocketAddr, pin::Pin, time::Duration};
 use clap::Parser;
 use futures::{Stream, StreamExt};
 use tidewatch_proto::v1::{
-    AnalyzeRequest, AnalyzeResponse, IngestRequest, IngestResponse, WatchAnomaliesRequest,
-    WatchAnomaliesResponse,
+    AnalyzeRequest, AnalyzeResponse, DeleteDeviceRequest, DeleteDeviceResponse, IngestRequest,
+    IngestResponse, WatchAnomaliesRequest, WatchAnomaliesResponse,
     telemetry_service_server::{TelemetryService, TelemetryServiceServer},
 };
 use tonic::{Request, Response, Status, Streaming};
@@ -59,6 +59,16 @@ impl TelemetryService for Bare {
         Ok(Response::new(AnalyzeResponse {
             device_id: request.into_inner().device_id,
             ..AnalyzeResponse::default()
+        }))
+    }
+
+    async fn delete_device(
+        &self,
+        request: Request<DeleteDeviceRequest>,
+    ) -> Result<Response<DeleteDeviceResponse>, Status> {
+        Ok(Response::new(DeleteDeviceResponse {
+            device_id: request.into_inner().device_id,
+            deleted: false,
         }))
     }
 

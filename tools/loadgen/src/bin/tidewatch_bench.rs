@@ -161,6 +161,15 @@ struct Args {
     /// Messages in the h2load body; 0: enough to reach every device once.
     #[arg(long, default_value_t = 0)]
     body_messages: usize,
+    /// Send every Ingest message gzip-compressed (`grpc-encoding: gzip`, compressed
+    /// once before the run, at tonic's level 6).
+    #[arg(long)]
+    gzip: bool,
+    /// Ask for gzip-compressed answers (`grpc-accept-encoding: gzip`; the server
+    /// compresses them when its `GRPC_COMPRESSION` allows gzip); they are decompressed
+    /// to be counted.
+    #[arg(long)]
+    accept_gzip: bool,
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -283,6 +292,14 @@ fn framed(messages: impl Iterator<Item = impl AsRef<[u8]>>) -> BytesMut {
     body
 }
 
+/// `message` gzip-compressed as tonic compresses it (level 6).
+fn gzip(message: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    encoder.write_all(message).expect("in memory");
+    encoder.finish().expect("in memory")
+}
+
 /// The message pool as one buffer of gRPC frames: a run of consecutive messages is one
 /// slice of it.
 struct Pool {
@@ -293,7 +310,15 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(messages: &[Vec<u8>]) -> Self {
+    /// The pool of `messages`, gzip-compressed (flag 1) when `compressed`.
+    fn new(messages: &[Vec<u8>], compressed: bool) -> Self {
+        let compressed_messages: Vec<Vec<u8>>;
+        let messages = if compressed {
+            compressed_messages = messages.iter().map(|m| gzip(m)).collect();
+            &compressed_messages
+        } else {
+            messages
+        };
         let mut offsets = Vec::with_capacity(messages.len() + 1);
         let mut at = 0;
         for m in messages {
@@ -301,8 +326,14 @@ impl Pool {
             at += 5 + m.len();
         }
         offsets.push(at);
+        let mut frames = framed(messages.iter());
+        if compressed {
+            for &offset in &offsets[..messages.len()] {
+                frames[offset] = 1;
+            }
+        }
         Self {
-            frames: framed(messages.iter()).freeze(),
+            frames: frames.freeze(),
             offsets,
         }
     }
@@ -319,6 +350,8 @@ struct Counts {
     errors: u64,
     anomalies: u64,
     alerts: u64,
+    /// Answers that came compressed (`--accept-gzip`).
+    compressed: u64,
 }
 
 impl Counts {
@@ -327,6 +360,7 @@ impl Counts {
         self.errors += other.errors;
         self.anomalies += other.anomalies;
         self.alerts += other.alerts;
+        self.compressed += other.compressed;
     }
 }
 
@@ -415,6 +449,26 @@ struct FrameReader {
     need: usize,
     /// The body collected so far (reused: no allocation once it has grown).
     partial: Vec<u8>,
+    /// Whether the message being read is compressed (gzip, `--accept-gzip`).
+    compressed: bool,
+    /// A compressed message decompressed (reused).
+    inflated: Vec<u8>,
+}
+
+/// Counts the verdicts of one response message, gzip-decompressed first when
+/// `compressed`.
+fn count_message(message: &[u8], compressed: bool, inflated: &mut Vec<u8>) -> Option<Counts> {
+    if !compressed {
+        return count_verdicts(message);
+    }
+    use std::io::Read as _;
+    inflated.clear();
+    flate2::read::GzDecoder::new(message)
+        .read_to_end(inflated)
+        .ok()?;
+    let mut counts = count_verdicts(inflated)?;
+    counts.compressed = 1;
+    Some(counts)
 }
 
 impl FrameReader {
@@ -429,7 +483,10 @@ impl FrameReader {
                 self.need -= take;
                 if self.need == 0 {
                     self.in_body = false;
-                    on_message(count_verdicts(&self.partial).ok_or_else(bad)?);
+                    on_message(
+                        count_message(&self.partial, self.compressed, &mut self.inflated)
+                            .ok_or_else(bad)?,
+                    );
                 }
                 continue;
             }
@@ -450,7 +507,10 @@ impl FrameReader {
                 self.message_len()?
             };
             if chunk.len() >= len {
-                on_message(count_verdicts(&chunk[..len]).ok_or_else(bad)?);
+                on_message(
+                    count_message(&chunk[..len], self.compressed, &mut self.inflated)
+                        .ok_or_else(bad)?,
+                );
                 chunk = &chunk[len..];
             } else {
                 self.partial.clear();
@@ -463,11 +523,13 @@ impl FrameReader {
         Ok(())
     }
 
-    /// The length of the message whose prefix is in `header`.
-    fn message_len(&self) -> Result<usize, Status> {
-        if self.header[0] != 0 {
+    /// The length of the message whose prefix is in `header`; notes whether it is
+    /// compressed (the server compresses only what `--accept-gzip` asked for).
+    fn message_len(&mut self) -> Result<usize, Status> {
+        self.compressed = self.header[0] == 1;
+        if self.header[0] > 1 {
             return Err(Status::internal(
-                "compressed response, but no compression was asked for",
+                "response with an invalid compression flag",
             ));
         }
         let len = u32::from_be_bytes([
@@ -1024,16 +1086,23 @@ impl Driver {
     }
 }
 
-/// The Ingest request head.
-fn ingest_request(base: &Uri) -> Result<Request<()>, http::Error> {
+/// The Ingest request head, naming gzip for the messages (`--gzip`) and the answers
+/// (`--accept-gzip`) as asked.
+fn ingest_request(base: &Uri, args: &Args) -> Result<Request<()>, http::Error> {
     let authority = base.authority().map_or("localhost", |a| a.as_str());
-    Request::builder()
+    let mut request = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{authority}{INGEST_PATH}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .header("user-agent", "tidewatch-bench")
-        .body(())
+        .header("user-agent", "tidewatch-bench");
+    if args.gzip {
+        request = request.header("grpc-encoding", "gzip");
+    }
+    if args.accept_gzip {
+        request = request.header("grpc-accept-encoding", "gzip");
+    }
+    request.body(())
 }
 
 /// Opens one HTTP/2 connection (stream window 1 MiB, connection window 16 MiB,
@@ -1105,7 +1174,7 @@ async fn start_drivers(
         .url
         .parse()
         .map_err(|e| format!("bad --url {:?}: {e}", args.url))?;
-    let request = ingest_request(&base)?;
+    let request = ingest_request(&base, args)?;
     let mut drivers = Vec::with_capacity(connections);
     let mut stream_index = 0usize;
     for (id, &streams) in streams_per_connection.iter().enumerate().take(connections) {
@@ -1203,7 +1272,7 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let watchers = start_watchers(&args.url, args.watchers).await?;
     let mut plan = Plan {
-        pool: Pool::new(&messages),
+        pool: Pool::new(&messages, args.gzip),
         interval_ns,
         // Set again below, once every connection is open.
         start: Instant::now(),
@@ -1332,6 +1401,9 @@ async fn load(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     println!("  messages answered   {answered} ({unanswered} unanswered)");
+    if args.accept_gzip {
+        println!("  answers gzipped     {}", counts.compressed);
+    }
     println!(
         "  samples answered    {} ({} with a per-sample error)",
         counts.verdicts, counts.errors
@@ -1518,6 +1590,7 @@ async fn idle(args: Args, n: usize) -> Result<(), Box<dyn std::error::Error>> {
             })
             .generate()
             .0,
+            false,
         ),
         interval_ns: None,
         start: Instant::now(),

@@ -1,7 +1,7 @@
 //! The `tidewatch-bench` binary against the real server in-process: closed loop with a
 //! message count, open loop at a small rate, per-sample errors, a stream the server
 //! refuses, an unreachable server, injected anomalies judged and watched with both
-//! detectors, and h2load bodies that reach the devices they say. Each run's
+//! detectors, gzip both ways, and h2load bodies that reach the devices they say. Each run's
 //! ghz-compatible JSON report is checked against what the server itself counted.
 
 use std::{path::Path, process::Output};
@@ -9,6 +9,7 @@ use std::{path::Path, process::Output};
 use serde_json::Value;
 
 use crate::common::{TestServer, test_dir};
+use tidewatch_server::config::GrpcCompression;
 
 /// Runs the bench binary with `args` plus `--url` and `--output` (off the runtime's
 /// threads: the server runs on them).
@@ -129,6 +130,37 @@ async fn closed_loop_answers_exactly_the_messages_asked_for() {
         6000,
         "the server's own count"
     );
+    server.stop().await;
+}
+
+/// `--gzip --accept-gzip` against a server that compresses its answers: every message
+/// goes out compressed, every answer comes back compressed and is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_both_ways_is_counted_as_plain() {
+    let server = TestServer::start_with(|c| c.grpc_compression = vec![GrpcCompression::Gzip]).await;
+    let dir = test_dir("gzip");
+    let path = dir.join("gzip.json");
+    let args = [
+        "-s",
+        "2",
+        "--rate",
+        "0",
+        "--window",
+        "4",
+        "--batch",
+        "20",
+        "--devices",
+        "50",
+        "--messages",
+        "200",
+        "--gzip",
+        "--accept-gzip",
+    ];
+    let (stdout, r) = bench_ok(&server.url(), &path, &args).await;
+    check_ghz_shape(&r, 200);
+    assert_eq!(r["tags"]["samples_answered"], "4000", "{stdout}");
+    assert!(stdout.contains("answers gzipped     200"), "{stdout}");
+    assert_eq!(r["tags"]["sample_errors"], "0");
     server.stop().await;
 }
 

@@ -146,6 +146,20 @@ class MetricStats(_message.Message):
     anomalies_total: int
     def __init__(self, metric: _Optional[str] = ..., rolling_average: _Optional[float] = ..., stddev: _Optional[float] = ..., window_count: _Optional[int] = ..., last_value: _Optional[float] = ..., last_z_score: _Optional[float] = ..., last_anomaly: _Optional[bool] = ..., anomalies_total: _Optional[int] = ...) -> None: ...
 
+class DeleteDeviceRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class DeleteDeviceResponse(_message.Message):
+    __slots__ = ("device_id", "deleted")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    deleted: bool
+    def __init__(self, device_id: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
 class WatchAnomaliesRequest(_message.Message):
     __slots__ = ("device_ids", "metrics")
     DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]

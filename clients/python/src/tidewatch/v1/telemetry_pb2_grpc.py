@@ -51,6 +51,11 @@ class TelemetryServiceStub:
                 request_serializer=tidewatch_dot_v1_dot_telemetry__pb2.WatchAnomaliesRequest.SerializeToString,
                 response_deserializer=tidewatch_dot_v1_dot_telemetry__pb2.WatchAnomaliesResponse.FromString,
                 _registered_method=True)
+        self.DeleteDevice = channel.unary_unary(
+                '/tidewatch.v1.TelemetryService/DeleteDevice',
+                request_serializer=tidewatch_dot_v1_dot_telemetry__pb2.DeleteDeviceRequest.SerializeToString,
+                response_deserializer=tidewatch_dot_v1_dot_telemetry__pb2.DeleteDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class TelemetryServiceServicer:
@@ -83,6 +88,16 @@ class TelemetryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteDevice(self, request, context):
+        """DeleteDevice removes a device's state (its windows, last seq and counters) from
+        the memory of every replica and from Redis: its next sample starts fresh. Needs
+        the admin scope when authentication is on. A device that does not exist is not
+        an error: the answer says deleted = false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TelemetryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +115,11 @@ def add_TelemetryServiceServicer_to_server(servicer, server):
                     servicer.WatchAnomalies,
                     request_deserializer=tidewatch_dot_v1_dot_telemetry__pb2.WatchAnomaliesRequest.FromString,
                     response_serializer=tidewatch_dot_v1_dot_telemetry__pb2.WatchAnomaliesResponse.SerializeToString,
+            ),
+            'DeleteDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDevice,
+                    request_deserializer=tidewatch_dot_v1_dot_telemetry__pb2.DeleteDeviceRequest.FromString,
+                    response_serializer=tidewatch_dot_v1_dot_telemetry__pb2.DeleteDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +205,33 @@ class TelemetryService:
             '/tidewatch.v1.TelemetryService/WatchAnomalies',
             tidewatch_dot_v1_dot_telemetry__pb2.WatchAnomaliesRequest.SerializeToString,
             tidewatch_dot_v1_dot_telemetry__pb2.WatchAnomaliesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidewatch.v1.TelemetryService/DeleteDevice',
+            tidewatch_dot_v1_dot_telemetry__pb2.DeleteDeviceRequest.SerializeToString,
+            tidewatch_dot_v1_dot_telemetry__pb2.DeleteDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

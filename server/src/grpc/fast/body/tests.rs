@@ -131,7 +131,7 @@ async fn every_split_of_the_body_gives_the_same_answers() {
     splits.push(body.iter().map(|&b| vec![b]).collect());
     for chunks in splits {
         let described = format!("{:?}", chunks.iter().map(Vec::len).collect::<Vec<_>>());
-        let got = answer(crate::grpc::serve_ingest(&state, frames(chunks))).await;
+        let got = answer(crate::grpc::serve_ingest(&state, &[], frames(chunks))).await;
         assert_eq!(got.status.code(), Code::Ok, "{described}: {:?}", got.status);
         assert_eq!(devices(&got.responses), expected, "{described}");
     }
@@ -147,6 +147,7 @@ async fn an_oversized_prefix_ends_the_stream_before_its_bytes_arrive() {
     // The sender stays open: the server must not wait for the 1025 bytes.
     let got = answer(crate::grpc::serve_ingest(
         &state,
+        &[],
         request_of(ReceiverStream::new(rx)),
     ))
     .await;
@@ -171,10 +172,11 @@ async fn an_oversized_prefix_ends_the_stream_before_its_bytes_arrive() {
 async fn streams_beyond_the_limit_get_a_trailers_only_answer() {
     let state = state_with(|c| c.max_ingest_streams = 1);
     let (_tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let open = crate::grpc::serve_ingest(&state, request_of(ReceiverStream::new(rx)));
+    let open = crate::grpc::serve_ingest(&state, &[], request_of(ReceiverStream::new(rx)));
     assert!(Status::from_header_map(open.headers()).is_none());
     let refused = answer(crate::grpc::serve_ingest(
         &state,
+        &[],
         frames(vec![framed("x", 1.0)]),
     ))
     .await;
@@ -184,6 +186,7 @@ async fn streams_beyond_the_limit_get_a_trailers_only_answer() {
     drop(open);
     let got = answer(crate::grpc::serve_ingest(
         &state,
+        &[],
         frames(vec![framed("x", 1.0)]),
     ))
     .await;
@@ -202,7 +205,7 @@ async fn one_poll_reads_no_more_than_it_can_answer() {
         counted.fetch_add(1, Ordering::Relaxed);
         Ok::<_, Infallible>(Frame::data(Bytes::from(chunk.clone())))
     });
-    let mut body = crate::grpc::serve_ingest(&state, request_of(stream)).into_body();
+    let mut body = crate::grpc::serve_ingest(&state, &[], request_of(stream)).into_body();
     let frame = body.frame().await.expect("a frame").expect("data");
     let data = frame.into_data().expect("data");
     assert!(data.len() >= YIELD_THRESHOLD, "{}", data.len());
@@ -227,6 +230,7 @@ async fn shutdown_answers_what_was_received_then_ends_with_unavailable() {
     // The client is still connected and quiet.
     let got = answer(crate::grpc::serve_ingest(
         &state,
+        &[],
         request_of(ReceiverStream::new(rx)),
     ))
     .await;
@@ -245,10 +249,127 @@ async fn a_quiet_stream_ends_at_the_idle_timeout() {
         .unwrap();
     let got = answer(crate::grpc::serve_ingest(
         &state,
+        &[],
         request_of(ReceiverStream::new(rx)),
     ))
     .await;
     assert_eq!(devices(&got.responses), ["idle"]);
     assert_eq!(got.status.code(), Code::DeadlineExceeded);
     drop(tx);
+}
+
+/// A compressed call: each encoding's compressed messages, an uncompressed one among
+/// them (flag 0 stays valid with an encoding), answered with compressed responses in
+/// the encoding the client accepts, named in `grpc-encoding`.
+#[tokio::test]
+async fn compressed_messages_in_and_out() {
+    let state = state();
+    for encoding in [Encoding::Gzip, Encoding::Deflate, Encoding::Zstd] {
+        let name = encoding.name();
+        let mut compressor = Compressor::new(encoding);
+        let mut compressed = |device: &str| {
+            let plain = framed(device, 1.0);
+            let mut message = BytesMut::from(&plain[GRPC_HEADER..]);
+            compressor
+                .compress_tail(&mut message, 0)
+                .expect("compressed");
+            prefixed(1, &message)
+        };
+        let body = [
+            compressed(&format!("{name}-1")),
+            framed(&format!("{name}-plain"), 2.0),
+            compressed(&format!("{name}-2")),
+        ]
+        .concat();
+        let request = http::Request::post(INGEST_PATH_FOR_TESTS)
+            .header("content-type", "application/grpc")
+            .header("grpc-encoding", name)
+            .header("grpc-accept-encoding", format!("br,{name},identity"))
+            .body(StreamBody::new(futures::stream::iter(vec![Ok::<
+                _,
+                Infallible,
+            >(
+                Frame::data(Bytes::from(body)),
+            )])))
+            .expect("request");
+        let response = crate::grpc::serve_ingest(&state, &[Encoding::Zstd, encoding], request);
+        let named = response
+            .headers()
+            .get("grpc-encoding")
+            .map(|v| v.to_str().unwrap());
+        assert_eq!(named, Some(name));
+        let collected = response.into_body().collect().await.expect("no body error");
+        let status = Status::from_header_map(collected.trailers().expect("trailers")).unwrap();
+        assert_eq!(status.code(), Code::Ok, "{name}: {status:?}");
+        let mut data = collected.to_bytes();
+        let mut decompressor = Decompressor::new(encoding);
+        let mut got = Vec::new();
+        while !data.is_empty() {
+            assert_eq!(data[0], 1, "{name}: every response is compressed");
+            let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+            data.advance(GRPC_HEADER);
+            let message = decompressor
+                .decompress(&data.split_to(len), 1 << 20)
+                .expect("a response");
+            let response = IngestResponse::decode(message).expect("a response");
+            got.extend(response.verdicts.into_iter().map(|v| v.device_id));
+        }
+        assert_eq!(
+            got,
+            [
+                format!("{name}-1"),
+                format!("{name}-plain"),
+                format!("{name}-2")
+            ]
+        );
+    }
+}
+
+/// A compressed message that decompresses past `MAX_MESSAGE_BYTES` ends the stream
+/// with `RESOURCE_EXHAUSTED` after the answers before it; one with the compressed flag
+/// but no `grpc-encoding` is tonic's `INTERNAL`.
+#[tokio::test]
+async fn a_decompression_bomb_ends_the_stream() {
+    let state = state_with(|c| c.max_message_bytes = 1024);
+    let mut bomb = BytesMut::from(&vec![0u8; 512 << 10][..]);
+    Compressor::new(Encoding::Gzip)
+        .compress_tail(&mut bomb, 0)
+        .expect("compressed");
+    assert!(bomb.len() < 1024, "{} bytes", bomb.len());
+    let body = [
+        framed("before-bomb", 1.0),
+        prefixed(1, &bomb),
+        framed("never", 1.0),
+    ]
+    .concat();
+    let request = http::Request::post(INGEST_PATH_FOR_TESTS)
+        .header("content-type", "application/grpc")
+        .header("grpc-encoding", "gzip")
+        .body(StreamBody::new(futures::stream::iter(vec![Ok::<
+            _,
+            Infallible,
+        >(
+            Frame::data(Bytes::from(body.clone())),
+        )])))
+        .expect("request");
+    let got = answer(crate::grpc::serve_ingest(&state, &[], request)).await;
+    assert_eq!(devices(&got.responses), ["before-bomb"]);
+    assert_eq!(
+        got.status.code(),
+        Code::ResourceExhausted,
+        "{:?}",
+        got.status
+    );
+    assert_eq!(
+        got.status.message(),
+        "Error decompressing: size limit, of 1024 bytes, exceeded while decompressing message (MAX_MESSAGE_BYTES)"
+    );
+    assert!(!state.engine.contains("never"));
+    let got = answer(crate::grpc::serve_ingest(&state, &[], frames(vec![body]))).await;
+    assert_eq!(got.status.code(), Code::Internal, "{:?}", got.status);
+    assert!(
+        got.status
+            .message()
+            .contains("compressed-flag but no grpc-encoding")
+    );
 }

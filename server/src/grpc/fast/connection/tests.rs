@@ -43,6 +43,8 @@ async fn pair_with(consolidate: bool) -> (LingeringStream, TcpStream, mpsc::Rece
         consolidate,
         linger: Duration::from_secs(5),
         lingering: tx,
+        conn: None,
+        idle: None,
     };
     (wrapped, peer, rx)
 }

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tidewatch/v1/telemetry.proto.
  */
 export const file_tidewatch_v1_telemetry: GenFile = /*@__PURE__*/
-  fileDesc("Chx0aWRld2F0Y2gvdjEvdGVsZW1ldHJ5LnByb3RvEgx0aWRld2F0Y2gudjEitgEKBlNhbXBsZRIRCglkZXZpY2VfaWQYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoHbWV0cmljcxgDIAMoCzIhLnRpZGV3YXRjaC52MS5TYW1wbGUuTWV0cmljc0VudHJ5EgsKA3NlcRgEIAEoBBouCgxNZXRyaWNzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ASJmCg1Jbmdlc3RSZXF1ZXN0EiUKB3NhbXBsZXMYASADKAsyFC50aWRld2F0Y2gudjEuU2FtcGxlEi4KCGRldGVjdG9yGAIgASgLMhwudGlkZXdhdGNoLnYxLkRldGVjdG9yQ29uZmlnIlsKDkRldGVjdG9yQ29uZmlnEgwKBG5hbWUYASABKAkSEwoLd2luZG93X3NpemUYAiABKA0SEQoJdGhyZXNob2xkGAMgASgBEhMKC21pbl9zYW1wbGVzGAQgASgNIjkKDkluZ2VzdFJlc3BvbnNlEicKCHZlcmRpY3RzGAEgAygLMhUudGlkZXdhdGNoLnYxLlZlcmRpY3QiqAEKB1ZlcmRpY3QSEQoJZGV2aWNlX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIPCgdhbm9tYWx5GAMgASgIEiwKB21ldHJpY3MYBCADKAsyGy50aWRld2F0Y2gudjEuTWV0cmljVmVyZGljdBIRCglkdXBsaWNhdGUYBSABKAgSDQoFZXJyb3IYBiABKAkSDQoFYWxlcnQYByABKAgSDQoFc2NvcmUYCCABKAEiogEKDU1ldHJpY1ZlcmRpY3QSDgoGbWV0cmljGAEgASgJEg0KBXZhbHVlGAIgASgBEgwKBG1lYW4YAyABKAESDgoGc3RkZGV2GAQgASgBEg8KB3pfc2NvcmUYBSABKAESDwoHYW5vbWFseRgGIAEoCBIUCgx3aW5kb3dfY291bnQYByABKA0SDQoFc2NvcmUYCCABKAESDQoFYWxlcnQYCSABKAgiIwoOQW5hbHl6ZVJlcXVlc3QSEQoJZGV2aWNlX2lkGAEgASgJIrgBCg9BbmFseXplUmVzcG9uc2USEQoJZGV2aWNlX2lkGAEgASgJEioKB21ldHJpY3MYAiADKAsyGS50aWRld2F0Y2gudjEuTWV0cmljU3RhdHMSLgoKdXBkYXRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc291cmNlGAQgASgOMhQudGlkZXdhdGNoLnYxLlNvdXJjZRIQCghsYXN0X3NlcRgFIAEoBCK1AQoLTWV0cmljU3RhdHMSDgoGbWV0cmljGAEgASgJEhcKD3JvbGxpbmdfYXZlcmFnZRgCIAEoARIOCgZzdGRkZXYYAyABKAESFAoMd2luZG93X2NvdW50GAQgASgNEhIKCmxhc3RfdmFsdWUYBSABKAESFAoMbGFzdF96X3Njb3JlGAYgASgBEhQKDGxhc3RfYW5vbWFseRgHIAEoCBIXCg9hbm9tYWxpZXNfdG90YWwYCCABKAQiPAoVV2F0Y2hBbm9tYWxpZXNSZXF1ZXN0EhIKCmRldmljZV9pZHMYASADKAkSDwoHbWV0cmljcxgCIAMoCSJ6ChZXYXRjaEFub21hbGllc1Jlc3BvbnNlEiYKB3ZlcmRpY3QYASABKAsyFS50aWRld2F0Y2gudjEuVmVyZGljdBIOCgZtaXNzZWQYAiABKAQSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqSAoGU291cmNlEhYKElNPVVJDRV9VTlNQRUNJRklFRBAAEhEKDVNPVVJDRV9NRU1PUlkQARITCg9TT1VSQ0VfU05BUFNIT1QQAjKCAgoQVGVsZW1ldHJ5U2VydmljZRJHCgZJbmdlc3QSGy50aWRld2F0Y2gudjEuSW5nZXN0UmVxdWVzdBocLnRpZGV3YXRjaC52MS5Jbmdlc3RSZXNwb25zZSgBMAESRgoHQW5hbHl6ZRIcLnRpZGV3YXRjaC52MS5BbmFseXplUmVxdWVzdBodLnRpZGV3YXRjaC52MS5BbmFseXplUmVzcG9uc2USXQoOV2F0Y2hBbm9tYWxpZXMSIy50aWRld2F0Y2gudjEuV2F0Y2hBbm9tYWxpZXNSZXF1ZXN0GiQudGlkZXdhdGNoLnYxLldhdGNoQW5vbWFsaWVzUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Chx0aWRld2F0Y2gvdjEvdGVsZW1ldHJ5LnByb3RvEgx0aWRld2F0Y2gudjEitgEKBlNhbXBsZRIRCglkZXZpY2VfaWQYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoHbWV0cmljcxgDIAMoCzIhLnRpZGV3YXRjaC52MS5TYW1wbGUuTWV0cmljc0VudHJ5EgsKA3NlcRgEIAEoBBouCgxNZXRyaWNzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ASJmCg1Jbmdlc3RSZXF1ZXN0EiUKB3NhbXBsZXMYASADKAsyFC50aWRld2F0Y2gudjEuU2FtcGxlEi4KCGRldGVjdG9yGAIgASgLMhwudGlkZXdhdGNoLnYxLkRldGVjdG9yQ29uZmlnIlsKDkRldGVjdG9yQ29uZmlnEgwKBG5hbWUYASABKAkSEwoLd2luZG93X3NpemUYAiABKA0SEQoJdGhyZXNob2xkGAMgASgBEhMKC21pbl9zYW1wbGVzGAQgASgNIjkKDkluZ2VzdFJlc3BvbnNlEicKCHZlcmRpY3RzGAEgAygLMhUudGlkZXdhdGNoLnYxLlZlcmRpY3QiqAEKB1ZlcmRpY3QSEQoJZGV2aWNlX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIPCgdhbm9tYWx5GAMgASgIEiwKB21ldHJpY3MYBCADKAsyGy50aWRld2F0Y2gudjEuTWV0cmljVmVyZGljdBIRCglkdXBsaWNhdGUYBSABKAgSDQoFZXJyb3IYBiABKAkSDQoFYWxlcnQYByABKAgSDQoFc2NvcmUYCCABKAEiogEKDU1ldHJpY1ZlcmRpY3QSDgoGbWV0cmljGAEgASgJEg0KBXZhbHVlGAIgASgBEgwKBG1lYW4YAyABKAESDgoGc3RkZGV2GAQgASgBEg8KB3pfc2NvcmUYBSABKAESDwoHYW5vbWFseRgGIAEoCBIUCgx3aW5kb3dfY291bnQYByABKA0SDQoFc2NvcmUYCCABKAESDQoFYWxlcnQYCSABKAgiIwoOQW5hbHl6ZVJlcXVlc3QSEQoJZGV2aWNlX2lkGAEgASgJIrgBCg9BbmFseXplUmVzcG9uc2USEQoJZGV2aWNlX2lkGAEgASgJEioKB21ldHJpY3MYAiADKAsyGS50aWRld2F0Y2gudjEuTWV0cmljU3RhdHMSLgoKdXBkYXRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc291cmNlGAQgASgOMhQudGlkZXdhdGNoLnYxLlNvdXJjZRIQCghsYXN0X3NlcRgFIAEoBCK1AQoLTWV0cmljU3RhdHMSDgoGbWV0cmljGAEgASgJEhcKD3JvbGxpbmdfYXZlcmFnZRgCIAEoARIOCgZzdGRkZXYYAyABKAESFAoMd2luZG93X2NvdW50GAQgASgNEhIKCmxhc3RfdmFsdWUYBSABKAESFAoMbGFzdF96X3Njb3JlGAYgASgBEhQKDGxhc3RfYW5vbWFseRgHIAEoCBIXCg9hbm9tYWxpZXNfdG90YWwYCCABKAQiKAoTRGVsZXRlRGV2aWNlUmVxdWVzdBIRCglkZXZpY2VfaWQYASABKAkiOgoURGVsZXRlRGV2aWNlUmVzcG9uc2USEQoJZGV2aWNlX2lkGAEgASgJEg8KB2RlbGV0ZWQYAiABKAgiPAoVV2F0Y2hBbm9tYWxpZXNSZXF1ZXN0EhIKCmRldmljZV9pZHMYASADKAkSDwoHbWV0cmljcxgCIAMoCSJ6ChZXYXRjaEFub21hbGllc1Jlc3BvbnNlEiYKB3ZlcmRpY3QYASABKAsyFS50aWRld2F0Y2gudjEuVmVyZGljdBIOCgZtaXNzZWQYAiABKAQSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqSAoGU291cmNlEhYKElNPVVJDRV9VTlNQRUNJRklFRBAAEhEKDVNPVVJDRV9NRU1PUlkQARITCg9TT1VSQ0VfU05BUFNIT1QQAjLZAgoQVGVsZW1ldHJ5U2VydmljZRJHCgZJbmdlc3QSGy50aWRld2F0Y2gudjEuSW5nZXN0UmVxdWVzdBocLnRpZGV3YXRjaC52MS5Jbmdlc3RSZXNwb25zZSgBMAESRgoHQW5hbHl6ZRIcLnRpZGV3YXRjaC52MS5BbmFseXplUmVxdWVzdBodLnRpZGV3YXRjaC52MS5BbmFseXplUmVzcG9uc2USXQoOV2F0Y2hBbm9tYWxpZXMSIy50aWRld2F0Y2gudjEuV2F0Y2hBbm9tYWxpZXNSZXF1ZXN0GiQudGlkZXdhdGNoLnYxLldhdGNoQW5vbWFsaWVzUmVzcG9uc2UwARJVCgxEZWxldGVEZXZpY2USIS50aWRld2F0Y2gudjEuRGVsZXRlRGV2aWNlUmVxdWVzdBoiLnRpZGV3YXRjaC52MS5EZWxldGVEZXZpY2VSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * One measurement of one or more metrics of one device.
@@ -442,6 +442,56 @@ export const MetricStatsSchema: GenMessage<MetricStats> = /*@__PURE__*/
   messageDesc(file_tidewatch_v1_telemetry, 8);
 
 /**
+ * Which device to delete.
+ *
+ * @generated from message tidewatch.v1.DeleteDeviceRequest
+ */
+export type DeleteDeviceRequest = Message<"tidewatch.v1.DeleteDeviceRequest"> & {
+  /**
+   * Device identifier; empty means "default".
+   *
+   * @generated from field: string device_id = 1;
+   */
+  deviceId: string;
+};
+
+/**
+ * Describes the message tidewatch.v1.DeleteDeviceRequest.
+ * Use `create(DeleteDeviceRequestSchema)` to create a new message.
+ */
+export const DeleteDeviceRequestSchema: GenMessage<DeleteDeviceRequest> = /*@__PURE__*/
+  messageDesc(file_tidewatch_v1_telemetry, 9);
+
+/**
+ * What DeleteDevice did.
+ *
+ * @generated from message tidewatch.v1.DeleteDeviceResponse
+ */
+export type DeleteDeviceResponse = Message<"tidewatch.v1.DeleteDeviceResponse"> & {
+  /**
+   * The device.
+   *
+   * @generated from field: string device_id = 1;
+   */
+  deviceId: string;
+
+  /**
+   * True when the device had state (in some replica's memory or in Redis), now gone;
+   * false when it had none.
+   *
+   * @generated from field: bool deleted = 2;
+   */
+  deleted: boolean;
+};
+
+/**
+ * Describes the message tidewatch.v1.DeleteDeviceResponse.
+ * Use `create(DeleteDeviceResponseSchema)` to create a new message.
+ */
+export const DeleteDeviceResponseSchema: GenMessage<DeleteDeviceResponse> = /*@__PURE__*/
+  messageDesc(file_tidewatch_v1_telemetry, 10);
+
+/**
  * Filters for the anomaly feed; empty lists mean everything.
  *
  * @generated from message tidewatch.v1.WatchAnomaliesRequest
@@ -467,7 +517,7 @@ export type WatchAnomaliesRequest = Message<"tidewatch.v1.WatchAnomaliesRequest"
  * Use `create(WatchAnomaliesRequestSchema)` to create a new message.
  */
 export const WatchAnomaliesRequestSchema: GenMessage<WatchAnomaliesRequest> = /*@__PURE__*/
-  messageDesc(file_tidewatch_v1_telemetry, 9);
+  messageDesc(file_tidewatch_v1_telemetry, 11);
 
 /**
  * One event of the anomaly feed.
@@ -502,7 +552,7 @@ export type WatchAnomaliesResponse = Message<"tidewatch.v1.WatchAnomaliesRespons
  * Use `create(WatchAnomaliesResponseSchema)` to create a new message.
  */
 export const WatchAnomaliesResponseSchema: GenMessage<WatchAnomaliesResponse> = /*@__PURE__*/
-  messageDesc(file_tidewatch_v1_telemetry, 10);
+  messageDesc(file_tidewatch_v1_telemetry, 12);
 
 /**
  * Where an AnalyzeResponse came from.
@@ -578,6 +628,19 @@ export const TelemetryService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchAnomaliesRequestSchema;
     output: typeof WatchAnomaliesResponseSchema;
+  },
+  /**
+   * DeleteDevice removes a device's state (its windows, last seq and counters) from
+   * the memory of every replica and from Redis: its next sample starts fresh. Needs
+   * the admin scope when authentication is on. A device that does not exist is not
+   * an error: the answer says deleted = false.
+   *
+   * @generated from rpc tidewatch.v1.TelemetryService.DeleteDevice
+   */
+  deleteDevice: {
+    methodKind: "unary";
+    input: typeof DeleteDeviceRequestSchema;
+    output: typeof DeleteDeviceResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tidewatch_v1_telemetry, 0);
