@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::{ServerProcess, TestServer, connect, redis_cluster::RedisCluster, sample};
 use tidewatch_proto::v1::{
-    AnalyzeRequest, IngestRequest, Sample, Verdict,
+    AnalyzeRequest, DeleteDeviceRequest, IngestRequest, Sample, Verdict,
     telemetry_service_client::TelemetryServiceClient,
 };
+use tidewatch_server::snapshot::fence;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -223,4 +224,58 @@ async fn replicas_on_a_cluster_keep_one_history() {
         assert_eq!(stats.last_seq, 60, "{id}");
     }
     drop(b);
+}
+
+/// `DeleteDevice` on a cluster: devices A holds, one of them keyed in hex, are
+/// deleted through B (each deletion's script runs on the master of the device's
+/// slot, where its three keys are), so their snapshots are gone, `Analyze` answers
+/// `NOT_FOUND` on both, and the devices start again from nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_deleted_on_the_master_of_their_slot() {
+    let cluster = RedisCluster::start();
+    let ids = vec![
+        "pump-1".to_owned(),
+        "pump-2".to_owned(),
+        "valve{7}".to_owned(),
+    ];
+    let (a, b) = (replica(&cluster), replica(&cluster));
+    let mut ca = connect(&a.grpc_url()).await;
+    let mut cb = connect(&b.grpc_url()).await;
+    for seq in 1..=5 {
+        send_retrying(&mut ca, &round(&ids, seq)).await;
+    }
+    wait_for_flush(&cluster, &ids, 5).await;
+    for id in &ids {
+        let deleted = cb
+            .delete_device(DeleteDeviceRequest {
+                device_id: id.clone(),
+            })
+            .await
+            .expect("delete")
+            .into_inner();
+        assert!(deleted.deleted, "{id}");
+        assert!(cluster.snapshot(id).await.is_none(), "{id}");
+        let tombstone = cluster.get(&fence::version_key(id)).await;
+        assert!(tombstone.is_some(), "{id}: no tombstone");
+        for client in [&mut ca, &mut cb] {
+            let status = client
+                .analyze(AnalyzeRequest {
+                    device_id: id.clone(),
+                })
+                .await
+                .expect_err("deleted");
+            assert_eq!(status.code(), tonic::Code::NotFound, "{id}");
+        }
+    }
+    // Samples after the deletion start each device afresh, on either replica.
+    let again = send_retrying(&mut ca, &round(&ids, 6)).await;
+    for verdict in &again {
+        assert!(verdict.error.is_empty(), "{}", verdict.error);
+    }
+    wait_for_flush(&cluster, &ids, 6).await;
+    for id in &ids {
+        let state = cluster.snapshot(id).await.expect("written again");
+        assert_eq!(state.last_seq, 6, "{id}");
+    }
+    drop((a, b));
 }
