@@ -162,6 +162,11 @@ def minikube() -> list[dict]:
     return kustomize(K8S / "overlays" / "minikube")
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> list[dict]:
+    return kustomize(K8S / "overlays" / "redis-cluster")
+
+
 GHZ_CONFIGS = ("ingest.json", "analyze.json", "watch-anomalies.json")
 
 

@@ -65,7 +65,7 @@ def parse_duration_s(value: str) -> float:
     return total
 
 
-@pytest.mark.parametrize("name", ["base", "minikube", "ghz_jobs"])
+@pytest.mark.parametrize("name", ["base", "minikube", "redis_cluster", "ghz_jobs"])
 def test_builtin_objects_validate_strictly(name, request, tmp_path):
     objects = request.getfixturevalue(name)
     builtin = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
@@ -174,7 +174,7 @@ def test_deployment_wiring(base):
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
 
 
-@pytest.mark.parametrize("name", ["base", "minikube"])
+@pytest.mark.parametrize("name", ["base", "minikube", "redis_cluster"])
 def test_every_deployment_runs_with_tls_and_a_policy(name, request):
     objects = request.getfixturevalue(name)
     deployments = find(objects, "Deployment")
@@ -438,6 +438,58 @@ def test_bitnami_values_parse():
     assert values["architecture"] == "standalone"
     assert values["auth"]["enabled"] is True
     assert values["auth"]["existingSecret"] == "tidewatch-redis"
+
+
+def test_redis_cluster_overlay(redis_cluster):
+    # The base's single Redis is gone; tidewatch names the chart's pods as seeds.
+    assert not find(redis_cluster, "StatefulSet")
+    assert not [s for s in find(redis_cluster, "Service") if s["metadata"]["name"] == "redis"]
+    assert [n["metadata"]["name"] for n in find(redis_cluster, "NetworkPolicy")] == ["tidewatch"]
+    values = yaml.safe_load(
+        (K8S / "overlays" / "redis-cluster" / "redis-cluster-values.yaml").read_text())
+    assert values["cluster"] == {"nodes": 6, "replicas": 1}
+    assert values["existingSecret"] == "tidewatch-redis"
+    assert values["networkPolicy"]["allowExternal"] is False
+    deploy = one(redis_cluster, "Deployment", "tidewatch")
+    template = deploy["spec"]["template"]
+    # The chart's NetworkPolicy admits pods labelled <fullname>-client=true.
+    assert template["metadata"]["labels"][f"{values['fullnameOverride']}-client"] == "true"
+    env = template["spec"]["containers"][0]["env"]
+    names = [e["name"] for e in env]
+    assert "REDIS_URL" not in names
+    # $(REDIS_PASSWORD) is spliced only from a variable defined above.
+    assert names.index("REDIS_PASSWORD") < names.index("REDIS_CLUSTER_NODES")
+    nodes = next(e["value"] for e in env if e["name"] == "REDIS_CLUSTER_NODES").split(",")
+    full = values["fullnameOverride"]
+    assert nodes[0].startswith("redis://:$(REDIS_PASSWORD)@")
+    hosts = [n.rsplit("@", 1)[-1] for n in nodes]
+    assert hosts == [f"{full}-{i}.{full}-headless:6379" for i in range(3)]
+    assert len(hosts) <= values["cluster"]["nodes"]
+
+
+def test_redis_cluster_seeds_are_accepted_by_the_binary(redis_cluster, procs):
+    # The overlay's REDIS_CLUSTER_NODES as the kubelet splices it: the binary accepts
+    # it (exit code 64 would be a rejected setting), starts and serves while the
+    # seeds do not resolve here, and drains on SIGTERM.
+    config = one(redis_cluster, "ConfigMap", one(redis_cluster, "Deployment")["spec"]
+                 ["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"])
+    deploy = one(redis_cluster, "Deployment", "tidewatch")
+    env_list = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+    seeds = next(e["value"] for e in env_list if e["name"] == "REDIS_CLUSTER_NODES")
+    grpc_port, http_port = free_port(), free_port()
+    env = server_env(config, grpc_port, http_port, 0)
+    del env["REDIS_URL"]
+    env["REDIS_CLUSTER_NODES"] = seeds.replace("$(REDIS_PASSWORD)", "example-password")
+    proc = start_server(procs, env, grpc_port, http_port)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=parse_duration_s(config["data"]["SHUTDOWN_TIMEOUT"]) + 5)
+    log = procs.log("tidewatch")
+    assert code == 0, log
+    # Snapshots were on, in cluster mode, and the password never reached the log.
+    started = [json.loads(line) for line in log.splitlines() if "snapshots on" in line]
+    assert started and started[0]["redis_cluster"] is True, log
+    assert "example-password" not in log
 
 
 def test_configmap_settings_are_accepted_by_the_binary(base, procs):

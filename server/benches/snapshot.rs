@@ -9,6 +9,11 @@
 //! during it, and `redis-benchmark` against the same `redis-server` with the same value
 //! size, TTL and pipeline depth (when it is installed): Redis' own ceiling in this run.
 //!
+//! With `CLUSTER=N`, the flush also runs N times against a local Redis Cluster (three
+//! masters, three replicas, `REDIS_CLUSTER_NODES`), alternating with the single Redis
+//! (N rounds each), with the CPU of every cluster node and the Redis memory per
+//! device.
+//!
 //! Run: `cargo bench -p tidewatch-server --bench snapshot` (`DEVICES=100000` for a
 //! quicker flush run, `DEVICES=0` for the throughput part only, `ROUNDS=9` for more
 //! throughput rounds than the default 3, `ROUNDS=0` for the flush part only,
@@ -19,11 +24,16 @@
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod redis_server;
 
+#[path = "../tests/it/common/redis_cluster.rs"]
+#[allow(dead_code, unreachable_pub, missing_docs)]
+mod redis_cluster;
+
 use std::{
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
+use redis_cluster::RedisCluster;
 use redis_server::RedisServer;
 use tidewatch_proto::v1::{
     IngestRequest, Sample, telemetry_service_client::TelemetryServiceClient,
@@ -53,6 +63,106 @@ fn populate(engine: &Engine, devices: usize) {
     }
 }
 
+/// Where a flush benchmark writes.
+enum Target<'a> {
+    /// One `redis-server`.
+    Single(&'a RedisServer),
+    /// A local Redis Cluster.
+    Cluster(&'a RedisCluster),
+}
+
+impl Target<'_> {
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Self::Single(redis) => redis.pid().into_iter().collect(),
+            Self::Cluster(cluster) => cluster.pids(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Single(_) => "single redis",
+            Self::Cluster(_) => "redis cluster (3 masters + 3 replicas)",
+        }
+    }
+
+    /// `used_memory` summed over the masters (a single Redis is its own master).
+    fn used_memory(&self) -> u64 {
+        let ports = match self {
+            Self::Single(redis) => vec![redis.port],
+            Self::Cluster(cluster) => cluster.master_ports(),
+        };
+        ports
+            .into_iter()
+            .map(|port| {
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "INFO", "memory"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                out.lines()
+                    .find_map(|l| l.strip_prefix("used_memory:"))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+/// Flushes `devices` dirty devices into `target`, into an empty store then
+/// overwriting; prints time, CPU and Redis memory per device.
+async fn flush_into(target: &Target<'_>, devices: usize) {
+    let engine = Arc::new(Engine::new(EngineConfig {
+        max_devices: devices.max(1),
+        ..EngineConfig::default()
+    }));
+    populate(&engine, devices);
+    let mut config = Config::defaults();
+    match target {
+        Target::Single(redis) => config.redis_url = Some(redis.url()),
+        Target::Cluster(cluster) => config.redis_cluster_nodes = Some(cluster.seeds()),
+    }
+    config.redis_command_timeout = Duration::from_secs(30);
+    let snapshots = Arc::new(
+        Snapshots::new(
+            SnapshotConfig::from_config(&config).expect("redis"),
+            Arc::clone(&engine),
+            Arc::new(Counters::default()),
+        )
+        .expect("snapshots"),
+    );
+    snapshots.check().await.expect("redis answers");
+    let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+    let memory_before = target.used_memory();
+    for round in ["into an empty store", "overwriting"] {
+        if round == "overwriting" {
+            engine.mark_all_dirty();
+        }
+        let pids = target.pids();
+        let (redis_cpu, own_cpu) = (cpu(&pids), own_cpu_seconds());
+        let started = Instant::now();
+        let report = snapshots.flush().await;
+        let elapsed = started.elapsed();
+        assert_eq!(report.failed, 0, "flush failed");
+        assert_eq!(report.written, devices as u64);
+        println!(
+            "{}: flush {round}: {} devices in {:.3} s ({:.0} devices/s); cpu: redis {:.2} s (every node), flusher process {:.2} s",
+            target.name(),
+            report.written,
+            elapsed.as_secs_f64(),
+            report.written as f64 / elapsed.as_secs_f64(),
+            cpu(&pids) - redis_cpu,
+            own_cpu_seconds() - own_cpu,
+        );
+    }
+    println!(
+        "{}: used_memory of the masters: {:.0} bytes per device (value, version, owner, with their TTLs)",
+        target.name(),
+        (target.used_memory().saturating_sub(memory_before)) as f64 / devices.max(1) as f64
+    );
+    drop(snapshots);
+}
+
 async fn flush_benchmark(redis: &RedisServer, devices: usize) {
     let engine = Arc::new(Engine::new(EngineConfig {
         max_devices: devices.max(1),
@@ -66,6 +176,9 @@ async fn flush_benchmark(redis: &RedisServer, devices: usize) {
     );
     let mut config = Config::defaults();
     config.redis_url = Some(redis.url().into());
+    // A throughput figure, not a timeout test: on a loaded machine a batch of fenced
+    // writes can take longer than the default 500 ms.
+    config.redis_command_timeout = Duration::from_secs(30);
     let snapshot_config = SnapshotConfig::from_config(&config).expect("redis url");
     println!(
         "flush settings: SNAPSHOT_BATCH={} REDIS_POOL_SIZE={}",
@@ -314,6 +427,22 @@ async fn main() {
         flush_benchmark(&redis, devices).await;
     }
     flushall(&redis).await;
+    let cluster_rounds: usize = std::env::var("CLUSTER")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    if devices > 0 && cluster_rounds > 0 {
+        println!(
+            "\n== flush of {devices} dirty devices: single redis vs redis cluster, alternating"
+        );
+        let cluster = RedisCluster::start();
+        for _ in 0..cluster_rounds {
+            flush_into(&Target::Single(&redis), devices).await;
+            flushall(&redis).await;
+            flush_into(&Target::Cluster(&cluster), devices).await;
+            cluster.flushall();
+        }
+    }
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())

@@ -387,6 +387,12 @@ pub struct Config {
     #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<std::path::PathBuf>,
 
+    /// A Redis Cluster for window snapshots instead of `REDIS_URL`: comma-separated
+    /// seed nodes, `host:port` or `redis://[:password@]host:port` (at most 64; the
+    /// other masters are discovered). The first entry's credentials log in everywhere.
+    #[arg(help_heading = "Snapshots (Redis)", long, env = "REDIS_CLUSTER_NODES")]
+    pub redis_cluster_nodes: Option<String>,
+
     /// How often changed devices are written to Redis; a crash loses at most this much.
     #[arg(help_heading = "Snapshots (Redis)", long, env = "SNAPSHOT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
@@ -859,6 +865,56 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// Most seed nodes `REDIS_CLUSTER_NODES` may list.
+pub const MAX_CLUSTER_SEEDS: usize = 64;
+
+/// The entries of `REDIS_CLUSTER_NODES`: comma-separated `host:port` or `redis://`
+/// URLs (a bare `host:port` is read as `redis://host:port`).
+pub fn parse_cluster_nodes(list: &str) -> Result<Vec<redis::ConnectionInfo>, String> {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let entries: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    if entries.is_empty() {
+        return Err("names no node".into());
+    }
+    if entries.len() > MAX_CLUSTER_SEEDS {
+        return Err(format!(
+            "names {} nodes, at most {MAX_CLUSTER_SEEDS} are read (a few seeds are enough: the \
+             others are discovered)",
+            entries.len()
+        ));
+    }
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let url = if entry.contains("://") {
+                entry.to_owned()
+            } else {
+                format!("redis://{entry}")
+            };
+            let info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| format!("node {}: {e}", i + 1))?;
+            match info.addr() {
+                ConnectionAddr::Tcp(..) if info.redis_settings().db() == 0 => Ok(info),
+                ConnectionAddr::Tcp(..) => Err(format!(
+                    "node {}: a Redis Cluster has only database 0",
+                    i + 1
+                )),
+                _ => Err(format!(
+                    "node {}: cluster nodes are reached over redis:// (host:port)",
+                    i + 1
+                )),
+            }
+        })
+        .collect()
+}
+
 /// A size in bytes: a number, optionally followed by `KiB`, `MiB` or `GiB` (or `K`,
 /// `M`, `G`, `Ki`, `Mi`, `Gi`: all powers of 1024).
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -1098,6 +1154,18 @@ impl Config {
             );
         }
         self.validate_redis()?;
+        if let Some(nodes) = self.redis_cluster_nodes() {
+            if self.redis_url().is_some() {
+                return fail(
+                    "REDIS_CLUSTER_NODES",
+                    "set REDIS_URL (one Redis) or REDIS_CLUSTER_NODES (a Redis Cluster), not both"
+                        .into(),
+                );
+            }
+            if let Err(e) = parse_cluster_nodes(nodes) {
+                return fail("REDIS_CLUSTER_NODES", e);
+            }
+        }
         if self.snapshot_interval.is_zero() {
             return fail("SNAPSHOT_INTERVAL", "must be above 0".into());
         }
@@ -1147,6 +1215,14 @@ impl Config {
                 ("REDIS_USERNAME", self.redis_username.is_some()),
                 ("REDIS_PASSWORD_FILE", self.redis_password_file.is_some()),
             ] {
+                if set && self.redis_cluster_nodes().is_some() {
+                    return fail(
+                        setting,
+                        "applies to REDIS_URL only: REDIS_CLUSTER_NODES speaks plain TCP, \
+                         with the credentials of its first entry"
+                            .into(),
+                    );
+                }
                 if set {
                     return fail(setting, "is set but REDIS_URL is not".into());
                 }
@@ -1257,6 +1333,14 @@ impl Config {
         self.redis_url
             .as_ref()
             .map(|u| u.expose().trim())
+            .filter(|u| !u.is_empty())
+    }
+
+    /// `REDIS_CLUSTER_NODES` when set and not empty.
+    pub fn redis_cluster_nodes(&self) -> Option<&str> {
+        self.redis_cluster_nodes
+            .as_deref()
+            .map(str::trim)
             .filter(|u| !u.is_empty())
     }
 
@@ -1581,6 +1665,17 @@ mod tests {
         let mut c = Config::defaults();
         c.redis_url = Some("http://nope".into());
         assert_eq!(c.validate().unwrap_err().setting, "REDIS_URL");
+        c.redis_url = Some("redis://127.0.0.1:6379".into());
+        c.redis_cluster_nodes = Some("127.0.0.1:7000".into());
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "REDIS_CLUSTER_NODES");
+        assert!(e.to_string().contains("not both"), "{e}");
+        c.redis_url = None;
+        c.validate().expect("a cluster alone is fine");
+        c.redis_cluster_nodes = Some(vec!["127.0.0.1:7000"; 65].join(","));
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("at most 64"), "{e}");
+        c.redis_cluster_nodes = None;
         let mut c = Config::defaults();
         c.snapshot_ttl = Duration::from_millis(10);
         assert_eq!(c.validate().unwrap_err().setting, "SNAPSHOT_TTL");

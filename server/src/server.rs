@@ -563,6 +563,7 @@ fn announce_storage(state: &AppState) {
             tracing::info!(
                 redis = %sc.redis.url.redacted(),
                 tls = snapshots.tls(),
+                redis_cluster = sc.cluster_nodes.is_some(),
                 interval = ?sc.interval,
                 ttl_secs = sc.ttl_secs,
                 window_size = config.window_size,

@@ -63,11 +63,51 @@ use crate::{
     engine::{DeviceKey, DeviceState, Engine, Owner, normalize_device_id},
     telemetry::Counters,
 };
-pub use store::{Store, StoreError};
+pub use store::{Store, StoreError, cluster};
 
 /// Prefix of every device key; the device id follows as is. The snapshot store and
 /// the fencing keys both build on it.
 pub const KEY_PREFIX: &str = "tidewatch:v1:device:";
+
+/// Prefix of the key of a device whose id holds a brace (`{` or `}`): the id follows
+/// in lowercase hex, so that the key has no hash tag and its version and owner keys
+/// (`{<key>}:...`) share its Redis Cluster slot.
+pub const HEX_KEY_PREFIX: &str = "tidewatch:v1:device-hex:";
+
+/// Whether `device_id` is keyed in hex (see [`HEX_KEY_PREFIX`]).
+pub fn keyed_in_hex(device_id: &str) -> bool {
+    device_id.bytes().any(|b| b == b'{' || b == b'}')
+}
+
+/// The Redis key of a device's snapshot: `tidewatch:v1:device:<id>`, or
+/// `tidewatch:v1:device-hex:<id in hex>` when the id holds a brace.
+pub fn key(device_id: &str) -> String {
+    let mut out = Vec::new();
+    write_key(&mut out, device_id);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Where builds before Redis Cluster support kept the snapshot of a device whose id
+/// holds a brace (read once when the new key has none).
+pub fn legacy_key(device_id: &str) -> Option<String> {
+    keyed_in_hex(device_id).then(|| format!("{KEY_PREFIX}{device_id}"))
+}
+
+/// Appends the key of `device_id` to `out` (the flusher reuses one buffer).
+pub fn write_key(out: &mut Vec<u8>, device_id: &str) {
+    out.clear();
+    if keyed_in_hex(device_id) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.extend_from_slice(HEX_KEY_PREFIX.as_bytes());
+        for b in device_id.bytes() {
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 15)]);
+        }
+    } else {
+        out.extend_from_slice(KEY_PREFIX.as_bytes());
+        out.extend_from_slice(device_id.as_bytes());
+    }
+}
 
 /// Devices encoded per shard-lock hold: bounds how long a flush can make an ingest
 /// request on that shard wait. A message of many samples touches every shard, so
@@ -92,6 +132,9 @@ const HANDOFF_POLL: Duration = Duration::from_millis(10);
 pub struct SnapshotConfig {
     /// `REDIS_URL` and the TLS and credential settings beside it.
     pub redis: target::RedisSettings,
+    /// `REDIS_CLUSTER_NODES`: the seeds of a Redis Cluster, when snapshots go to one
+    /// (`redis` then holds the first seed's URL alone, for logs).
+    pub cluster_nodes: Option<String>,
     /// `SNAPSHOT_INTERVAL`.
     pub interval: Duration,
     /// `SNAPSHOT_TTL`, in whole seconds (at least 1).
@@ -109,17 +152,32 @@ pub struct SnapshotConfig {
 }
 
 impl SnapshotConfig {
-    /// The snapshot settings, or `None` when `REDIS_URL` is unset.
+    /// The snapshot settings, or `None` when neither `REDIS_URL` nor
+    /// `REDIS_CLUSTER_NODES` is set.
     pub fn from_config(config: &Config) -> Option<Self> {
+        let cluster_nodes = config.redis_cluster_nodes().map(str::to_owned);
+        let url = match (config.redis_url(), &cluster_nodes) {
+            (Some(url), _) => url.to_owned(),
+            (None, Some(nodes)) => {
+                let first = nodes.split(',').map(str::trim).find(|n| !n.is_empty())?;
+                if first.contains("://") {
+                    first.to_owned()
+                } else {
+                    format!("redis://{first}")
+                }
+            }
+            (None, None) => return None,
+        };
         Some(Self {
             redis: target::RedisSettings {
-                url: config.redis_url()?.into(),
+                url: url.into(),
                 ca_file: config.redis_ca_file.clone(),
                 client_cert: config.redis_client_cert.clone(),
                 client_key: config.redis_client_key.clone(),
                 username: config.redis_username.clone(),
                 password_file: config.redis_password_file.clone(),
             },
+            cluster_nodes,
             interval: config.snapshot_interval,
             ttl_secs: config.snapshot_ttl.as_secs().max(1),
             batch: config.snapshot_batch.max(1),
@@ -255,6 +313,8 @@ struct Batch {
     /// Their ids and fence tokens, in command order, to record the new version or
     /// drop a device whose write lost.
     ids: Vec<(Box<str>, u64)>,
+    /// The Redis Cluster master every command of it goes to (`None`: the one Redis).
+    node: Option<Arc<cluster::Node>>,
 }
 
 /// Emptied batches, back from the writers for the encoder to fill again: a batch of
@@ -295,12 +355,20 @@ impl Snapshots {
         engine: Arc<Engine>,
         counters: Arc<Counters>,
     ) -> Result<Self, StoreError> {
-        let store = Store::with_target(
-            target::RedisTarget::load(&config.redis)?,
-            config.pool_size,
-            config.connect_timeout,
-            config.command_timeout,
-        )?;
+        let store = match &config.cluster_nodes {
+            Some(nodes) => Store::cluster(
+                nodes,
+                config.pool_size,
+                config.connect_timeout,
+                config.command_timeout,
+            )?,
+            None => Store::with_target(
+                target::RedisTarget::load(&config.redis)?,
+                config.pool_size,
+                config.connect_timeout,
+                config.command_timeout,
+            )?,
+        };
         let max_device_id_len = engine.config().max_device_id_len;
         Ok(Self {
             engine,
@@ -407,15 +475,33 @@ impl Snapshots {
     /// (or has failed and been marked dirty again).
     pub async fn flush(self: &Arc<Self>) -> FlushReport {
         self.renew().await;
-        let concurrency = self.config.pool_size as usize;
+        let mut report = FlushReport::default();
+        // On a cluster, batches are made per master, by the slot map of this flush.
+        let routing = match self.store.cluster_of() {
+            None => None,
+            Some(cluster) => match cluster.routing().await {
+                Ok(routing) => Some(routing),
+                Err(e) => {
+                    // Nothing was taken: every dirty device stays dirty.
+                    self.link.failed("flush", &e);
+                    self.counters
+                        .snapshot_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    return report;
+                }
+            },
+        };
+        let concurrency = match &routing {
+            Some(routing) => self.config.pool_size as usize * routing.nodes.len(),
+            None => self.config.pool_size as usize,
+        };
         let (tx, rx) = mpsc::channel::<Batch>(concurrency);
         let recycled = Arc::new(Recycled::default());
         let this = Arc::clone(self);
         let producer = tokio::task::spawn_blocking({
             let recycled = Arc::clone(&recycled);
-            move || this.collect_dirty(&tx, &recycled)
+            move || this.collect_dirty(&tx, &recycled, routing.as_deref())
         });
-        let mut report = FlushReport::default();
         let mut writes = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|batch| self.write_batch(batch, &recycled))
             .buffer_unordered(concurrency);
@@ -434,23 +520,48 @@ impl Snapshots {
         report
     }
 
-    /// Encodes the dirty devices shard by shard into batches (blocking pool).
-    fn collect_dirty(&self, tx: &mpsc::Sender<Batch>, recycled: &Recycled) {
+    /// Encodes the dirty devices shard by shard into batches (blocking pool): one
+    /// batch being filled for the one Redis, or one per master of `routing`.
+    fn collect_dirty(
+        &self,
+        tx: &mpsc::Sender<Batch>,
+        recycled: &Recycled,
+        routing: Option<&cluster::Routing>,
+    ) {
         let engine = &*self.engine;
         let mut sets = fence::FlushCommands::new(self.config.ttl_secs, &self.replica);
         let mut keys = Vec::new();
-        let mut batch = Batch::default();
+        let node_of = |i: usize| routing.and_then(|r| r.nodes.get(i).cloned());
+        let mut batches: Vec<Batch> = (0..routing.map_or(1, |r| r.nodes.len().max(1)))
+            .map(|i| Batch {
+                node: node_of(i),
+                ..Batch::default()
+            })
+            .collect();
+        let mut key = Vec::new();
         let mut oversized = 0u64;
         for shard in 0..engine.shard_count() {
             keys.clear();
             engine.dirty_keys(shard, &mut keys);
             let mut rest = &keys[..];
             while !rest.is_empty() {
-                let room = (self.config.batch - batch.keys.len()).clamp(1, LOCK_CHUNK);
+                let room = match &batches[..] {
+                    [one] => (self.config.batch - one.keys.len()).clamp(1, LOCK_CHUNK),
+                    _ => LOCK_CHUNK,
+                };
                 let (chunk, tail) = rest.split_at(room.min(rest.len()));
                 rest = tail;
                 self.versions.with(|versions| {
                     engine.visit_dirty(shard, chunk, |mut device| {
+                        let batch = match routing {
+                            None => &mut batches[0],
+                            Some(routing) => {
+                                store::write_key(&mut key, device.id());
+                                let i = routing.node_index(cluster::key_slot(&key));
+                                let last = batches.len() - 1;
+                                &mut batches[i.min(last)]
+                            }
+                        };
                         let fence = fence::Versions::begin_write(versions, device.id());
                         sets.push(
                             &mut batch.commands,
@@ -467,13 +578,20 @@ impl Snapshots {
                         device.mark_clean();
                     });
                 });
-                if batch.keys.len() >= self.config.batch && !self.send(tx, &mut batch, recycled) {
-                    return;
+                for (i, batch) in batches.iter_mut().enumerate() {
+                    if batch.keys.len() >= self.config.batch {
+                        if !self.send(tx, batch, recycled) {
+                            return;
+                        }
+                        batch.node = node_of(i);
+                    }
                 }
             }
         }
-        if !batch.keys.is_empty() {
-            self.send(tx, &mut batch, recycled);
+        for batch in &mut batches {
+            if !batch.keys.is_empty() && !self.send(tx, batch, recycled) {
+                return;
+            }
         }
         if oversized > 0 {
             tracing::warn!(
@@ -510,33 +628,39 @@ impl Snapshots {
         let mut refused = Vec::new();
         let mut lost = Vec::new();
         let mut answered = vec![false; batch.ids.len()];
+        let node = batch.node.take();
         let result = self
             .store
-            .write_commands(&batch.commands, batch.keys.len(), |i, reply| {
-                answered[i] = true;
-                let (id, token) = &batch.ids[i];
-                match reply {
-                    resp::Reply::Integer(version) if version > 0 => {
-                        self.versions.end_write(id, *token, Some(version as u64));
-                    }
-                    resp::Reply::Integer(_) => {
-                        // Another replica wrote this device after the state this
-                        // one started from: its history wins, and this copy leaves
-                        // memory (unless it was taken again since the write began).
-                        if self.versions.end_write(id, *token, None) {
-                            lost.push(i);
+            .write_commands_on(
+                node.as_deref(),
+                &batch.commands,
+                batch.keys.len(),
+                |i, reply| {
+                    answered[i] = true;
+                    let (id, token) = &batch.ids[i];
+                    match reply {
+                        resp::Reply::Integer(version) if version > 0 => {
+                            self.versions.end_write(id, *token, Some(version as u64));
+                        }
+                        resp::Reply::Integer(_) => {
+                            // Another replica wrote this device after the state this
+                            // one started from: its history wins, and this copy leaves
+                            // memory (unless it was taken again since the write began).
+                            if self.versions.end_write(id, *token, None) {
+                                lost.push(i);
+                            }
+                        }
+                        resp::Reply::Error(e) => {
+                            self.versions.end_write(id, *token, None);
+                            refused.push((i, e));
+                        }
+                        other => {
+                            self.versions.end_write(id, *token, None);
+                            refused.push((i, format!("unexpected reply {other:?}")));
                         }
                     }
-                    resp::Reply::Error(e) => {
-                        self.versions.end_write(id, *token, None);
-                        refused.push((i, e));
-                    }
-                    other => {
-                        self.versions.end_write(id, *token, None);
-                        refused.push((i, format!("unexpected reply {other:?}")));
-                    }
-                }
-            })
+                },
+            )
             .await;
         for (i, (id, token)) in batch.ids.iter().enumerate() {
             if !answered[i] {
@@ -560,8 +684,13 @@ impl Snapshots {
                 (devices, 0)
             }
             Ok(()) => {
-                // Redis refused some commands (out of memory, say): those devices stay
-                // dirty, the rest are written.
+                // Redis refused some commands (out of memory, say, or a cluster slot
+                // that moved): those devices stay dirty, the rest are written.
+                if let Some(cluster) = self.store.cluster_of()
+                    && refused.iter().any(|(_, e)| cluster::is_routing_error(e))
+                {
+                    cluster.mark_stale();
+                }
                 let keys: Vec<DeviceKey> = refused.iter().map(|&(i, _)| batch.keys[i]).collect();
                 self.engine.mark_dirty(&keys);
                 let (_, first) = refused.swap_remove(0);
@@ -770,10 +899,14 @@ impl Snapshots {
         let ttl = self.config.ttl_secs.to_string();
         let cap = self.config.max_bytes.to_string();
         let args = [self.replica.as_bytes(), ttl.as_bytes(), cap.as_bytes()];
-        Ok(self
+        match self
             .as_owner(device_id, fence::ACQUIRE, &args, parse_acquired)
             .await?
-            .unwrap_or(Acquired::Held))
+        {
+            Some(Acquired::Mine(0, Fetched::Nothing, fixed)) => self.legacy(device_id, fixed).await,
+            Some(mine) => Ok(mine),
+            None => Ok(Acquired::Held),
+        }
     }
 
     /// Runs `script` (`KEYS`: snapshot, version, owner) until it answers as the
@@ -831,6 +964,25 @@ impl Snapshots {
             }
             tokio::time::sleep(HANDOFF_POLL).await;
         }
+    }
+
+    /// A device taken with no snapshot and no version: when its id holds a brace,
+    /// builds before Redis Cluster support kept it under another key
+    /// (`store::legacy_key`), read once here (checked as [`fence::READ`] checks any
+    /// read); its first write goes to the new key.
+    async fn legacy(&self, device_id: &str, fixed: u64) -> Result<Acquired, StoreError> {
+        let fetched = match store::legacy_key(device_id) {
+            Some(key) => {
+                let cap = self.config.max_bytes.to_string();
+                let reply = self
+                    .store
+                    .eval::<redis::Value>(fence::READ, &[&key], &[cap.as_bytes()])
+                    .await?;
+                parse_read(reply)?
+            }
+            None => Fetched::Nothing,
+        };
+        Ok(Acquired::Mine(0, fetched, fixed))
     }
 
     /// Deletes `device_id` everywhere (`DeleteDevice`; `docs/snapshots.md`, "Deleting
@@ -961,7 +1113,8 @@ impl Snapshots {
         let channel = fence::handoff_channel(&self.replica);
         loop {
             let listen = async {
-                let mut pubsub = self.store.client().get_async_pubsub().await?;
+                let client = self.store.subscriber()?;
+                let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 pubsub.subscribe(fence::DELETED_CHANNEL).await?;
                 let mut messages = pubsub.into_on_message();
@@ -1059,10 +1212,16 @@ impl Snapshots {
             |out| codec::encode_value(&state, out),
         );
         let mut answer = None;
-        let result = self
-            .store
-            .write_commands(&command, 1, |_, reply| answer = Some(reply))
-            .await;
+        let result = match self.store.writer_for(device_id).await {
+            Ok(node) => {
+                self.store
+                    .write_commands_on(node.as_deref(), &command, 1, |_, reply| {
+                        answer = Some(reply);
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match (result, answer) {
             (Ok(()), Some(resp::Reply::Integer(version))) => {
                 // Written (or lost to a newer history): either way not held here.

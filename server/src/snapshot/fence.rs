@@ -35,11 +35,15 @@ use super::KEY_PREFIX;
 
 /// `KEYS`: snapshot, version, owner. `ARGV`: value, ttl seconds, base version, this
 /// replica, `1` to give ownership up with the write. Returns the new version, or -1.
+///
+/// A stored version below the base means Redis lost writes this replica made (it
+/// restarted from an older state, or a Redis Cluster failover promoted a replica that
+/// had not received them): like a version that is gone, it does not stop the write.
 pub const FLUSH: &str = r"local v = redis.call('GET', KEYS[2])
 local o = redis.call('GET', KEYS[3])
 if o and o ~= ARGV[4] then return -1 end
-if v and tonumber(v) ~= tonumber(ARGV[3]) then return -1 end
-local n = (tonumber(v) or tonumber(ARGV[3])) + 1
+if v and tonumber(v) > tonumber(ARGV[3]) then return -1 end
+local n = tonumber(ARGV[3]) + 1
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SET', KEYS[2], n, 'EX', ARGV[2])
 if ARGV[5] == '1' then
@@ -140,14 +144,15 @@ pub fn lease(interval: Duration) -> Duration {
 }
 
 /// The key of a device's snapshot version: `{<snapshot key>}:version`, which hashes
-/// to the snapshot key's slot when the device id holds no brace.
+/// to the snapshot key's slot (a snapshot key holds no brace: see
+/// [`super::key`]).
 pub fn version_key(device_id: &str) -> String {
-    format!("{{{KEY_PREFIX}{device_id}}}:version")
+    format!("{{{}}}:version", super::key(device_id))
 }
 
 /// The key of a device's owner: `{<snapshot key>}:owner`.
 pub fn owner_key(device_id: &str) -> String {
-    format!("{{{KEY_PREFIX}{device_id}}}:owner")
+    format!("{{{}}}:owner", super::key(device_id))
 }
 
 /// The liveness key of a replica.
@@ -312,8 +317,7 @@ impl FlushCommands {
         put_bulk(out, self.sha.as_bytes());
         put_bulk(out, b"3");
         let mut key = Vec::with_capacity(KEY_PREFIX.len() + device_id.len());
-        key.extend_from_slice(KEY_PREFIX.as_bytes());
-        key.extend_from_slice(device_id.as_bytes());
+        super::write_key(&mut key, device_id);
         put_bulk(out, &key);
         put_bulk(out, version_key(device_id).as_bytes());
         put_bulk(out, owner_key(device_id).as_bytes());
@@ -406,6 +410,12 @@ mod tests {
     fn companion_keys_share_the_snapshot_keys_slot() {
         assert_eq!(version_key("a"), "{tidewatch:v1:device:a}:version");
         assert_eq!(owner_key("a"), "{tidewatch:v1:device:a}:owner");
+        use super::super::{cluster::key_slot, key};
+        for id in ["a", "pump-7", "x{y}z", "{", "}", "{}", "a}b{c", "é{"] {
+            let slot = key_slot(key(id).as_bytes());
+            assert_eq!(key_slot(version_key(id).as_bytes()), slot, "{id}");
+            assert_eq!(key_slot(owner_key(id).as_bytes()), slot, "{id}");
+        }
     }
 
     #[test]

@@ -23,25 +23,17 @@ use tokio::{
 };
 use tokio_rustls::client::TlsStream;
 
+pub mod cluster;
+
+use cluster::Cluster;
+
 use super::{
     fence,
     resp::{self, ProtocolError, Reply},
     target::{RedisSettings, RedisTarget, TargetError},
 };
 
-pub use super::KEY_PREFIX;
-
-/// The Redis key of a device's snapshot.
-pub fn key(device_id: &str) -> String {
-    format!("{KEY_PREFIX}{device_id}")
-}
-
-/// Appends the key of `device_id` to `out` (the flusher reuses one buffer).
-pub fn write_key(out: &mut Vec<u8>, device_id: &str) {
-    out.clear();
-    out.extend_from_slice(KEY_PREFIX.as_bytes());
-    out.extend_from_slice(device_id.as_bytes());
-}
+pub use super::{HEX_KEY_PREFIX, KEY_PREFIX, key, keyed_in_hex, legacy_key, write_key};
 
 /// Why a Redis operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +143,9 @@ pub struct Store {
     command_timeout: Duration,
     /// Where Redis is, how to log in, and the TLS to speak.
     target: RedisTarget,
+    /// The Redis Cluster of `REDIS_CLUSTER_NODES`: reads and writes go to the master
+    /// of their key's slot (the two pools above are then unused).
+    cluster: Option<Arc<Cluster>>,
     /// The last authentication or TLS failure of either pool's connection attempts (made in
     /// the background, where a caller only sees its wait time out).
     refused: RefusedLogin,
@@ -263,25 +258,60 @@ impl Store {
             writers,
             command_timeout,
             target,
+            cluster: None,
             refused,
         })
     }
 
-    /// Runs `op` on a pooled connection within the command timeout.
-    async fn run<T>(
-        &self,
-        op: impl AsyncFnOnce(&mut redis::aio::MultiplexedConnection) -> Result<T, RedisError>,
-    ) -> Result<T, StoreError> {
-        let work = async {
-            let mut conn = self.pool.get().await?;
-            self.refused.clear();
-            Ok(op(&mut conn).await?)
+    /// A store in the Redis Cluster reached through `seeds` (`REDIS_CLUSTER_NODES`,
+    /// see [`cluster::parse_seeds`]). No connection is made yet.
+    pub fn cluster(
+        seeds: &str,
+        pool_size: u32,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let seeds = cluster::parse_seeds(seeds).map_err(StoreError::Connect)?;
+        let first = seeds[0].clone();
+        let url = match first.addr() {
+            ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+            other => other.to_string(),
         };
+        let mut store = Self::new(&url, 1, connect_timeout, command_timeout)?;
+        store.cluster = Some(Arc::new(Cluster::new(seeds, pool_size, connect_timeout)));
+        Ok(store)
+    }
+
+    /// The cluster, when the store is one.
+    pub fn cluster_of(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// `work` within the command timeout, a refused login explained.
+    async fn bounded<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         tokio::time::timeout(self.command_timeout, work)
             .await
             .map_err(|_| StoreError::Timeout(self.command_timeout))
             .and_then(|r| r)
             .map_err(|e| self.refused.explain(e))
+    }
+
+    /// Sends `cmd` to the one Redis, or to the cluster master that serves `key` (any
+    /// master without a key), without a timeout of its own.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        key: Option<&[u8]>,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.query(key, cmd).await;
+        }
+        let mut conn = self.pool.get().await?;
+        self.refused.clear();
+        Ok(cmd.query_async(&mut *conn).await?)
     }
 
     /// Sends `count` commands packed by the flusher and hands each reply to
@@ -293,16 +323,54 @@ impl Store {
         count: usize,
         on_reply: impl FnMut(usize, Reply),
     ) -> Result<(), StoreError> {
+        self.write_commands_on(None, commands, count, on_reply)
+            .await
+    }
+
+    /// [`Store::write_commands`] on the cluster master `node` (every command's keys
+    /// in its slots), or on the one Redis when `None`. A connection that fails marks
+    /// the cluster's slot map out of date.
+    pub async fn write_commands_on(
+        &self,
+        node: Option<&cluster::Node>,
+        commands: &[u8],
+        count: usize,
+        on_reply: impl FnMut(usize, Reply),
+    ) -> Result<(), StoreError> {
+        let writers = node.map_or(&self.writers, |n| &n.writes);
+        // On a cluster, wait for a free connection of this master first (the one
+        // Redis gets only as many batches at once as it has connections).
+        let _turn = match node {
+            Some(node) => node.batches.acquire().await.ok(),
+            None => None,
+        };
         let work = async {
-            let mut conn = self.writers.get().await?;
+            let mut conn = writers.get().await?;
             self.refused.clear();
             conn.request(commands, count, on_reply).await
         };
-        tokio::time::timeout(self.command_timeout, work)
+        let result = tokio::time::timeout(self.command_timeout, work)
             .await
             .map_err(|_| StoreError::Timeout(self.command_timeout))
             .and_then(|r| r)
-            .map_err(|e| self.refused.explain(e))
+            .map_err(|e| self.refused.explain(e));
+        if let (Err(_), Some(cluster)) = (&result, &self.cluster) {
+            cluster.mark_stale();
+        }
+        result
+    }
+
+    /// The cluster master that serves `device_id`, or `None` without a cluster.
+    pub async fn writer_for(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<Arc<cluster::Node>>, StoreError> {
+        match &self.cluster {
+            None => Ok(None),
+            Some(cluster) => Ok(Some(
+                cluster.node_for(Some(key(device_id).as_bytes())).await?,
+            )),
+        }
     }
 
     /// Runs a script of [`fence`] by `EVALSHA`, loading it first when Redis does not
@@ -314,25 +382,24 @@ impl Store {
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
         let sha = fence::sha1_hex(script.as_bytes());
-        self.run(async |conn| {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&sha).arg(keys.len());
-            for key in keys {
-                cmd.arg(*key);
-            }
-            for arg in args {
-                cmd.arg(*arg);
-            }
-            match cmd.query_async(conn).await {
-                Err(e)
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&sha).arg(keys.len());
+        for key in keys {
+            cmd.arg(*key);
+        }
+        for arg in args {
+            cmd.arg(*arg);
+        }
+        let key = keys.first().map(|k| k.as_bytes());
+        self.bounded(async {
+            match self.query(key, &cmd).await {
+                Err(StoreError::Redis(e))
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(script)
-                        .query_async::<String>(conn)
-                        .await?;
-                    cmd.query_async(conn).await
+                    let mut load = redis::cmd("SCRIPT");
+                    load.arg("LOAD").arg(script);
+                    self.query::<String>(key, &load).await?;
+                    self.query(key, &cmd).await
                 }
                 other => other,
             }
@@ -342,21 +409,16 @@ impl Store {
 
     /// Publishes `message` on `channel`; returns how many subscribers got it.
     pub async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
-        self.run(async |conn| {
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(message)
-                .query_async(conn)
-                .await
-        })
-        .await
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(message);
+        self.bounded(self.query(None, &cmd)).await
     }
 
     /// How long `key` lives on, or `None` when it does not exist.
     pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, StoreError> {
-        let millis: i64 = self
-            .run(async |conn| redis::cmd("PTTL").arg(key).query_async(conn).await)
-            .await?;
+        let mut cmd = redis::cmd("PTTL");
+        cmd.arg(key);
+        let millis: i64 = self.bounded(self.query(Some(key.as_bytes()), &cmd)).await?;
         Ok(match millis {
             -2 => None,
             -1 => Some(Duration::MAX),
@@ -380,21 +442,47 @@ impl Store {
         self.target.shown()
     }
 
+    /// A client for the hand-off subscription: the one Redis, or on a cluster the
+    /// masters in turn (a `PUBLISH` on any node reaches every node's subscribers).
+    pub fn subscriber(&self) -> Result<redis::Client, RedisError> {
+        match self.cluster.as_ref().and_then(|c| c.subscribe_info()) {
+            Some(info) => redis::Client::open(info),
+            None => Ok(self.target.client().clone()),
+        }
+    }
+
+    /// The value of one key (`GET`), routed by the key.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        self.bounded(self.query(Some(key.as_bytes()), &cmd)).await
+    }
+
     /// Reads the values of `ids` in one `MGET`, in order; `None` where there is none.
+    /// On a cluster, one `GET` per device, each to its slot's master.
     pub async fn read(&self, ids: &[Box<str>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.cluster.is_some() {
+            let reads = ids.iter().map(|id| async move {
+                let key = key(id);
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(&key);
+                self.query(Some(key.as_bytes()), &cmd).await
+            });
+            return self.bounded(futures::future::try_join_all(reads)).await;
         }
         let mut cmd = redis::cmd("MGET");
         for id in ids {
             cmd.arg(key(id));
         }
-        self.run(async |conn| cmd.query_async(conn).await).await
+        self.bounded(self.query(None, &cmd)).await
     }
 
     /// Checks that Redis answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.run(async |conn| redis::cmd("PING").query_async::<String>(conn).await)
+        self.bounded(self.query::<String>(None, &redis::cmd("PING")))
             .await
             .map(drop)
     }
@@ -405,6 +493,15 @@ impl Store {
 struct WriteManager {
     /// Where Redis is, how to log in, and the TLS to speak.
     target: RedisTarget,
+}
+
+impl WriteManager {
+    /// Opens connections to `info` (a cluster master: no TLS, credentials from the info).
+    pub(super) fn new(info: ConnectionInfo) -> Self {
+        Self {
+            target: RedisTarget::plain(info),
+        }
+    }
 }
 
 impl bb8::ManageConnection for WriteManager {
@@ -647,5 +744,13 @@ mod tests {
         let mut buf = b"junk".to_vec();
         write_key(&mut buf, "a");
         assert_eq!(buf, b"tidewatch:v1:device:a");
+        // Ids with a brace are keyed in hex (one Redis Cluster slot for the device's
+        // keys), distinct from every id keyed as is.
+        assert_eq!(key("a{b}"), "tidewatch:v1:device-hex:617b627d");
+        assert_eq!(
+            legacy_key("a{b}").as_deref(),
+            Some("tidewatch:v1:device:a{b}")
+        );
+        assert_eq!(legacy_key("ab"), None);
     }
 }

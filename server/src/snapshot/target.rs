@@ -191,6 +191,20 @@ impl RedisTarget {
         Ok(Self { client, tls, shown })
     }
 
+    /// A plain-TCP target at `info` (a Redis Cluster master found in the slot map),
+    /// with the credentials `info` carries.
+    pub fn plain(info: ConnectionInfo) -> Self {
+        let shown = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+            other => other.to_string(),
+        };
+        Self {
+            client: Client::open(info).expect("a connection info always opens"),
+            tls: None,
+            shown,
+        }
+    }
+
     /// The redis-rs client (read pool, hand-off subscription).
     pub fn client(&self) -> &Client {
         &self.client

@@ -551,4 +551,5 @@ pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Op
     })
 }
 pub mod certs;
+pub mod redis_cluster;
 pub mod redis_server;

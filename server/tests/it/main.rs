@@ -13,6 +13,7 @@ mod abuse_memory;
 mod analyze_watch;
 mod backpressure;
 mod bad_samples;
+mod cluster;
 mod config;
 mod conformance;
 mod delete_device;

@@ -1,8 +1,8 @@
 //! What Redis itself may do wrong, against a real `redis-server`: refuse the password
 //! of `REDIS_URL` (reported as an authentication failure, not as a timeout), hold a
 //! value far above `SNAPSHOT_MAX_BYTES` or a key of another type at a device's key
-//! (`docs/snapshots.md`, "Values Redis should not hold"); and the start-up log's one
-//! true line about the storage mode.
+//! (`docs/snapshots.md`, "Values Redis should not hold"), also under a brace id's
+//! old key; and the start-up log's one true line about the storage mode.
 
 use std::time::{Duration, Instant};
 
@@ -356,4 +356,74 @@ async fn the_flusher_warns_of_a_snapshot_above_the_cap() {
     assert_eq!(warned["devices"], 1, "{warned}");
     let written = redis.raw("wide").await.expect("written anyway");
     assert!(written.len() > 1024, "{} bytes", written.len());
+}
+
+/// A brace id's snapshot left under its key of builds before Redis Cluster support
+/// (`docs/snapshots.md`, "Redis Cluster") is restored from there when the new key
+/// has none, with the same checks as any read: a value there above
+/// `SNAPSHOT_MAX_BYTES` is never transferred, and its device starts fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_key_of_a_brace_id_is_read_within_the_cap() {
+    let redis = RedisServer::start();
+    let (kept, huge) = ("valve{7}", "valve{8}");
+    let server = with_redis(&redis, 1 << 20).await;
+    let requests = (1..=3)
+        .map(|seq| one(kept, seq, &[("rps", 420.0)]))
+        .collect();
+    let (_, status) = run_ingest(&mut server.client().await, requests).await;
+    assert!(status.is_none(), "{status:?}");
+    wait_for_snapshot(&redis, kept, 3).await;
+    server.stop().await.unwrap();
+    // As an older build left them: the snapshot under the id as is, no version.
+    let mut conn = redis.connection().await;
+    let old = |id: &str| store::legacy_key(id).expect("keyed in hex");
+    let _: () = redis::cmd("RENAME")
+        .arg(store::key(kept))
+        .arg(old(kept))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(fence::version_key(kept))
+        .arg(fence::owner_key(kept))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("SETRANGE")
+        .arg(old(huge))
+        .arg((8 << 20) - 1)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let server = with_redis(&redis, 1 << 20).await;
+    let sent = bytes_sent(&redis).await;
+    let (verdicts, status) = run_ingest(
+        &mut server.client().await,
+        vec![
+            one(kept, 4, &[("rps", 420.0)]),
+            one(huge, 1, &[("rps", 420.0)]),
+        ],
+    )
+    .await;
+    assert!(status.is_none(), "{status:?}");
+    let verdicts: Vec<_> = verdicts.into_iter().flat_map(|r| r.verdicts).collect();
+    assert_eq!(verdicts.len(), 2);
+    for verdict in &verdicts {
+        assert!(verdict.error.is_empty(), "{verdict:?}");
+    }
+    assert_eq!(verdicts[0].metrics[0].window_count, 3, "restored");
+    assert_eq!(verdicts[1].metrics[0].window_count, 0, "started fresh");
+    let transferred = bytes_sent(&redis).await - sent;
+    assert!(
+        transferred < 64 * 1024,
+        "{transferred} bytes came from redis"
+    );
+    assert_eq!(
+        metric_total(&server.state, "tidewatch_snapshot_decode_errors_total"),
+        1.0
+    );
+    // The next write goes to the new key.
+    wait_for_snapshot(&redis, kept, 4).await;
+    server.stop().await.unwrap();
 }

@@ -305,3 +305,115 @@ async fn a_write_that_loses_drops_the_copy() {
     let verdict = send_retrying(&mut ca, &all[16]).await;
     assert!(!verdict.duplicate && verdict.error.is_empty());
 }
+
+/// Three writers send every sample, in order, each to its own replica, at the same
+/// time, and one replica is killed with `kill -9` halfway: each seq is still applied
+/// exactly once, in order, so the applied verdicts are one server's. (What A had
+/// not flushed when it died is the documented crash window; every sample A answered
+/// is flushed before the kill, so nothing falls into it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_simultaneous_writers_and_a_kill_apply_each_sample_once() {
+    let redis = RedisServer::start();
+    let all = samples(80);
+    let want = reference(&all).await;
+    let servers = [replica(&redis), replica(&redis), replica(&redis)];
+    let urls: Vec<String> = servers.iter().map(ServerProcess::grpc_url).collect();
+    let [a, b, c] = servers;
+    let mut applied: Vec<Option<Verdict>> = vec![None; all.len()];
+    let mut record = |verdicts: Vec<Verdict>| {
+        for verdict in verdicts {
+            assert!(verdict.error.is_empty(), "{}", verdict.error);
+            if verdict.duplicate {
+                continue;
+            }
+            let slot = &mut applied[verdict.seq as usize - 1];
+            assert!(slot.is_none(), "seq {} applied twice", verdict.seq);
+            *slot = Some(verdict);
+        }
+    };
+    let race = |range: std::ops::Range<usize>, urls: Vec<String>| {
+        let all = all.clone();
+        async move {
+            let mut writers = Vec::new();
+            for url in urls {
+                let part = all[range.clone()].to_vec();
+                writers.push(tokio::spawn(async move {
+                    let mut client = connect(&url).await;
+                    let mut verdicts = Vec::new();
+                    for s in &part {
+                        verdicts.push(send_retrying(&mut client, s).await);
+                    }
+                    verdicts
+                }));
+            }
+            let mut out = Vec::new();
+            for writer in writers {
+                out.push(writer.await.expect("writer"));
+            }
+            out
+        }
+    };
+    for verdicts in race(0..40, urls.clone()).await {
+        record(verdicts);
+    }
+    // Every sample is answered and flushed; then A dies, holding the device or not.
+    wait_for_flush(&redis, 40).await;
+    a.kill9();
+    for verdicts in race(40..80, urls[1..].to_vec()).await {
+        record(verdicts);
+    }
+    let applied: Vec<Verdict> = applied
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v.unwrap_or_else(|| panic!("seq {} never applied", i + 1)))
+        .collect();
+    assert_same(&applied, &want);
+    drop((b, c));
+}
+
+/// Every command Redis ran so far, `INFO` itself left out.
+async fn redis_commands(redis: &RedisServer) -> u64 {
+    let mut conn = redis.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter(|l| !l.starts_with("cmdstat_info:"))
+        .filter_map(|l| {
+            l.split_once(":calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The steady path of a device that stays on one replica costs no Redis round trip
+/// per sample: after the first sample took the device, a hundred more (no flush in
+/// between) run no command at all; the flush then writes it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_steady_path_costs_no_redis_round_trip() {
+    let redis = RedisServer::start();
+    let a = ServerProcess::spawn(
+        &[],
+        &[("REDIS_URL", &redis.url()), ("SNAPSHOT_INTERVAL", "1h")],
+    );
+    let mut ca = connect(&a.grpc_url()).await;
+    let all = samples(101);
+    send(&mut ca, &all[0]).await;
+    let before = redis_commands(&redis).await;
+    let scripts = redis.calls("evalsha").await;
+    for s in &all[1..] {
+        assert!(send(&mut ca, s).await.error.is_empty());
+    }
+    assert_eq!(redis_commands(&redis).await, before, "commands per sample");
+    // SIGTERM: the final flush writes the device once (scripts: the lease renewal,
+    // the write, the retirement).
+    assert!(a.terminate().success());
+    assert_eq!(redis.snapshot(DEVICE).await.expect("flushed").last_seq, 101);
+    assert_eq!(redis.calls("evalsha").await - scripts, 3);
+}
