@@ -66,7 +66,7 @@ fn workload(stream: usize, messages: usize) -> Vec<IngestRequest> {
 /// A server in this process on `redis`; its gRPC URL and its stop signal.
 async fn start(redis: &RedisServer) -> (String, tokio::sync::oneshot::Sender<()>) {
     let mut config = Config::for_tests();
-    config.redis_url = Some(redis.url());
+    config.redis_url = Some(redis.url().into());
     config.snapshot_interval = Duration::from_secs(1);
     let server = Server::bind(config).await.expect("bind");
     let url = format!("http://{}", server.grpc_addr());

@@ -119,7 +119,7 @@ async fn flush_into(target: &Target<'_>, devices: usize) {
     populate(&engine, devices);
     let mut config = Config::defaults();
     match target {
-        Target::Single(redis) => config.redis_url = Some(redis.url()),
+        Target::Single(redis) => config.redis_url = Some(redis.url().into()),
         Target::Cluster(cluster) => config.redis_cluster_nodes = Some(cluster.seeds()),
     }
     config.redis_command_timeout = Duration::from_secs(30);

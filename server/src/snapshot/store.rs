@@ -14,7 +14,7 @@ use std::{
 use bb8_redis::{
     RedisConnectionManager,
     bb8::{self, Pool, RunError},
-    redis::{self, ConnectionAddr, RedisError},
+    redis::{self, ConnectionAddr, ConnectionInfo, RedisError},
 };
 use futures::FutureExt as _;
 use tokio::{
