@@ -12,7 +12,6 @@ use std::{
 };
 
 use bb8_redis::{
-    RedisConnectionManager,
     bb8::{self, Pool, RunError},
     redis::{self, ConnectionAddr, ConnectionInfo, RedisError},
 };
@@ -24,8 +23,10 @@ use tokio::{
 use tokio_rustls::client::TlsStream;
 
 pub mod cluster;
+mod read;
 
 use cluster::Cluster;
+use read::ReadManager;
 
 use super::{
     fence,
@@ -136,7 +137,7 @@ impl StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     /// Connections for reads; each is multiplexed, so concurrent restores share one.
-    pool: Pool<RedisConnectionManager>,
+    pool: Pool<ReadManager>,
     /// Connections for the flush's batches of `SET`s, one batch on a connection at a time.
     writers: Pool<WriteManager>,
     /// Bound on one operation, connection wait included.
@@ -231,16 +232,16 @@ impl Store {
         command_timeout: Duration,
     ) -> Result<Self, StoreError> {
         // The connection info carries the TLS parameters the target resolved.
-        let manager = RedisConnectionManager::new(target.info().clone())?;
+        let manager = ReadManager::new(target.info().clone());
         let refused = RefusedLogin::default();
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
             // bb8 waits 30 s for a connection by default; a caller must never wait
             // longer than the command timeout, which wraps this one.
             .connection_timeout(connect_timeout)
-            // A multiplexed connection whose server went away stays broken; the PING
-            // on checkout finds that out and bb8 replaces it.
-            .test_on_check_out(true)
+            // No PING on checkout: a command that finds its connection dropped
+            // retires it and is sent again on a new one (see `read`).
+            .test_on_check_out(false)
             .error_sink(Box::new(refused.clone()))
             .build_unchecked(manager);
         let writers = bb8::Pool::builder()
@@ -309,9 +310,15 @@ impl Store {
         if let Some(cluster) = &self.cluster {
             return cluster.query(key, cmd).await;
         }
-        let mut conn = self.pool.get().await?;
-        self.refused.clear();
-        Ok(cmd.query_async(&mut *conn).await?)
+        let reply = read::query(&self.pool, cmd).await;
+        // Anything but a failed connection attempt means the login went through.
+        if !matches!(
+            reply,
+            Err(StoreError::Connect(_) | StoreError::Auth(_) | StoreError::Tls(_))
+        ) {
+            self.refused.clear();
+        }
+        reply
     }
 
     /// Sends `count` commands packed by the flusher and hands each reply to

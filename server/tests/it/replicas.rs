@@ -417,3 +417,35 @@ async fn the_steady_path_costs_no_redis_round_trip() {
     assert_eq!(redis.snapshot(DEVICE).await.expect("flushed").last_seq, 101);
     assert_eq!(redis.calls("evalsha").await - scripts, 3);
 }
+
+/// Taking a device costs its restore's commands and no `PING`: the read pool trusts a
+/// connection until a command finds it dropped (an earlier pool sent a `PING` on every
+/// checkout, one more round trip per restore). A Redis restart in between still fails
+/// no restore: the stale connection is retired and the read sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_sends_no_ping_and_survives_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let a = ServerProcess::spawn(
+        &[],
+        &[("REDIS_URL", &redis.url()), ("SNAPSHOT_INTERVAL", "1h")],
+    );
+    let mut ca = connect(&a.grpc_url()).await;
+    let pings = redis.calls("ping").await;
+    let gets = redis.calls("get").await + redis.calls("mget").await;
+    for i in 0..20 {
+        let s = sample(&format!("fresh-{i}"), 1, &[("rps", 1.0)]);
+        assert!(send(&mut ca, &s).await.error.is_empty());
+    }
+    assert_eq!(redis.calls("ping").await, pings, "PINGs for 20 restores");
+    assert!(
+        redis.calls("get").await + redis.calls("mget").await > gets,
+        "the restores read Redis"
+    );
+    redis.restart();
+    for i in 20..40 {
+        let s = sample(&format!("fresh-{i}"), 1, &[("rps", 1.0)]);
+        let verdict = send(&mut ca, &s).await;
+        assert!(verdict.error.is_empty(), "after the restart: {verdict:?}");
+    }
+    drop(a);
+}

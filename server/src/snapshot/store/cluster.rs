@@ -22,12 +22,14 @@ use std::{
 };
 
 use bb8_redis::{
-    RedisConnectionManager,
     bb8::Pool,
     redis::{self, ConnectionAddr, ConnectionInfo, Value},
 };
 
-use super::{StoreError, WriteManager};
+use super::{
+    StoreError, WriteManager,
+    read::{self, ReadManager},
+};
 #[cfg(test)]
 use crate::config::MAX_CLUSTER_SEEDS as MAX_SEEDS;
 
@@ -79,7 +81,7 @@ pub struct Node {
     /// How to reach it (the seeds' credentials, this node's address).
     info: ConnectionInfo,
     /// Multiplexed connections for reads and scripts.
-    pub(super) reads: Pool<RedisConnectionManager>,
+    pub(super) reads: Pool<ReadManager>,
     /// Plain connections for flush batches.
     pub(super) writes: Pool<WriteManager>,
     /// One permit per write connection: a flush sends batches to all masters at
@@ -331,13 +333,12 @@ impl Cluster {
         let reads = Pool::builder()
             .max_size(self.pool_size)
             .connection_timeout(self.connect_timeout)
-            .test_on_check_out(true)
+            // No PING on checkout (see `read`).
+            .test_on_check_out(false)
             // A dead master must fail the caller at once (who then asks for the map
             // again), not keep it waiting for a connection.
             .retry_connection(false)
-            .build_unchecked(
-                RedisConnectionManager::new(info.clone()).expect("a tcp address always parses"),
-            );
+            .build_unchecked(ReadManager::new(info.clone()));
         let writes = Pool::builder()
             .max_size(self.pool_size)
             .connection_timeout(self.connect_timeout)
@@ -450,8 +451,7 @@ impl Cluster {
         node: &Node,
         cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
-        let mut conn = node.reads.get().await?;
-        Ok(cmd.query_async(&mut *conn).await?)
+        read::query(&node.reads, cmd).await
     }
 
     /// `ASKING` then `cmd`, on a connection of its own (the flag is per connection
