@@ -1006,30 +1006,9 @@ impl Snapshots {
                     None => {
                         let this = Arc::clone(self);
                         let task_id = id.clone();
-                        let task = tokio::spawn(async move {
-                            let result = this.erase(&task_id).await;
-                            let mut restores =
-                                this.restores.lock().unwrap_or_else(PoisonError::into_inner);
-                            restores.remove(&task_id);
-                            drop(restores);
-                            let _ = done.send(result);
-                            Arc::new(Settled {
-                                blocked: Vec::new(),
-                                handoff: true,
-                            })
+                        self.hold_device(&mut restores, id.clone(), async move {
+                            let _ = done.send(this.erase(&task_id).await);
                         });
-                        let settled: Restore = task
-                            .map(|settled| {
-                                settled.unwrap_or_else(|_| {
-                                    Arc::new(Settled {
-                                        blocked: Vec::new(),
-                                        handoff: true,
-                                    })
-                                })
-                            })
-                            .boxed()
-                            .shared();
-                        restores.insert(id.clone(), settled);
                         break;
                     }
                 }
@@ -1159,27 +1138,49 @@ impl Snapshots {
         }
         let this = Arc::clone(self);
         let id = device_id.clone();
-        let task = tokio::spawn(async move {
+        self.hold_device(&mut restores, device_id, async move {
             this.give_up(&id).await;
-            let mut restores = this.restores.lock().unwrap_or_else(PoisonError::into_inner);
-            restores.remove(&id);
-            Arc::new(Settled {
-                blocked: Vec::new(),
-                handoff: true,
-            })
         });
-        let handoff: Restore = task
-            .map(|settled| {
-                settled.unwrap_or_else(|_| {
-                    Arc::new(Settled {
-                        blocked: Vec::new(),
-                        handoff: true,
-                    })
+    }
+
+    /// Runs `work` on `device_id` as a task of its own (a caller that goes away does
+    /// not cut it in half) while holding the device's slot in `restores` (whose lock
+    /// the caller holds, and which must be free): requests for the device wait for
+    /// the work, then take the device again, as after a hand-off. The slot is freed
+    /// when the work ends, and also if it panics.
+    fn hold_device(
+        self: &Arc<Self>,
+        restores: &mut HashMap<Box<str>, Restore>,
+        device_id: Box<str>,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) {
+        /// Frees the slot when dropped: after the work, or while a panic unwinds.
+        struct Release(Arc<Snapshots>, Box<str>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                let mut restores = self
+                    .0
+                    .restores
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                restores.remove(&self.1);
+            }
+        }
+        let release = Release(Arc::clone(self), device_id.clone());
+        let task = tokio::spawn(async move {
+            let _release = release;
+            work.await;
+        });
+        let held: Restore = task
+            .map(|_| {
+                Arc::new(Settled {
+                    blocked: Vec::new(),
+                    handoff: true,
                 })
             })
             .boxed()
             .shared();
-        restores.insert(device_id, handoff);
+        restores.insert(device_id, held);
     }
 
     /// The work of [`Snapshots::hand_off`]. The device leaves memory first (so the
