@@ -27,6 +27,7 @@ use crate::{
 
 #[cfg(test)]
 mod tests;
+pub mod wire;
 
 /// A property checked on one input: panics when it fails.
 pub type Check = fn(&[u8]);

@@ -13,7 +13,7 @@ use tidewatch_proto::{
     v1::{DetectorConfig, IngestRequest, Sample},
 };
 
-use super::*;
+use super::{wire::*, *};
 use crate::snapshot::codec::{LEGACY_VERSION, MAGIC, VERSION};
 
 /// Files each target's corpus must hold at least: a missing or emptied folder fails.
@@ -98,72 +98,6 @@ fn every_generated_seed_passes_its_check() {
     for (_, bytes) in snapshot_seeds() {
         snapshot(&bytes);
     }
-}
-
-fn key(out: &mut Vec<u8>, field: u64, wire_type: u64) {
-    varint(out, (field << 3) | wire_type);
-}
-
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn len_field(out: &mut Vec<u8>, field: u64, payload: &[u8]) {
-    key(out, field, 2);
-    varint(out, payload.len() as u64);
-    out.extend_from_slice(payload);
-}
-
-fn entry(name: &[u8], value: f64) -> Vec<u8> {
-    let mut e = Vec::new();
-    len_field(&mut e, 1, name);
-    e.push(0x11);
-    e.extend_from_slice(&value.to_le_bytes());
-    e
-}
-
-fn group(field: u64, inner: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    key(&mut out, field, 3);
-    out.extend_from_slice(inner);
-    key(&mut out, field, 4);
-    out
-}
-
-/// Unknown fields of every wire type, a group with a nested group among them.
-fn unknowns() -> Vec<u8> {
-    let mut u = Vec::new();
-    key(&mut u, 90, 0);
-    varint(&mut u, u64::MAX);
-    key(&mut u, 91, 1);
-    u.extend_from_slice(&1u64.to_le_bytes());
-    key(&mut u, 92, 5);
-    u.extend_from_slice(&2u32.to_le_bytes());
-    len_field(&mut u, 93, b"from a newer client");
-    let mut inner = Vec::new();
-    key(&mut inner, 1, 0);
-    varint(&mut inner, 300);
-    len_field(&mut inner, 2, b"x");
-    inner.extend(group(3, &[]));
-    u.extend(group(94, &inner));
-    u
-}
-
-fn raw_sample(fields: &[u8]) -> Vec<u8> {
-    let mut r = Vec::new();
-    len_field(&mut r, 1, fields);
-    r
-}
-
-fn sample_fields(device: &str) -> Vec<u8> {
-    let mut s = Vec::new();
-    len_field(&mut s, 1, device.as_bytes());
-    len_field(&mut s, 3, &entry(b"cpu", 1.5));
-    s
 }
 
 fn sample(device: &str, seq: u64, metrics: &[(&str, f64)]) -> Sample {

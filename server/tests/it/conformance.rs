@@ -20,7 +20,7 @@
 use std::{convert::Infallible, net::SocketAddr, pin::Pin, time::Duration};
 
 use crate::common::TestServer;
-use bytes::{Buf as _, BufMut as _, Bytes};
+use bytes::{Buf as _, Bytes};
 use futures::Stream;
 use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::Frame;
@@ -34,7 +34,10 @@ use tidewatch_proto::{
         telemetry_service_server::{TelemetryService, TelemetryServiceServer},
     },
 };
-use tidewatch_server::config::GrpcCompression;
+use tidewatch_server::{
+    config::GrpcCompression,
+    fuzz::wire::{entry, group, key, len_field, raw_sample, sample_fields, unknowns, varint},
+};
 use tonic::{Code, Request, Response, Status, Streaming, codec::CompressionEncoding};
 
 /// `MAX_MESSAGE_BYTES` of both servers.
@@ -336,73 +339,6 @@ fn request(devices: &[&str], seq: u64) -> Vec<u8> {
         detector: None,
     }
     .encode_to_vec()
-}
-
-fn key(out: &mut Vec<u8>, field: u64, wire_type: u64) {
-    varint(out, (field << 3) | wire_type);
-}
-
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn len_field(out: &mut Vec<u8>, field: u64, payload: &[u8]) {
-    key(out, field, 2);
-    varint(out, payload.len() as u64);
-    out.extend_from_slice(payload);
-}
-
-fn entry(name: &[u8], value: f64) -> Vec<u8> {
-    let mut e = Vec::new();
-    len_field(&mut e, 1, name);
-    e.push(0x11);
-    e.extend_from_slice(&value.to_le_bytes());
-    e
-}
-
-fn group(field: u64, inner: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    key(&mut out, field, 3);
-    out.extend_from_slice(inner);
-    key(&mut out, field, 4);
-    out
-}
-
-/// Unknown fields of every wire type, a group with a nested group among them.
-fn unknowns() -> Vec<u8> {
-    let mut u = Vec::new();
-    key(&mut u, 90, 0);
-    varint(&mut u, u64::MAX);
-    key(&mut u, 91, 1);
-    u.put_u64_le(1);
-    key(&mut u, 92, 5);
-    u.put_u32_le(2);
-    len_field(&mut u, 93, b"from a newer client");
-    let mut inner = Vec::new();
-    key(&mut inner, 1, 0);
-    varint(&mut inner, 300);
-    len_field(&mut inner, 2, b"x");
-    inner.extend(group(3, &[]));
-    u.extend(group(94, &inner));
-    u
-}
-
-/// A request of one sample `device` built from raw sample fields.
-fn raw_sample(fields: &[u8]) -> Vec<u8> {
-    let mut r = Vec::new();
-    len_field(&mut r, 1, fields);
-    r
-}
-
-fn sample_fields(device: &str) -> Vec<u8> {
-    let mut s = Vec::new();
-    len_field(&mut s, 1, device.as_bytes());
-    len_field(&mut s, 3, &entry(b"cpu", 1.5));
-    s
 }
 
 fn case(name: impl Into<String>, frames: Vec<Vec<u8>>) -> Case {
