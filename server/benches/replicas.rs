@@ -16,17 +16,16 @@
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod redis_server;
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+#[path = "common/workload.rs"]
+mod workload;
+
+use std::time::{Duration, Instant};
 
 use redis_server::RedisServer;
-use tidewatch_proto::v1::{
-    IngestRequest, Sample, telemetry_service_client::TelemetryServiceClient,
-};
+use tidewatch_proto::v1::{IngestRequest, telemetry_service_client::TelemetryServiceClient};
 use tidewatch_server::{Server, config::Config};
 use tokio_stream::StreamExt;
+use workload::workload;
 
 const STREAMS: usize = 4;
 const BATCH: usize = 100;
@@ -37,30 +36,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// `messages` messages of `BATCH` samples over the stream's own devices.
-fn workload(stream: usize, messages: usize) -> Vec<IngestRequest> {
-    (0..messages)
-        .map(|m| IngestRequest {
-            samples: (0..BATCH)
-                .map(|s| {
-                    let n = m * BATCH + s;
-                    Sample {
-                        device_id: format!("s{stream}-d{}", n % DEVICES_PER_STREAM),
-                        metrics: [
-                            ("cpu".to_string(), 50.0 + (n % 17) as f64),
-                            ("rps".to_string(), 400.0 + (n % 31) as f64),
-                        ]
-                        .into_iter()
-                        .collect(),
-                        ..Sample::default()
-                    }
-                })
-                .collect(),
-            ..IngestRequest::default()
-        })
-        .collect()
 }
 
 /// A server in this process on `redis`; its gRPC URL and its stop signal.
@@ -75,22 +50,6 @@ async fn start(redis: &RedisServer) -> (String, tokio::sync::oneshot::Sender<()>
         let _ = rx.await;
     }));
     (url, tx)
-}
-
-/// Every command Redis ran so far, by name (`INFO commandstats`).
-async fn commands(redis: &RedisServer) -> BTreeMap<String, u64> {
-    let mut conn = redis.connection().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .expect("INFO");
-    info.lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 /// One run: every stream sends its messages in `moves` parts, part `k` of stream `i`
@@ -141,7 +100,9 @@ async fn main() {
     let rounds = env("ROUNDS", 3);
     let messages = env("MESSAGES", 2_500);
     let moves = env("MOVES", 5);
-    let requests: Vec<Vec<IngestRequest>> = (0..STREAMS).map(|s| workload(s, messages)).collect();
+    let requests: Vec<Vec<IngestRequest>> = (0..STREAMS)
+        .map(|s| workload(s, messages, BATCH, DEVICES_PER_STREAM))
+        .collect();
     let samples = (STREAMS * messages * BATCH) as f64;
     println!(
         "== {STREAMS} streams x {messages} messages x {BATCH} samples (2 metrics), {} devices, SNAPSHOT_INTERVAL=1s; two replicas: every stream moves {} times",
@@ -164,9 +125,9 @@ async fn main() {
                 .map(|r| r[..DEVICES_PER_STREAM / BATCH].to_vec())
                 .collect();
             run(&urls[..1], &warmup, 1).await;
-            let before = commands(&redis).await;
+            let before = redis.commands().await;
             let (rate, moved) = run(&urls, &requests, if replicas == 1 { 1 } else { moves }).await;
-            let after = commands(&redis).await;
+            let after = redis.commands().await;
             let used: Vec<String> = after
                 .iter()
                 .filter(|(name, _)| name.as_str() != "info")

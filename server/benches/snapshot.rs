@@ -24,6 +24,9 @@
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod redis_server;
 
+#[path = "common/workload.rs"]
+mod workload;
+
 #[path = "../tests/it/common/redis_cluster.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod redis_cluster;
@@ -35,9 +38,7 @@ use std::{
 
 use redis_cluster::RedisCluster;
 use redis_server::RedisServer;
-use tidewatch_proto::v1::{
-    IngestRequest, Sample, telemetry_service_client::TelemetryServiceClient,
-};
+use tidewatch_proto::v1::{IngestRequest, telemetry_service_client::TelemetryServiceClient};
 use tidewatch_server::{
     Server,
     config::Config,
@@ -46,6 +47,7 @@ use tidewatch_server::{
     telemetry::Counters,
 };
 use tokio_stream::StreamExt;
+use workload::workload;
 
 /// Builds `devices` dirty devices with two full windows each.
 fn populate(engine: &Engine, devices: usize) {
@@ -301,31 +303,6 @@ async fn flushall(redis: &RedisServer) {
         .query_async(&mut conn)
         .await
         .expect("FLUSHALL");
-}
-
-/// Requests for one stream: `messages` messages of `batch` samples over `devices`
-/// devices of its own, two metrics each.
-fn workload(stream: usize, messages: usize, batch: usize, devices: usize) -> Vec<IngestRequest> {
-    (0..messages)
-        .map(|m| IngestRequest {
-            samples: (0..batch)
-                .map(|s| {
-                    let n = m * batch + s;
-                    Sample {
-                        device_id: format!("s{stream}-d{}", n % devices),
-                        metrics: [
-                            ("cpu".to_string(), 50.0 + (n % 17) as f64),
-                            ("rps".to_string(), 400.0 + (n % 31) as f64),
-                        ]
-                        .into_iter()
-                        .collect(),
-                        ..Sample::default()
-                    }
-                })
-                .collect(),
-            ..IngestRequest::default()
-        })
-        .collect()
 }
 
 /// Samples per second through `streams` concurrent Ingest streams of a fresh server.

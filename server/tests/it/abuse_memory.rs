@@ -6,14 +6,12 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use tidewatch_proto::v1::{
-    AnalyzeRequest, DetectorConfig, IngestRequest, Sample, Source, Verdict,
-    telemetry_service_client::TelemetryServiceClient,
-};
-use tonic::{Code, transport::Channel};
+use tidewatch_proto::v1::{AnalyzeRequest, DetectorConfig, IngestRequest, Sample, Source, Verdict};
+use tonic::Code;
 
 use crate::common::{
     ServerProcess, connect, http_get, metric_value, redis_server::RedisServer, run_ingest, sample,
+    verdicts_of,
 };
 
 /// The gateway's address, from the start-up log.
@@ -49,16 +47,6 @@ fn wide_sample(device: &str, round: usize) -> Sample {
     sample(device, 0, &metrics)
 }
 
-/// Sends `requests` on one stream; returns every verdict, in order.
-async fn send(
-    client: &mut TelemetryServiceClient<Channel>,
-    requests: Vec<IngestRequest>,
-) -> Vec<Verdict> {
-    let (responses, status) = run_ingest(client, requests).await;
-    assert!(status.is_none(), "{status:?}");
-    responses.into_iter().flat_map(|r| r.verdicts).collect()
-}
-
 /// RSS may exceed the budget by at most this much: the idle server, the streams and
 /// buffers of the test, the value pool's free runs (an eighth of the values at most)
 /// and the allocator's slack.
@@ -72,7 +60,7 @@ async fn windows_of_4096_with_32_metrics_are_bounded_by_the_memory_budget() {
     let http = http_addr(&process);
     // A device that was there before the attack (and came back: not on probation).
     let steady = vec![sample("steady", 0, &[("cpu", 1.0)]); 2];
-    let before = send(&mut client, vec![request(steady, 0)]).await;
+    let before = verdicts_of(&mut client, vec![request(steady, 0)]).await;
     assert!(before.iter().all(|v| v.error.is_empty()));
     let idle_rss = process.rss_bytes();
 
@@ -108,7 +96,7 @@ async fn windows_of_4096_with_32_metrics_are_bounded_by_the_memory_budget() {
     let attack: Vec<Sample> = (0..400)
         .flat_map(|d| [0, 1].map(|r| wide_sample(&format!("wide-{d:03}"), r)))
         .collect();
-    let verdicts = send(&mut client, vec![request(attack, 4096)]).await;
+    let verdicts = verdicts_of(&mut client, vec![request(attack, 4096)]).await;
     let mut admitted: Vec<&str> = verdicts
         .iter()
         .filter(|v| v.error.is_empty())
@@ -137,7 +125,7 @@ async fn windows_of_4096_with_32_metrics_are_bounded_by_the_memory_budget() {
         let requests: Vec<IngestRequest> = (round..(round + 512).min(4096))
             .map(|r| request(admitted.iter().map(|d| wide_sample(d, r)).collect(), 4096))
             .collect();
-        let verdicts = send(&mut client, requests).await;
+        let verdicts = verdicts_of(&mut client, requests).await;
         assert!(
             verdicts.iter().all(|v| v.error.is_empty()),
             "{:?}",
@@ -192,7 +180,7 @@ async fn windows_of_4096_with_32_metrics_are_bounded_by_the_memory_budget() {
     // Nothing else is affected: the device from before goes on, and small new devices
     // still fit in what is left; another wide one is refused (nothing is on probation:
     // every wide device came back).
-    let after = send(
+    let after = verdicts_of(
         &mut client,
         vec![request(
             vec![
@@ -204,7 +192,7 @@ async fn windows_of_4096_with_32_metrics_are_bounded_by_the_memory_budget() {
     )
     .await;
     assert!(after.iter().all(|v| v.error.is_empty()), "{after:?}");
-    let wide = send(
+    let wide = verdicts_of(
         &mut client,
         vec![request(vec![wide_sample("late-wide", 0)], 4096)],
     )
@@ -247,12 +235,12 @@ async fn junk_ids_past_max_devices_do_not_lock_out_legitimate_devices() {
     // A device that came back before the flood.
     for v in [1.0, 2.0] {
         assert!(
-            send(&mut client, one_sample("legit-old", v)).await[0]
+            verdicts_of(&mut client, one_sample("legit-old", v)).await[0]
                 .error
                 .is_empty()
         );
     }
-    let flood = send(&mut client, junk(0, 15_000)).await;
+    let flood = verdicts_of(&mut client, junk(0, 15_000)).await;
     assert_eq!(flood.len(), 15_000);
     // Junk evicts older junk: nothing is refused, and the table stays at MAX_DEVICES.
     assert!(
@@ -263,13 +251,13 @@ async fn junk_ids_past_max_devices_do_not_lock_out_legitimate_devices() {
     // A new legitimate device gets verdicts, and keeps them through another flood
     // once it has come back.
     for (round, v) in [1.0, 2.0].into_iter().enumerate() {
-        let verdict = &send(&mut client, one_sample("legit-new", v)).await[0];
+        let verdict = &verdicts_of(&mut client, one_sample("legit-new", v)).await[0];
         assert!(verdict.error.is_empty(), "round {round}: {}", verdict.error);
     }
-    let flood = send(&mut client, junk(15_000, 15_000)).await;
+    let flood = verdicts_of(&mut client, junk(15_000, 15_000)).await;
     assert!(flood.iter().all(|v| v.error.is_empty()));
     for device in ["legit-old", "legit-new"] {
-        let verdict = &send(&mut client, one_sample(device, 3.0)).await[0];
+        let verdict = &verdicts_of(&mut client, one_sample(device, 3.0)).await[0];
         assert!(verdict.error.is_empty(), "{device}: {}", verdict.error);
         assert_eq!(
             verdict.metrics[0].window_count, 2,
@@ -302,7 +290,7 @@ async fn with_redis_devices_evicted_on_probation_are_written_first() {
         ],
     );
     let mut client = connect(&process.grpc_url()).await;
-    let flood = send(&mut client, junk(0, 1500)).await;
+    let flood = verdicts_of(&mut client, junk(0, 1500)).await;
     // Full at 1,000: junk beyond it evicts only junk already written to Redis (none
     // until the first flush).
     let refused = flood.iter().filter(|v| !v.error.is_empty()).count();
@@ -316,7 +304,7 @@ async fn with_redis_devices_evicted_on_probation_are_written_first() {
     assert!(refused <= 500, "{refused}");
     // Once written, devices on probation make room for new ones.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let verdict = &send(&mut client, one_sample("legit-new", 1.0)).await[0];
+    let verdict = &verdicts_of(&mut client, one_sample("legit-new", 1.0)).await[0];
     assert!(verdict.error.is_empty(), "{}", verdict.error);
     // The evicted device's value is in its snapshot: nothing was lost.
     let mut evicted = None;

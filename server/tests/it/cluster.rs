@@ -7,13 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{ServerProcess, TestServer, connect, redis_cluster::RedisCluster, sample};
+use crate::common::{
+    ServerProcess, TestServer, connect, redis_cluster::RedisCluster, sample, verdicts_of,
+};
 use tidewatch_proto::v1::{
     AnalyzeRequest, DeleteDeviceRequest, IngestRequest, Sample, Verdict,
     telemetry_service_client::TelemetryServiceClient,
 };
 use tidewatch_server::snapshot::fence;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// Devices of the tests: spread over the three masters, one with braces in its id
@@ -49,15 +50,7 @@ async fn send(client: &mut TelemetryServiceClient<Channel>, samples: &[Sample]) 
         samples: samples.to_vec(),
         ..IngestRequest::default()
     };
-    let mut responses = client
-        .ingest(tokio_stream::iter([request]))
-        .await
-        .expect("ingest")
-        .into_inner();
-    let mut verdicts = Vec::new();
-    while let Some(response) = responses.next().await {
-        verdicts.extend(response.expect("response").verdicts);
-    }
+    let verdicts = verdicts_of(client, vec![request]).await;
     assert_eq!(verdicts.len(), samples.len());
     verdicts
 }

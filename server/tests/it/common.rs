@@ -13,7 +13,7 @@ use std::{
 };
 
 use tidewatch_proto::v1::{
-    IngestRequest, Sample, telemetry_service_client::TelemetryServiceClient,
+    IngestRequest, Sample, Verdict, telemetry_service_client::TelemetryServiceClient,
 };
 use tidewatch_server::{AppState, Server, config::Config};
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -394,6 +394,17 @@ pub async fn run_ingest(
         .expect("ingest")
         .into_inner();
     drain(&mut stream).await
+}
+
+/// Sends `requests` on one Ingest stream, which must end with OK; every verdict, in
+/// order.
+pub async fn verdicts_of(
+    client: &mut TelemetryServiceClient<Channel>,
+    requests: Vec<IngestRequest>,
+) -> Vec<Verdict> {
+    let (responses, status) = run_ingest(client, requests).await;
+    assert!(status.is_none(), "{status:?}");
+    responses.into_iter().flat_map(|r| r.verdicts).collect()
 }
 
 /// Reads a whole response stream: every message, then the final status (`None` when

@@ -24,7 +24,7 @@ use crate::common::{
     certs::{tempdir, write},
     connect, http_send, metric_total,
     redis_server::RedisServer,
-    sample,
+    sample, verdicts_of,
 };
 
 const DEVICE: &str = "fleet/pump-9";
@@ -44,16 +44,7 @@ async fn send(client: &mut TelemetryServiceClient<Channel>, s: &Sample) -> Verdi
             samples: vec![s.clone()],
             ..IngestRequest::default()
         };
-        let mut responses = client
-            .ingest(tokio_stream::iter([request]))
-            .await
-            .expect("ingest")
-            .into_inner();
-        let mut verdicts = Vec::new();
-        while let Some(response) = responses.next().await {
-            verdicts.extend(response.expect("response").verdicts);
-        }
-        let verdict = verdicts.remove(0);
+        let verdict = verdicts_of(client, vec![request]).await.remove(0);
         if !verdict.error.starts_with("moved:") {
             return verdict;
         }

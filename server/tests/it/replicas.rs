@@ -7,12 +7,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{ServerProcess, TestServer, connect, redis_server::RedisServer, sample};
+use crate::common::{
+    ServerProcess, TestServer, connect, redis_server::RedisServer, sample, verdicts_of,
+};
 use tidewatch_proto::v1::{
     AnalyzeRequest, IngestRequest, Sample, Verdict,
     telemetry_service_client::TelemetryServiceClient,
 };
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 const DEVICE: &str = "pump-7";
@@ -36,15 +37,7 @@ async fn send(client: &mut TelemetryServiceClient<Channel>, s: &Sample) -> Verdi
         samples: vec![s.clone()],
         ..IngestRequest::default()
     };
-    let mut responses = client
-        .ingest(tokio_stream::iter([request]))
-        .await
-        .expect("ingest")
-        .into_inner();
-    let mut verdicts = Vec::new();
-    while let Some(response) = responses.next().await {
-        verdicts.extend(response.expect("response").verdicts);
-    }
+    let mut verdicts = verdicts_of(client, vec![request]).await;
     assert_eq!(verdicts.len(), 1);
     verdicts.remove(0)
 }
@@ -373,23 +366,9 @@ async fn three_simultaneous_writers_and_a_kill_apply_each_sample_once() {
 
 /// Every command Redis ran so far, `INFO` itself left out.
 async fn redis_commands(redis: &RedisServer) -> u64 {
-    let mut conn = redis.connection().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .expect("INFO");
-    info.lines()
-        .filter(|l| !l.starts_with("cmdstat_info:"))
-        .filter_map(|l| {
-            l.split_once(":calls=")?
-                .1
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
+    let mut commands = redis.commands().await;
+    commands.remove("info");
+    commands.values().sum()
 }
 
 /// The steady path of a device that stays on one replica costs no Redis round trip

@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{ServerProcess, TestServer, connect, redis_server::RedisServer, sample};
+use crate::common::{
+    ServerProcess, TestServer, connect, redis_server::RedisServer, sample, verdicts_of,
+};
 use tidewatch_proto::v1::{
     AnalyzeRequest, IngestRequest, Sample, Source, Verdict,
     telemetry_service_client::TelemetryServiceClient,
@@ -49,15 +51,7 @@ async fn stream(client: &mut TelemetryServiceClient<Channel>, samples: &[Sample]
             ..IngestRequest::default()
         })
         .collect();
-    let mut responses = client
-        .ingest(tokio_stream::iter(requests))
-        .await
-        .expect("ingest")
-        .into_inner();
-    let mut verdicts = Vec::new();
-    while let Some(response) = responses.next().await {
-        verdicts.extend(response.expect("response").verdicts);
-    }
+    let verdicts = verdicts_of(client, requests).await;
     assert_eq!(verdicts.len(), samples.len());
     verdicts
 }

@@ -129,18 +129,24 @@ impl RedisServer {
 
     /// How many times Redis ran `command` (from `INFO commandstats`).
     pub async fn calls(&self, command: &str) -> u64 {
+        self.commands().await.get(command).copied().unwrap_or(0)
+    }
+
+    /// How many times Redis ran each command so far, by lower-case name (`INFO
+    /// commandstats`; the `INFO` that asks counts from the next call on).
+    pub async fn commands(&self) -> std::collections::BTreeMap<String, u64> {
         let mut conn = self.connection().await;
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(&mut conn)
             .await
             .expect("INFO");
-        let prefix = format!("cmdstat_{command}:calls=");
         info.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+                Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+            })
+            .collect()
     }
 }
 
