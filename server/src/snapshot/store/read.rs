@@ -10,7 +10,7 @@
 //! seen the end of the stream), so that second send is the command's first; only a
 //! connection that breaks while a command is in flight can send it twice, and every
 //! command here is a read or a fenced script, which a repeat cannot apply twice
-//! (docs/architecture.md, "One history across replicas").
+//! (docs/architecture.md, "Snapshot protocol": fenced writes).
 
 use bb8_redis::{
     bb8::{ManageConnection, Pool},
@@ -71,13 +71,19 @@ pub(crate) async fn query<T: FromRedisValue>(
     cmd: &redis::Cmd,
 ) -> Result<T, StoreError> {
     let mut conn = pool.get().await?;
-    match cmd.query_async(&mut conn.conn).await {
+    let reply = match cmd.query_async(&mut conn.conn).await {
         Err(e) if e.is_connection_dropped() || e.is_unrecoverable_error() => {
             conn.dropped = true;
             drop(conn);
             let mut fresh = pool.dedicated_connection().await?;
-            Ok(cmd.query_async(&mut fresh.conn).await?)
+            cmd.query_async(&mut fresh.conn).await
         }
-        other => Ok(other?),
-    }
+        other => other,
+    };
+    reply.map_err(|e| match e.code() {
+        // A Redis that wants a password this URL does not give lets the connection
+        // in and refuses its first command.
+        Some("NOAUTH" | "WRONGPASS") => StoreError::Auth(e.to_string()),
+        _ => e.into(),
+    })
 }
