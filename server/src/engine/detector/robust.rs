@@ -9,24 +9,26 @@
 //!    also leaves the metric's recent range. Spikes, dips and fresh level shifts show
 //!    up here at once.
 //! 2. **Sustained** (after Numenta's anomaly likelihood, Ahmad & Purdy 2016): the
-//!    surprise `ln(1 + s)` (against the daily profile once a bucket is trusted) is
+//!    surprise `ln(1 + s)` (the larger of two: against the daily profile once a bucket
+//!    is trusted, and against a trend predictor, Holt's level plus trend) is
 //!    averaged over a short span, and that average is compared with its own long-run
 //!    mean and deviation (exponentially weighted). A metric that is always jittery has
 //!    a high long-run surprise and stops paging; a quiet one pages on a modest but
 //!    lasting change (variance bursts, slow drifts). It is an anomaly only while the
 //!    short average stands above everything it reached recently (a decaying envelope,
 //!    as for the values): a metric whose bursts come back again and again pages for
-//!    the first, not for each.
+//!    the first, not for each. A peak the average has not reached again for half
+//!    the long span is forgotten.
 //!
 //! `anomaly` is `s > threshold` or `likelihood z > sustained_threshold`; `score` is the
 //! larger of the two squashed ratios, so 0.5 sits exactly at the anomaly level.
 //!
 //! Memory per metric at the default window of 128: the ring of values (8 bytes each),
-//! their order (2-byte positions), a daily profile of 48 buckets (9 bytes each) and a
-//! dozen numbers: about 1.85 KB. Cost per value: two binary searches and one memmove
+//! their order (2-byte positions), a daily profile of 48 buckets (9 bytes each) and
+//! sixteen numbers: about 1.88 KB. Cost per value: two binary searches and one memmove
 //! of at most `2 × window` bytes.
 
-use tidewatch_proto::v1::{RobustSnapshot, SeasonBucket};
+use tidewatch_proto::v1::{HoltSnapshot, RobustSnapshot, SeasonBucket};
 
 use super::score::{MAX_WINDOW, squash};
 use crate::engine::persist::{self, StateError, finite};
@@ -83,6 +85,16 @@ const SEASON_SPAN: f64 = 16.0;
 const LIKELIHOOD_WARM: u64 = 64;
 /// Largest z that feeds the sustained signal (its surprise is at most ln 1001 ≈ 6.9).
 const MAX_SURPRISE_Z: f64 = 1000.0;
+/// Smoothing of the trend predictor's level: a value moves it by 3 % of its error.
+const HOLT_LEVEL: f64 = 0.03;
+/// Smoothing of the trend predictor's trend.
+const HOLT_TREND: f64 = 0.02;
+/// Slowest learning rate of the predictor's typical error (roughly the last 200
+/// values count).
+const HOLT_ERROR: f64 = 0.005;
+/// Values the trend predictor sees before its surprise counts (its typical error is
+/// a running mean until then).
+const HOLT_WARM: u32 = 32;
 
 /// The daily profile: per time-of-day bucket, the typical offset from the rolling
 /// median and its typical absolute deviation, in single precision (offsets and
@@ -155,6 +167,8 @@ pub struct RobustState {
     short: f64,
     /// Envelope of `short`: its highest recent value, decaying towards `lt_mean`.
     short_hi: f64,
+    /// Values since `short_hi` last rose; at half the long span it is forgotten.
+    short_hi_age: u32,
     /// Long-run mean of `short`.
     lt_mean: f64,
     /// Long-run variance of `short`.
@@ -165,6 +179,14 @@ pub struct RobustState {
     hi: f64,
     /// Lower envelope: the lowest value seen, decaying slowly towards the median.
     lo: f64,
+    /// Level of the trend predictor.
+    holt_level: f64,
+    /// Trend (per value) of the trend predictor.
+    holt_trend: f64,
+    /// Typical absolute error of the trend predictor (clipped errors).
+    holt_error: f64,
+    /// Values the trend predictor has seen (saturates; 0: it starts afresh).
+    holt_count: u32,
     /// Daily profile; absent until the first judged value.
     season: Option<Box<Season>>,
 }
@@ -178,11 +200,16 @@ impl PartialEq for RobustState {
             && self.mad == other.mad
             && self.short == other.short
             && self.short_hi == other.short_hi
+            && self.short_hi_age == other.short_hi_age
             && self.lt_mean == other.lt_mean
             && self.lt_var == other.lt_var
             && self.lt_count == other.lt_count
             && self.hi == other.hi
             && self.lo == other.lo
+            && self.holt_level == other.holt_level
+            && self.holt_trend == other.holt_trend
+            && self.holt_error == other.holt_error
+            && self.holt_count == other.holt_count
             && self.season == other.season
     }
 }
@@ -198,11 +225,16 @@ impl RobustState {
             mad: 0.0,
             short: 0.0,
             short_hi: 0.0,
+            short_hi_age: 0,
             lt_mean: 0.0,
             lt_var: 0.0,
             lt_count: 0,
             hi: f64::NEG_INFINITY,
             lo: f64::INFINITY,
+            holt_level: 0.0,
+            holt_trend: 0.0,
+            holt_error: 0.0,
+            holt_count: 0,
             season: None,
         }
     }
@@ -296,7 +328,12 @@ impl RobustState {
         let mut likelihood_z = 0.0;
         let mut sustained_news = false;
         if warm {
-            let z = self.seasonal(x - median, time).unwrap_or(raw_z);
+            // The larger of two surprises: against the time-of-day profile (or the
+            // median) and against the trend. A metric that often surprises one of them
+            // has a higher long-run surprise, so it pages only on what stands out
+            // above that; a change that surprises both pages as before.
+            let seasonal = self.seasonal(x - median, time).unwrap_or(raw_z);
+            let z = seasonal.max(self.trend_surprise(x));
             // Capped: one value off by 10^300 against a zero scale must not make the
             // long-run statistics infinite, and then NaN for good.
             let z = if z.is_nan() {
@@ -314,7 +351,18 @@ impl RobustState {
                 // that come back again and again page once, not each time.
                 sustained_news = self.short > self.short_hi;
             }
-            self.short_hi = self.short_hi.max(self.short);
+            if self.short >= self.short_hi {
+                self.short_hi = self.short;
+                self.short_hi_age = 0;
+            } else {
+                self.short_hi_age += 1;
+                // A peak not reached again for half the long span is forgotten: the
+                // envelope of a burst long past does not hide a new change.
+                if self.short_hi_age > params.long_span.max(2) / 2 {
+                    self.short_hi = self.short_hi.min(self.lt_mean);
+                    self.short_hi_age = 0;
+                }
+            }
             self.short_hi -= (self.short_hi - self.lt_mean).max(0.0) / long;
             // Exponentially weighted mean/variance (West 1979), with a running mean
             // during the first `long` values so the start is not biased towards 0.
@@ -365,6 +413,42 @@ impl RobustState {
         }
         season.visits[b] = visits.saturating_add(1);
         trusted.then(|| d.abs() / dev)
+    }
+
+    /// Compares `x` with the trend predictor (Holt's linear method: an exponentially
+    /// smoothed level plus trend), in typical errors, once it has seen `HOLT_WARM`
+    /// values (0 before), then updates it. Errors are clipped at four typical errors
+    /// once warm, so an anomaly barely moves the level, the trend or the typical error.
+    fn trend_surprise(&mut self, x: f64) -> f64 {
+        let floor = (self.mad * 0.25).max(1e-9 * x.abs()).max(f64::MIN_POSITIVE);
+        let predicted = self.holt_level + self.holt_trend;
+        let error = x - predicted;
+        let warm = self.holt_count >= HOLT_WARM;
+        let z = if warm {
+            error.abs() / (self.holt_error * 1.2533).max(floor)
+        } else {
+            0.0
+        };
+        if self.holt_count == 0 {
+            self.holt_level = x;
+        } else {
+            let limit = 4.0 * self.holt_error.max(floor);
+            let step = if warm { error.clamp(-limit, limit) } else { error };
+            let level = predicted + HOLT_LEVEL * step;
+            self.holt_trend += HOLT_TREND * (level - self.holt_level - self.holt_trend);
+            self.holt_level = level;
+            let rate = (1.0 / (f64::from(self.holt_count) + 1.0)).max(HOLT_ERROR);
+            self.holt_error += (step.abs() - self.holt_error) * rate;
+        }
+        self.holt_count = self.holt_count.saturating_add(1);
+        if !(self.holt_level.is_finite() && self.holt_trend.is_finite())
+            || !self.holt_error.is_finite()
+        {
+            // Values at the ends of the double range: start again from the next one.
+            (self.holt_level, self.holt_trend, self.holt_error) = (0.0, 0.0, 0.0);
+            self.holt_count = 0;
+        }
+        z
     }
 
     fn push(&mut self, x: f64) {
@@ -439,10 +523,19 @@ impl RobustState {
             + 7 * persist::DOUBLE_LEN
             + persist::varint_len(self.lt_count)
             + season
+            + self.holt_len().map_or(0, persist::message_len)
+            + persist::varint_len(u64::from(self.short_hi_age))
+    }
+
+    /// Length of the `HoltSnapshot` body, if the trend predictor has seen a value.
+    fn holt_len(&self) -> Option<usize> {
+        (self.holt_count > 0)
+            .then(|| 3 * persist::DOUBLE_LEN + persist::varint_len(u64::from(self.holt_count)))
     }
 
     /// Writes the state as a `RobustSnapshot` body: capacity, values oldest first,
-    /// the statistics, the daily profile, then the envelope of the short average.
+    /// the statistics, the daily profile, the envelope of the short average, the
+    /// trend predictor, then the envelope's age.
     pub(crate) fn write_snapshot(&self, out: &mut Vec<u8>) {
         persist::varint(out, 1, self.capacity as u64);
         let (newer, older) = self.ring.split_at(self.head);
@@ -473,6 +566,14 @@ impl RobustState {
             }
         }
         persist::double(out, 11, self.short_hi);
+        if let Some(len) = self.holt_len() {
+            persist::message(out, 12, len);
+            persist::double(out, 1, self.holt_level);
+            persist::double(out, 2, self.holt_trend);
+            persist::double(out, 3, self.holt_error);
+            persist::varint(out, 4, u64::from(self.holt_count));
+        }
+        persist::varint(out, 13, u64::from(self.short_hi_age));
     }
 
     /// The message [`RobustState::write_snapshot`] writes.
@@ -497,13 +598,20 @@ impl RobustState {
                     .collect()
             }),
             short_term_high: Some(self.short_hi),
+            holt: (self.holt_count > 0).then_some(HoltSnapshot {
+                level: Some(self.holt_level),
+                trend: Some(self.holt_trend),
+                error: Some(self.holt_error),
+                count: self.holt_count,
+            }),
+            short_term_high_age: self.short_hi_age,
         }
     }
 
     /// The state a `RobustSnapshot` holds. The daily profile comes back in single
     /// precision with visits saturating at 255 (exact for what this state writes); a
     /// message without the envelope of the short average (older snapshots) starts it
-    /// at the average.
+    /// at the average, one without the trend predictor starts it afresh.
     pub(crate) fn from_snapshot(message: RobustSnapshot) -> Result<Self, StateError> {
         let capacity = message.capacity as usize;
         if capacity == 0 || capacity > MAX_WINDOW {
@@ -527,6 +635,13 @@ impl RobustState {
         state.hi = message.range_high.unwrap_or_default();
         state.lo = message.range_low.unwrap_or_default();
         state.lt_count = message.long_term_count;
+        state.short_hi_age = message.short_term_high_age;
+        if let Some(holt) = message.holt.filter(|holt| holt.count > 0) {
+            state.holt_level = finite(holt.level.unwrap_or_default(), "robust trend level")?;
+            state.holt_trend = finite(holt.trend.unwrap_or_default(), "robust trend")?;
+            state.holt_error = finite(holt.error.unwrap_or_default(), "robust trend error")?;
+            state.holt_count = holt.count;
+        }
         let buckets = message.season.len();
         if buckets != 0 && buckets != BUCKETS {
             return Err(StateError::unexpected("robust season buckets", buckets));
