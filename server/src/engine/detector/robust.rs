@@ -433,7 +433,11 @@ impl RobustState {
             self.holt_level = x;
         } else {
             let limit = 4.0 * self.holt_error.max(floor);
-            let step = if warm { error.clamp(-limit, limit) } else { error };
+            let step = if warm {
+                error.clamp(-limit, limit)
+            } else {
+                error
+            };
             let level = predicted + HOLT_LEVEL * step;
             self.holt_trend += HOLT_TREND * (level - self.holt_level - self.holt_trend);
             self.holt_level = level;
@@ -734,6 +738,57 @@ mod tests {
         // The sustained signal still works: a lasting change pages.
         let paged = (400..600).any(|i| s.observe(5.0, i * 60, &p, 3.0, 32).anomaly);
         assert!(paged);
+    }
+
+    #[test]
+    fn the_trend_predictor_expects_a_ramp_and_not_a_jump_off_it() {
+        let mut s = RobustState::new(128);
+        for i in 0..500 {
+            s.trend_surprise(100.0 + 0.5 * i as f64 + noise(i));
+        }
+        // On the ramp: within a few typical errors (the median would lag it by 32).
+        let on = s.trend_surprise(100.0 + 0.5 * 500.0);
+        assert!(on < 3.0, "{on}");
+        let off = s.trend_surprise(100.0 + 0.5 * 501.0 + 30.0);
+        assert!(off > 10.0, "{off}");
+        // The jump barely moved the prediction.
+        let back = s.trend_surprise(100.0 + 0.5 * 502.0);
+        assert!(back < 4.0, "{back}");
+    }
+
+    #[test]
+    fn the_trend_predictor_starts_again_after_values_beyond_its_range() {
+        let mut s = RobustState::new(128);
+        for x in [f64::MAX, -f64::MAX, f64::MAX] {
+            s.trend_surprise(x);
+        }
+        assert!(s.holt_level.is_finite() && s.holt_trend.is_finite());
+        assert!(s.holt_error.is_finite());
+    }
+
+    #[test]
+    fn a_peak_not_reached_again_for_half_the_long_span_is_forgotten() {
+        let p = RobustParams {
+            long_span: 400,
+            ..RobustParams::default()
+        };
+        let mut s = RobustState::new(p.window);
+        let mut t = 0;
+        let mut feed = |s: &mut RobustState, n: usize, level: f64| {
+            for _ in 0..n {
+                s.observe(level + noise(t), t as i64 * 60, &p, 3.0, 32);
+                t += 1;
+            }
+        };
+        feed(&mut s, 600, 100.0);
+        feed(&mut s, 20, 104.0);
+        feed(&mut s, 20, 100.0);
+        let held = s.short_hi - s.lt_mean;
+        assert!(held > 0.5, "{held}");
+        // Decay alone would keep about 60 % of it after 210 more values.
+        feed(&mut s, 210, 100.0);
+        let after = s.short_hi - s.lt_mean;
+        assert!(after < 0.2 * held, "{held} then {after}");
     }
 
     #[test]
