@@ -425,6 +425,7 @@ mod tests {
         assert!(message.holt.is_some());
         let mut old = message.clone();
         (old.holt, old.short_term_high_age) = (None, 0);
+        (old.range_high_age, old.range_low_age) = (0, 0);
         let again = RobustState::from_snapshot(old.clone())
             .unwrap()
             .to_snapshot();

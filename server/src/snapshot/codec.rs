@@ -178,6 +178,8 @@ mod tests {
                 robust.season.clear();
                 robust.holt = None;
                 robust.short_term_high_age = 0;
+                robust.range_high_age = 0;
+                robust.range_low_age = 0;
             }
         }
         message

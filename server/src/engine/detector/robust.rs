@@ -6,7 +6,8 @@
 //!    where `scale` is IQR/1.349 (the normal-equivalent standard deviation, blind to
 //!    the outliers themselves), floored by a slow mean absolute deviation so that
 //!    quantized or mostly-flat metrics do not divide by zero. It counts only when `x`
-//!    also leaves the metric's recent range. Spikes, dips and fresh level shifts show
+//!    also leaves the metric's recent range (a peak not reached again for half the
+//!    long span is forgotten: the range falls back towards the window's own). Spikes, dips and fresh level shifts show
 //!    up here at once.
 //! 2. **Sustained** (after Numenta's anomaly likelihood, Ahmad & Purdy 2016): the
 //!    surprise `ln(1 + s)` (the larger of two: against the daily profile once a bucket
@@ -25,7 +26,7 @@
 //!
 //! Memory per metric at the default window of 128: the ring of values (8 bytes each),
 //! their order (2-byte positions), a daily profile of 48 buckets (9 bytes each) and
-//! sixteen numbers: about 1.88 KB. Cost per value: two binary searches and one memmove
+//! eighteen numbers: about 1.89 KB. Cost per value: two binary searches and one memmove
 //! of at most `2 × window` bytes.
 
 use tidewatch_proto::v1::{HoltSnapshot, RobustSnapshot, SeasonBucket};
@@ -63,7 +64,7 @@ impl Default for RobustParams {
             sustained_threshold: 3.0,
             short_span: 10,
             long_span: 2000,
-            tolerance: 0.2,
+            tolerance: 0.3,
         }
     }
 }
@@ -179,6 +180,10 @@ pub struct RobustState {
     hi: f64,
     /// Lower envelope: the lowest value seen, decaying slowly towards the median.
     lo: f64,
+    /// Values since `hi` last rose; at half the long span it is forgotten.
+    hi_age: u32,
+    /// Values since `lo` last fell; at half the long span it is forgotten.
+    lo_age: u32,
     /// Level of the trend predictor.
     holt_level: f64,
     /// Trend (per value) of the trend predictor.
@@ -206,6 +211,8 @@ impl PartialEq for RobustState {
             && self.lt_count == other.lt_count
             && self.hi == other.hi
             && self.lo == other.lo
+            && self.hi_age == other.hi_age
+            && self.lo_age == other.lo_age
             && self.holt_level == other.holt_level
             && self.holt_trend == other.holt_trend
             && self.holt_error == other.holt_error
@@ -231,6 +238,8 @@ impl RobustState {
             lt_count: 0,
             hi: f64::NEG_INFINITY,
             lo: f64::INFINITY,
+            hi_age: 0,
+            lo_age: 0,
             holt_level: 0.0,
             holt_trend: 0.0,
             holt_error: 0.0,
@@ -312,8 +321,33 @@ impl RobustState {
             raw_z = deviation / scale;
             robust_z = if beyond { raw_z } else { 0.0 };
             let decay = 1.0 / f64::from(params.long_span.max(2));
+            self.hi_age = if x >= self.hi {
+                0
+            } else {
+                self.hi_age.saturating_add(1)
+            };
+            self.lo_age = if x <= self.lo {
+                0
+            } else {
+                self.lo_age.saturating_add(1)
+            };
             self.hi = self.hi.max(x);
             self.lo = self.lo.min(x);
+            // A peak not reached again for half the long span is forgotten: the
+            // envelope falls to twice the window's reach from the median. A burst long
+            // past (or the start-up transient of a series) no longer hides what the
+            // metric does now; what the window still holds stays inside the range.
+            let forget = params.long_span.max(2) / 2;
+            if self.hi_age > forget {
+                let reach = median + 2.0 * (self.ranked(n - 1) - median);
+                self.hi = self.hi.min(reach.max(x));
+                self.hi_age = 0;
+            }
+            if self.lo_age > forget {
+                let reach = median + 2.0 * (self.ranked(0) - median);
+                self.lo = self.lo.max(reach.min(x));
+                self.lo_age = 0;
+            }
             self.hi -= (self.hi - median).max(0.0) * decay;
             self.lo += (median - self.lo).max(0.0) * decay;
             // The slow deviation floor learns from clipped deviations only, so one
@@ -529,6 +563,8 @@ impl RobustState {
             + season
             + self.holt_len().map_or(0, persist::message_len)
             + persist::varint_len(u64::from(self.short_hi_age))
+            + persist::varint_len(u64::from(self.hi_age))
+            + persist::varint_len(u64::from(self.lo_age))
     }
 
     /// Length of the `HoltSnapshot` body, if the trend predictor has seen a value.
@@ -539,7 +575,7 @@ impl RobustState {
 
     /// Writes the state as a `RobustSnapshot` body: capacity, values oldest first,
     /// the statistics, the daily profile, the envelope of the short average, the
-    /// trend predictor, then the envelope's age.
+    /// trend predictor, then the ages of the envelopes.
     pub(crate) fn write_snapshot(&self, out: &mut Vec<u8>) {
         persist::varint(out, 1, self.capacity as u64);
         let (newer, older) = self.ring.split_at(self.head);
@@ -578,6 +614,8 @@ impl RobustState {
             persist::varint(out, 4, u64::from(self.holt_count));
         }
         persist::varint(out, 13, u64::from(self.short_hi_age));
+        persist::varint(out, 14, u64::from(self.hi_age));
+        persist::varint(out, 15, u64::from(self.lo_age));
     }
 
     /// The message [`RobustState::write_snapshot`] writes.
@@ -609,6 +647,8 @@ impl RobustState {
                 count: self.holt_count,
             }),
             short_term_high_age: self.short_hi_age,
+            range_high_age: self.hi_age,
+            range_low_age: self.lo_age,
         }
     }
 
@@ -640,6 +680,8 @@ impl RobustState {
         state.lo = message.range_low.unwrap_or_default();
         state.lt_count = message.long_term_count;
         state.short_hi_age = message.short_term_high_age;
+        state.hi_age = message.range_high_age;
+        state.lo_age = message.range_low_age;
         if let Some(holt) = message.holt.filter(|holt| holt.count > 0) {
             state.holt_level = finite(holt.level.unwrap_or_default(), "robust trend level")?;
             state.holt_trend = finite(holt.trend.unwrap_or_default(), "robust trend")?;
@@ -789,6 +831,30 @@ mod tests {
         feed(&mut s, 210, 100.0);
         let after = s.short_hi - s.lt_mean;
         assert!(after < 0.2 * held, "{held} then {after}");
+    }
+
+    #[test]
+    fn a_burst_long_past_no_longer_hides_a_spike() {
+        let p = RobustParams {
+            long_span: 400,
+            ..RobustParams::default()
+        };
+        let mut s = RobustState::new(p.window);
+        let mut t = 0;
+        let mut feed = |s: &mut RobustState, n: usize, level: f64| {
+            for _ in 0..n {
+                s.observe(level + noise(t), t as i64 * 60, &p, 3.0, 32);
+                t += 1;
+            }
+        };
+        feed(&mut s, 100, 100.0);
+        feed(&mut s, 5, 200.0);
+        // 300 values later the decaying range alone would still reach about 147
+        // (plus its tolerance); forgotten after 200, it holds what the window does.
+        feed(&mut s, 300, 100.0);
+        assert!(s.hi < 110.0, "{}", s.hi);
+        let spike = s.observe(150.0, t as i64 * 60, &p, 3.0, 32);
+        assert!(spike.anomaly && spike.robust_z > 3.0, "{spike:?}");
     }
 
     #[test]
