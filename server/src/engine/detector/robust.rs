@@ -50,7 +50,8 @@ pub struct RobustParams {
     /// Span (in samples) of the short average of surprise (`ROBUST_SHORT_SPAN`).
     pub short_span: u32,
     /// Span (in samples) of the long-run distribution of that average, and of the
-    /// decay of the recent-range envelopes (`ROBUST_LONG_SPAN`).
+    /// decay of the recent-range envelopes; a peak of an envelope not reached again
+    /// for half of it is forgotten (`ROBUST_LONG_SPAN`).
     pub long_span: u32,
     /// How far beyond the recent range, as a fraction of that range, a value must go
     /// to be an instantaneous surprise (`ROBUST_TOLERANCE`).
