@@ -7,8 +7,8 @@
 //!    the outliers themselves), floored by a slow mean absolute deviation so that
 //!    quantized or mostly-flat metrics do not divide by zero. It counts only when `x`
 //!    also leaves the metric's recent range (a peak not reached again for half the
-//!    long span is forgotten: the range falls back towards the window's own). Spikes, dips and fresh level shifts show
-//!    up here at once.
+//!    long span is forgotten: the range falls back towards the window's own). Spikes,
+//!    dips and fresh level shifts show up here at once.
 //! 2. **Sustained** (after Numenta's anomaly likelihood, Ahmad & Purdy 2016): the
 //!    surprise `ln(1 + s)` (the larger of two: against the daily profile once a bucket
 //!    is trusted, and against a trend predictor, Holt's level plus trend) is
@@ -26,8 +26,8 @@
 //!
 //! Memory per metric at the default window of 128: the ring of values (8 bytes each),
 //! their order (2-byte positions), a daily profile of 48 buckets (9 bytes each) and
-//! eighteen numbers: about 1.89 KB. Cost per value: two binary searches and one memmove
-//! of at most `2 × window` bytes.
+//! eighteen numbers: about 1.89 KB. Cost per value: two binary searches, one memmove
+//! of at most `2 × window` bytes and a dozen floating-point operations.
 
 use tidewatch_proto::v1::{HoltSnapshot, RobustSnapshot, SeasonBucket};
 
