@@ -156,8 +156,9 @@ mod tests {
     }
 
     /// A message without what the robust detector decides: its verdicts, episodes,
-    /// statistics and trend predictor. Left: the device, the windows, the last values and z-scores, and the
-    /// robust baseline's values, spread and range.
+    /// statistics, trend predictor and the ages of its envelopes. Left: the device,
+    /// the windows, the last values and z-scores, and the robust baseline's values,
+    /// spread and range.
     fn undecided(mut message: DeviceSnapshot) -> DeviceSnapshot {
         for m in &mut message.metrics {
             m.last_anomaly = false;
