@@ -480,9 +480,8 @@ impl RobustState {
             self.holt_error += (step.abs() - self.holt_error) * rate;
         }
         self.holt_count = self.holt_count.saturating_add(1);
-        if !(self.holt_level.is_finite() && self.holt_trend.is_finite())
-            || !self.holt_error.is_finite()
-        {
+        let predictor = [self.holt_level, self.holt_trend, self.holt_error];
+        if !predictor.iter().all(|v| v.is_finite()) {
             // Values at the ends of the double range: start again from the next one.
             (self.holt_level, self.holt_trend, self.holt_error) = (0.0, 0.0, 0.0);
             self.holt_count = 0;
