@@ -695,7 +695,9 @@ pub struct DetectorSettings {
     #[arg(long, env = "ROBUST_SHORT_SPAN", default_value_t = RobustParams::default().short_span)]
     pub robust_short_span: u32,
 
-    /// `robust`: span, in samples, of the long-run distribution of that average.
+    /// `robust`: span, in samples, of the long-run distribution of that average and of
+    /// the decay of the recent range; a peak not reached again for half of it is
+    /// forgotten.
     #[arg(long, env = "ROBUST_LONG_SPAN", default_value_t = RobustParams::default().long_span)]
     pub robust_long_span: u32,
 

@@ -469,11 +469,11 @@ pub struct Bars {
 impl Default for Bars {
     fn default() -> Self {
         Self {
-            recall: 0.96,
-            fp_rate: 0.0002,
-            nab_standard: 64.0,
-            nab_low_fp: 55.5,
-            nab_low_fn: 69.0,
+            recall: 0.98,
+            fp_rate: 0.0001,
+            nab_standard: 67.5,
+            nab_low_fp: 61.0,
+            nab_low_fn: 72.5,
             normal_flagged: 0.003,
         }
     }
@@ -574,7 +574,7 @@ mod tests {
         assert_eq!(failed.len(), 2, "{failed:?}");
         assert!(failed[0].contains("recall 50.0 %"));
         let nab = NabResult {
-            scores: [64.5, 55.5, 70.0],
+            scores: [67.5, 61.5, 73.0],
             false_rows: 3,
             normal_rows: 1000,
             ..NabResult::default()

@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn robust_state_round_trips_through_its_message_and_rejects_garbage() {
-        use tidewatch_proto::v1::RobustSnapshot;
+        use tidewatch_proto::v1::{HoltSnapshot, RobustSnapshot};
         let params = RobustParams::default();
         let mut robust = RobustState::new(params.window);
         for i in 0..300 {
@@ -358,6 +358,7 @@ mod tests {
         }
         let message = robust.to_snapshot();
         assert_eq!(message.season.len(), 48);
+        assert!(message.holt.is_some_and(|holt| holt.count > 0));
         let back = RobustState::from_snapshot(message.clone()).unwrap();
         assert_eq!(back, robust);
         let mut written = Vec::new();
@@ -383,6 +384,13 @@ mod tests {
             },
             RobustSnapshot {
                 values: vec![f64::NAN],
+                ..message.clone()
+            },
+            RobustSnapshot {
+                holt: message.holt.map(|holt| HoltSnapshot {
+                    trend: Some(f64::INFINITY),
+                    ..holt
+                }),
                 ..message.clone()
             },
         ] {
@@ -412,6 +420,21 @@ mod tests {
                 ..again
             },
             message
+        );
+        // Messages written before the trend predictor existed start it afresh.
+        assert!(message.holt.is_some());
+        let mut old = message.clone();
+        (old.holt, old.short_term_high_age) = (None, 0);
+        (old.range_high_age, old.range_low_age) = (0, 0);
+        let again = RobustState::from_snapshot(old.clone())
+            .unwrap()
+            .to_snapshot();
+        assert_eq!(
+            again,
+            RobustSnapshot {
+                short_term_high: old.short_term,
+                ..old
+            }
         );
         // Memory counts visits up to 255.
         message.season[5].count = 1000;

@@ -155,9 +155,10 @@ mod tests {
         message
     }
 
-    /// A message without what the robust detector decides: its verdicts, episodes and
-    /// statistics. Left: the device, the windows, the last values and z-scores, and the
-    /// robust baseline's values, spread and range.
+    /// A message without what the robust detector decides: its verdicts, episodes,
+    /// statistics, trend predictor and the ages of its envelopes. Left: the device,
+    /// the windows, the last values and z-scores, and the robust baseline's values,
+    /// spread and range.
     fn undecided(mut message: DeviceSnapshot) -> DeviceSnapshot {
         for m in &mut message.metrics {
             m.last_anomaly = false;
@@ -176,6 +177,10 @@ mod tests {
                 robust.long_term_variance = None;
                 robust.long_term_count = 0;
                 robust.season.clear();
+                robust.holt = None;
+                robust.short_term_high_age = 0;
+                robust.range_high_age = 0;
+                robust.range_low_age = 0;
             }
         }
         message

@@ -119,6 +119,11 @@ fn read_robust(buf: &mut &[u8]) -> Result<RobustSnapshot, DecodeError> {
         // Version 1 had no envelope of the short average: the reader starts it at
         // the average.
         short_term_high: None,
+        // Nor the trend predictor, nor the envelopes' ages: all start afresh.
+        holt: None,
+        short_term_high_age: 0,
+        range_high_age: 0,
+        range_low_age: 0,
     };
     let buckets = get_u32(buf, "robust season buckets")? as usize;
     // Each bucket takes 20 bytes.

@@ -6,27 +6,30 @@
 //!    where `scale` is IQR/1.349 (the normal-equivalent standard deviation, blind to
 //!    the outliers themselves), floored by a slow mean absolute deviation so that
 //!    quantized or mostly-flat metrics do not divide by zero. It counts only when `x`
-//!    also leaves the metric's recent range. Spikes, dips and fresh level shifts show
-//!    up here at once.
+//!    also leaves the metric's recent range (a peak not reached again for half the
+//!    long span is forgotten: the range falls back towards the window's own). Spikes,
+//!    dips and fresh level shifts show up here at once.
 //! 2. **Sustained** (after Numenta's anomaly likelihood, Ahmad & Purdy 2016): the
-//!    surprise `ln(1 + s)` (against the daily profile once a bucket is trusted) is
+//!    surprise `ln(1 + s)` (the larger of two: against the daily profile once a bucket
+//!    is trusted, and against a trend predictor, Holt's level plus trend) is
 //!    averaged over a short span, and that average is compared with its own long-run
 //!    mean and deviation (exponentially weighted). A metric that is always jittery has
 //!    a high long-run surprise and stops paging; a quiet one pages on a modest but
 //!    lasting change (variance bursts, slow drifts). It is an anomaly only while the
 //!    short average stands above everything it reached recently (a decaying envelope,
 //!    as for the values): a metric whose bursts come back again and again pages for
-//!    the first, not for each.
+//!    the first, not for each. A peak the average has not reached again for half
+//!    the long span is forgotten.
 //!
 //! `anomaly` is `s > threshold` or `likelihood z > sustained_threshold`; `score` is the
 //! larger of the two squashed ratios, so 0.5 sits exactly at the anomaly level.
 //!
 //! Memory per metric at the default window of 128: the ring of values (8 bytes each),
-//! their order (2-byte positions), a daily profile of 48 buckets (9 bytes each) and a
-//! dozen numbers: about 1.85 KB. Cost per value: two binary searches and one memmove
-//! of at most `2 × window` bytes.
+//! their order (2-byte positions), a daily profile of 48 buckets (9 bytes each) and
+//! eighteen numbers: about 1.89 KB. Cost per value: two binary searches, one memmove
+//! of at most `2 × window` bytes and a dozen floating-point operations.
 
-use tidewatch_proto::v1::{RobustSnapshot, SeasonBucket};
+use tidewatch_proto::v1::{HoltSnapshot, RobustSnapshot, SeasonBucket};
 
 use super::score::{MAX_WINDOW, squash};
 use crate::engine::persist::{self, StateError, finite};
@@ -47,7 +50,8 @@ pub struct RobustParams {
     /// Span (in samples) of the short average of surprise (`ROBUST_SHORT_SPAN`).
     pub short_span: u32,
     /// Span (in samples) of the long-run distribution of that average, and of the
-    /// decay of the recent-range envelopes (`ROBUST_LONG_SPAN`).
+    /// decay of the recent-range envelopes; a peak of an envelope not reached again
+    /// for half of it is forgotten (`ROBUST_LONG_SPAN`).
     pub long_span: u32,
     /// How far beyond the recent range, as a fraction of that range, a value must go
     /// to be an instantaneous surprise (`ROBUST_TOLERANCE`).
@@ -61,7 +65,7 @@ impl Default for RobustParams {
             sustained_threshold: 3.0,
             short_span: 10,
             long_span: 2000,
-            tolerance: 0.2,
+            tolerance: 0.3,
         }
     }
 }
@@ -83,6 +87,16 @@ const SEASON_SPAN: f64 = 16.0;
 const LIKELIHOOD_WARM: u64 = 64;
 /// Largest z that feeds the sustained signal (its surprise is at most ln 1001 ≈ 6.9).
 const MAX_SURPRISE_Z: f64 = 1000.0;
+/// Smoothing of the trend predictor's level: a value moves it by 3 % of its error.
+const HOLT_LEVEL: f64 = 0.03;
+/// Smoothing of the trend predictor's trend.
+const HOLT_TREND: f64 = 0.02;
+/// Slowest learning rate of the predictor's typical error (roughly the last 200
+/// values count).
+const HOLT_ERROR: f64 = 0.005;
+/// Values the trend predictor sees before its surprise counts (its typical error is
+/// a running mean until then).
+const HOLT_WARM: u32 = 32;
 
 /// The daily profile: per time-of-day bucket, the typical offset from the rolling
 /// median and its typical absolute deviation, in single precision (offsets and
@@ -155,6 +169,8 @@ pub struct RobustState {
     short: f64,
     /// Envelope of `short`: its highest recent value, decaying towards `lt_mean`.
     short_hi: f64,
+    /// Values since `short_hi` last rose; at half the long span it is forgotten.
+    short_hi_age: u32,
     /// Long-run mean of `short`.
     lt_mean: f64,
     /// Long-run variance of `short`.
@@ -165,6 +181,18 @@ pub struct RobustState {
     hi: f64,
     /// Lower envelope: the lowest value seen, decaying slowly towards the median.
     lo: f64,
+    /// Values since `hi` last rose; at half the long span it is forgotten.
+    hi_age: u32,
+    /// Values since `lo` last fell; at half the long span it is forgotten.
+    lo_age: u32,
+    /// Level of the trend predictor.
+    holt_level: f64,
+    /// Trend (per value) of the trend predictor.
+    holt_trend: f64,
+    /// Typical absolute error of the trend predictor (clipped errors).
+    holt_error: f64,
+    /// Values the trend predictor has seen (saturates; 0: it starts afresh).
+    holt_count: u32,
     /// Daily profile; absent until the first judged value.
     season: Option<Box<Season>>,
 }
@@ -178,11 +206,18 @@ impl PartialEq for RobustState {
             && self.mad == other.mad
             && self.short == other.short
             && self.short_hi == other.short_hi
+            && self.short_hi_age == other.short_hi_age
             && self.lt_mean == other.lt_mean
             && self.lt_var == other.lt_var
             && self.lt_count == other.lt_count
             && self.hi == other.hi
             && self.lo == other.lo
+            && self.hi_age == other.hi_age
+            && self.lo_age == other.lo_age
+            && self.holt_level == other.holt_level
+            && self.holt_trend == other.holt_trend
+            && self.holt_error == other.holt_error
+            && self.holt_count == other.holt_count
             && self.season == other.season
     }
 }
@@ -198,11 +233,18 @@ impl RobustState {
             mad: 0.0,
             short: 0.0,
             short_hi: 0.0,
+            short_hi_age: 0,
             lt_mean: 0.0,
             lt_var: 0.0,
             lt_count: 0,
             hi: f64::NEG_INFINITY,
             lo: f64::INFINITY,
+            hi_age: 0,
+            lo_age: 0,
+            holt_level: 0.0,
+            holt_trend: 0.0,
+            holt_error: 0.0,
+            holt_count: 0,
             season: None,
         }
     }
@@ -280,8 +322,33 @@ impl RobustState {
             raw_z = deviation / scale;
             robust_z = if beyond { raw_z } else { 0.0 };
             let decay = 1.0 / f64::from(params.long_span.max(2));
+            self.hi_age = if x >= self.hi {
+                0
+            } else {
+                self.hi_age.saturating_add(1)
+            };
+            self.lo_age = if x <= self.lo {
+                0
+            } else {
+                self.lo_age.saturating_add(1)
+            };
             self.hi = self.hi.max(x);
             self.lo = self.lo.min(x);
+            // A peak not reached again for half the long span is forgotten: the
+            // envelope falls to twice the window's reach from the median. A burst long
+            // past (or the start-up transient of a series) no longer hides what the
+            // metric does now; what the window still holds stays inside the range.
+            let forget = params.long_span.max(2) / 2;
+            if self.hi_age > forget {
+                let reach = median + 2.0 * (self.ranked(n - 1) - median);
+                self.hi = self.hi.min(reach.max(x));
+                self.hi_age = 0;
+            }
+            if self.lo_age > forget {
+                let reach = median + 2.0 * (self.ranked(0) - median);
+                self.lo = self.lo.max(reach.min(x));
+                self.lo_age = 0;
+            }
             self.hi -= (self.hi - median).max(0.0) * decay;
             self.lo += (median - self.lo).max(0.0) * decay;
             // The slow deviation floor learns from clipped deviations only, so one
@@ -296,7 +363,12 @@ impl RobustState {
         let mut likelihood_z = 0.0;
         let mut sustained_news = false;
         if warm {
-            let z = self.seasonal(x - median, time).unwrap_or(raw_z);
+            // The larger of two surprises: against the time-of-day profile (or the
+            // median) and against the trend. A metric that often surprises one of them
+            // has a higher long-run surprise, so it pages only on what stands out
+            // above that; a change that surprises both pages as before.
+            let seasonal = self.seasonal(x - median, time).unwrap_or(raw_z);
+            let z = seasonal.max(self.trend_surprise(x));
             // Capped: one value off by 10^300 against a zero scale must not make the
             // long-run statistics infinite, and then NaN for good.
             let z = if z.is_nan() {
@@ -314,7 +386,18 @@ impl RobustState {
                 // that come back again and again page once, not each time.
                 sustained_news = self.short > self.short_hi;
             }
-            self.short_hi = self.short_hi.max(self.short);
+            if self.short >= self.short_hi {
+                self.short_hi = self.short;
+                self.short_hi_age = 0;
+            } else {
+                self.short_hi_age += 1;
+                // A peak not reached again for half the long span is forgotten: the
+                // envelope of a burst long past does not hide a new change.
+                if self.short_hi_age > params.long_span.max(2) / 2 {
+                    self.short_hi = self.short_hi.min(self.lt_mean);
+                    self.short_hi_age = 0;
+                }
+            }
             self.short_hi -= (self.short_hi - self.lt_mean).max(0.0) / long;
             // Exponentially weighted mean/variance (West 1979), with a running mean
             // during the first `long` values so the start is not biased towards 0.
@@ -365,6 +448,45 @@ impl RobustState {
         }
         season.visits[b] = visits.saturating_add(1);
         trusted.then(|| d.abs() / dev)
+    }
+
+    /// Compares `x` with the trend predictor (Holt's linear method: an exponentially
+    /// smoothed level plus trend), in typical errors, once it has seen `HOLT_WARM`
+    /// values (0 before), then updates it. Errors are clipped at four typical errors
+    /// once warm, so an anomaly barely moves the level, the trend or the typical error.
+    fn trend_surprise(&mut self, x: f64) -> f64 {
+        let floor = (self.mad * 0.25).max(1e-9 * x.abs()).max(f64::MIN_POSITIVE);
+        let predicted = self.holt_level + self.holt_trend;
+        let error = x - predicted;
+        let warm = self.holt_count >= HOLT_WARM;
+        let z = if warm {
+            error.abs() / (self.holt_error * 1.2533).max(floor)
+        } else {
+            0.0
+        };
+        if self.holt_count == 0 {
+            self.holt_level = x;
+        } else {
+            let limit = 4.0 * self.holt_error.max(floor);
+            let step = if warm {
+                error.clamp(-limit, limit)
+            } else {
+                error
+            };
+            let level = predicted + HOLT_LEVEL * step;
+            self.holt_trend += HOLT_TREND * (level - self.holt_level - self.holt_trend);
+            self.holt_level = level;
+            let rate = (1.0 / (f64::from(self.holt_count) + 1.0)).max(HOLT_ERROR);
+            self.holt_error += (step.abs() - self.holt_error) * rate;
+        }
+        self.holt_count = self.holt_count.saturating_add(1);
+        let predictor = [self.holt_level, self.holt_trend, self.holt_error];
+        if !predictor.iter().all(|v| v.is_finite()) {
+            // Values at the ends of the double range: start again from the next one.
+            (self.holt_level, self.holt_trend, self.holt_error) = (0.0, 0.0, 0.0);
+            self.holt_count = 0;
+        }
+        z
     }
 
     fn push(&mut self, x: f64) {
@@ -439,10 +561,21 @@ impl RobustState {
             + 7 * persist::DOUBLE_LEN
             + persist::varint_len(self.lt_count)
             + season
+            + self.holt_len().map_or(0, persist::message_len)
+            + persist::varint_len(u64::from(self.short_hi_age))
+            + persist::varint_len(u64::from(self.hi_age))
+            + persist::varint_len(u64::from(self.lo_age))
+    }
+
+    /// Length of the `HoltSnapshot` body, if the trend predictor has seen a value.
+    fn holt_len(&self) -> Option<usize> {
+        (self.holt_count > 0)
+            .then(|| 3 * persist::DOUBLE_LEN + persist::varint_len(u64::from(self.holt_count)))
     }
 
     /// Writes the state as a `RobustSnapshot` body: capacity, values oldest first,
-    /// the statistics, the daily profile, then the envelope of the short average.
+    /// the statistics, the daily profile, the envelope of the short average, the
+    /// trend predictor, then the ages of the envelopes.
     pub(crate) fn write_snapshot(&self, out: &mut Vec<u8>) {
         persist::varint(out, 1, self.capacity as u64);
         let (newer, older) = self.ring.split_at(self.head);
@@ -473,6 +606,16 @@ impl RobustState {
             }
         }
         persist::double(out, 11, self.short_hi);
+        if let Some(len) = self.holt_len() {
+            persist::message(out, 12, len);
+            persist::double(out, 1, self.holt_level);
+            persist::double(out, 2, self.holt_trend);
+            persist::double(out, 3, self.holt_error);
+            persist::varint(out, 4, u64::from(self.holt_count));
+        }
+        persist::varint(out, 13, u64::from(self.short_hi_age));
+        persist::varint(out, 14, u64::from(self.hi_age));
+        persist::varint(out, 15, u64::from(self.lo_age));
     }
 
     /// The message [`RobustState::write_snapshot`] writes.
@@ -497,13 +640,22 @@ impl RobustState {
                     .collect()
             }),
             short_term_high: Some(self.short_hi),
+            holt: (self.holt_count > 0).then_some(HoltSnapshot {
+                level: Some(self.holt_level),
+                trend: Some(self.holt_trend),
+                error: Some(self.holt_error),
+                count: self.holt_count,
+            }),
+            short_term_high_age: self.short_hi_age,
+            range_high_age: self.hi_age,
+            range_low_age: self.lo_age,
         }
     }
 
     /// The state a `RobustSnapshot` holds. The daily profile comes back in single
     /// precision with visits saturating at 255 (exact for what this state writes); a
     /// message without the envelope of the short average (older snapshots) starts it
-    /// at the average.
+    /// at the average, one without the trend predictor starts it afresh.
     pub(crate) fn from_snapshot(message: RobustSnapshot) -> Result<Self, StateError> {
         let capacity = message.capacity as usize;
         if capacity == 0 || capacity > MAX_WINDOW {
@@ -527,6 +679,15 @@ impl RobustState {
         state.hi = message.range_high.unwrap_or_default();
         state.lo = message.range_low.unwrap_or_default();
         state.lt_count = message.long_term_count;
+        state.short_hi_age = message.short_term_high_age;
+        state.hi_age = message.range_high_age;
+        state.lo_age = message.range_low_age;
+        if let Some(holt) = message.holt.filter(|holt| holt.count > 0) {
+            state.holt_level = finite(holt.level.unwrap_or_default(), "robust trend level")?;
+            state.holt_trend = finite(holt.trend.unwrap_or_default(), "robust trend")?;
+            state.holt_error = finite(holt.error.unwrap_or_default(), "robust trend error")?;
+            state.holt_count = holt.count;
+        }
         let buckets = message.season.len();
         if buckets != 0 && buckets != BUCKETS {
             return Err(StateError::unexpected("robust season buckets", buckets));
@@ -619,6 +780,81 @@ mod tests {
         // The sustained signal still works: a lasting change pages.
         let paged = (400..600).any(|i| s.observe(5.0, i * 60, &p, 3.0, 32).anomaly);
         assert!(paged);
+    }
+
+    #[test]
+    fn the_trend_predictor_expects_a_ramp_and_not_a_jump_off_it() {
+        let mut s = RobustState::new(128);
+        for i in 0..500 {
+            s.trend_surprise(100.0 + 0.5 * i as f64 + noise(i));
+        }
+        // On the ramp: within a few typical errors (the median would lag it by 32).
+        let on = s.trend_surprise(100.0 + 0.5 * 500.0);
+        assert!(on < 3.0, "{on}");
+        let off = s.trend_surprise(100.0 + 0.5 * 501.0 + 30.0);
+        assert!(off > 10.0, "{off}");
+        // The jump barely moved the prediction.
+        let back = s.trend_surprise(100.0 + 0.5 * 502.0);
+        assert!(back < 4.0, "{back}");
+    }
+
+    #[test]
+    fn the_trend_predictor_starts_again_after_values_beyond_its_range() {
+        let mut s = RobustState::new(128);
+        for x in [f64::MAX, -f64::MAX, f64::MAX] {
+            s.trend_surprise(x);
+        }
+        assert!(s.holt_level.is_finite() && s.holt_trend.is_finite());
+        assert!(s.holt_error.is_finite());
+    }
+
+    #[test]
+    fn a_peak_not_reached_again_for_half_the_long_span_is_forgotten() {
+        let p = RobustParams {
+            long_span: 400,
+            ..RobustParams::default()
+        };
+        let mut s = RobustState::new(p.window);
+        let mut t = 0;
+        let mut feed = |s: &mut RobustState, n: usize, level: f64| {
+            for _ in 0..n {
+                s.observe(level + noise(t), t as i64 * 60, &p, 3.0, 32);
+                t += 1;
+            }
+        };
+        feed(&mut s, 600, 100.0);
+        feed(&mut s, 20, 104.0);
+        feed(&mut s, 20, 100.0);
+        let held = s.short_hi - s.lt_mean;
+        assert!(held > 0.5, "{held}");
+        // Decay alone would keep about 60 % of it after 210 more values.
+        feed(&mut s, 210, 100.0);
+        let after = s.short_hi - s.lt_mean;
+        assert!(after < 0.2 * held, "{held} then {after}");
+    }
+
+    #[test]
+    fn a_burst_long_past_no_longer_hides_a_spike() {
+        let p = RobustParams {
+            long_span: 400,
+            ..RobustParams::default()
+        };
+        let mut s = RobustState::new(p.window);
+        let mut t = 0;
+        let mut feed = |s: &mut RobustState, n: usize, level: f64| {
+            for _ in 0..n {
+                s.observe(level + noise(t), t as i64 * 60, &p, 3.0, 32);
+                t += 1;
+            }
+        };
+        feed(&mut s, 100, 100.0);
+        feed(&mut s, 5, 200.0);
+        // 300 values later the decaying range alone would still reach about 147
+        // (plus its tolerance); forgotten after 200, it holds what the window does.
+        feed(&mut s, 300, 100.0);
+        assert!(s.hi < 110.0, "{}", s.hi);
+        let spike = s.observe(150.0, t as i64 * 60, &p, 3.0, 32);
+        assert!(spike.anomaly && spike.robust_z > 3.0, "{spike:?}");
     }
 
     #[test]
