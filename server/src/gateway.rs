@@ -21,6 +21,7 @@
 //! How each route maps onto the gRPC messages is in `docs/architecture.md`, "Gateway
 //! mapping".
 
+mod answer;
 pub(crate) mod body;
 mod console;
 mod devices;
@@ -50,7 +51,7 @@ use opentelemetry::KeyValue;
 use serde::Serialize;
 use tidewatch_proto::{
     json::ProtoDouble,
-    v1::{AnalyzeRequest, AnalyzeResponse, DetectorConfig, IngestResponse},
+    v1::{AnalyzeRequest, AnalyzeResponse, DetectorConfig},
 };
 use tower::{
     BoxError, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
@@ -58,6 +59,7 @@ use tower::{
 };
 use tracing::Instrument as _;
 
+use self::answer::JsonVerdicts;
 use crate::{
     config::nonzero,
     error::{ApiError, ErrorKind},
@@ -530,7 +532,7 @@ async fn ingest(
     {
         return ApiError::from(e).into_response();
     }
-    let mut verdicts = Vec::new();
+    let mut verdicts = JsonVerdicts::new();
     let judged = state.judge_now(
         &principal,
         &samples,
@@ -546,13 +548,17 @@ async fn ingest(
         let later = Arc::clone(&state)
             .judge(Arc::clone(&principal), rest, detector, Transport::Http)
             .await;
-        if verdicts.is_empty() {
-            verdicts = later;
-        } else {
-            verdicts.extend(later);
-        }
+        verdicts.extend(&later);
     }
-    json_response(StatusCode::OK, &IngestResponse { verdicts })
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        verdicts.finish(),
+    )
+        .into_response()
 }
 
 /// A refused body at most this large is read and discarded after the `413` (see
