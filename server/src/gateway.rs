@@ -94,8 +94,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices", get(devices::devices))
         .route("/window", get(devices::window))
         .route("/devices/{*id}", delete(devices::delete))
+        // One `route_layer` for the whole stack, outermost first: each call boxes the
+        // routes once more, and a boxed route is cloned for every request.
         .route_layer(
             ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    Arc::clone(&state),
+                    authenticate,
+                ))
+                .layer(middleware::from_fn_with_state(
+                    Arc::clone(&state),
+                    prefetch_body,
+                ))
                 .layer(HandleErrorLayer::new(move |e: BoxError| {
                     let state = Arc::clone(&shed_state);
                     async move { error_response(overload::refusal(&state, &e, Transport::Http)) }
@@ -107,15 +117,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 )
                 .option_layer(nonzero(config.request_timeout).map(TimeoutLayer::new))
                 .map_err(BoxError::from),
-        )
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            prefetch_body,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            authenticate,
-        ));
+        );
     Router::new()
         .merge(api)
         .merge(feed)
@@ -492,9 +494,11 @@ async fn ingest(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     query: Result<Query<IngestQuery>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
+    // The headers as the request has them (the `HeaderMap` extractor would copy them).
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     if let Err(e) = principal.require(Scope::Ingest) {
         return ApiError::from(e).into_response();
     }
@@ -506,7 +510,7 @@ async fn ingest(
         Ok(detector) => detector,
         Err(e) => return e.into_response(),
     };
-    let bytes = match read_body(&headers, body, state.config.max_body_bytes).await {
+    let bytes = match read_body(headers, body, state.config.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(e) => return e.into_response(),
     };

@@ -152,8 +152,19 @@ impl VerdictSink for JsonVerdicts {
     }
 }
 
-/// A JSON string of UTF-8 bytes (see `SampleLike`), escaped as serde_json escapes.
+/// A JSON string of UTF-8 bytes (see `SampleLike`), escaped as serde_json escapes:
+/// printable ASCII other than `"` and `\\` (ids and names, almost always) as it is.
 fn string(out: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes
+        .iter()
+        .all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let text = String::from_utf8_lossy(bytes);
     // A string cannot fail to serialize.
     let _ = serde_json::to_writer(out, &*text);
@@ -291,6 +302,7 @@ mod tests {
     fn text() -> impl Strategy<Value = String> {
         prop_oneof![
             "[a-z0-9/_.-]{0,40}",
+            "[ -\u{7f}]{0,20}",
             any::<String>(),
             Just("q\"b\\s\n\t\u{1}\u{7f}é😀".to_owned()),
         ]
