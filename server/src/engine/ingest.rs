@@ -17,9 +17,7 @@ use super::detector::{DetectorKind, DetectorSpec, MAX_WINDOW};
 use super::holders::{NOBODY, Owner};
 use super::io::{SampleLike, VerdictSink, text};
 use super::locks::{LockPolicy, Locks, ShardTable};
-use super::lookahead::{
-    DETECTOR_AT, DEVICE_AT, LookAhead, Prefetch, Queued, SLOTS_AT, prefetch,
-};
+use super::lookahead::{DETECTOR_AT, DEVICE_AT, LookAhead, Prefetch, Queued, SLOTS_AT, prefetch};
 use super::resident::{Device, Metric};
 use super::shard::Table;
 use super::sharded::Engine;
