@@ -21,9 +21,6 @@ const HEAD: &[u8] = b"{\"verdicts\":[";
 /// A judged sample's fields after its metrics, up to its `alert`.
 const JUDGED_TAIL: &[u8] = b"],\"duplicate\":false,\"error\":\"\",\"alert\":";
 
-/// Bytes a verdict with a few metrics takes, to reserve ahead.
-const VERDICT_BYTES: usize = 256;
-
 /// An `IngestResponse` being written as JSON: [`VerdictSink`] calls in, the body of
 /// the answer out of [`JsonVerdicts::finish`].
 #[derive(Debug)]
@@ -31,6 +28,13 @@ pub(crate) struct JsonVerdicts {
     out: Vec<u8>,
     /// Verdicts written so far.
     count: usize,
+    /// Verdicts announced by `reserve`, until the first judged verdict is written:
+    /// then room for the rest is reserved at its size (the samples of one request
+    /// usually have as many metrics), so the buffer grows once, not by doubling and
+    /// copying.
+    announced: usize,
+    /// Where the current verdict starts in `out`.
+    started: usize,
     /// The current judged sample's metric objects, comma-separated: `anomaly` comes
     /// before `metrics` in the verdict, and is known only at its end.
     metrics: Vec<u8>,
@@ -39,11 +43,14 @@ pub(crate) struct JsonVerdicts {
 impl JsonVerdicts {
     /// An empty answer.
     pub(crate) fn new() -> Self {
-        let mut out = Vec::with_capacity(HEAD.len() + 2);
+        // Room for the answer of one sample with a few metrics.
+        let mut out = Vec::with_capacity(1024);
         out.extend_from_slice(HEAD);
         Self {
             out,
             count: 0,
+            announced: 0,
+            started: 0,
             metrics: Vec::new(),
         }
     }
@@ -96,11 +103,13 @@ impl JsonVerdicts {
 
 impl VerdictSink for JsonVerdicts {
     fn reserve(&mut self, n: usize) {
-        self.out.reserve(n * VERDICT_BYTES);
+        self.announced += n;
     }
 
     fn begin(&mut self, device_id: &[u8], seq: u64, metrics: usize) {
+        let start = self.out.len();
         self.open(device_id, seq);
+        self.started = start;
         self.metrics.clear();
         self.metrics.reserve(metrics * 160);
     }
@@ -141,6 +150,13 @@ impl VerdictSink for JsonVerdicts {
         out.extend_from_slice(b",\"score\":");
         double(out, score);
         out.push(b'}');
+        if self.announced > 0 {
+            let written = self.out.len() - self.started;
+            let rest = self.announced.saturating_sub(self.count);
+            self.announced = 0;
+            // An eighth more: later values may print longer.
+            self.out.reserve(rest * (written + written / 8));
+        }
     }
 
     fn duplicate(&mut self, device_id: &[u8], seq: u64) {
