@@ -21,6 +21,7 @@
 //! How each route maps onto the gRPC messages is in `docs/architecture.md`, "Gateway
 //! mapping".
 
+mod answer;
 pub(crate) mod body;
 mod console;
 mod devices;
@@ -50,7 +51,7 @@ use opentelemetry::KeyValue;
 use serde::Serialize;
 use tidewatch_proto::{
     json::ProtoDouble,
-    v1::{AnalyzeRequest, AnalyzeResponse, DetectorConfig, IngestResponse},
+    v1::{AnalyzeRequest, AnalyzeResponse, DetectorConfig},
 };
 use tower::{
     BoxError, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
@@ -58,6 +59,7 @@ use tower::{
 };
 use tracing::Instrument as _;
 
+use self::answer::JsonVerdicts;
 use crate::{
     config::nonzero,
     error::{ApiError, ErrorKind},
@@ -92,8 +94,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices", get(devices::devices))
         .route("/window", get(devices::window))
         .route("/devices/{*id}", delete(devices::delete))
+        // One `route_layer` for the whole stack, outermost first: each call boxes the
+        // routes once more, and a boxed route is cloned for every request.
         .route_layer(
             ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    Arc::clone(&state),
+                    authenticate,
+                ))
+                .layer(middleware::from_fn_with_state(
+                    Arc::clone(&state),
+                    prefetch_body,
+                ))
                 .layer(HandleErrorLayer::new(move |e: BoxError| {
                     let state = Arc::clone(&shed_state);
                     async move { error_response(overload::refusal(&state, &e, Transport::Http)) }
@@ -105,15 +117,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 )
                 .option_layer(nonzero(config.request_timeout).map(TimeoutLayer::new))
                 .map_err(BoxError::from),
-        )
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            prefetch_body,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            authenticate,
-        ));
+        );
     Router::new()
         .merge(api)
         .merge(feed)
@@ -490,9 +494,11 @@ async fn ingest(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     query: Result<Query<IngestQuery>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
+    // The headers as the request has them (the `HeaderMap` extractor would copy them).
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     if let Err(e) = principal.require(Scope::Ingest) {
         return ApiError::from(e).into_response();
     }
@@ -504,7 +510,7 @@ async fn ingest(
         Ok(detector) => detector,
         Err(e) => return e.into_response(),
     };
-    let bytes = match read_body(&headers, body, state.config.max_body_bytes).await {
+    let bytes = match read_body(headers, body, state.config.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(e) => return e.into_response(),
     };
@@ -530,7 +536,7 @@ async fn ingest(
     {
         return ApiError::from(e).into_response();
     }
-    let mut verdicts = Vec::new();
+    let mut verdicts = JsonVerdicts::new();
     let judged = state.judge_now(
         &principal,
         &samples,
@@ -546,13 +552,17 @@ async fn ingest(
         let later = Arc::clone(&state)
             .judge(Arc::clone(&principal), rest, detector, Transport::Http)
             .await;
-        if verdicts.is_empty() {
-            verdicts = later;
-        } else {
-            verdicts.extend(later);
-        }
+        verdicts.extend(&later);
     }
-    json_response(StatusCode::OK, &IngestResponse { verdicts })
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        verdicts.finish(),
+    )
+        .into_response()
 }
 
 /// A refused body at most this large is read and discarded after the `413` (see

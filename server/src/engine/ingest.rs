@@ -17,7 +17,7 @@ use super::detector::{DetectorKind, DetectorSpec, MAX_WINDOW};
 use super::holders::{NOBODY, Owner};
 use super::io::{SampleLike, VerdictSink, text};
 use super::locks::{LockPolicy, Locks, ShardTable};
-use super::lookahead::{DEVICE_AT, LookAhead, Prefetch, Queued, SLOTS_AT, prefetch};
+use super::lookahead::{DETECTOR_AT, DEVICE_AT, LookAhead, Prefetch, Queued, SLOTS_AT, prefetch};
 use super::resident::{Device, Metric};
 use super::shard::Table;
 use super::sharded::Engine;
@@ -191,7 +191,11 @@ impl Engine {
                     None => ahead.exhaust(),
                 }
             }
-            for (stage, at) in [(Prefetch::Device, DEVICE_AT), (Prefetch::Slots, SLOTS_AT)] {
+            for (stage, at) in [
+                (Prefetch::Device, DEVICE_AT),
+                (Prefetch::Slots, SLOTS_AT),
+                (Prefetch::Detector, DETECTOR_AT),
+            ] {
                 if let Some(queued) = ahead.ahead(at) {
                     let found = prefetch(&self.shards, tables, stage, queued);
                     if !tables.is_empty() {

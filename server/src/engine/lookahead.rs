@@ -2,11 +2,13 @@
 //! judged, so that one sample's cache misses overlap the judging of the samples before
 //! it (see `prefetch.rs`).
 //!
-//! A sample's lines are fetched in three steps, each needing the previous one's line:
+//! A sample's lines are fetched in four steps, each needing the previous one's line:
 //! its index bucket when it enters the queue, its device's lines [`DEVICE_AT`] samples
-//! before it is judged, its window slots [`SLOTS_AT`] before. Each step has a few
-//! samples' judging time (a few hundred nanoseconds each) for its lines to arrive.
-//! With a lock per sample only the last step runs (see [`prefetch`]).
+//! before it is judged, its window slots and its detectors' state [`SLOTS_AT`] before,
+//! and the lines that state points to (the robust detector's ring, order and daily
+//! profile) [`DETECTOR_AT`] before. Each step has a sample's judging time or more (a
+//! few hundred nanoseconds each) for its lines to arrive. With a lock per sample only
+//! the window slots' step runs (see [`prefetch`]).
 
 use super::io::SampleLike;
 use super::locks::Guard;
@@ -25,6 +27,9 @@ pub(super) const DEVICE_AT: usize = 5;
 
 /// Samples ahead of the judged one whose window slots are prefetched.
 pub(super) const SLOTS_AT: usize = 2;
+
+/// Samples ahead of the judged one whose detector state's lines are prefetched.
+pub(super) const DETECTOR_AT: usize = 1;
 
 /// A sample in the queue.
 pub(super) struct Queued<S> {
@@ -46,8 +51,12 @@ pub(super) enum Prefetch {
     Index,
     /// The lines of the device the index names.
     Device,
-    /// The window slots the sample's values will replace.
+    /// The window slots the sample's values will replace, and the robust detector's
+    /// state of each metric.
     Slots,
+    /// The lines the robust detector's state of each metric points to, for a sample
+    /// whose device the window slots' step found.
+    Detector,
 }
 
 /// The queue. Sample `k` sits in `slots[k % QUEUE]` from when it entered (at step `k`)
@@ -148,12 +157,18 @@ pub(super) fn prefetch<S: SampleLike>(
             own = shards[*shard].lock();
             &*own
         }
-        (None, Prefetch::Index | Prefetch::Device) => return None,
+        (None, Prefetch::Index | Prefetch::Device | Prefetch::Detector) => return None,
     };
     match step {
         Prefetch::Index => table.prefetch_index(*hash),
         Prefetch::Device => table.prefetch_device(*hash),
         Prefetch::Slots => return table.prefetch_for(*hash, normalize_id(sample.device_id())),
+        Prefetch::Detector => {
+            if let Some(pos) = queued.found {
+                table.prefetch_detector(pos);
+            }
+            return queued.found;
+        }
     }
     None
 }

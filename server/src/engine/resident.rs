@@ -260,12 +260,26 @@ impl Metric {
         (slots > 0).then_some((&mut self.at, slots))
     }
 
-    /// Prefetches the window slot the next value will go to (see [`Ring::next_slot`]).
+    /// Prefetches the window slot the next value will go to (see [`Ring::next_slot`]),
+    /// and the robust detector's state, if the metric has one.
     #[inline]
     pub(crate) fn prefetch_slot(&self, pool: &ValuePool) {
         let slots = self.ring.slots();
         if slots > 0 {
             prefetch(&pool.run(self.at, slots)[self.ring.next_slot()]);
+        }
+        if let Some(robust) = &self.robust {
+            prefetch(&**robust);
+        }
+    }
+
+    /// Prefetches what the robust detector's state points to (its ring, order and
+    /// daily profile), if the metric has one. Reads the state: best after
+    /// [`Metric::prefetch_slot`] fetched it.
+    #[inline]
+    pub(crate) fn prefetch_detector(&self) {
+        if let Some(robust) = &self.robust {
+            robust.prefetch();
         }
     }
 

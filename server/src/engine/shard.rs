@@ -113,9 +113,9 @@ impl Table {
     }
 
     /// Prefetches the window slots the next sample of the device whose id is `id`
-    /// (hashing to `hash`) will replace, if the device is here, and returns its
-    /// position. Looking it up reads the index and the device's lines, so those are in
-    /// the cache afterwards as well.
+    /// (hashing to `hash`) will replace, and its metrics' robust detector state, if the
+    /// device is here, and returns its position. Looking it up reads the index and the
+    /// device's lines, so those are in the cache afterwards as well.
     #[inline]
     pub(crate) fn prefetch_for(&self, hash: u64, id: &[u8]) -> Option<usize> {
         let pos = self.find(hash, id)?;
@@ -123,6 +123,15 @@ impl Table {
             metric.prefetch_slot(&self.pool);
         }
         Some(pos)
+    }
+
+    /// Prefetches the lines the robust detector's state of each metric of the device
+    /// at `pos` points to (see [`Table::prefetch_for`], which fetched the states).
+    #[inline]
+    pub(crate) fn prefetch_detector(&self, pos: usize) {
+        for metric in &self.device(pos).metrics {
+            metric.prefetch_detector();
+        }
     }
 
     /// The positions of the devices whose id hashes to `hash` (almost always one).

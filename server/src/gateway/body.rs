@@ -32,18 +32,20 @@ pub(crate) enum Framing {
 impl Framing {
     /// The framing announced by a `Content-Type` value.
     pub(crate) fn from_content_type(content_type: Option<&str>) -> Self {
+        const NDJSON: [&str; 5] = [
+            "application/x-ndjson",
+            "application/ndjson",
+            "application/jsonl",
+            "application/x-jsonlines",
+            "application/jsonlines",
+        ];
         let essence = content_type
             .and_then(|v| v.split(';').next())
-            .map(|v| v.trim().to_ascii_lowercase());
-        match essence.as_deref() {
-            Some(
-                "application/x-ndjson"
-                | "application/ndjson"
-                | "application/jsonl"
-                | "application/x-jsonlines"
-                | "application/jsonlines",
-            ) => Self::NdJson,
-            _ => Self::Json,
+            .map_or("", str::trim);
+        if NDJSON.iter().any(|t| essence.eq_ignore_ascii_case(t)) {
+            Self::NdJson
+        } else {
+            Self::Json
         }
     }
 }
@@ -432,6 +434,10 @@ mod tests {
             Framing::Json
         );
         assert_eq!(Framing::from_content_type(None), Framing::Json);
+        assert_eq!(
+            Framing::from_content_type(Some(" Application/JSONL ;q=1")),
+            Framing::NdJson
+        );
     }
 
     #[test]

@@ -703,6 +703,30 @@ impl RobustState {
         }
         Ok(state)
     }
+
+    /// Prefetches every line [`RobustState::observe`] reads beside the state itself:
+    /// the ring, the order and the daily profile (see `engine/prefetch.rs`).
+    #[inline]
+    pub(crate) fn prefetch(&self) {
+        /// Every line of `items`: the addresses asked for are at most a line apart,
+        /// the last element included.
+        #[inline(always)]
+        fn lines<T>(items: &[T]) {
+            use crate::engine::prefetch::prefetch;
+            items
+                .iter()
+                .step_by((64 / size_of::<T>()).max(1))
+                .chain(items.last())
+                .for_each(prefetch);
+        }
+        lines(&self.ring);
+        lines(&self.order);
+        if let Some(season) = &self.season {
+            lines(&season.mean);
+            lines(&season.dev);
+            lines(&season.visits);
+        }
+    }
 }
 
 /// Length of one `SeasonBucket` body: two doubles and the visits.
