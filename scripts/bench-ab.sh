@@ -31,21 +31,7 @@ HTTP_PORT=${HTTP_PORT:-50091}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
-trap stop_server EXIT
-
-samples_answered() {
-  curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" |
-    awk '/^tidewatch_samples_total\{/ && /transport="grpc"/ {s += $NF} END {printf "%d", s}'
-}
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+source scripts/lib/bench-server.sh
 
 load() { # seconds name
   taskset -c "$LOAD_CPU" "$LOADGEN/tidewatch-bench" --url "http://127.0.0.1:$PORT" --threads 1 \

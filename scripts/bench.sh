@@ -94,15 +94,7 @@ fi
 mkdir -p "$OUT"
 printf 'part\tpair\tserver\tdetector\tmessages_per_s\tsamples_per_s\tserver_cpu_us_per_msg\tp50_us\tp99_us\tanomalous_pct\talerts\twatch_events\tloadgen_cpu_pct\n' >"$OUT/runs.tsv"
 
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
-trap stop_server EXIT
+source scripts/lib/bench-server.sh
 
 # Waits until the server's log has its "grpc listening" line.
 wait_listening() {
@@ -131,16 +123,9 @@ start_bare() {
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-# Samples the server has answered over gRPC, from its Prometheus counter; empty when
-# the server has no /metrics. With TLS on, the admin listener serves it in plain HTTP.
+# Where samples_answered (scripts/lib/bench-server.sh) reads the server's counter: with
+# TLS on, the admin listener serves /metrics in plain HTTP.
 METRICS_URL="http://127.0.0.1:$HTTP_PORT/metrics"
-samples_answered() {
-  curl -sf "$METRICS_URL" 2>/dev/null |
-    awk '/^tidewatch_samples_total\{/ && /transport="grpc"/ {s += $NF; n++} END {if (n) printf "%d", s}' || true
-}
-
-# CPU time (user + system, in clock ticks) the process has used so far.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 perf_pid=""
 profile_during() {

@@ -832,6 +832,14 @@ mod tests {
         assert!(s.holt_error.is_finite());
     }
 
+    /// Feeds `n` noisy values around `level`, one a minute from `*t` on.
+    fn feed(s: &mut RobustState, p: &RobustParams, t: &mut u64, n: usize, level: f64) {
+        for _ in 0..n {
+            s.observe(level + noise(*t), *t as i64 * 60, p, 3.0, 32);
+            *t += 1;
+        }
+    }
+
     #[test]
     fn a_peak_not_reached_again_for_half_the_long_span_is_forgotten() {
         let p = RobustParams {
@@ -840,19 +848,13 @@ mod tests {
         };
         let mut s = RobustState::new(p.window);
         let mut t = 0;
-        let mut feed = |s: &mut RobustState, n: usize, level: f64| {
-            for _ in 0..n {
-                s.observe(level + noise(t), t as i64 * 60, &p, 3.0, 32);
-                t += 1;
-            }
-        };
-        feed(&mut s, 600, 100.0);
-        feed(&mut s, 20, 104.0);
-        feed(&mut s, 20, 100.0);
+        feed(&mut s, &p, &mut t, 600, 100.0);
+        feed(&mut s, &p, &mut t, 20, 104.0);
+        feed(&mut s, &p, &mut t, 20, 100.0);
         let held = s.short_hi - s.lt_mean;
         assert!(held > 0.5, "{held}");
         // Decay alone would keep about 60 % of it after 210 more values.
-        feed(&mut s, 210, 100.0);
+        feed(&mut s, &p, &mut t, 210, 100.0);
         let after = s.short_hi - s.lt_mean;
         assert!(after < 0.2 * held, "{held} then {after}");
     }
@@ -865,17 +867,11 @@ mod tests {
         };
         let mut s = RobustState::new(p.window);
         let mut t = 0;
-        let mut feed = |s: &mut RobustState, n: usize, level: f64| {
-            for _ in 0..n {
-                s.observe(level + noise(t), t as i64 * 60, &p, 3.0, 32);
-                t += 1;
-            }
-        };
-        feed(&mut s, 100, 100.0);
-        feed(&mut s, 5, 200.0);
+        feed(&mut s, &p, &mut t, 100, 100.0);
+        feed(&mut s, &p, &mut t, 5, 200.0);
         // 300 values later the decaying range alone would still reach about 147
         // (plus its tolerance); forgotten after 200, it holds what the window does.
-        feed(&mut s, 300, 100.0);
+        feed(&mut s, &p, &mut t, 300, 100.0);
         assert!(s.hi < 110.0, "{}", s.hi);
         let spike = s.observe(150.0, t as i64 * 60, &p, 3.0, 32);
         assert!(spike.anomaly && spike.robust_z > 3.0, "{spike:?}");
