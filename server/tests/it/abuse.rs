@@ -674,6 +674,14 @@ const FLOOD_BYTES: usize = 256 * 1024 * 1024;
 /// each connection's HTTP/2 state and buffers, and the allocator's steps.
 const FLOOD_CEILING: u64 = 48 * 1024 * 1024;
 
+/// RSS the server may gain while clients that never read hold their stalled
+/// connections. Measured over 9 runs of two builds: +33 to +71 MB while the clients
+/// got about 33 MB written before the server stopped reading (the stall is asserted
+/// too); where the 30-70 MB goes is not pinned down yet (h2 and hyper's queued answers,
+/// the allocator's retention). A server that kept reading and queueing answers would
+/// take the flood's 256 MB in its 4 s and pass this by far.
+const NON_READING_CEILING: u64 = 96 * 1024 * 1024;
+
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// HTTP/2 frame types and flags used here.
@@ -837,6 +845,11 @@ async fn flood(
 /// Runs `attack` against a default server with the watchdog on, then checks the
 /// bounds and a legitimate client.
 async fn survives(what: &str, attack: impl AsyncFnOnce(&Target) -> Flooded) {
+    survives_within(what, FLOOD_CEILING, attack).await;
+}
+
+/// [`survives`], the server's RSS allowed to rise by `ceiling`.
+async fn survives_within(what: &str, ceiling: u64, attack: impl AsyncFnOnce(&Target) -> Flooded) {
     let target = Target::start(&[]);
     // Warm-up: a few legitimate calls, so the baseline has the working set of served
     // connections.
@@ -852,10 +865,7 @@ async fn survives(what: &str, attack: impl AsyncFnOnce(&Target) -> Flooded) {
     target
         .serves_a_legitimate_client(&format!("{what}-legit"), 1)
         .await;
-    watchdog
-        .finish()
-        .await
-        .assert_held(what, baseline, FLOOD_CEILING);
+    watchdog.finish().await.assert_held(what, baseline, ceiling);
     assert!(flooded.chunks > 0, "{what}: nothing was sent");
 }
 
@@ -922,7 +932,7 @@ async fn http2_continuation_flood_leaves_memory_flat_and_probes_answering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_leaves_memory_flat_and_probes_answering() {
-    survives("non-reading client", async |target| {
+    survives_within("non-reading client", NON_READING_CEILING, async |target| {
         // gRPC health checks, complete requests whose answers are never read: the
         // answers fill the socket, the server stops reading, the writes stall.
         let headers = grpc_headers("/grpc.health.v1.Health/Check");
