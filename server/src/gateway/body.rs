@@ -270,8 +270,23 @@ fn timestamp(key: &str, value: Value) -> Result<Timestamp, String> {
                 nanos: nanos as i32,
             })
         }
-        Value::String(s) => Timestamp::deserialize(Value::String(s))
-            .map_err(|e| format!("field {key:?} is not an RFC 3339 time: {e}")),
+        Value::String(s) => {
+            let mut t = Timestamp::deserialize(Value::String(s))
+                .map_err(|e| format!("field {key:?} is not an RFC 3339 time: {e}"))?;
+            // A leap second (`23:59:60`) reads as nanos past 999,999,999, which no
+            // Timestamp may hold: it is the first instant of the next second, as the
+            // smeared clocks of protobuf's Timestamp count it.
+            if t.nanos >= 1_000_000_000 {
+                t.seconds += 1;
+                t.nanos -= 1_000_000_000;
+            }
+            if !TIMESTAMP_SECONDS.contains(&(t.seconds as f64)) {
+                return Err(format!(
+                    "field {key:?} is after 9999-12-31T23:59:59Z, the latest time a sample may hold"
+                ));
+            }
+            Ok(t)
+        }
         other => Err(format!(
             "field {key:?} must be unix seconds or an RFC 3339 string, got {}",
             json_type(&other)
@@ -348,6 +363,19 @@ mod tests {
         assert_eq!(s[0].time.unwrap().seconds, 1_705_314_600);
         assert_eq!(s[0].metrics.len(), 2);
         assert_eq!(s[0].metrics["rps"], 150.0);
+    }
+
+    #[test]
+    fn a_leap_second_is_the_first_instant_of_the_next_second() {
+        // Found by the rest_body fuzz target: `:60` read as nanos of 1,000,000,000,
+        // a Timestamp no proto3 JSON writer accepts.
+        let s = json(r#"{"timestamp": "2016-12-31T23:59:60Z", "cpu": 1}"#).unwrap();
+        let t = s[0].time.unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_483_228_800, 0));
+        let s = json(r#"{"timestamp": "2016-12-31T23:59:60.5Z", "cpu": 1}"#).unwrap();
+        let t = s[0].time.unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_483_228_800, 500_000_000));
+        assert!(json(r#"{"timestamp": "9999-12-31T23:59:60Z", "cpu": 1}"#).is_err());
     }
 
     #[test]
