@@ -151,7 +151,6 @@ impl Watched {
             self.peak_rss.saturating_sub(baseline) / 1024,
             ceiling / 1024
         );
-        assert!(self.probes >= 3, "{what}: only {} probes ran", self.probes);
         assert!(
             self.failures.is_empty(),
             "{what}: probes failed: {:?}",
@@ -203,7 +202,12 @@ impl Watchdog {
     }
 }
 
-/// The watchdog's loop, until `stop`.
+/// Probes a watchdog makes at the least: an attack that ends sooner (a fast machine
+/// inserts the colliding ids in a fraction of a second) is followed by probes until
+/// there are this many, so the server is always seen answering after it too.
+const MIN_PROBES: usize = 3;
+
+/// The watchdog's loop, until `stop` and at least [`MIN_PROBES`] probes.
 async fn watch(stop: Arc<AtomicBool>, http_addr: SocketAddr, url: String, pid: u32) -> Watched {
     let mut watched = Watched {
         probes: 0,
@@ -214,7 +218,7 @@ async fn watch(stop: Arc<AtomicBool>, http_addr: SocketAddr, url: String, pid: u
         peak_rss: rss_of(pid),
     };
     let mut run = 0;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) || watched.probes < MIN_PROBES {
         let started = Instant::now();
         let result = tokio::time::timeout(PROBE_GIVE_UP, probe(http_addr, url.clone())).await;
         let took = started.elapsed();
