@@ -42,6 +42,19 @@ async fn send(client: &mut TelemetryServiceClient<Channel>, s: &Sample) -> Verdi
     verdicts.remove(0)
 }
 
+/// A task that sends `samples` in order to the server at `url`, each until it is
+/// not answered `moved`; their verdicts.
+fn writer(url: String, samples: Vec<Sample>) -> tokio::task::JoinHandle<Vec<Verdict>> {
+    tokio::spawn(async move {
+        let mut client = connect(&url).await;
+        let mut verdicts = Vec::new();
+        for s in &samples {
+            verdicts.push(send_retrying(&mut client, s).await);
+        }
+        verdicts
+    })
+}
+
 /// Sends a sample until its verdict is not `moved` (what the SDKs do); fails after
 /// 20 s.
 async fn send_retrying(client: &mut TelemetryServiceClient<Channel>, s: &Sample) -> Verdict {
@@ -150,15 +163,7 @@ async fn simultaneous_writers_apply_each_sample_once() {
     let (a, b) = (replica(&redis), replica(&redis));
     let mut writers = Vec::new();
     for url in [a.grpc_url(), b.grpc_url()] {
-        let all = all.clone();
-        writers.push(tokio::spawn(async move {
-            let mut client = connect(&url).await;
-            let mut verdicts = Vec::new();
-            for s in &all {
-                verdicts.push(send_retrying(&mut client, s).await);
-            }
-            verdicts
-        }));
+        writers.push(writer(url, all.clone()));
     }
     let mut applied: Vec<Option<Verdict>> = vec![None; all.len()];
     for writer in writers {
@@ -329,15 +334,7 @@ async fn three_simultaneous_writers_and_a_kill_apply_each_sample_once() {
         async move {
             let mut writers = Vec::new();
             for url in urls {
-                let part = all[range.clone()].to_vec();
-                writers.push(tokio::spawn(async move {
-                    let mut client = connect(&url).await;
-                    let mut verdicts = Vec::new();
-                    for s in &part {
-                        verdicts.push(send_retrying(&mut client, s).await);
-                    }
-                    verdicts
-                }));
+                writers.push(writer(url, all[range.clone()].to_vec()));
             }
             let mut out = Vec::new();
             for writer in writers {
