@@ -193,7 +193,22 @@ fn sample(value: Value) -> Result<Sample, String> {
             if let Some(value) = map.get_mut("seq") {
                 *value = Value::String(seq(value.take())?.to_string());
             }
-            Sample::deserialize(Value::Object(map)).map_err(|e| e.to_string())
+            // An RFC 3339 time by the same rules as a flat sample's (a leap second
+            // is the next second's first instant, which pbjson would keep as nanos
+            // past a second that no proto3 JSON writer accepts).
+            let time = match map.remove("time") {
+                Some(value @ Value::String(_)) => Some(timestamp("time", value)?),
+                Some(other) => {
+                    map.insert("time".into(), other);
+                    None
+                }
+                None => None,
+            };
+            let mut sample = Sample::deserialize(Value::Object(map)).map_err(|e| e.to_string())?;
+            if time.is_some() {
+                sample.time = time;
+            }
+            Ok(sample)
         }
         Value::Object(map) => flat(map),
         other => Err(format!(
@@ -376,6 +391,12 @@ mod tests {
         let t = s[0].time.unwrap();
         assert_eq!((t.seconds, t.nanos), (1_483_228_800, 500_000_000));
         assert!(json(r#"{"timestamp": "9999-12-31T23:59:60Z", "cpu": 1}"#).is_err());
+        // A canonical sample's `time` too (found by the fuzz target in CI).
+        let s = json(r#"{"time": "2024-02-29T23:59:60.999999999Z", "metrics": {"m": 1}}"#);
+        let t = s.unwrap()[0].time.unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_709_251_200, 999_999_999));
+        let s = json(r#"{"time": "9999-12-31T23:59:60Z", "metrics": {"m": 1}}"#);
+        assert!(s.unwrap_err().to_string().contains("9999-12-31T23:59:59Z"));
     }
 
     #[test]
