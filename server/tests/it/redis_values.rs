@@ -86,6 +86,18 @@ async fn a_refused_password_is_an_authentication_failure() {
     store.ping().await.unwrap();
 }
 
+/// Writes an 8 MiB string at `key` (zeros up to one `x`), eight times the 1 MiB cap
+/// of [`with_redis`]'s servers in these tests.
+async fn write_oversized(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let _: i64 = redis::cmd("SETRANGE")
+        .arg(key)
+        .arg((8 << 20) - 1)
+        .arg("x")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// `total_net_output_bytes` of Redis: what it has sent to all clients so far.
 async fn bytes_sent(redis: &RedisServer) -> u64 {
     let mut conn = redis.connection().await;
@@ -156,15 +168,8 @@ async fn wait_for_snapshot(redis: &RedisServer, device: &str, last_seq: u64) {
 async fn a_value_above_the_cap_is_never_read() {
     let redis = RedisServer::start();
     let mut conn = redis.connection().await;
-    const HUGE: usize = 8 << 20;
     for device in ["huge", "huge-analyzed"] {
-        let _: i64 = redis::cmd("SETRANGE")
-            .arg(store::key(device))
-            .arg(HUGE - 1)
-            .arg("x")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        write_oversized(&mut conn, &store::key(device)).await;
     }
     let server = with_redis(&redis, 1 << 20).await;
     let sent = bytes_sent(&redis).await;
@@ -389,13 +394,7 @@ async fn an_old_key_of_a_brace_id_is_read_within_the_cap() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _: i64 = redis::cmd("SETRANGE")
-        .arg(old(huge))
-        .arg((8 << 20) - 1)
-        .arg("x")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    write_oversized(&mut conn, &old(huge)).await;
     let server = with_redis(&redis, 1 << 20).await;
     let sent = bytes_sent(&redis).await;
     let (verdicts, status) = run_ingest(

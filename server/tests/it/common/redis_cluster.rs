@@ -103,35 +103,21 @@ impl RedisCluster {
         let port = self.nodes[i].port;
         let dir = self.dir.join(port.to_string());
         std::fs::create_dir_all(&dir).expect("node dir");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
+        let dir = dir.to_str().expect("utf-8 temp dir");
+        let child = super::redis_server::spawn(
+            port,
+            &[
                 "--dir",
-                dir.to_str().expect("utf-8 temp dir"),
+                dir,
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "1000",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
+            ],
+        );
         self.nodes[i].child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while redis_cli(port, &["PING"]).as_deref() != Some("PONG") {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// `host:port` of the first three nodes, comma-separated: `REDIS_CLUSTER_NODES`.
