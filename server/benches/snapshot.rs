@@ -1,7 +1,8 @@
 //! Snapshot costs against a real `redis-server` (spawned on a free port):
 //!
 //! 1. the time to flush 1,000,000 dirty devices with 2 metrics each (full windows of
-//!    50 values), first into an empty Redis, then overwriting;
+//!    50 values, 34-byte ids as the load generator writes them), first into an empty
+//!    Redis, then overwriting;
 //! 2. gRPC ingest throughput of the real server with snapshots off and on, in the
 //!    same run, alternating, so the machine's noise hits both alike.
 //!
@@ -38,6 +39,7 @@ use std::{
 
 use redis_cluster::RedisCluster;
 use redis_server::RedisServer;
+use tidewatch_loadgen::traffic::{IdStyle, MetricRange, Traffic};
 use tidewatch_proto::v1::{IngestRequest, telemetry_service_client::TelemetryServiceClient};
 use tidewatch_server::{
     Server,
@@ -49,10 +51,24 @@ use tidewatch_server::{
 use tokio_stream::StreamExt;
 use workload::workload;
 
-/// Builds `devices` dirty devices with two full windows each.
+/// The ids of the load generator's realistic traffic (34 bytes up to a million
+/// devices: `fleet-eu-west/gw-000123/dev-012345`).
+const FLEET: Traffic = Traffic {
+    devices: 0,
+    batch: 1,
+    rounds: 0,
+    metrics: MetricRange { min: 2, max: 2 },
+    ids: IdStyle::Fleet,
+    anomaly_rate: 0.0,
+    timestamps: true,
+    detector: None,
+    seed: 0,
+};
+
+/// Builds `devices` dirty devices with two full windows each, ids as [`FLEET`]'s.
 fn populate(engine: &Engine, devices: usize) {
     for i in 0..devices {
-        let mut device = DeviceState::new(&format!("device-{i:07}"));
+        let mut device = DeviceState::new(&FLEET.device_id(i));
         device.last_seq = 1000;
         for (m, name) in ["cpu", "rps"].into_iter().enumerate() {
             let mut metric = MetricState::new(name);
@@ -218,7 +234,7 @@ async fn flush_benchmark(redis: &RedisServer, devices: usize) {
             own_cpu_seconds() - own_cpu,
         );
     }
-    let value = redis.raw("device-0000000").await.expect("written");
+    let value = redis.raw(&FLEET.device_id(0)).await.expect("written");
     println!("snapshot value size: {} bytes per device", value.len());
     redis_benchmark(redis, devices, value.len()).await;
 }
@@ -242,7 +258,8 @@ async fn redis_benchmark(redis: &RedisServer, devices: usize, value_size: usize)
             .args(["-c", &pool.to_string()])
             .args([
                 "SET",
-                "tidewatch:v1:device:__rand_int__",
+                // An id of 34 bytes, as the flush's: 22 + 12 digits.
+                "tidewatch:v1:device:fleet-eu-west/gw0/dev-__rand_int__",
                 &value,
                 "EX",
                 "3600",
@@ -272,7 +289,7 @@ async fn redis_benchmark(redis: &RedisServer, devices: usize, value_size: usize)
     flushall(redis).await;
     let p = redis.port;
     println!(
-        "baseline: redis-benchmark -p {p} -q -n {devices} -r R -P {batch} -c {pool} SET tidewatch:v1:device:__rand_int__ <{value_size} bytes> EX 3600"
+        "baseline: redis-benchmark -p {p} -q -n {devices} -r R -P {batch} -c {pool} SET tidewatch:v1:device:fleet-eu-west/gw0/dev-__rand_int__ <{value_size} bytes> EX 3600"
     );
     if let Some((elapsed, cpu)) = run(100_000_000) {
         println!(
