@@ -29,6 +29,7 @@ mod guard;
 pub(crate) mod openapi;
 mod schema_names;
 mod sse;
+mod track;
 
 use std::{
     collections::BTreeMap,
@@ -39,7 +40,7 @@ use std::{
 use axum::{
     Router,
     body::Body,
-    extract::{MatchedPath, Query, Request, State, rejection::QueryRejection},
+    extract::{Query, Request, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -47,13 +48,11 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
-use opentelemetry::KeyValue;
 use serde::Serialize;
 use tidewatch_proto::{
     json::ProtoDouble,
     v1::{AnalyzeRequest, AnalyzeResponse, DetectorConfig},
 };
-use tracing::Instrument as _;
 
 use self::{
     answer::JsonVerdicts,
@@ -65,7 +64,7 @@ use crate::{
     overload::RETRY_AFTER_SECONDS,
     security::policy::Scope,
     service::AppState,
-    telemetry::{self, Transport, trace::CallSpan},
+    telemetry::Transport,
 };
 
 /// The gateway's routes with their middleware, ready to serve.
@@ -105,7 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/console/", get(console::index))
         .route("/console/{file}", get(console::asset))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+        .layer(track::TrackLayer::new(Arc::clone(&state)))
         .with_state(state)
 }
 
@@ -162,86 +161,6 @@ async fn authenticate(
         }
         Err(e) => guard::unauthenticated(request, e),
     }
-}
-
-/// Records every request's duration (`http.server.request.duration`) by method,
-/// route and status, outermost, so shed and refused requests are counted with the
-/// status they got. With traces on, the request also gets a server span (except
-/// probes and `/metrics`), child of its `traceparent`, named on the response's.
-async fn track(
-    State(state): State<Arc<AppState>>,
-    matched: Option<MatchedPath>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = route_label(matched.as_ref().map(MatchedPath::as_str));
-    let method = request.method().clone();
-    let scheme = if state.config.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let started = Instant::now();
-    let span = match route {
-        Some("/health" | "/healthz" | "/readyz" | "/metrics") => None,
-        _ => http_span(&state, scheme, &method, route, request.headers()),
-    };
-    let mut response = match &span {
-        Some(span) => next.run(request).instrument(span.log_span()).await,
-        None => next.run(request).await,
-    };
-    let status = response.status().as_u16();
-    state
-        .metrics
-        .record_http(scheme, &method, route, status, started.elapsed());
-    if let Some(span) = span {
-        span.inject(response.headers_mut());
-        span.set_attributes([KeyValue::new(
-            "http.response.status_code",
-            i64::from(status),
-        )]);
-        let reason = response
-            .status()
-            .canonical_reason()
-            .unwrap_or("server error");
-        span.end((status >= 500).then_some(reason));
-        tracing::debug!(
-            trace_id = %span.trace_id(),
-            method = %method,
-            route = route.unwrap_or_default(),
-            status,
-            "http request finished"
-        );
-    }
-    response
-}
-
-/// The server span of an HTTP request (`{method} {route}`), when traces are on.
-fn http_span(
-    state: &AppState,
-    scheme: &'static str,
-    method: &http::Method,
-    route: Option<&'static str>,
-    headers: &HeaderMap,
-) -> Option<CallSpan> {
-    if !state.tracing.is_on() {
-        return None;
-    }
-    let method = telemetry::http_method(method);
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", method),
-        KeyValue::new("url.scheme", scheme),
-    ];
-    // `{method} {route}`, or `HTTP` for a method outside the standard ones.
-    let method = if method == "_OTHER" { "HTTP" } else { method };
-    let name = match route {
-        Some(route) => {
-            attributes.push(KeyValue::new("http.route", route));
-            format!("{method} {route}")
-        }
-        None => method.to_owned(),
-    };
-    state.tracing.server_span(name, headers, attributes)
 }
 
 /// A fixed label per route (the route's pattern): paths of unknown routes never
