@@ -167,3 +167,27 @@ pub(super) async fn guard(
         None => handled.await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handler_takes_what_the_guard_left_once() {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.extensions.insert(Admitted {
+            principal: Arc::new(Principal::anonymous()),
+            body: Bytes::from_static(b"{}"),
+        });
+        let admitted = Admitted::from_request_parts(&mut parts, &())
+            .await
+            .expect("left by the guard");
+        assert_eq!(&admitted.principal.name[..], "anonymous");
+        assert_eq!(&admitted.body[..], b"{}");
+        // Taken, not copied: a second extractor finds nothing, and nothing panics.
+        let again = Admitted::from_request_parts(&mut parts, &())
+            .await
+            .expect_err("taken already");
+        assert_eq!(again.kind, ErrorKind::Internal);
+    }
+}
