@@ -25,9 +25,11 @@ mod answer;
 pub(crate) mod body;
 mod console;
 mod devices;
+mod guard;
 pub(crate) mod openapi;
 mod schema_names;
 mod sse;
+mod track;
 
 use std::{
     collections::BTreeMap,
@@ -36,10 +38,9 @@ use std::{
 };
 
 use axum::{
-    Extension, Router,
+    Router,
     body::Body,
-    error_handling::HandleErrorLayer,
-    extract::{MatchedPath, Query, Request, State, rejection::QueryRejection},
+    extract::{Query, Request, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -47,36 +48,27 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
-use opentelemetry::KeyValue;
 use serde::Serialize;
 use tidewatch_proto::{
     json::ProtoDouble,
     v1::{AnalyzeRequest, AnalyzeResponse, DetectorConfig},
 };
-use tower::{
-    BoxError, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
-    timeout::TimeoutLayer,
-};
-use tracing::Instrument as _;
 
-use self::answer::JsonVerdicts;
+use self::{
+    answer::JsonVerdicts,
+    guard::{Admitted, Guard},
+};
 use crate::{
-    config::nonzero,
     error::{ApiError, ErrorKind},
-    intake::{IntakeBody, IntakeError, Mode},
-    overload::{self, RETRY_AFTER_SECONDS},
-    security::{
-        policy::{Principal, Scope},
-        tls::PeerInfo,
-    },
+    intake::IntakeError,
+    overload::RETRY_AFTER_SECONDS,
+    security::policy::Scope,
     service::AppState,
-    telemetry::{self, Transport, trace::CallSpan},
+    telemetry::Transport,
 };
 
 /// The gateway's routes with their middleware, ready to serve.
 pub fn router(state: Arc<AppState>) -> Router {
-    let config = &state.config;
-    let shed_state = Arc::clone(&state);
     // The feed is a long-lived stream: bounded by MAX_WATCHERS, not by the API's
     // concurrency limit and timeout.
     let feed = Router::new()
@@ -86,7 +78,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             Arc::clone(&state),
             authenticate,
         ));
-    // Shedding and the timeout apply to the API only; probes and scrapes always answer.
+    // The guard (authentication, the body, shedding, the timeout) applies to the API
+    // only; probes and scrapes always answer. One route layer: each boxes the routes
+    // once more, and a boxed route is cloned for every request.
     let api = Router::new()
         .route("/ingest", post(ingest))
         .route("/metric", post(ingest))
@@ -94,30 +88,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices", get(devices::devices))
         .route("/window", get(devices::window))
         .route("/devices/{*id}", delete(devices::delete))
-        // One `route_layer` for the whole stack, outermost first: each call boxes the
-        // routes once more, and a boxed route is cloned for every request.
-        .route_layer(
-            ServiceBuilder::new()
-                .layer(middleware::from_fn_with_state(
-                    Arc::clone(&state),
-                    authenticate,
-                ))
-                .layer(middleware::from_fn_with_state(
-                    Arc::clone(&state),
-                    prefetch_body,
-                ))
-                .layer(HandleErrorLayer::new(move |e: BoxError| {
-                    let state = Arc::clone(&shed_state);
-                    async move { error_response(overload::refusal(&state, &e, Transport::Http)) }
-                }))
-                .layer(LoadShedLayer::new())
-                .option_layer(
-                    overload::semaphore(config.http_concurrency_limit)
-                        .map(GlobalConcurrencyLimitLayer::with_semaphore),
-                )
-                .option_layer(nonzero(config.request_timeout).map(TimeoutLayer::new))
-                .map_err(BoxError::from),
-        );
+        .route_layer(middleware::from_fn_with_state(
+            Guard::new(Arc::clone(&state)),
+            guard::guard,
+        ));
     Router::new()
         .merge(api)
         .merge(feed)
@@ -130,7 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/console/", get(console::index))
         .route("/console/{file}", get(console::asset))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+        .layer(track::TrackLayer::new(Arc::clone(&state)))
         .with_state(state)
 }
 
@@ -161,46 +135,6 @@ async fn connection_limit(State(state): State<Arc<AppState>>) -> Response {
     response
 }
 
-/// Reads an API request's body before the request takes a concurrency slot, under
-/// the intake rules (`MAX_INCOMPLETE_BYTES`, `MIN_UPLOAD_RATE`) and within
-/// `REQUEST_TIMEOUT` (`408` past it), so a slow upload holds no slot: the handler
-/// gets the body whole.
-async fn prefetch_body(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let (parts, body) = request.into_parts();
-    let deadline = nonzero(state.config.request_timeout).map(|t| tokio::time::Instant::now() + t);
-    let body = Body::new(IntakeBody::new(
-        body,
-        Arc::clone(&state.intake),
-        Mode::Whole {
-            deadline,
-            setting: "REQUEST_TIMEOUT",
-        },
-    ));
-    match read_body(&parts.headers, body, state.config.max_body_bytes).await {
-        Ok(bytes) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
-        }
-        Err(e) => {
-            if e.kind == ErrorKind::Overloaded {
-                state.metrics.record_shed(Transport::Http);
-            }
-            let mut response = e.into_response();
-            if response.status() == StatusCode::REQUEST_TIMEOUT {
-                // The rest of a slow upload is not worth waiting for.
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            response
-        }
-    }
-}
-
 /// The admin listener's routes: probes and metrics only (see `ADMIN_ADDR`).
 pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -211,121 +145,22 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Finds the caller of an API request from its `authorization` header and its
-/// connection's client certificate, and hands it to the handler; `401` without valid
-/// credentials. Probes, `/metrics`, the OpenAPI document and the console's files are
-/// outside it: they carry no device data.
+/// Finds the caller of a feed request (see [`guard::caller`]) and hands it to the
+/// handler; `401` without valid credentials. The API routes get theirs from the
+/// [`guard`]; probes, `/metrics`, the OpenAPI document and the console's files are
+/// outside both: they carry no device data.
 async fn authenticate(
     State(state): State<Arc<AppState>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let identity = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<PeerInfo>>()
-        .and_then(|info| info.0.identity.clone());
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
-    match state.security.principal(authorization, identity.as_deref()) {
+    match guard::caller(&state, &request) {
         Ok(principal) => {
             request.extensions_mut().insert(principal);
             next.run(request).await
         }
-        Err(e) => {
-            // Read what the client is still uploading, as for a 413: answering an
-            // upload early otherwise ends in a reset stream instead of the 401.
-            let declared = request
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0);
-            let (parts, body) = request.into_parts();
-            linger(&parts.headers, body, declared);
-            e.into_response()
-        }
+        Err(e) => guard::unauthenticated(request, e),
     }
-}
-
-/// Records every request's duration (`http.server.request.duration`) by method,
-/// route and status, outermost, so shed and refused requests are counted with the
-/// status they got. With traces on, the request also gets a server span (except
-/// probes and `/metrics`), child of its `traceparent`, named on the response's.
-async fn track(
-    State(state): State<Arc<AppState>>,
-    matched: Option<MatchedPath>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = route_label(matched.as_ref().map(MatchedPath::as_str));
-    let method = request.method().clone();
-    let scheme = if state.config.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let started = Instant::now();
-    let span = match route {
-        Some("/health" | "/healthz" | "/readyz" | "/metrics") => None,
-        _ => http_span(&state, scheme, &method, route, request.headers()),
-    };
-    let mut response = match &span {
-        Some(span) => next.run(request).instrument(span.log_span()).await,
-        None => next.run(request).await,
-    };
-    let status = response.status().as_u16();
-    state
-        .metrics
-        .record_http(scheme, &method, route, status, started.elapsed());
-    if let Some(span) = span {
-        span.inject(response.headers_mut());
-        span.set_attributes([KeyValue::new(
-            "http.response.status_code",
-            i64::from(status),
-        )]);
-        let reason = response
-            .status()
-            .canonical_reason()
-            .unwrap_or("server error");
-        span.end((status >= 500).then_some(reason));
-        tracing::debug!(
-            trace_id = %span.trace_id(),
-            method = %method,
-            route = route.unwrap_or_default(),
-            status,
-            "http request finished"
-        );
-    }
-    response
-}
-
-/// The server span of an HTTP request (`{method} {route}`), when traces are on.
-fn http_span(
-    state: &AppState,
-    scheme: &'static str,
-    method: &http::Method,
-    route: Option<&'static str>,
-    headers: &HeaderMap,
-) -> Option<CallSpan> {
-    if !state.tracing.is_on() {
-        return None;
-    }
-    let method = telemetry::http_method(method);
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", method),
-        KeyValue::new("url.scheme", scheme),
-    ];
-    // `{method} {route}`, or `HTTP` for a method outside the standard ones.
-    let method = if method == "_OTHER" { "HTTP" } else { method };
-    let name = match route {
-        Some(route) => {
-            attributes.push(KeyValue::new("http.route", route));
-            format!("{method} {route}")
-        }
-        None => method.to_owned(),
-    };
-    state.tracing.server_span(name, headers, attributes)
 }
 
 /// A fixed label per route (the route's pattern): paths of unknown routes never
@@ -492,13 +327,15 @@ impl IngestQuery {
 )]
 async fn ingest(
     State(state): State<Arc<AppState>>,
-    Extension(principal): Extension<Arc<Principal>>,
+    Admitted {
+        principal,
+        body: bytes,
+    }: Admitted,
     query: Result<Query<IngestQuery>, QueryRejection>,
     request: Request,
 ) -> Response {
     // The headers as the request has them (the `HeaderMap` extractor would copy them).
-    let (parts, body) = request.into_parts();
-    let headers = &parts.headers;
+    let headers = request.headers();
     if let Err(e) = principal.require(Scope::Ingest) {
         return ApiError::from(e).into_response();
     }
@@ -508,10 +345,6 @@ async fn ingest(
     };
     let detector = match detector {
         Ok(detector) => detector,
-        Err(e) => return e.into_response(),
-    };
-    let bytes = match read_body(headers, body, state.config.max_body_bytes).await {
-        Ok(bytes) => bytes,
         Err(e) => return e.into_response(),
     };
     let framing = body::Framing::from_content_type(
@@ -682,7 +515,7 @@ struct AnalyzeQuery {
 )]
 async fn analyze(
     State(state): State<Arc<AppState>>,
-    Extension(principal): Extension<Arc<Principal>>,
+    Admitted { principal, .. }: Admitted,
     query: Result<Query<AnalyzeQuery>, QueryRejection>,
 ) -> Response {
     let Query(query) = match query {

@@ -1,15 +1,17 @@
-//! Overload protection for both servers, built from tower's own middleware: a global
-//! concurrency limit per server (`GlobalConcurrencyLimit` over one shared semaphore)
-//! behind `LoadShed`, so a request over the limit is refused at once instead of
-//! queueing, and a per-request `Timeout`. Refusals become `ErrorKind::Overloaded`
+//! Overload protection for both servers: a global concurrency limit per server (one
+//! shared semaphore) behind which a request over the limit is refused at once instead
+//! of queueing, and a per-request timeout. The gRPC server stacks tower's own
+//! middleware for it (`GlobalConcurrencyLimit` behind `LoadShed`, `Timeout`); the
+//! gateway applies the same rules in one middleware of its own (`gateway::guard`,
+//! which says why), with the same errors ([`overloaded`], [`timed_out`]). Refusals become `ErrorKind::Overloaded`
 //! (HTTP `503` with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`) and are counted in
 //! `tidewatch_load_shed_total{transport}`; timeouts become `ErrorKind::Timeout`.
 //!
 //! # Long-lived streams and the concurrency limit
 //!
-//! A tower concurrency limit holds its slot until the response *future* resolves. For
+//! A concurrency limit holds its slot until the response *future* resolves. For
 //! a unary call or an HTTP request that is the whole handling of the request; the
-//! request itself is read before the slot is taken (the gateway's `prefetch_body`,
+//! request itself is read before the slot is taken (the gateway's guard,
 //! [`prefetch`] here), under the [`crate::intake`] bounds, so a client that uploads
 //! slowly or sends nothing holds no slot. For a gRPC stream it is only the opening of
 //! the stream: tonic resolves the response
@@ -64,24 +66,34 @@ pub const RETRY_AFTER_SECONDS: u64 = 1;
 /// The error a request over the limit or past its time gets, counting sheds.
 pub(crate) fn refusal(state: &AppState, error: &BoxError, transport: Transport) -> ApiError {
     if error.is::<tower::load_shed::error::Overloaded>() {
-        state.metrics.record_shed(transport);
-        let setting = match transport {
-            Transport::Grpc => "GRPC_CONCURRENCY_LIMIT",
-            Transport::Http => "HTTP_CONCURRENCY_LIMIT",
-        };
-        ApiError::new(
-            ErrorKind::Overloaded,
-            format!("server is at its concurrency limit ({setting}); retry shortly"),
-        )
+        overloaded(state, transport)
     } else if error.is::<tower::timeout::error::Elapsed>() {
-        ApiError::new(
-            ErrorKind::Timeout,
-            "request took longer than REQUEST_TIMEOUT",
-        )
+        timed_out()
     } else {
         tracing::error!(error = %error, transport = transport.as_str(), "request failed in middleware");
         ApiError::new(ErrorKind::Internal, "internal error")
     }
+}
+
+/// The error of a request refused at the concurrency limit, counted as shed.
+pub(crate) fn overloaded(state: &AppState, transport: Transport) -> ApiError {
+    state.metrics.record_shed(transport);
+    let setting = match transport {
+        Transport::Grpc => "GRPC_CONCURRENCY_LIMIT",
+        Transport::Http => "HTTP_CONCURRENCY_LIMIT",
+    };
+    ApiError::new(
+        ErrorKind::Overloaded,
+        format!("server is at its concurrency limit ({setting}); retry shortly"),
+    )
+}
+
+/// The error of a request that took longer than `REQUEST_TIMEOUT`.
+pub(crate) fn timed_out() -> ApiError {
+    ApiError::new(
+        ErrorKind::Timeout,
+        "request took longer than REQUEST_TIMEOUT",
+    )
 }
 
 /// The semaphore behind a concurrency limit, unless the limit is 0 (none).

@@ -11,6 +11,7 @@
 //! (`rpc.server.call.duration`, `http.server.request.duration`). No device id and no
 //! metric name is ever a label or an attribute: their cardinality is unbounded.
 
+mod http_duration;
 mod ingest_histogram;
 mod otlp_http;
 pub mod rpc;
@@ -39,6 +40,7 @@ use opentelemetry_sdk::{
 use prometheus::{Encoder, TextEncoder};
 
 use self::{
+    http_duration::{HttpDurations, HttpSeries},
     ingest_histogram::IngestHistogram,
     rpc::{RpcCall, RpcMethod},
     trace::Tracing,
@@ -262,7 +264,7 @@ pub struct Metrics {
     /// Time to judge one Ingest message (`tidewatch_ingest_message_duration_seconds`).
     ingest_latency: IngestHistogram,
     /// `http.server.request.duration`: one HTTP request.
-    http_duration: Histogram<f64>,
+    http_duration: HttpDurations,
     /// Time one snapshot flush took.
     snapshot_flush: Histogram<f64>,
 }
@@ -338,7 +340,10 @@ impl Metrics {
                 "Time from a gRPC call's request to its final status (a whole stream included)",
             ),
             ingest_latency: IngestHistogram::default(),
-            http_duration: histogram(HTTP_DURATION, "Time to answer one HTTP request"),
+            http_duration: HttpDurations::new(histogram(
+                HTTP_DURATION,
+                "Time to answer one HTTP request",
+            )),
             snapshot_flush: histogram(
                 "tidewatch_snapshot_flush_duration",
                 "Time one snapshot flush took, successful or not",
@@ -438,19 +443,13 @@ impl Metrics {
         status: u16,
         elapsed: Duration,
     ) {
-        let method = KeyValue::new("http.request.method", http_method(method));
-        let status = KeyValue::new("http.response.status_code", i64::from(status));
-        let scheme = KeyValue::new("url.scheme", scheme);
-        let elapsed = elapsed.as_secs_f64();
-        match route {
-            Some(route) => self.http_duration.record(
-                elapsed,
-                &[method, KeyValue::new("http.route", route), status, scheme],
-            ),
-            None => self
-                .http_duration
-                .record(elapsed, &[method, status, scheme]),
-        }
+        let series = HttpSeries {
+            method: http_method(method),
+            route,
+            status,
+            scheme,
+        };
+        self.http_duration.record(series, elapsed);
     }
 
     /// Records one snapshot flush.

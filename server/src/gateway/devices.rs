@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension,
     extract::{
         Path, Query, State,
         rejection::{PathRejection, QueryRejection},
@@ -25,6 +24,7 @@ use utoipa::{
 };
 
 use super::{
+    guard::Admitted,
     json_response,
     schema_names::{DeleteDeviceBody, ErrorBody},
 };
@@ -32,7 +32,7 @@ use crate::{
     AppState,
     engine::normalize_device_id,
     error::{ApiError, ErrorKind},
-    security::policy::{Principal, Scope},
+    security::policy::Scope,
 };
 
 /// Ids per page when the request names no `limit`.
@@ -84,7 +84,7 @@ pub(crate) struct DevicePage {
 )]
 pub(crate) async fn devices(
     State(state): State<Arc<AppState>>,
-    Extension(principal): Extension<Arc<Principal>>,
+    Admitted { principal, .. }: Admitted,
     query: Result<Query<DevicesQuery>, QueryRejection>,
 ) -> Response {
     if let Err(e) = principal.require(Scope::Analyze) {
@@ -215,7 +215,7 @@ fn doubles() -> ArrayBuilder {
 )]
 pub(crate) async fn window(
     State(state): State<Arc<AppState>>,
-    Extension(principal): Extension<Arc<Principal>>,
+    Admitted { principal, .. }: Admitted,
     query: Result<Query<WindowQuery>, QueryRejection>,
 ) -> Response {
     if let Err(e) = principal.require(Scope::Analyze) {
@@ -288,7 +288,7 @@ pub(crate) async fn window(
 )]
 pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
-    Extension(principal): Extension<Arc<Principal>>,
+    Admitted { principal, .. }: Admitted,
     id: Result<Path<String>, PathRejection>,
 ) -> Response {
     let Path(id) = match id {

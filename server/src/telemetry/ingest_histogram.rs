@@ -8,12 +8,12 @@
 //!
 //! `Ingest` records one latency per stream message, on the hot path. An OpenTelemetry
 //! `Histogram::record` builds and hashes an attribute set, looks it up in a map under
-//! a lock and updates the series under a mutex (a bound instrument, still
-//! experimental, skips the lookup but keeps the mutex). [`IngestHistogram::record`]
+//! a lock and updates the series under a mutex (a bound instrument skips the lookup
+//! but keeps the mutex and the float bucket search). [`IngestHistogram::record`]
 //! is a bucket search by integer compares and two relaxed atomic adds. Every other
 //! latency (unary RPCs, HTTP, snapshot flushes) is recorded once per request and goes
-//! straight into OpenTelemetry. Fold it back only after measuring both ways in one
-//! run (`BENCHMARKS.md` says how).
+//! into OpenTelemetry, HTTP's through bound series (`http_duration`). Fold it back
+//! only after measuring both ways in one run (`BENCHMARKS.md` says how).
 //!
 //! # Contract
 //!
