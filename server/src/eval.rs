@@ -566,6 +566,23 @@ mod tests {
     }
 
     #[test]
+    fn a_synthetic_series_too_short_for_its_warm_up_is_refused() {
+        use app::{EvalArgs, run};
+        use clap::Parser as _;
+        let args = EvalArgs::try_parse_from([
+            "tidewatch-eval",
+            "--no-nab",
+            "--warm-up",
+            "1000",
+            "--length",
+            "1299",
+        ])
+        .unwrap();
+        let error = run(&args).unwrap_err().to_string();
+        assert!(error.contains("--warm-up 1000"), "{error}");
+    }
+
+    #[test]
     fn bars_name_what_failed() {
         let mut s = SyntheticResult::default();
         s.total
