@@ -697,7 +697,7 @@ pub struct DetectorSettings {
 
     /// `robust`: span, in samples, of the long-run distribution of that average and of
     /// the decay of the recent range; a peak not reached again for half of it is
-    /// forgotten.
+    /// forgotten (for a quarter if an anomaly set it).
     #[arg(long, env = "ROBUST_LONG_SPAN", default_value_t = RobustParams::default().long_span)]
     pub robust_long_span: u32,
 

@@ -471,9 +471,9 @@ impl Default for Bars {
         Self {
             recall: 0.98,
             fp_rate: 0.0001,
-            nab_standard: 67.5,
-            nab_low_fp: 61.0,
-            nab_low_fn: 72.5,
+            nab_standard: 69.0,
+            nab_low_fp: 62.5,
+            nab_low_fn: 74.5,
             normal_flagged: 0.003,
         }
     }
@@ -591,7 +591,7 @@ mod tests {
         assert_eq!(failed.len(), 2, "{failed:?}");
         assert!(failed[0].contains("recall 50.0 %"));
         let nab = NabResult {
-            scores: [67.5, 61.5, 73.0],
+            scores: [69.0, 62.5, 74.5],
             false_rows: 3,
             normal_rows: 1000,
             ..NabResult::default()
