@@ -702,7 +702,8 @@ pub struct DetectorSettings {
     pub robust_long_span: u32,
 
     /// `robust`: how far beyond the recent range of the metric (as a fraction of that
-    /// range) a value must go to be an instantaneous anomaly.
+    /// range) a value must go to be an instantaneous anomaly; wider early in a series
+    /// (× (1 + 2/√n) after n values).
     #[arg(long, env = "ROBUST_TOLERANCE", default_value_t = RobustParams::default().tolerance)]
     pub robust_tolerance: f64,
 

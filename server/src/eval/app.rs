@@ -66,7 +66,7 @@ pub struct EvalArgs {
 
     /// Exit with status 1 when the recommended detector misses a bar (`Bars` in
     /// eval.rs): synthetic `anomaly` event recall >= 98 % with <= 0.01 % false
-    /// positives over normal samples; NAB `alert` scores >= 69 standard, 62.5
+    /// positives over normal samples; NAB `alert` scores >= 69 standard, 63.5
     /// low-FP, 74.5 low-FN; NAB `anomaly` on <= 0.3 % of normal rows. Requires --nab-dir.
     #[arg(long)]
     pub check_bars: bool,

@@ -56,7 +56,8 @@ pub struct RobustParams {
     /// (`ROBUST_LONG_SPAN`).
     pub long_span: u32,
     /// How far beyond the recent range, as a fraction of that range, a value must go
-    /// to be an instantaneous surprise (`ROBUST_TOLERANCE`).
+    /// to be an instantaneous surprise (`ROBUST_TOLERANCE`); wider early in a series
+    /// (× (1 + 2/√n) after n values).
     pub tolerance: f64,
 }
 
@@ -93,6 +94,9 @@ const LIKELIHOOD_WARM: u64 = 64;
 /// sustained one is for what lasts. It also keeps a jump off a zero scale (z ≈ 10^300,
 /// then infinity) from making the long-run statistics infinite, and then NaN.
 const MAX_SURPRISE_Z: f64 = 50.0;
+/// How much wider the range tolerance is early in a series: it is multiplied by
+/// `1 + EARLY_TOLERANCE / √n` after n values.
+const EARLY_TOLERANCE: f64 = 2.0;
 /// Smoothing of the trend predictor's level: a value moves it by 3 % of its error.
 const HOLT_LEVEL: f64 = 0.03;
 /// Smoothing of the trend predictor's trend.
@@ -323,7 +327,13 @@ impl RobustState {
             // Only a value beyond what the metric did recently is an instantaneous
             // surprise: a metric that spikes to 90 % every hour does not page for the
             // next spike to 90 %, but does for the first one to 99 %.
-            let margin = params.tolerance * (self.hi - self.lo).max(0.0);
+            // The range of the first values understates how far the metric reaches
+            // (the extremes of n values grow with n), so the tolerance starts wider
+            // and narrows as values come: × (1 + 2/√n), 1.35 at the 32nd value,
+            // 1.06 at the 1,000th.
+            let seen = self.lt_count as f64 + min_samples.max(1) as f64;
+            let tolerance = params.tolerance * (1.0 + EARLY_TOLERANCE / seen.sqrt());
+            let margin = tolerance * (self.hi - self.lo).max(0.0);
             let beyond = x > self.hi + margin || x < self.lo - margin;
             raw_z = deviation / scale;
             robust_z = if beyond { raw_z } else { 0.0 };
@@ -908,6 +918,30 @@ mod tests {
         assert!(s.hi < 110.0, "{}", s.hi);
         let second = s.observe(150.0, t as i64 * 60, &p, 3.0, 32);
         assert!(second.anomaly && second.robust_z > 3.0, "{second:?}");
+    }
+
+    #[test]
+    fn the_range_tolerance_is_wider_early_in_a_series() {
+        let p = RobustParams::default();
+        let mut early = RobustState::new(p.window);
+        // A quiet metric whose first values reached 90 and 110: range 20.
+        for i in 0..40u64 {
+            let x = match i {
+                3 => 110.0,
+                5 => 90.0,
+                _ => 100.0 + 0.5 * noise(i),
+            };
+            early.observe(x, i as i64 * 60, &p, 3.0, 32);
+        }
+        let mut late = early.clone();
+        late.lt_count = 1_000_000;
+        // 117 leaves the range by 35 % of it: beyond the tolerance of 0.3 once many
+        // values have been seen, within the wider one after 40 (0.3 × 1.32).
+        let x = 117.0;
+        let judged = late.observe(x, 40 * 60, &p, 3.0, 32);
+        assert!(judged.robust_z > 3.0, "{judged:?}");
+        let judged = early.observe(x, 40 * 60, &p, 3.0, 32);
+        assert_eq!(judged.robust_z, 0.0, "{judged:?}");
     }
 
     #[test]
