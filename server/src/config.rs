@@ -697,12 +697,13 @@ pub struct DetectorSettings {
 
     /// `robust`: span, in samples, of the long-run distribution of that average and of
     /// the decay of the recent range; a peak not reached again for half of it is
-    /// forgotten.
+    /// forgotten (for a quarter if an anomaly set it).
     #[arg(long, env = "ROBUST_LONG_SPAN", default_value_t = RobustParams::default().long_span)]
     pub robust_long_span: u32,
 
     /// `robust`: how far beyond the recent range of the metric (as a fraction of that
-    /// range) a value must go to be an instantaneous anomaly.
+    /// range) a value must go to be an instantaneous anomaly; wider early in a series
+    /// (× (1 + 2/√n) after n values).
     #[arg(long, env = "ROBUST_TOLERANCE", default_value_t = RobustParams::default().tolerance)]
     pub robust_tolerance: f64,
 

@@ -7,8 +7,9 @@
 //!    the outliers themselves), floored by a slow mean absolute deviation so that
 //!    quantized or mostly-flat metrics do not divide by zero. It counts only when `x`
 //!    also leaves the metric's recent range (a peak not reached again for half the
-//!    long span is forgotten: the range falls back towards the window's own). Spikes,
-//!    dips and fresh level shifts show up here at once.
+//!    long span is forgotten, for a quarter if an anomaly set it: the range falls
+//!    back towards the window's own). Spikes, dips and fresh level shifts show up
+//!    here at once.
 //! 2. **Sustained** (after Numenta's anomaly likelihood, Ahmad & Purdy 2016): the
 //!    surprise `ln(1 + s)` (the larger of two: against the daily profile once a bucket
 //!    is trusted, and against a trend predictor, Holt's level plus trend) is
@@ -51,10 +52,12 @@ pub struct RobustParams {
     pub short_span: u32,
     /// Span (in samples) of the long-run distribution of that average, and of the
     /// decay of the recent-range envelopes; a peak of an envelope not reached again
-    /// for half of it is forgotten (`ROBUST_LONG_SPAN`).
+    /// for half of it is forgotten, for a quarter if an instantaneous anomaly set it
+    /// (`ROBUST_LONG_SPAN`).
     pub long_span: u32,
     /// How far beyond the recent range, as a fraction of that range, a value must go
-    /// to be an instantaneous surprise (`ROBUST_TOLERANCE`).
+    /// to be an instantaneous surprise (`ROBUST_TOLERANCE`); wider early in a series
+    /// (× (1 + 2/√n) after n values).
     pub tolerance: f64,
 }
 
@@ -85,8 +88,15 @@ const SEASON_SPAN: f64 = 16.0;
 /// (after `min_samples`): with the defaults, the sustained signal is live from the
 /// 97th value of a series.
 const LIKELIHOOD_WARM: u64 = 64;
-/// Largest z that feeds the sustained signal (its surprise is at most ln 1001 ≈ 6.9).
-const MAX_SURPRISE_Z: f64 = 1000.0;
+/// Largest z that feeds the sustained signal (its surprise is at most ln 51 ≈ 3.9).
+/// One value, however extreme, then adds at most a tenth of that to the short average
+/// at the default span: a lone spike is the instantaneous signal's to report, the
+/// sustained one is for what lasts. It also keeps a jump off a zero scale (z ≈ 10^300,
+/// then infinity) from making the long-run statistics infinite, and then NaN.
+const MAX_SURPRISE_Z: f64 = 50.0;
+/// How much wider the range tolerance is early in a series: it is multiplied by
+/// `1 + EARLY_TOLERANCE / √n` after n values.
+const EARLY_TOLERANCE: f64 = 2.0;
 /// Smoothing of the trend predictor's level: a value moves it by 3 % of its error.
 const HOLT_LEVEL: f64 = 0.03;
 /// Smoothing of the trend predictor's trend.
@@ -317,28 +327,40 @@ impl RobustState {
             // Only a value beyond what the metric did recently is an instantaneous
             // surprise: a metric that spikes to 90 % every hour does not page for the
             // next spike to 90 %, but does for the first one to 99 %.
-            let margin = params.tolerance * (self.hi - self.lo).max(0.0);
+            // The range of the first values understates how far the metric reaches
+            // (the extremes of n values grow with n), so the tolerance starts wider
+            // and narrows as values come: × (1 + 2/√n), 1.35 at the 32nd value,
+            // 1.06 at the 1,000th.
+            let seen = self.lt_count as f64 + min_samples.max(1) as f64;
+            let tolerance = params.tolerance * (1.0 + EARLY_TOLERANCE / seen.sqrt());
+            let margin = tolerance * (self.hi - self.lo).max(0.0);
             let beyond = x > self.hi + margin || x < self.lo - margin;
             raw_z = deviation / scale;
             robust_z = if beyond { raw_z } else { 0.0 };
             let decay = 1.0 / f64::from(params.long_span.max(2));
-            self.hi_age = if x >= self.hi {
-                0
-            } else {
-                self.hi_age.saturating_add(1)
-            };
-            self.lo_age = if x <= self.lo {
-                0
-            } else {
-                self.lo_age.saturating_add(1)
-            };
-            self.hi = self.hi.max(x);
-            self.lo = self.lo.min(x);
             // A peak not reached again for half the long span is forgotten: the
             // envelope falls to twice the window's reach from the median. A burst long
             // past (or the start-up transient of a series) no longer hides what the
             // metric does now; what the window still holds stays inside the range.
             let forget = params.long_span.max(2) / 2;
+            // A peak set by a value that was itself an instantaneous anomaly starts
+            // half-way to being forgotten: an anomaly is not evidence of how far the
+            // metric normally reaches, so it hides what follows for a quarter of the
+            // long span, not half. Reached again by an ordinary value, it is normal
+            // after all and kept for the full half.
+            let start = if robust_z > threshold { forget / 2 } else { 0 };
+            self.hi_age = if x >= self.hi {
+                start
+            } else {
+                self.hi_age.saturating_add(1)
+            };
+            self.lo_age = if x <= self.lo {
+                start
+            } else {
+                self.lo_age.saturating_add(1)
+            };
+            self.hi = self.hi.max(x);
+            self.lo = self.lo.min(x);
             if self.hi_age > forget {
                 let reach = median + 2.0 * (self.ranked(n - 1) - median);
                 self.hi = self.hi.min(reach.max(x));
@@ -875,6 +897,51 @@ mod tests {
         assert!(s.hi < 110.0, "{}", s.hi);
         let spike = s.observe(150.0, t as i64 * 60, &p, 3.0, 32);
         assert!(spike.anomaly && spike.robust_z > 3.0, "{spike:?}");
+    }
+
+    #[test]
+    fn a_peak_set_by_an_anomaly_is_forgotten_in_a_quarter_of_the_long_span() {
+        let p = RobustParams {
+            long_span: 1000,
+            ..RobustParams::default()
+        };
+        let mut s = RobustState::new(p.window);
+        let mut t = 0;
+        feed(&mut s, &p, &mut t, 1200, 100.0);
+        let first = s.observe(200.0, t as i64 * 60, &p, 3.0, 32);
+        t += 1;
+        assert!(first.robust_z > 3.0, "{first:?}");
+        // 300 values later a peak of ordinary values would still be remembered (it
+        // is forgotten after 500), and its decayed height (about 174) would hide a
+        // spike to 150; this one was forgotten after 250, once it left the window.
+        feed(&mut s, &p, &mut t, 300, 100.0);
+        assert!(s.hi < 110.0, "{}", s.hi);
+        let second = s.observe(150.0, t as i64 * 60, &p, 3.0, 32);
+        assert!(second.anomaly && second.robust_z > 3.0, "{second:?}");
+    }
+
+    #[test]
+    fn the_range_tolerance_is_wider_early_in_a_series() {
+        let p = RobustParams::default();
+        let mut early = RobustState::new(p.window);
+        // A quiet metric whose first values reached 90 and 110: range 20.
+        for i in 0..40u64 {
+            let x = match i {
+                3 => 110.0,
+                5 => 90.0,
+                _ => 100.0 + 0.5 * noise(i),
+            };
+            early.observe(x, i as i64 * 60, &p, 3.0, 32);
+        }
+        let mut late = early.clone();
+        late.lt_count = 1_000_000;
+        // 117 leaves the range by 35 % of it: beyond the tolerance of 0.3 once many
+        // values have been seen, within the wider one after 40 (0.3 × 1.32).
+        let x = 117.0;
+        let judged = late.observe(x, 40 * 60, &p, 3.0, 32);
+        assert!(judged.robust_z > 3.0, "{judged:?}");
+        let judged = early.observe(x, 40 * 60, &p, 3.0, 32);
+        assert_eq!(judged.robust_z, 0.0, "{judged:?}");
     }
 
     #[test]
