@@ -391,7 +391,9 @@ impl Engine {
         }
         device.set_updated_at(time);
         device.dirty = true;
-        device.visited();
+        if device.visited() {
+            table.graduated();
+        }
         Ok(Judged::Yes)
     }
 

@@ -423,12 +423,15 @@ impl Device {
         }
     }
 
-    /// Applied one more sample (graduates it from probation at the second).
+    /// Applied one more sample (graduates it from probation at the second); whether
+    /// this one graduated it.
     #[inline]
-    pub(crate) fn visited(&mut self) {
+    pub(crate) fn visited(&mut self) -> bool {
         if self.visits < 2 {
             self.visits += 1;
+            return self.visits == 2;
         }
+        false
     }
 
     /// Prefetches the device's lines: the first (the metrics' length and the first

@@ -28,6 +28,9 @@ const CHUNK: usize = 2048;
 /// snapshots, not yet written.
 const PROBATION_SCAN: usize = 64;
 
+/// Stale probation entries dropped from the queue's front per graduation at most.
+const STALE_PER_GRADUATION: usize = 4;
+
 /// A shard, padded to its own cache lines so that two cores working on neighbouring
 /// shards do not fight over one line.
 #[repr(align(128))]
@@ -201,9 +204,38 @@ impl Table {
         self.probation = queue;
     }
 
+    /// A device has just left probation: drops the stale entries at the queue's front
+    /// (devices no longer on probation), a few per graduation. Devices mostly graduate
+    /// in the order they came, so a fleet whose devices have all graduated keeps no
+    /// queue (8 to 16 bytes a device until the next trim otherwise: 15 MiB of RSS at
+    /// a million devices), and the queue gives its memory back as it empties. Each
+    /// graduation drops up to [`STALE_PER_GRADUATION`] entries and makes at most one
+    /// stale, so a backlog behind a device that stays on probation drains once it
+    /// leaves; one lookup per graduation, once in a device's life.
+    pub(crate) fn graduated(&mut self) {
+        for _ in 0..STALE_PER_GRADUATION {
+            match self.probation.front() {
+                Some(&front) if self.on_probation(front).is_none() => {
+                    self.probation.pop_front();
+                }
+                _ => break,
+            }
+        }
+        let (len, capacity) = (self.probation.len(), self.probation.capacity());
+        if capacity > 64 && len < capacity / 4 {
+            self.probation.shrink_to(2 * len);
+        }
+    }
+
     /// The position of a device with id hash `hash` still on probation, if any.
     fn on_probation(&self, hash: u64) -> Option<usize> {
         self.find_hash(hash).find(|&p| self.device(p).visits < 2)
+    }
+
+    /// Entries in the probation queue, stale ones included.
+    #[cfg(test)]
+    pub(crate) fn probation_entries(&self) -> usize {
+        self.probation.len()
     }
 
     /// Whether some device may be on probation (the queue is not empty).
@@ -333,5 +365,57 @@ mod tests {
                 assert_eq!(table.find_hash(hash).collect::<Vec<_>>(), vec![pos]);
             }
         }
+    }
+
+    #[test]
+    fn graduating_devices_leave_no_probation_queue_behind() {
+        let hasher = crate::engine::seed::id_hasher();
+        let shard = Shard::new(hasher.clone());
+        let mut table = shard.lock();
+        let id = |i: usize| format!("device-{i}");
+        let hash = |i: usize| hasher.hash_one(id(i).as_bytes());
+        let visit = |table: &mut Table, i: usize| {
+            let pos = table.find(hash(i), id(i).as_bytes()).expect("present");
+            if table.entry(pos).0.visited() {
+                table.graduated();
+            }
+        };
+        // Devices graduating in arrival order empty the queue as they go, and it
+        // gives its memory back.
+        let n = 10_000;
+        for i in 0..n {
+            table.insert(hash(i), Device::new(&id(i)));
+        }
+        assert_eq!(table.probation.len(), n, "every new device is on probation");
+        let peak = table.probation.capacity();
+        for i in 0..n {
+            visit(&mut table, i);
+            assert_eq!(table.probation.len(), n - i, "one sample keeps it there");
+            visit(&mut table, i);
+        }
+        assert!(table.probation.is_empty());
+        assert!(table.probation.capacity() < peak / 4, "{peak}");
+        // A device that stays on probation holds the front: graduations behind it
+        // leave their entries, which drain, four per graduation, once it leaves.
+        let (first, last) = (n, 2 * n);
+        for i in first..last {
+            table.insert(hash(i), Device::new(&id(i)));
+            visit(&mut table, i);
+        }
+        for i in first + 1..last {
+            visit(&mut table, i);
+        }
+        assert_eq!(table.probation.len(), n, "the front device is on probation");
+        assert_eq!(table.probation_victims(false, 1).len(), 1);
+        visit(&mut table, first);
+        assert_eq!(table.probation.len(), n - STALE_PER_GRADUATION);
+        // Each graduation adds one stale entry and drops up to four: (n - 4) / 3 of
+        // them empty the queue.
+        for i in last..last + n / 2 {
+            table.insert(hash(i), Device::new(&id(i)));
+            visit(&mut table, i);
+            visit(&mut table, i);
+        }
+        assert!(table.probation.is_empty(), "{}", table.probation.len());
     }
 }

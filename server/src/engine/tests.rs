@@ -625,6 +625,40 @@ fn past_the_budget_a_sample_is_refused_and_nothing_else_changes() {
 }
 
 #[test]
+fn a_fleet_that_came_back_keeps_no_probation_queue() {
+    // Messages of 100 samples, as streams send them (the path that holds its shards),
+    // and single samples: after every device's second sample, no shard holds an
+    // entry (8 bytes a device otherwise, 15 MiB of RSS at a million devices).
+    let engine = Engine::new(EngineConfig::default());
+    let zscore = engine.default_detector();
+    let ids: Vec<String> = (0..3000).map(|i| format!("fleet/dev-{i:06}")).collect();
+    for round in 0..2 {
+        for chunk in ids[..2000].chunks(100) {
+            let samples: Vec<_> = chunk
+                .iter()
+                .map(|id| sample(id, 0, &[("x", f64::from(round))]))
+                .collect();
+            let mut out = Vec::new();
+            let outcome = engine.ingest_batch(&samples, &zscore, &mut out);
+            assert_eq!(outcome.applied, 100, "{out:?}");
+        }
+        for id in &ids[2000..] {
+            assert!(
+                ingest(&engine, sample(id, 0, &[("x", 1.0)]))
+                    .error
+                    .is_empty()
+            );
+        }
+        let queued: usize = engine
+            .shards
+            .iter()
+            .map(|s| s.lock().probation_entries())
+            .sum();
+        assert_eq!(queued, if round == 0 { 3000 } else { 0 });
+    }
+}
+
+#[test]
 fn devices_on_probation_are_evicted_first_when_the_table_is_full() {
     let engine = Engine::new(EngineConfig {
         shards: 1,
