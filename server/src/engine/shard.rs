@@ -207,8 +207,8 @@ impl Table {
     /// A device has just left probation: drops the stale entries at the queue's front
     /// (devices no longer on probation), a few per graduation. Devices mostly graduate
     /// in the order they came, so a fleet whose devices have all graduated keeps no
-    /// queue (8 to 16 bytes a device until the next trim otherwise: 15 MiB of RSS at
-    /// a million devices), and the queue gives its memory back as it empties. Each
+    /// entries, and new devices reuse the queue's room instead of growing it to twice
+    /// the shard's devices before a trim (8 to 16 bytes a device). Each
     /// graduation drops up to [`STALE_PER_GRADUATION`] entries and makes at most one
     /// stale, so a backlog behind a device that stays on probation drains once it
     /// leaves; one lookup per graduation, once in a device's life.
@@ -220,10 +220,6 @@ impl Table {
                 }
                 _ => break,
             }
-        }
-        let (len, capacity) = (self.probation.len(), self.probation.capacity());
-        if capacity > 64 && len < capacity / 4 {
-            self.probation.shrink_to(2 * len);
         }
     }
 
@@ -380,21 +376,18 @@ mod tests {
                 table.graduated();
             }
         };
-        // Devices graduating in arrival order empty the queue as they go, and it
-        // gives its memory back.
+        // Devices graduating in arrival order empty the queue as they go.
         let n = 10_000;
         for i in 0..n {
             table.insert(hash(i), Device::new(&id(i)));
         }
         assert_eq!(table.probation.len(), n, "every new device is on probation");
-        let peak = table.probation.capacity();
         for i in 0..n {
             visit(&mut table, i);
             assert_eq!(table.probation.len(), n - i, "one sample keeps it there");
             visit(&mut table, i);
         }
         assert!(table.probation.is_empty());
-        assert!(table.probation.capacity() < peak / 4, "{peak}");
         // A device that stays on probation holds the front: graduations behind it
         // leave their entries, which drain, four per graduation, once it leaves.
         let (first, last) = (n, 2 * n);

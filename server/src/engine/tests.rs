@@ -628,7 +628,7 @@ fn past_the_budget_a_sample_is_refused_and_nothing_else_changes() {
 fn a_fleet_that_came_back_keeps_no_probation_queue() {
     // Messages of 100 samples, as streams send them (the path that holds its shards),
     // and single samples: after every device's second sample, no shard holds an
-    // entry (8 bytes a device otherwise, 15 MiB of RSS at a million devices).
+    // entry (one of 8 bytes per device ever seen otherwise, until a trim).
     let engine = Engine::new(EngineConfig::default());
     let zscore = engine.default_detector();
     let ids: Vec<String> = (0..3000).map(|i| format!("fleet/dev-{i:06}")).collect();
