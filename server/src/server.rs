@@ -343,7 +343,8 @@ struct HttpApps {
 
 /// The gateway's accept loop, as `axum::serve` runs it, with the connection settings
 /// axum does not expose: each connection is served with `builder`, gets its
-/// [`tls::PeerInfo`], keeps itself active while a request is answered, and is
+/// [`tls::PeerInfo`] (in each request's extensions as
+/// `axum::extract::ConnectInfo<Arc<PeerInfo>>`), keeps itself active while a request is answered, and is
 /// closed gracefully once idle for `CONNECTION_IDLE_TIMEOUT` or when `stop` is
 /// cancelled (which also stops accepting); returns once every connection is closed.
 async fn serve_http(
@@ -360,11 +361,12 @@ async fn serve_http(
             accepted = listener.accept() => accepted,
         };
         let conn = io.inner().conn();
-        let peer = tls::PeerInfo {
+        // Shared by the connection's requests: each one's extension is an `Arc` clone.
+        let peer = Arc::new(tls::PeerInfo {
             remote_addr: Some(addr),
             identity: io.identity().cloned(),
             conn: conn.clone(),
-        };
+        });
         let app = if conn.as_ref().is_some_and(|c| c.probe_only()) {
             apps.probes.clone()
         } else {
@@ -375,14 +377,13 @@ async fn serve_http(
             let mut request = request.map(axum::body::Body::new);
             request
                 .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer.clone()));
+                .insert(axum::extract::ConnectInfo(Arc::clone(&peer)));
             let activity = active.as_ref().map(Conn::enter);
             let answer = app.clone().oneshot(request);
             async move {
                 let response = answer.await?;
-                Ok::<_, Infallible>(
-                    response.map(|body| axum::body::Body::new(ActiveBody::new(body, activity))),
-                )
+                // Hyper takes the wrapper as it is: no second boxing of the body.
+                Ok::<_, Infallible>(response.map(|body| ActiveBody::new(body, activity)))
             }
         });
         let builder = builder.clone();
