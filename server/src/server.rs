@@ -19,7 +19,11 @@ use hyper_util::{
     server::conn::auto,
 };
 use tidewatch_proto::v1::telemetry_service_server::TelemetryServiceServer;
-use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 use tonic_health::{
@@ -391,27 +395,27 @@ async fn serve_http(
         let open = open.clone();
         tokio::spawn(async move {
             let _open = open;
-            let mut idle = conn.as_ref().and_then(Conn::idle_watch);
+            // The stop token and the idle watch are awaited in a task of their own,
+            // which wakes only when one of them fires: polled beside the connection,
+            // they would be polled again at each of its wake-ups, several per request.
+            let (close, closing) = oneshot::channel();
+            tokio::spawn(close_when(
+                stop,
+                conn.as_ref().and_then(Conn::idle_watch),
+                close,
+            ));
             let connection = builder.serve_connection(TokioIo::new(io), service);
             let mut connection = std::pin::pin!(connection);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "http connection ended with an error");
-                        }
-                        break;
-                    }
-                    () = stop.cancelled(), if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
-                    () = idle_of(&mut idle), if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
+            let result = tokio::select! {
+                biased;
+                result = connection.as_mut() => result,
+                _ = closing => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection ended with an error");
             }
         });
     }
@@ -419,6 +423,22 @@ async fn serve_http(
     drop(open);
     while closed.recv().await.is_some() {}
     Ok(())
+}
+
+/// Tells the connection task through `close` to close its connection gracefully,
+/// once `stop` is cancelled or the connection is idle for its timeout (see
+/// [`IdleWatch`]); returns without a word when the connection task ends first.
+async fn close_when(
+    stop: CancellationToken,
+    mut idle: Option<IdleWatch>,
+    mut close: oneshot::Sender<()>,
+) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = idle_of(&mut idle) => {}
+        () = close.closed() => return,
+    }
+    let _ = close.send(());
 }
 
 /// Resolves when the connection of `watch` is idle for its timeout; never without one.
