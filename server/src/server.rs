@@ -19,7 +19,11 @@ use hyper_util::{
     server::conn::auto,
 };
 use tidewatch_proto::v1::telemetry_service_server::TelemetryServiceServer;
-use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 use tonic_health::{
@@ -343,7 +347,8 @@ struct HttpApps {
 
 /// The gateway's accept loop, as `axum::serve` runs it, with the connection settings
 /// axum does not expose: each connection is served with `builder`, gets its
-/// [`tls::PeerInfo`], keeps itself active while a request is answered, and is
+/// [`tls::PeerInfo`] (in each request's extensions as
+/// `axum::extract::ConnectInfo<Arc<PeerInfo>>`), keeps itself active while a request is answered, and is
 /// closed gracefully once idle for `CONNECTION_IDLE_TIMEOUT` or when `stop` is
 /// cancelled (which also stops accepting); returns once every connection is closed.
 async fn serve_http(
@@ -360,11 +365,12 @@ async fn serve_http(
             accepted = listener.accept() => accepted,
         };
         let conn = io.inner().conn();
-        let peer = tls::PeerInfo {
+        // Shared by the connection's requests: each one's extension is an `Arc` clone.
+        let peer = Arc::new(tls::PeerInfo {
             remote_addr: Some(addr),
             identity: io.identity().cloned(),
             conn: conn.clone(),
-        };
+        });
         let app = if conn.as_ref().is_some_and(|c| c.probe_only()) {
             apps.probes.clone()
         } else {
@@ -375,14 +381,13 @@ async fn serve_http(
             let mut request = request.map(axum::body::Body::new);
             request
                 .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer.clone()));
+                .insert(axum::extract::ConnectInfo(Arc::clone(&peer)));
             let activity = active.as_ref().map(Conn::enter);
             let answer = app.clone().oneshot(request);
             async move {
                 let response = answer.await?;
-                Ok::<_, Infallible>(
-                    response.map(|body| axum::body::Body::new(ActiveBody::new(body, activity))),
-                )
+                // Hyper takes the wrapper as it is: no second boxing of the body.
+                Ok::<_, Infallible>(response.map(|body| ActiveBody::new(body, activity)))
             }
         });
         let builder = builder.clone();
@@ -390,27 +395,27 @@ async fn serve_http(
         let open = open.clone();
         tokio::spawn(async move {
             let _open = open;
-            let mut idle = conn.as_ref().and_then(Conn::idle_watch);
+            // The stop token and the idle watch are awaited in a task of their own,
+            // which wakes only when one of them fires: polled beside the connection,
+            // they would be polled again at each of its wake-ups, several per request.
+            let (close, closing) = oneshot::channel();
+            tokio::spawn(close_when(
+                stop,
+                conn.as_ref().and_then(Conn::idle_watch),
+                close,
+            ));
             let connection = builder.serve_connection(TokioIo::new(io), service);
             let mut connection = std::pin::pin!(connection);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "http connection ended with an error");
-                        }
-                        break;
-                    }
-                    () = stop.cancelled(), if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
-                    () = idle_of(&mut idle), if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
+            let result = tokio::select! {
+                biased;
+                result = connection.as_mut() => result,
+                _ = closing => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection ended with an error");
             }
         });
     }
@@ -418,6 +423,22 @@ async fn serve_http(
     drop(open);
     while closed.recv().await.is_some() {}
     Ok(())
+}
+
+/// Tells the connection task through `close` to close its connection gracefully,
+/// once `stop` is cancelled or the connection is idle for its timeout (see
+/// [`IdleWatch`]); returns without a word when the connection task ends first.
+async fn close_when(
+    stop: CancellationToken,
+    mut idle: Option<IdleWatch>,
+    mut close: oneshot::Sender<()>,
+) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = idle_of(&mut idle) => {}
+        () = close.closed() => return,
+    }
+    let _ = close.send(());
 }
 
 /// Resolves when the connection of `watch` is idle for its timeout; never without one.

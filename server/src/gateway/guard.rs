@@ -87,7 +87,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Admitted {
 pub(super) fn caller(state: &AppState, request: &Request) -> Result<Arc<Principal>, ApiError> {
     let identity = request
         .extensions()
-        .get::<axum::extract::ConnectInfo<PeerInfo>>()
+        .get::<axum::extract::ConnectInfo<Arc<PeerInfo>>>()
         .and_then(|info| info.0.identity.as_deref());
     let authorization = request
         .headers()
