@@ -3,8 +3,9 @@
 //! of queueing, and a per-request timeout. The gRPC server stacks tower's own
 //! middleware for it (`GlobalConcurrencyLimit` behind `LoadShed`, `Timeout`); the
 //! gateway applies the same rules in one middleware of its own (`gateway::guard`,
-//! which says why), with the same errors ([`overloaded`], [`timed_out`]). Refusals become `ErrorKind::Overloaded`
-//! (HTTP `503` with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`) and are counted in
+//! which says why), with the same errors ([`overloaded`], [`timed_out`]). Refusals
+//! become `ErrorKind::Overloaded` (HTTP `503` with `Retry-After`, gRPC
+//! `RESOURCE_EXHAUSTED`) and are counted in
 //! `tidewatch_load_shed_total{transport}`; timeouts become `ErrorKind::Timeout`.
 //!
 //! # Long-lived streams and the concurrency limit

@@ -348,9 +348,10 @@ struct HttpApps {
 /// The gateway's accept loop, as `axum::serve` runs it, with the connection settings
 /// axum does not expose: each connection is served with `builder`, gets its
 /// [`tls::PeerInfo`] (in each request's extensions as
-/// `axum::extract::ConnectInfo<Arc<PeerInfo>>`), keeps itself active while a request is answered, and is
-/// closed gracefully once idle for `CONNECTION_IDLE_TIMEOUT` or when `stop` is
-/// cancelled (which also stops accepting); returns once every connection is closed.
+/// `axum::extract::ConnectInfo<Arc<PeerInfo>>`), keeps itself active while a request
+/// is answered, and is closed gracefully once idle for `CONNECTION_IDLE_TIMEOUT` or
+/// when `stop` is cancelled (which also stops accepting); returns once every
+/// connection is closed.
 async fn serve_http(
     mut listener: tls::GatewayListener,
     apps: HttpApps,
